@@ -1,0 +1,26 @@
+# Two entry points do all the set-up on a fresh machine: `make demo` and `make test`.
+PY := .venv/bin/python
+ARGS ?=
+
+.PHONY: demo test lint bench env clean
+
+.venv/.installed: requirements.txt requirements-dev.txt scripts/bootstrap.sh
+	bash scripts/bootstrap.sh
+	touch $@
+
+env: .venv/.installed
+
+demo: .venv/.installed
+	$(PY) -m devtools.demo $(ARGS)
+
+test: .venv/.installed
+	$(PY) -m pytest $(ARGS)
+
+lint: .venv/.installed
+	.venv/bin/ruff check .
+
+bench: .venv/.installed
+	$(PY) -m bench.run $(ARGS)
+
+clean:
+	rm -rf .venv .run .pytest_cache

@@ -1,0 +1,142 @@
+"""Connections to the source deployment and the Atlas target.
+
+Both use the Mongo provider's ``mongo`` connection type. Deployment facts that cannot be read from the
+server itself (who manages it, where it is hosted) may be declared in the connection's extras under a
+``migration`` key, e.g. ``{"migration": {"managed_by": "cloud_manager", "hosting": "aws"}}``; this hook removes
+that key before the remaining extras are handed to ``MongoClient`` as the provider does.
+
+pymongo and the provider are imported lazily: this module is imported by DAG files at parse time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from atlas_migration.errors import ConfigurationError, MigrationError, SourceUnreachable, TargetUnreachable
+from atlas_migration.redaction import redact
+
+if TYPE_CHECKING:
+    from pymongo import MongoClient
+
+# Connection-string spellings of the provider's extras that mongodump/mongorestore understand.
+_TOOL_OPTION_NAMES = {"ssl": "tls", "allow_insecure": "tlsInsecure"}
+_PROVIDER_ONLY_EXTRAS = {"srv"}
+DEFAULT_TIMEOUT_MS = 10_000
+
+
+@dataclass
+class MongoEndpoint:
+    """How to reach one deployment: a client factory plus what tools and logs need, without secrets leaking."""
+
+    conn_id: str
+    role: str  # "source" or "target": used in error messages
+    uri: str  # contains the password: never log it, never put it in XCom
+    client_options: dict[str, Any]
+    hosts: list[str]
+    secrets: list[str] = field(default_factory=list)
+    deployment_facts: dict[str, Any] = field(default_factory=dict)
+
+    def redact(self, text: object) -> str:
+        return redact(str(text), self.secrets)
+
+    def client(self, timeout_ms: int = DEFAULT_TIMEOUT_MS, **overrides: Any) -> MongoClient:
+        """A new MongoClient; raises ``ConfigurationError`` (redacted) when the address is malformed."""
+        import pymongo
+        from pymongo.errors import ConfigurationError as PyMongoConfigurationError
+        from pymongo.errors import InvalidURI
+
+        options = {
+            "serverSelectionTimeoutMS": timeout_ms,
+            "connectTimeoutMS": timeout_ms,
+            "appname": "atlas-migration",
+            **self.client_options,
+            **overrides,
+        }
+        try:
+            return pymongo.MongoClient(self.uri, **options)
+        except (InvalidURI, PyMongoConfigurationError, ValueError, TypeError) as exc:
+            raise ConfigurationError(
+                f"Airflow connection '{self.conn_id}' ({self.role}) does not describe a valid MongoDB "
+                f"address: {self.redact(exc)}"
+            ) from None
+
+    def connect(self, timeout_ms: int = DEFAULT_TIMEOUT_MS, **overrides: Any) -> MongoClient:
+        """A client that has answered ``ping``: fails fast and clearly on unreachable hosts or bad credentials."""
+        from pymongo.errors import OperationFailure, PyMongoError
+
+        client = self.client(timeout_ms, **overrides)
+        error_class = SourceUnreachable if self.role == "source" else TargetUnreachable
+        try:
+            client.admin.command("ping")
+        except OperationFailure as exc:
+            client.close()
+            if exc.code in (18, 13):  # AuthenticationFailed, Unauthorized
+                raise error_class(
+                    f"{self.role} '{self.conn_id}' at {', '.join(self.hosts)} refused the credentials "
+                    f"(code {exc.code}): check the connection's login, password and authSource"
+                ) from None
+            raise error_class(f"{self.role} '{self.conn_id}' rejected ping: {self.redact(exc)}") from None
+        except PyMongoError as exc:
+            client.close()
+            raise error_class(
+                f"cannot reach {self.role} '{self.conn_id}' at {', '.join(self.hosts)} within "
+                f"{timeout_ms / 1000:.0f}s: {self.redact(exc)}"
+            ) from None
+        return client
+
+    def tool_uri(self) -> str:
+        """The full connection string for mongodump/mongorestore (passed in a 0600 config file, never argv)."""
+        options = {}
+        for key, value in self.client_options.items():
+            if key in _PROVIDER_ONLY_EXTRAS:
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            options[_TOOL_OPTION_NAMES.get(key, key)] = value
+        query = urlencode(options)
+        return f"{self.uri}{'' if '/' in self.uri.split('://', 1)[1] else '/'}{'?' + query if query else ''}"
+
+
+def endpoint_from_connection(conn_id: str, role: str) -> MongoEndpoint:
+    """Read an Airflow ``mongo`` connection into a ``MongoEndpoint``; clear errors for missing/wrong ones."""
+    if not conn_id:
+        raise ConfigurationError(f"no Airflow connection id given for the {role}")
+    try:
+        from airflow.providers.mongo.hooks.mongo import MongoHook
+    except ImportError as exc:  # pragma: no cover - the provider is a hard dependency
+        raise MigrationError("apache-airflow-providers-mongo is not installed") from exc
+
+    try:
+        hook = MongoHook(mongo_conn_id=conn_id)
+    except Exception as exc:  # AirflowNotFoundException, AirflowConfigException, parse errors
+        name = type(exc).__name__
+        if "NotFound" in name:
+            raise ConfigurationError(
+                f"Airflow connection '{conn_id}' ({role}) is not defined: create it with connection type "
+                "'mongo' (UI: Admin > Connections, or an AIRFLOW_CONN_<ID> environment variable)"
+            ) from None
+        raise ConfigurationError(f"Airflow connection '{conn_id}' ({role}) is unusable: {redact(str(exc))}") from None
+
+    conn = hook.connection
+    extras = dict(hook.extras)
+    facts = extras.pop("migration", None) or {}
+    if not isinstance(facts, dict):
+        raise ConfigurationError(f"connection '{conn_id}': extra 'migration' must be a JSON object")
+    if hook.allow_insecure:
+        extras["tlsAllowInvalidCertificates"] = True
+    host = conn.host or ""
+    if not host:
+        raise ConfigurationError(f"Airflow connection '{conn_id}' ({role}) has no host")
+    hosts = [h if (":" in h or not conn.port) else f"{h}:{conn.port}" for h in host.split(",")]
+    secrets = [s for s in (conn.password,) if s]
+    return MongoEndpoint(
+        conn_id=conn_id,
+        role=role,
+        uri=hook.uri,
+        client_options=extras,
+        hosts=hosts,
+        secrets=secrets,
+        deployment_facts=facts,
+    )

@@ -1,0 +1,111 @@
+"""Shared fixtures: real MongoDB-compatible servers on 127.0.0.1 and a throw-away Airflow home.
+
+By default the suite starts SecantusDB processes (a replica-set source with an oplog, a standalone source
+without one, and a target standing in for Atlas). Set ``MIGRATION_TEST_SOURCE_URI`` and
+``MIGRATION_TEST_TARGET_URI`` to run the same suite against genuine mongod deployments instead; the suite
+drops every non-system database it finds on them after each test, so point it at disposable servers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Airflow reads its configuration when first imported: give the whole test session its own home.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="airflow-test-home-"))
+os.environ.setdefault("AIRFLOW_HOME", str(_SESSION_HOME))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(Path(__file__).resolve().parent.parent / "dags"))
+
+from devtools.mongo_servers import LocalMongoServer, start_server  # noqa: E402
+
+SYSTEM_DBS = {"admin", "local", "config"}
+
+
+@dataclass
+class ServerHandle:
+    """A running deployment the tests may write to; ``uri`` carries no credentials unless the server needs them."""
+
+    name: str
+    uri: str
+    local: LocalMongoServer | None = None
+
+    def client(self, **kwargs):
+        import pymongo
+
+        return pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=10_000, **kwargs)
+
+    def drop_user_databases(self) -> None:
+        with self.client() as client:
+            for name in client.list_database_names():
+                if name not in SYSTEM_DBS:
+                    client.drop_database(name)
+
+
+def _external(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+@pytest.fixture(scope="session")
+def server_workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+def _session_server(workdir: Path, env_name: str, name: str, **kwargs) -> Iterator[ServerHandle]:
+    uri = _external(env_name)
+    if uri:
+        yield ServerHandle(name, uri)
+        return
+    server = start_server(workdir / name, **kwargs)
+    try:
+        yield ServerHandle(name, server.uri, server)
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def source_server(server_workdir) -> Iterator[ServerHandle]:
+    """A replica-set source (oplog readable)."""
+    yield from _session_server(server_workdir, "MIGRATION_TEST_SOURCE_URI", "source")
+
+
+@pytest.fixture(scope="session")
+def target_server(server_workdir) -> Iterator[ServerHandle]:
+    """The target standing in for Atlas."""
+    yield from _session_server(server_workdir, "MIGRATION_TEST_TARGET_URI", "target")
+
+
+@pytest.fixture(scope="session")
+def standalone_server(server_workdir) -> Iterator[ServerHandle]:
+    """A standalone source without an oplog (always a local process: genuine deployments are replica sets)."""
+    server = start_server(server_workdir / "standalone", standalone=True)
+    try:
+        yield ServerHandle("standalone", server.uri, server)
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def source(source_server) -> Iterator[ServerHandle]:
+    source_server.drop_user_databases()
+    yield source_server
+    source_server.drop_user_databases()
+
+
+@pytest.fixture
+def target(target_server) -> Iterator[ServerHandle]:
+    target_server.drop_user_databases()
+    yield target_server
+    target_server.drop_user_databases()
+
+
+@pytest.fixture
+def standalone(standalone_server) -> Iterator[ServerHandle]:
+    standalone_server.drop_user_databases()
+    yield standalone_server
+    standalone_server.drop_user_databases()

@@ -1,0 +1,254 @@
+"""``inspect_source``: read a live deployment into a ``SourceProfile``.
+
+Every probe is independent: a command the user may not run (restricted users, managed services) leaves
+that fact unknown, with the server's reason, and inspection carries on. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from atlas_migration.namespaces import is_never_migrated
+from atlas_migration.profile import HOSTINGS, MANAGERS, CollectionInfo, SourceProfile
+
+log = logging.getLogger(__name__)
+
+# Host-name suffixes that identify where a deployment runs.
+COMPOSE_SUFFIXES = (".composedb.com", ".compose.direct", ".compose.io")
+AWS_SUFFIXES = (".amazonaws.com", ".compute.internal")
+ATLAS_SUFFIXES = (".mongodb.net",)
+MANAGEMENT_AGENT_USERS = ("mms-automation", "mms-monitoring-agent", "mms-backup-agent")
+
+
+@dataclass(frozen=True)
+class DeploymentHints:
+    """Facts declared by the operator (DAG params win over the connection's ``migration`` extras)."""
+
+    managed_by: str | None = None  # cloud_manager | ops_manager | "none"
+    hosting: str | None = None  # atlas_shared_tier | compose | aws | other
+
+    @classmethod
+    def merge(cls, params: dict[str, Any], connection_facts: dict[str, Any]) -> DeploymentHints:
+        def pick(param_key: str, fact_key: str, allowed: tuple[str, ...]) -> str | None:
+            value = params.get(param_key)
+            if value in (None, "", "detect"):
+                value = connection_facts.get(fact_key)
+            if value in (None, "", "detect"):
+                return None
+            if value not in (*allowed, "none"):
+                from atlas_migration.errors import ConfigurationError
+
+                raise ConfigurationError(f"{param_key}={value!r} is not one of: detect, none, {', '.join(allowed)}")
+            return value
+
+        return cls(
+            managed_by=pick("source_managed_by", "managed_by", MANAGERS),
+            hosting=pick("source_hosting", "hosting", HOSTINGS),
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    """BSON values (dates, regexes, Int64 ...) as relaxed Extended JSON, safe for XCom."""
+    from bson import json_util
+
+    return json.loads(json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS))
+
+
+def _reason(exc: Exception) -> str:
+    code = getattr(exc, "code", None)
+    text = str(getattr(exc, "details", None) and exc.details.get("errmsg") or exc).split(", full error")[0]
+    return f"{text} (code {code})" if code is not None else text
+
+
+def _host_suffix(hosts: list[str], suffixes: tuple[str, ...]) -> str | None:
+    for host in hosts:
+        name = host.rsplit(":", 1)[0].lower()
+        if name.endswith(suffixes):
+            return name
+    return None
+
+
+def inspect_source(
+    client,
+    *,
+    conn_id: str,
+    hosts: list[str],
+    hints: DeploymentHints = DeploymentHints(),
+    aws_lookup: Callable[[list[str]], str | None] | None = None,
+) -> SourceProfile:
+    """Inspect the deployment behind ``client`` (already connected and pinged)."""
+    from pymongo.errors import PyMongoError
+
+    profile = SourceProfile(conn_id=conn_id, hosts=list(hosts),
+                            inspected_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+    def probe(fact: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except PyMongoError as exc:
+            profile.unknown[fact] = _reason(exc)
+            log.info("could not read %s: %s", fact, profile.unknown[fact])
+            return None
+
+    build = probe("version", lambda: client.admin.command("buildInfo"))
+    profile.version = build.get("version") if build else None
+    fcv = probe("fcv", lambda: client.admin.command({"getParameter": 1, "featureCompatibilityVersion": 1}))
+    if fcv:
+        value = fcv.get("featureCompatibilityVersion")
+        profile.fcv = value.get("version") if isinstance(value, dict) else value
+
+    hello = probe("topology", lambda: client.admin.command("hello")) or {}
+    _read_topology(client, profile, hello, probe)
+    _read_oplog(client, profile, probe)
+    _read_management(client, profile, hints, probe)
+    _read_hosting(profile, hints, aws_lookup)
+    _read_inventory(client, profile, probe)
+    return profile
+
+
+def _read_topology(client, profile: SourceProfile, hello: dict, probe) -> None:
+    if not hello:
+        return
+    if hello.get("msg") == "isdbgrid":
+        profile.topology = "sharded"
+        shards = probe("shards", lambda: client.admin.command("listShards"))
+        if shards:
+            profile.shards = [s.get("_id") for s in shards.get("shards", [])]
+    elif hello.get("setName"):
+        profile.topology = "replica_set"
+        profile.set_name = hello["setName"]
+        profile.members = sorted(set(hello.get("hosts", []) + hello.get("passives", []) + hello.get("arbiters", [])))
+    else:
+        profile.topology = "standalone"
+
+
+def _read_oplog(client, profile: SourceProfile, probe) -> None:
+    from pymongo.errors import PyMongoError
+
+    if profile.topology == "standalone":
+        profile.oplog_readable = False
+        profile.unknown["oplog_access"] = "a standalone server has no oplog"
+        return
+    if profile.topology == "unknown":
+        profile.unknown["oplog_readable"] = "topology unknown"
+        return
+    # What live migration needs is a change stream over the whole deployment (mongosync reads the oplog
+    # through change streams); open one and close it straight away.
+    try:
+        with client.watch(max_await_time_ms=1) as stream:
+            stream.try_next()
+        profile.oplog_readable = True
+    except PyMongoError as exc:
+        profile.oplog_readable = False
+        profile.unknown["oplog_access"] = f"cannot open a change stream on the deployment: {_reason(exc)}"
+        return
+    if profile.topology == "sharded":
+        profile.unknown["oplog_window_hours"] = "each shard has its own oplog; read it on the shards"
+        return
+
+    def window() -> float | None:
+        oplog = client.local["oplog.rs"]
+        first = oplog.find_one({}, {"ts": 1}, sort=[("$natural", 1)])
+        last = oplog.find_one({}, {"ts": 1}, sort=[("$natural", -1)])
+        if not first or not last:
+            profile.unknown["oplog_window_hours"] = "local.oplog.rs is empty"
+            return None
+        return round((last["ts"].time - first["ts"].time) / 3600, 3)
+
+    profile.oplog_window_hours = probe("oplog_window_hours", window)
+
+
+def _read_management(client, profile: SourceProfile, hints: DeploymentHints, probe) -> None:
+    if hints.managed_by:
+        profile.managed_by = None if hints.managed_by == "none" else hints.managed_by
+        profile.notes.append(f"management declared by the operator: {hints.managed_by}")
+        return
+    # Cloud Manager / Ops Manager agents authenticate as well-known users; seeing them is a strong hint,
+    # but which of the two manages the deployment cannot be told from the server.
+    users = probe("management", lambda: client.admin.command(
+        "usersInfo", [{"user": u, "db": "admin"} for u in MANAGEMENT_AGENT_USERS]))
+    found = [u["user"] for u in (users or {}).get("users", [])]
+    if found:
+        profile.notes.append(
+            f"management agent users found ({', '.join(found)}): the deployment looks managed by Cloud Manager "
+            "or Ops Manager; set source_managed_by to use push"
+        )
+
+
+def _read_hosting(profile: SourceProfile, hints: DeploymentHints,
+                  aws_lookup: Callable[[list[str]], str | None] | None) -> None:
+    if hints.hosting:
+        profile.hosting = None if hints.hosting == "none" else hints.hosting
+        profile.hosting_evidence = "declared by the operator"
+        return
+    hosts = profile.members or profile.hosts
+    if host := _host_suffix(hosts, COMPOSE_SUFFIXES):
+        profile.hosting, profile.hosting_evidence = "compose", f"host name {host}"
+    elif host := _host_suffix(hosts, AWS_SUFFIXES):
+        profile.hosting, profile.hosting_evidence = "aws", f"host name {host}"
+    elif aws_lookup is not None and (evidence := aws_lookup(hosts)):
+        profile.hosting, profile.hosting_evidence = "aws", evidence
+    else:
+        profile.hosting = "other"
+        checked = "host names" + (" and EC2 lookup" if aws_lookup else "")
+        profile.hosting_evidence = f"not Compose or AWS by {checked}"
+        if host := _host_suffix(hosts, ATLAS_SUFFIXES):
+            profile.notes.append(
+                f"{host} is an Atlas cluster: if it is a shared tier (M0, Flex, M2/M5) set source_hosting=atlas_shared_tier"
+            )
+
+
+def _list_databases(client, probe) -> list[str] | None:
+    from pymongo.errors import OperationFailure
+
+    def names() -> list[str]:
+        try:
+            return client.list_database_names()
+        except OperationFailure as exc:
+            if exc.code != 13:
+                raise
+            # Restricted users may list only the databases they hold privileges on.
+            return client.list_database_names(authorizedDatabases=True)
+
+    return probe("inventory", names)
+
+
+def _read_inventory(client, profile: SourceProfile, probe) -> None:
+    databases = _list_databases(client, probe)
+    if databases is None:
+        return
+    for db_name in sorted(databases):
+        if is_never_migrated(db_name):
+            continue
+        db = client[db_name]
+        infos = probe(f"collections:{db_name}", lambda db=db: list(db.list_collections()))
+        for info in sorted(infos or [], key=lambda i: i["name"]):
+            name = info["name"]
+            if is_never_migrated(db_name, name):
+                continue
+            profile.collections.append(_collection_info(db, info, profile, probe))
+
+
+def _collection_info(db, info: dict, profile: SourceProfile, probe) -> CollectionInfo:
+    name, options = info["name"], dict(info.get("options", {}))
+    kind = info.get("type", "collection")
+    if kind == "collection" and options.get("capped"):
+        kind = "capped"
+    entry = CollectionInfo(db=db.name, name=name, type=kind, options=_jsonable(options))
+    if kind == "view":
+        return entry
+    ns = f"{db.name}.{name}"
+    coll = db[name]
+    entry.documents = probe(f"documents:{ns}", coll.estimated_document_count)
+    stats = probe(f"size:{ns}", lambda: db.command("collStats", name))
+    if stats:
+        entry.size_bytes = int(stats.get("size", 0))
+    indexes = probe(f"indexes:{ns}", lambda: list(coll.list_indexes()))
+    if indexes is not None:
+        entry.indexes = _jsonable([dict(ix) for ix in indexes])
+    return entry

@@ -1,0 +1,309 @@
+"""The bodies of the DAG's tasks, as plain functions of the run's parameters and earlier results.
+
+The DAG file wraps each in ``@task``; everything passed between them is a small JSON-safe dict (profiles,
+plans, counts, paths), never documents and never credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from atlas_migration.errors import ConfigurationError
+from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
+from atlas_migration.inspection import DeploymentHints, inspect_source
+from atlas_migration.params import MigrationParams
+from atlas_migration.planning import (
+    NamespaceItem,
+    build_copy_plan,
+    find_occupied_targets,
+    refuse_occupied_targets,
+)
+from atlas_migration.profile import SourceProfile
+from atlas_migration.routing import RoutingDecision, choose_strategy, ensure_available
+
+log = logging.getLogger("atlas_migration")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Per-run folders: ``<work_dir>/<dag_id>/<run_id>/{dump,report}``."""
+
+    work_dir: Path
+    dag_id: str
+    run_id: str
+
+    @property
+    def run_prefix(self) -> str:
+        return f"{self.dag_id}/{re.sub(r'[^A-Za-z0-9._-]+', '_', self.run_id)}"
+
+    @property
+    def root(self) -> Path:
+        return self.work_dir / self.run_prefix
+
+    @property
+    def dump_dir(self) -> Path:
+        return self.root / "dump"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+
+def run_paths(params: dict[str, Any], dag_id: str, run_id: str) -> RunPaths:
+    return RunPaths(MigrationParams.parse(params).work_dir, dag_id, run_id)
+
+
+def _log_block(title: str, lines: list[str]) -> None:
+    log.info("%s\n%s", title, "\n".join(f"    {line}" for line in lines))
+
+
+def _stager(p: MigrationParams, paths: RunPaths):
+    if not p.staging_s3_uri:
+        return None
+    from atlas_migration.staging import S3Location, Stager
+
+    return Stager(S3Location.parse(p.staging_s3_uri), p.aws_conn_id, paths.run_prefix)
+
+
+# ---------------------------------------------------------------- inspect and route
+
+
+def inspect(params: dict[str, Any]) -> dict[str, Any]:
+    p = MigrationParams.parse(params)
+    source = endpoint_from_connection(p.source_conn_id, "source")
+    endpoint_from_connection(p.target_conn_id, "target")  # a missing target connection fails now, not after the dump
+    hints = DeploymentHints.merge(params, source.deployment_facts)
+    aws_lookup = None
+    if p.aws_conn_id:
+        from atlas_migration.aws import ec2_host_lookup
+
+        aws_lookup = ec2_host_lookup(p.aws_conn_id)
+    with closing(source.connect()) as client:
+        profile = inspect_source(client, conn_id=p.source_conn_id, hosts=source.hosts, hints=hints,
+                                 aws_lookup=aws_lookup)
+    _log_block("Source profile", profile.summary_lines())
+    if profile.unknown:
+        _log_block("Facts that could not be read", [f"{k}: {v}" for k, v in sorted(profile.unknown.items())])
+    return profile.to_dict()
+
+
+def route(params: dict[str, Any], profile_data: dict[str, Any], available: frozenset[str]) -> dict[str, Any]:
+    p = MigrationParams.parse(params)
+    profile = SourceProfile.from_dict(profile_data)
+    decision = choose_strategy(profile, p.strategy)
+    plan = build_copy_plan(profile, p.namespaces)
+    log.info("Routing decision\n%s", decision.explain())
+    _log_block("Copy plan", plan.describe())
+    result = {**decision.to_dict(), "dry_run": p.dry_run, "available": decision.strategy in available}
+    if p.dry_run:
+        status = "available" if result["available"] else "NOT built in this release"
+        log.info("Dry run: stopping after inspection and routing (the '%s' task group is %s). Nothing was written.",
+                 decision.strategy, status)
+        return result
+    ensure_available(decision, available)
+    return result
+
+
+def branch(decision: dict[str, Any]) -> str | None:
+    """The task group to run, or None (skip everything downstream) for a dry run."""
+    return None if decision.get("dry_run") else decision["strategy"]
+
+
+# ---------------------------------------------------------------- mongorestore strategy
+
+
+def _engine_name(p: MigrationParams) -> str:
+    from atlas_migration.engines import mongotools
+
+    if p.dump_engine == "native":
+        return "native"
+    if mongotools.tools_available():
+        return "mongodump"
+    if p.dump_engine == "mongodump":
+        raise ConfigurationError("dump_engine=mongodump but mongodump/mongorestore are not on PATH; install the "
+                                 "MongoDB Database Tools or use dump_engine=auto")
+    return "native"
+
+
+def prepare_restore(params: dict[str, Any], profile_data: dict[str, Any], paths: RunPaths) -> list[dict[str, Any]]:
+    """Check the target before anything is written; return one work item per collection (for mapping)."""
+    p = MigrationParams.parse(params)
+    profile = SourceProfile.from_dict(profile_data)
+    plan = build_copy_plan(profile, p.namespaces)
+    target = endpoint_from_connection(p.target_conn_id, "target")
+    with closing(target.connect()) as client:
+        occupied = find_occupied_targets(client, plan.all_items)
+        if not p.drop_target:
+            refuse_occupied_targets(occupied, p.target_conn_id)
+        existing = _existing_namespaces(client, plan.all_items)
+    stager = _stager(p, paths)
+    if stager:
+        stager.check_bucket()
+    engine = _engine_name(p)
+    paths.dump_dir.mkdir(parents=True, exist_ok=True)
+    if occupied:
+        log.warning("drop_target=true: %d target namespace(s) will be replaced: %s", len(occupied), ", ".join(occupied))
+    log.info("mongorestore strategy: %d collection(s), %d view(s); engine %s; dumps in %s%s",
+             len(plan.collections), len(plan.views), engine, paths.dump_dir,
+             f" staged through {p.staging_s3_uri}" if stager else "")
+    return [
+        {**item.to_dict(), "engine": engine,
+         # Replace (drop) a namespace we create or the operator allowed us to drop; fill a pre-existing empty
+         # one in place, keeping options/indexes/sharding the operator set up in Atlas.
+         "replace": p.drop_target or item.target_namespace not in existing}
+        for item in plan.collections
+    ]
+
+
+def _existing_namespaces(client, items: list[NamespaceItem]) -> set[str]:
+    found: set[str] = set()
+    for db_name in {i.target_db or i.db for i in items}:
+        found |= {f"{db_name}.{name}" for name in client[db_name].list_collection_names()}
+    return found
+
+
+def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
+    p = MigrationParams.parse(params)
+    source = endpoint_from_connection(p.source_conn_id, "source")
+    started = time.monotonic()
+    if item["engine"] == "mongodump":
+        files = _dump_with_tools(source, item, paths)
+        result = {"documents": None, "bytes": None}
+    else:
+        from atlas_migration.engines import native
+
+        with closing(source.connect()) as client:
+            dumped = native.dump_collection(client, item["db"], item["collection"], paths.dump_dir,
+                                            batch_size=p.batch_size).to_dict()
+        files = dumped["paths"]
+        result = {"documents": dumped["documents"], "bytes": dumped["bytes"]}
+    seconds = time.monotonic() - started
+    stager = _stager(p, paths)
+    staged = stager.upload(paths.dump_dir, files) if stager else []
+    docs = result["documents"]
+    log.info("dumped %s: %s documents, %s bytes in %.1fs%s", f"{item['db']}.{item['collection']}",
+             "?" if docs is None else f"{docs:,}", result["bytes"], seconds,
+             f" ({docs / seconds:,.0f} docs/s)" if docs and seconds else "")
+    return {**item, **result, "files": files, "staged": staged, "dump_seconds": round(seconds, 3)}
+
+
+def _dump_with_tools(source: MongoEndpoint, item: dict[str, Any], paths: RunPaths) -> list[str]:
+    from atlas_migration.engines import mongotools
+
+    with mongotools.tool_config_file(source.tool_uri()) as config:
+        argv = mongotools.mongodump_argv(config, paths.dump_dir, item["db"], item["collection"])
+        mongotools.run_tool(argv, secrets=source.secrets, log=log)
+    folder = paths.dump_dir / item["db"]
+    return sorted(str(f.relative_to(paths.dump_dir)) for f in folder.glob(f"{_glob_escape(item['collection'])}.*")
+                  if f.name.split(".bson")[0].split(".metadata.json")[0] == item["collection"])
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
+    p = MigrationParams.parse(params)
+    target = endpoint_from_connection(p.target_conn_id, "target")
+    stager = _stager(p, paths)
+    if stager:
+        stager.download(paths.dump_dir, dumped["files"])
+    target_db = dumped.get("target_db") or dumped["db"]
+    started = time.monotonic()
+    with closing(target.connect()) as client:
+        if not dumped["replace"]:
+            # A pre-existing collection that was empty at preflight: anything in it now is ours from an
+            # earlier attempt of this task, so empty it (keeping its options and indexes) before refilling.
+            client[target_db][dumped["collection"]].delete_many({})
+        if dumped["engine"] == "mongodump":
+            from atlas_migration.engines import mongotools
+
+            with mongotools.tool_config_file(target.tool_uri()) as config:
+                argv = mongotools.mongorestore_argv(
+                    config, paths.dump_dir, [f"{dumped['db']}.{dumped['collection']}"], drop=dumped["replace"],
+                    workers=p.restore_workers, target_db=dumped.get("target_db") or None)
+                mongotools.run_tool(argv, secrets=target.secrets, log=log)
+            result = {"documents": client[target_db][dumped["collection"]].estimated_document_count()}
+        else:
+            from atlas_migration.engines import native
+
+            result = native.restore_collection(
+                client, paths.dump_dir, dumped["db"], dumped["collection"], target_db=dumped.get("target_db") or None,
+                drop=dumped["replace"], insert_batch_docs=p.batch_size, workers=p.restore_workers,
+            ).to_dict()
+    seconds = time.monotonic() - started
+    docs = result.get("documents") or 0
+    log.info("restored %s into %s.%s: %s documents in %.1fs (%s docs/s)", f"{dumped['db']}.{dumped['collection']}",
+             target_db, dumped["collection"], f"{docs:,}", seconds, f"{docs / seconds:,.0f}" if seconds else "?")
+    return {"namespace": f"{dumped['db']}.{dumped['collection']}", "target": f"{target_db}.{dumped['collection']}",
+            "documents": docs, "dump_seconds": dumped.get("dump_seconds"), "restore_seconds": round(seconds, 3),
+            "engine": dumped["engine"]}
+
+
+def restore_views(params: dict[str, Any], profile_data: dict[str, Any], paths: RunPaths) -> list[str]:
+    """Views last: they need their source collections in place. Dumped here (metadata only) and restored."""
+    p = MigrationParams.parse(params)
+    plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces)
+    if not plan.views:
+        log.info("no views to restore")
+        return []
+    from atlas_migration.engines import native
+
+    source = endpoint_from_connection(p.source_conn_id, "source")
+    target = endpoint_from_connection(p.target_conn_id, "target")
+    with closing(source.connect()) as src, closing(target.connect()) as dst:
+        for view in plan.views:
+            native.dump_collection(src, view.db, view.collection, paths.dump_dir)
+            native.restore_view(dst, paths.dump_dir, view.db, view.collection, target_db=view.target_db or None,
+                                drop=True)
+            log.info("restored view %s", view.target_namespace)
+    return [v.target_namespace for v in plan.views]
+
+
+# ---------------------------------------------------------------- validate and report
+
+
+def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dict[str, Any],
+             paths: RunPaths) -> dict[str, Any]:
+    from atlas_migration import validation
+
+    if decision.get("dry_run"):
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        raise AirflowSkipException("dry run: nothing was migrated, nothing to validate")
+    p = MigrationParams.parse(params)
+    plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces)
+    source = endpoint_from_connection(p.source_conn_id, "source")
+    target = endpoint_from_connection(p.target_conn_id, "target")
+    namespaces = [(i.db, i.collection) for i in plan.all_items]
+    target_db_map = {i.db: i.target_db for i in plan.all_items if i.target_db}
+    with closing(source.connect()) as src, closing(target.connect()) as dst:
+        report = validation.validate_namespaces(src, dst, namespaces, mode=p.validation_mode,
+                                                target_db_map=target_db_map or None, run_id=paths.run_id,
+                                                strategy=decision.get("strategy", ""))
+    files = validation.write_report(report, paths.report_dir)
+    stager = _stager(p, paths)
+    if stager:
+        files.update({f"s3_{k}": uri for k, uri in zip(
+            files, stager.upload(paths.root, [str(Path(f).relative_to(paths.root)) for f in files.values()]),
+            strict=True)})
+    log.info("Validation summary\n%s", validation.render_summary(report))
+    log.info("Validation report (%s)\n%s", files.get("markdown") or files, validation.render_markdown(report))
+    validation.raise_if_failed(report)
+    return {"verdict": report.verdict, "files": files, "namespaces": len(namespaces)}
+
+
+def report(profile_data: dict[str, Any], decision: dict[str, Any], validation_result: dict[str, Any]) -> dict[str, Any]:
+    profile = SourceProfile.from_dict(profile_data)
+    lines = [*profile.summary_lines(), "", *RoutingDecision(**{k: decision[k] for k in
+             ("strategy", "rule", "reasons", "warnings", "requested")}).explain().splitlines(), "",
+             f"validation: {validation_result['verdict']} over {validation_result['namespaces']} namespaces"]
+    lines += [f"report ({kind}): {where}" for kind, where in validation_result["files"].items()]
+    _log_block("Migration finished", lines)
+    return validation_result

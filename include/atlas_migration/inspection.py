@@ -212,8 +212,20 @@ def _list_databases(client, probe) -> list[str] | None:
         except OperationFailure as exc:
             if exc.code != 13:
                 raise
-            # Restricted users may list only the databases they hold privileges on.
-            return client.list_database_names(authorizedDatabases=True)
+        # Restricted users may list only the databases they hold privileges on, plus (where that list is
+        # refused or incomplete) the databases named in their own privileges.
+        names: set[str] = set()
+        try:
+            names |= {d["name"] for d in client.list_databases(nameOnly=True, authorizedDatabases=True)}
+        except OperationFailure as exc:
+            if exc.code != 13:
+                raise
+        status = client.admin.command("connectionStatus", showPrivileges=True)
+        auth = status.get("authInfo", {})
+        names |= {p.get("resource", {}).get("db") or "" for p in auth.get("authenticatedUserPrivileges", [])}
+        # Database-scoped roles (read, readWrite, dbOwner on X) name their database too.
+        names |= {r.get("db") or "" for r in auth.get("authenticatedUserRoles", []) if r.get("db") != "admin"}
+        return sorted(n for n in names if n)
 
     return probe("inventory", names)
 

@@ -5,10 +5,11 @@ The table (from "Migrate or Import Data" in the Atlas docs), checked in this ord
 | rule | source | strategy |
 |---|---|---|
 | shared_tier | Atlas shared / multi-tenant tier (M0, Flex, M2/M5): no oplog access | mongorestore |
-| unsupported_version | a version below every live-migration minimum (mongosync: 4.4.29, 5.0.29, 6.0.24, 7.0.18, 8.0.5) | mongorestore |
+| unsupported_version | a release series MongoDB no longer supports for migration (before 4.4, rapid releases) | mongorestore |
 | compose | a Compose "single shard" sharded cluster | compose |
 | cloud_manager | monitored by Cloud Manager, 6.0.17+ / 7.0.13+, replica set or sharded | live_push |
 | no_oplog | standalone, or the oplog / change streams cannot be read (or could not be verified) | mongorestore |
+| below_live_minimum | a supported series below the live-pull patch minimum (4.4.29, 5.0.29, 6.0.24, 7.0.18, 8.0.5) | mongorestore |
 | aws_replica_set | a replica set running on AWS | aws_replica_set |
 | default | not managed, oplog readable | live_pull |
 
@@ -50,6 +51,11 @@ def meets_minimum(version: tuple[int, ...] | None, minimums: dict[tuple[int, int
     if series in minimums:
         return tuple(version) >= minimums[series]
     return series > max(minimums)
+
+
+def series_supported(version: tuple[int, ...]) -> bool:
+    """A release series live migration accepts at all (some patch of it meets the minimums)."""
+    return len(version) >= 2 and (version[:2] in LIVE_MIGRATION_MINIMUMS or version[:2] > max(LIVE_MIGRATION_MINIMUMS))
 
 
 def _fmt(minimums: dict[tuple[int, int], tuple[int, ...]]) -> str:
@@ -95,10 +101,11 @@ def _auto(profile: SourceProfile) -> tuple[Strategy, str, list[str]]:
         return Strategy.MONGORESTORE, "shared_tier", [
             "the source is an Atlas shared / multi-tenant tier (M0, Flex, M2/M5), which gives no oplog access "
             "and restricts commands; mongorestore is the only path"]
-    if version is not None and not meets_minimum(version, LIVE_MIGRATION_MINIMUMS):
+    if version is not None and not series_supported(version):
         return Strategy.MONGORESTORE, "unsupported_version", [
-            f"MongoDB {profile.version} is below every live-migration minimum ({_fmt(LIVE_MIGRATION_MINIMUMS)}); "
-            "a version that is no longer supported is imported with mongorestore"]
+            f"MongoDB {profile.version} is a release series that live migration does not support (supported: "
+            f"{', '.join('.'.join(map(str, s)) for s in LIVE_MIGRATION_MINIMUMS)} and later); a version that is no "
+            "longer supported is imported with mongorestore"]
     if profile.hosting == "compose" and profile.topology == "sharded":
         return Strategy.COMPOSE, "compose", [
             f"the source is a Compose sharded cluster ({len(profile.shards) or 'unknown number of'} shard(s) behind mongos); "
@@ -120,6 +127,11 @@ def _auto(profile: SourceProfile) -> tuple[Strategy, str, list[str]]:
     unusable = _oplog_unusable(profile)
     if unusable:
         return Strategy.MONGORESTORE, "no_oplog", [*notes, unusable]
+    if version is not None and not meets_minimum(version, LIVE_MIGRATION_MINIMUMS):
+        return Strategy.MONGORESTORE, "below_live_minimum", [*notes,
+            f"MongoDB {profile.version} is below the live-pull minimum of its series "
+            f"({_fmt(LIVE_MIGRATION_MINIMUMS)}): upgrade the source's patch release to migrate live, or import "
+            "with mongorestore (chosen)"]
     if profile.hosting == "aws" and profile.topology == "replica_set":
         return Strategy.AWS_REPLICA_SET, "aws_replica_set", [*notes,
             f"the source is a replica set running on AWS ({profile.hosting_evidence or 'declared'}); the network "

@@ -290,9 +290,9 @@ def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dic
     files = validation.write_report(report, paths.report_dir)
     stager = _stager(p, paths)
     if stager:
-        files.update({f"s3_{k}": uri for k, uri in zip(
-            files, stager.upload(paths.root, [str(Path(f).relative_to(paths.root)) for f in files.values()]),
-            strict=True)})
+        relative = {kind: str(Path(path).relative_to(paths.root)) for kind, path in files.items()}
+        uris = stager.upload(paths.root, list(relative.values()))
+        files.update({f"s3_{kind}": uri for kind, uri in zip(relative, uris, strict=True)})
     log.info("Validation summary\n%s", validation.render_summary(report))
     log.info("Validation report (%s)\n%s", files.get("markdown") or files, validation.render_markdown(report))
     validation.raise_if_failed(report)

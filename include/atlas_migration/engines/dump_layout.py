@@ -1,0 +1,479 @@
+"""mongodump's directory layout, read and written with plain file I/O (no server involved).
+
+``mongodump --out ROOT [--gzip]`` writes, per collection::
+
+    ROOT/<db>/<coll>.bson[.gz]            concatenated BSON documents (each starts with its int32 LE length)
+    ROOT/<db>/<coll>.metadata.json[.gz]   {"options": {...}, "indexes": [...], "uuid": "<hex>",
+                                           "collectionName": "<coll>", "type": "collection"|"view"|"timeseries"}
+
+The metadata is canonical Extended JSON v2 in that key order; ``options`` is omitted when empty and ``uuid``
+when unknown. Views have only a metadata file. mongodump writes a time-series collection's buckets as
+``system.buckets.<coll>.bson``; this package's native engine instead stores the measurements as
+``<coll>.bson`` (see ``native``).
+
+File names are the collection name escaped like Go's ``url.PathEscape`` (``a/b`` -> ``a%2Fb``; dots are kept,
+so ``daily.rollups`` -> ``daily.rollups.bson.gz``), and names whose escaped form exceeds 238 bytes are cut
+to 208 bytes plus ``%24`` and a SHA-1 digest, as mongodump does; ``collectionName`` in the metadata then
+carries the real name. Reading accepts gzip and plain files alike.
+
+Files are written under a temporary name and renamed into place once complete, so an interrupted dump
+never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip as gzip_module
+import hashlib
+import io
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+from urllib.parse import quote, unquote
+
+from bson import json_util
+from bson.binary import Binary
+from bson.json_util import CANONICAL_JSON_OPTIONS, DatetimeConversion, JSONOptions
+
+from atlas_migration.errors import DumpFormatError
+
+BSON_SUFFIX = ".bson"
+METADATA_SUFFIX = ".metadata.json"
+GZIP_SUFFIX = ".gz"
+PARTIAL_SUFFIX = ".partial"
+TIMESERIES_BUCKETS_PREFIX = "system.buckets."
+# mongod accepts user documents up to 16 MiB; internal documents (oplog entries) may exceed that by 16 KiB.
+MAX_BSON_DOCUMENT_SIZE = 16 * 1024 * 1024 + 16 * 1024
+MIN_BSON_DOCUMENT_SIZE = 5  # int32 length + terminating NUL
+# Go's gzip default level, which mongodump uses: a good speed/size balance for dumps.
+DEFAULT_COMPRESSLEVEL = 6
+
+# mongodump's file-name escaping (Go url.PathEscape): keeps unreserved characters and $&+:=@.
+_PATH_SEGMENT_SAFE = "$&+:=@"
+_MAX_ESCAPED_NAME = 238
+_TRUNCATED_PREFIX = 208
+_TRUNCATION_DELIMITER = "%24"
+
+# Reading: keep $numberLong as Int64 and dates beyond datetime's range as DatetimeMS, so that writing the
+# metadata back produces the same canonical JSON.
+_READ_JSON_OPTIONS = JSONOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO, tz_aware=True)
+_INT32 = struct.Struct("<i")
+
+
+# --------------------------------------------------------------------------------------------- file names
+def collection_file_stem(coll: str) -> str:
+    """The file-name stem mongodump uses for a collection (escaped, truncated with a digest when too long)."""
+    escaped = quote(coll, safe=_PATH_SEGMENT_SAFE)
+    if len(escaped) > _MAX_ESCAPED_NAME:
+        digest = base64.urlsafe_b64encode(hashlib.sha1(coll.encode()).digest()).rstrip(b"=").decode()  # noqa: S324 - mongodump's naming, not security
+        escaped = escaped[:_TRUNCATED_PREFIX] + _TRUNCATION_DELIMITER + digest
+    return escaped
+
+
+def _stem_candidates(coll: str) -> list[str]:
+    # Escaped (current mongodump and this package) first; the raw name for dumps by older tool versions.
+    stems = [collection_file_stem(coll)]
+    if coll not in stems and "/" not in coll and "\0" not in coll:
+        stems.append(coll)
+    return stems
+
+
+def bson_path(root: Path | str, db: str, coll: str, *, gzip: bool = True) -> Path:
+    """Where the data file of ``db.coll`` goes (whether or not it exists)."""
+    return Path(root) / db / (collection_file_stem(coll) + BSON_SUFFIX + (GZIP_SUFFIX if gzip else ""))
+
+
+def metadata_path(root: Path | str, db: str, coll: str, *, gzip: bool = True) -> Path:
+    """Where the metadata file of ``db.coll`` goes (whether or not it exists)."""
+    return Path(root) / db / (collection_file_stem(coll) + METADATA_SUFFIX + (GZIP_SUFFIX if gzip else ""))
+
+
+def _find_existing(directory: Path, stems: list[str], suffix: str) -> Path | None:
+    for stem in stems:
+        for ext in (GZIP_SUFFIX, ""):
+            candidate = directory / f"{stem}{suffix}{ext}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def find_bson_file(root: Path | str, db: str, coll: str) -> Path | None:
+    """The existing data file of ``db.coll`` (gzip or plain), or None."""
+    return _find_existing(Path(root) / db, _stem_candidates(coll), BSON_SUFFIX)
+
+
+def find_timeseries_buckets_file(root: Path | str, db: str, coll: str) -> Path | None:
+    """mongodump's bucket file for a time-series collection (``system.buckets.<coll>.bson[.gz]``), or None."""
+    return _find_existing(Path(root) / db, _stem_candidates(TIMESERIES_BUCKETS_PREFIX + coll), BSON_SUFFIX)
+
+
+def find_metadata_file(root: Path | str, db: str, coll: str) -> Path | None:
+    """The existing metadata file of ``db.coll`` (gzip or plain), or None."""
+    return _find_existing(Path(root) / db, _stem_candidates(coll), METADATA_SUFFIX)
+
+
+def _strip_suffix(name: str, suffix: str) -> str | None:
+    for ext in (GZIP_SUFFIX, ""):
+        full = suffix + ext
+        if name.endswith(full) and len(name) > len(full):
+            return name[: -len(full)]
+    return None
+
+
+def _is_truncated_stem(stem: str) -> bool:
+    return len(stem) == _MAX_ESCAPED_NAME and stem[_TRUNCATED_PREFIX:].startswith(_TRUNCATION_DELIMITER)
+
+
+def list_dumped_namespaces(root: Path | str) -> list[tuple[str, str]]:
+    """Every ``(db, collection)`` with a metadata or data file under ``root``, sorted.
+
+    Time-series bucket files (``system.buckets.X``) are represented by their collection ``X``; mongodump's
+    users/roles files (``$admin.system.*``) and root-level files (``oplog.bson``, ``prelude.json``) are not
+    namespaces. Filtering out system namespaces is the caller's business (``namespaces.NamespaceFilter``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DumpFormatError(f"dump directory {root} does not exist")
+    found: set[tuple[str, str]] = set()
+    for db_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        db = db_dir.name
+        for path in sorted(db_dir.iterdir()):
+            if not path.is_file() or path.name.endswith(PARTIAL_SUFFIX) or path.name.startswith("$"):
+                continue
+            stem = _strip_suffix(path.name, METADATA_SUFFIX)
+            if stem is not None:
+                if _is_truncated_stem(stem):
+                    found.add((db, read_metadata_file(path).collection_name))
+                else:
+                    found.add((db, unquote(stem)))
+                continue
+            stem = _strip_suffix(path.name, BSON_SUFFIX)
+            if stem is None:
+                continue
+            coll = unquote(stem)
+            if coll.startswith(TIMESERIES_BUCKETS_PREFIX):
+                found.add((db, coll[len(TIMESERIES_BUCKETS_PREFIX):]))
+            elif not _is_truncated_stem(stem):  # a truncated data file always has metadata naming it
+                found.add((db, coll))
+    return sorted(found)
+
+
+# ------------------------------------------------------------------------------------------ atomic files
+def _partial_path(final: Path) -> Path:
+    # Same directory (so the rename is atomic), hidden, a suffix no reader accepts, and the PID so that two
+    # attempts racing on one path do not write into each other's file. Named by a digest because the final
+    # name may already be 255 bytes long (mongodump's limit for truncated collection names).
+    digest = hashlib.sha1(final.name.encode()).hexdigest()[:20]  # noqa: S324 - a file name, not security
+    return final.with_name(f".{digest}.{os.getpid()}{PARTIAL_SUFFIX}")
+
+
+def _other_compression(final: Path) -> Path:
+    name = final.name
+    return final.with_name(name[: -len(GZIP_SUFFIX)] if name.endswith(GZIP_SUFFIX) else name + GZIP_SUFFIX)
+
+
+def _commit(partial: Path, final: Path) -> None:
+    os.replace(partial, final)
+    # A re-run that switched compression must not leave the previous attempt's file beside the new one:
+    # readers prefer .gz and would pick whichever they find first.
+    _other_compression(final).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+def _uuid_hex(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, Binary | bytes):
+        return bytes(value).hex()
+    if hasattr(value, "hex") and not isinstance(value, str):  # uuid.UUID
+        return value.hex
+    return str(value).replace("-", "").lower() or None
+
+
+@dataclass
+class CollectionMetadata:
+    """One ``<coll>.metadata.json`` document."""
+
+    collection_name: str
+    type: str = "collection"  # "collection", "view" or "timeseries"
+    options: dict[str, Any] = field(default_factory=dict)
+    indexes: list[dict[str, Any]] = field(default_factory=list)
+    uuid: str | None = None
+
+    @property
+    def is_view(self) -> bool:
+        return self.type == "view"
+
+    @property
+    def is_timeseries(self) -> bool:
+        return self.type == "timeseries" or "timeseries" in self.options
+
+    @classmethod
+    def from_collection_info(cls, info: dict[str, Any], indexes: list[dict[str, Any]]) -> CollectionMetadata:
+        """Build from a ``listCollections`` entry and the ``listIndexes`` result."""
+        options = dict(info.get("options") or {})
+        kind = info.get("type") or "collection"
+        if kind == "collection" and "timeseries" in options:
+            kind = "timeseries"  # some servers report time-series collections as type "collection"
+        return cls(
+            collection_name=info["name"],
+            type=kind,
+            options=options,
+            indexes=[dict(ix) for ix in indexes],
+            uuid=_uuid_hex((info.get("info") or {}).get("uuid")),
+        )
+
+    def to_document(self) -> dict[str, Any]:
+        """The metadata document in mongodump's key order (options omitted when empty, uuid when unknown)."""
+        doc: dict[str, Any] = {}
+        if self.options:
+            doc["options"] = self.options
+        doc["indexes"] = list(self.indexes)
+        if self.uuid:
+            doc["uuid"] = self.uuid
+        doc["collectionName"] = self.collection_name
+        if self.type:
+            doc["type"] = self.type
+        return doc
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any], *, default_name: str | None = None) -> CollectionMetadata:
+        """Parse a metadata document; dumps by old tool versions lack collectionName, uuid and type."""
+        if not isinstance(doc, dict):
+            raise DumpFormatError(f"metadata must be a JSON object, not {type(doc).__name__}")
+        name = doc.get("collectionName") or default_name
+        if not name:
+            raise DumpFormatError("metadata has no collectionName and none could be derived from its file name")
+        options = doc.get("options")
+        indexes = doc.get("indexes")
+        options = {} if options is None else options
+        indexes = [] if indexes is None else indexes
+        if not isinstance(options, dict) or not isinstance(indexes, list):
+            raise DumpFormatError(f"metadata of '{name}': 'options' must be an object and 'indexes' a list")
+        kind = doc.get("type") or ("view" if "viewOn" in options else "collection")
+        return cls(
+            collection_name=name, type=kind, options=dict(options), indexes=[dict(ix) for ix in indexes],
+            uuid=_uuid_hex(doc.get("uuid")),
+        )
+
+    def to_json(self) -> str:
+        """Canonical Extended JSON v2, compact, like mongodump's ``MarshalExtJSON(meta, true, false)``."""
+        return json_util.dumps(
+            self.to_document(), json_options=CANONICAL_JSON_OPTIONS, separators=(",", ":"), ensure_ascii=False
+        )
+
+
+def write_metadata(root: Path | str, db: str, meta: CollectionMetadata, *, gzip: bool = True) -> Path:
+    """Write ``<root>/<db>/<coll>.metadata.json[.gz]`` atomically; returns its path."""
+    final = metadata_path(root, db, meta.collection_name, gzip=gzip)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_path(final)
+    data = meta.to_json().encode("utf-8")
+    try:
+        with open(partial, "wb") as raw:
+            if gzip:
+                with gzip_module.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=DEFAULT_COMPRESSLEVEL, mtime=0) as gz:
+                    gz.write(data)
+            else:
+                raw.write(data)
+            raw.flush()
+            os.fsync(raw.fileno())
+        _commit(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def read_metadata_file(path: Path | str) -> CollectionMetadata:
+    """Parse one metadata file (gzip or plain)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        text = (gzip_module.decompress(raw) if path.name.endswith(GZIP_SUFFIX) else raw).decode("utf-8")
+        doc = json_util.loads(text, json_options=_READ_JSON_OPTIONS)
+    except FileNotFoundError:
+        raise DumpFormatError(f"metadata file {path} does not exist") from None
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise DumpFormatError(f"metadata file {path} is not valid (gzip) Extended JSON: {exc}") from None
+    stem = _strip_suffix(path.name, METADATA_SUFFIX)
+    default = unquote(stem) if stem and not _is_truncated_stem(stem) else None
+    try:
+        return CollectionMetadata.from_document(doc, default_name=default)
+    except DumpFormatError as exc:
+        raise DumpFormatError(f"{path}: {exc}") from None
+
+
+def read_metadata(root: Path | str, db: str, coll: str) -> CollectionMetadata:
+    """The metadata of ``db.coll`` in the dump at ``root`` (gzip or plain)."""
+    path = find_metadata_file(root, db, coll)
+    if path is None:
+        raise DumpFormatError(
+            f"no metadata file for {db}.{coll} under {Path(root) / db} "
+            f"(expected {collection_file_stem(coll)}{METADATA_SUFFIX}[.gz])"
+        )
+    return read_metadata_file(path)
+
+
+# ---------------------------------------------------------------------------------------------- BSON data
+class BsonFileWriter:
+    """Streams raw BSON documents into ``path`` (gzip when it ends with ``.gz``).
+
+    Bytes go to a hidden ``.<digest>.<pid>.partial`` file beside ``path`` and are renamed to ``path`` by ``close()``; leaving the ``with``
+    block on an exception (or calling ``abort()``) deletes the partial file instead.
+    """
+
+    def __init__(self, path: Path | str, *, compresslevel: int = DEFAULT_COMPRESSLEVEL) -> None:
+        self.path = Path(path)
+        self.gzip = self.path.name.endswith(GZIP_SUFFIX)
+        self.documents = 0
+        self.bytes = 0  # uncompressed BSON bytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = _partial_path(self.path)
+        self._raw: BinaryIO | None = open(self._partial, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._out: BinaryIO = (
+            gzip_module.GzipFile(filename="", mode="wb", fileobj=self._raw, compresslevel=compresslevel, mtime=0)
+            if self.gzip
+            else self._raw
+        )
+        self._closed = False
+
+    def write(self, document: bytes | bytearray | memoryview) -> None:
+        """Append one BSON document, given as its raw bytes."""
+        if self._closed:
+            raise ValueError(f"{self.path} is already closed")
+        size = len(document)
+        if size < MIN_BSON_DOCUMENT_SIZE or _INT32.unpack_from(document, 0)[0] != size:
+            raise DumpFormatError(f"refusing to write a malformed BSON document ({size} bytes) to {self.path}")
+        self._out.write(document)
+        self.documents += 1
+        self.bytes += size
+
+    def close(self) -> Path:
+        """Flush, fsync and rename into place; returns the final path."""
+        if self._closed:
+            return self.path
+        try:
+            if self._out is not self._raw:
+                self._out.close()
+            assert self._raw is not None
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            self._raw = None
+            _commit(self._partial, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.path
+
+    def abort(self) -> None:
+        """Discard everything written; the final path is left untouched."""
+        self._closed = True
+        for stream in (self._out, self._raw):
+            try:
+                if stream is not None:
+                    stream.close()
+            except Exception:  # noqa: BLE001, S110 - the partial file is deleted next; nothing to keep
+                pass
+        self._raw = None
+        self._partial.unlink(missing_ok=True)
+
+    @property
+    def file_bytes(self) -> int:
+        """Size of the finished file on disk (compressed size for gzip)."""
+        return self.path.stat().st_size
+
+    def __enter__(self) -> BsonFileWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _open_for_reading(path: Path) -> BinaryIO:
+    if path.name.endswith(GZIP_SUFFIX):
+        # A large read buffer: gzip decompression is much faster in big chunks than in 4-byte reads.
+        return io.BufferedReader(gzip_module.GzipFile(filename=str(path), mode="rb"), buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - returned to a with-block
+
+
+def iter_bson_file(path: Path | str, *, max_document_size: int = MAX_BSON_DOCUMENT_SIZE) -> Iterator[bytes]:
+    """Yield each document of a ``.bson``/``.bson.gz`` file as raw bytes, one at a time (bounded memory).
+
+    Raises ``DumpFormatError`` naming the file and the byte offset (in the uncompressed stream) when the
+    file is truncated, the gzip stream is corrupt, or a length prefix or terminator is not valid BSON.
+    """
+    path = Path(path)
+    offset = 0
+    try:
+        with _open_for_reading(path) as stream:
+            while True:
+                header = stream.read(4)
+                if not header:
+                    return
+                if len(header) < 4:
+                    raise DumpFormatError(
+                        f"{path} is truncated: {len(header)} stray byte(s) at offset {offset} where a document "
+                        "length was expected"
+                    )
+                (length,) = _INT32.unpack(header)
+                if length < MIN_BSON_DOCUMENT_SIZE or length > max_document_size:
+                    raise DumpFormatError(
+                        f"{path} is not valid BSON at offset {offset}: document length {length} is outside "
+                        f"[{MIN_BSON_DOCUMENT_SIZE}, {max_document_size}]"
+                    )
+                body = stream.read(length - 4)
+                if len(body) < length - 4:
+                    raise DumpFormatError(
+                        f"{path} is truncated: the document at offset {offset} declares {length} bytes but "
+                        f"only {len(body) + 4} remain"
+                    )
+                if body[-1] != 0:
+                    raise DumpFormatError(
+                        f"{path} is not valid BSON at offset {offset}: the {length}-byte document does not end "
+                        "with a NUL byte"
+                    )
+                yield header + body
+                offset += length
+    except FileNotFoundError:
+        raise DumpFormatError(f"data file {path} does not exist") from None
+    except (EOFError, zlib.error, gzip_module.BadGzipFile) as exc:
+        # EOFError: the gzip stream ends before its end-of-stream marker (a truncated .gz file).
+        raise DumpFormatError(f"{path} is not a complete gzip stream (near uncompressed offset {offset}): {exc}") from None
+
+
+def metadata_text(path: Path | str) -> str:
+    """The decompressed JSON text of a metadata file (for inspection and tests)."""
+    path = Path(path)
+    raw = path.read_bytes()
+    return (gzip_module.decompress(raw) if path.name.endswith(GZIP_SUFFIX) else raw).decode("utf-8")
+
+
+__all__ = [
+    "BsonFileWriter",
+    "CollectionMetadata",
+    "bson_path",
+    "collection_file_stem",
+    "find_bson_file",
+    "find_metadata_file",
+    "find_timeseries_buckets_file",
+    "iter_bson_file",
+    "list_dumped_namespaces",
+    "metadata_path",
+    "metadata_text",
+    "read_metadata",
+    "read_metadata_file",
+    "write_metadata",
+]

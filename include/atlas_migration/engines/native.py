@@ -1,0 +1,446 @@
+"""The built-in dump/restore engine, used when mongodump/mongorestore are not on ``PATH``.
+
+Documents travel as raw BSON end to end: the dump reads them with ``RawBSONDocument`` and writes their bytes
+straight into ``<coll>.bson.gz``; the restore wraps the file's bytes in ``RawBSONDocument`` again and inserts
+them. Nothing is decoded, so values keep their exact types and bytes (Decimal128, UUID subtypes, dates
+outside Python's range, field order), and memory stays bounded by one cursor batch / one insert batch
+whatever the collection's size.
+
+The dump directory follows mongodump's layout (``dump_layout``), so mongorestore can restore what this
+engine dumps and this engine can restore what mongodump dumps, with one exception: time-series
+collections. mongodump writes their internal buckets (``system.buckets.<coll>.bson``); this engine reads
+the measurements through the collection itself and writes them as ``<coll>.bson``, which only this engine
+restores (by inserting the measurements into a freshly created time-series collection).
+
+Restores are safe to retry: with ``drop=True`` the target collection is dropped and rebuilt from the dump,
+so a second attempt after a crash leaves exactly the dumped documents; with ``drop=False`` a target that
+already holds documents is refused (``TargetNotEmpty``) before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bson import SON
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
+
+from atlas_migration.engines.dump_layout import (
+    BsonFileWriter,
+    CollectionMetadata,
+    bson_path,
+    find_bson_file,
+    find_timeseries_buckets_file,
+    iter_bson_file,
+    read_metadata,
+    write_metadata,
+)
+from atlas_migration.errors import ConfigurationError, DumpFormatError, MigrationError, TargetNotEmpty
+from atlas_migration.namespaces import SYSTEM_DATABASES, is_never_migrated
+
+if TYPE_CHECKING:
+    from pymongo import MongoClient
+    from pymongo.collection import Collection
+    from pymongo.database import Database
+
+log = logging.getLogger(__name__)
+
+RAW_CODEC_OPTIONS: CodecOptions = CodecOptions(document_class=RawBSONDocument)
+DEFAULT_BATCH_SIZE = 1_000
+# A cursor batch is held a few times over while pymongo receives and splits it (about 4x measured), so
+# aim batches at 4 MiB rather than the server's 16 MiB cap to keep a dump's footprint near 20 MB.
+DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
+DEFAULT_INSERT_BATCH_DOCS = 1_000
+# Under the 16 MiB BSON limit so that one batch is one OP_MSG with room for the command envelope.
+DEFAULT_INSERT_BATCH_BYTES = 16 * 1024 * 1024 - 64 * 1024
+# listIndexes fields that createIndexes must not be given back: the server derives them.
+_INDEX_FIELDS_NOT_RESTORED = frozenset({"v", "ns", "background"})
+
+
+@dataclass
+class DumpResult:
+    """What ``dump_collection`` wrote; ``to_dict()`` is JSON-safe for XCom (no documents, no secrets)."""
+
+    db: str
+    collection: str
+    type: str
+    documents: int
+    bytes: int  # uncompressed BSON bytes
+    file_bytes: int  # bytes on disk (data + metadata, compressed when gzip)
+    seconds: float
+    paths: list[str] = field(default_factory=list)  # relative to the dump root, POSIX separators
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+@dataclass
+class RestoreResult:
+    """What ``restore_collection``/``restore_view`` did; ``to_dict()`` is JSON-safe for XCom."""
+
+    db: str
+    collection: str
+    target_namespace: str
+    type: str
+    documents: int
+    bytes: int
+    seconds: float
+    indexes_created: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- guards
+def _check_source_namespace(db: str, coll: str) -> None:
+    if not db or not coll:
+        raise ConfigurationError(f"'{db}.{coll}' is not a namespace: database and collection are required")
+    if is_never_migrated(db, coll):
+        raise ConfigurationError(
+            f"{db}.{coll} is never migrated: admin, local, config and system.* namespaces are not restorable "
+            "into Atlas"
+        )
+
+
+def _check_target_namespace(target_db: str, coll: str) -> None:
+    if target_db in SYSTEM_DATABASES or coll.startswith("system."):
+        raise ConfigurationError(f"refusing to restore into {target_db}.{coll}: a system namespace")
+
+
+def _collection_info(database: Database, name: str) -> dict[str, Any] | None:
+    # Filtering by name server-side: listing a database with thousands of collections for one is wasteful.
+    return next(iter(database.list_collections(filter={"name": name})), None)
+
+
+# --------------------------------------------------------------------------------------------------- dump
+def _cursor_batch_size(database: Database, coll: str, batch_size: int, batch_bytes: int) -> int:
+    """Documents per cursor batch so that one batch is about ``batch_bytes`` (collStats' average size)."""
+    from pymongo.errors import PyMongoError
+
+    try:
+        average = int(database.command("collStats", coll).get("avgObjSize") or 0)
+    except PyMongoError:  # missing privilege, or a server without collStats: the count cap still applies
+        average = 0
+    if average <= 0:
+        return batch_size
+    return max(1, min(batch_size, batch_bytes // average))
+
+
+def dump_collection(
+    client: MongoClient,
+    db: str,
+    coll: str,
+    out_root: Path | str,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    gzip: bool = True,
+) -> DumpResult:
+    """Dump one collection, view or time-series collection into ``out_root`` in mongodump's layout.
+
+    The data file is written first and the metadata last, each atomically, so a dump interrupted at any
+    point has no metadata file for the collection and is recognisably incomplete.
+    """
+    _check_source_namespace(db, coll)
+    if batch_size < 1 or batch_bytes < 1:
+        raise ConfigurationError("batch_size and batch_bytes must be positive")
+    started = time.monotonic()
+    out_root = Path(out_root)
+    database = client[db]
+    info = _collection_info(database, coll)
+    if info is None:
+        raise ConfigurationError(f"{db}.{coll} does not exist on the source: no collection or view of that name")
+    is_view = info.get("type") == "view"
+    indexes = [] if is_view else list(database[coll].list_indexes())
+    meta = CollectionMetadata.from_collection_info(info, indexes)
+
+    documents = nbytes = file_bytes = 0
+    paths: list[str] = []
+    if not is_view:
+        effective_batch = _cursor_batch_size(database, coll, batch_size, batch_bytes)
+        raw = database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS)
+        # Capped collections are restored in insertion order, which is what "oldest first" means to them.
+        sort = [("$natural", 1)] if meta.options.get("capped") else None
+        with BsonFileWriter(bson_path(out_root, db, coll, gzip=gzip)) as writer:
+            # A time-series collection is read through the collection itself: its measurements, not buckets.
+            with raw.find({}, batch_size=effective_batch, sort=sort) as cursor:
+                for document in cursor:
+                    writer.write(document.raw)
+        documents, nbytes = writer.documents, writer.bytes
+        file_bytes += writer.file_bytes
+        paths.append(writer.path.relative_to(out_root).as_posix())
+    meta_file = write_metadata(out_root, db, meta, gzip=gzip)
+    file_bytes += meta_file.stat().st_size
+    paths.append(meta_file.relative_to(out_root).as_posix())
+    result = DumpResult(
+        db=db, collection=coll, type=meta.type, documents=documents, bytes=nbytes, file_bytes=file_bytes,
+        seconds=time.monotonic() - started, paths=paths,
+    )
+    log.info("dumped %s.%s (%s): %d documents, %d bytes in %.1fs", db, coll, meta.type, documents, nbytes,
+             result.seconds)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ restore
+def index_specs_for_restore(indexes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The createIndexes specs for a dump's index list: ``_id_`` skipped, server-derived fields dropped."""
+    specs = []
+    for index in indexes:
+        if index.get("name") == "_id_":
+            continue  # created with the collection (also the clustered index of a clustered collection)
+        specs.append({k: v for k, v in index.items() if k not in _INDEX_FIELDS_NOT_RESTORED})
+    return specs
+
+
+def _create_collection(database: Database, coll: str, meta: CollectionMetadata) -> None:
+    from pymongo.errors import OperationFailure
+
+    # Options go back exactly as listCollections reported them (capped/size/max, validator,
+    # validationLevel/Action, collation, timeseries, expireAfterSeconds, clusteredIndex,
+    # changeStreamPreAndPostImages, ...): that is what mongorestore does, and the server accepts its own.
+    command = SON([("create", coll), *meta.options.items()])
+    try:
+        database.command(command)
+    except OperationFailure as exc:
+        raise MigrationError(
+            f"cannot create {database.name}.{coll} with options {sorted(meta.options)}: {exc}"
+        ) from None
+
+
+def _create_indexes(database: Database, coll: str, meta: CollectionMetadata) -> int:
+    from pymongo.errors import OperationFailure
+
+    specs = index_specs_for_restore(meta.indexes)
+    if not specs:
+        return 0
+    try:
+        reply = database.command(SON([("createIndexes", coll), ("indexes", specs)]))
+    except OperationFailure as exc:
+        names = ", ".join(str(s.get("name")) for s in specs)
+        raise MigrationError(f"cannot build indexes ({names}) on {database.name}.{coll}: {exc}") from None
+    before, after = reply.get("numIndexesBefore"), reply.get("numIndexesAfter")
+    return after - before if isinstance(before, int) and isinstance(after, int) else len(specs)
+
+
+def _batches(
+    documents: Iterator[bytes], max_docs: int, max_bytes: int, counter: list[int]
+) -> Iterator[list[RawBSONDocument]]:
+    """Group raw documents into insert batches bounded by count and bytes; ``counter`` = [docs, bytes]."""
+    batch: list[RawBSONDocument] = []
+    size = 0
+    for raw in documents:
+        if batch and (len(batch) >= max_docs or size + len(raw) > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(RawBSONDocument(raw, RAW_CODEC_OPTIONS))
+        size += len(raw)
+        counter[0] += 1
+        counter[1] += len(raw)
+    if batch:
+        yield batch
+
+
+def _insert_batch(collection: Collection, batch: list[RawBSONDocument], *, ordered: bool, bypass: bool) -> None:
+    from pymongo.errors import BulkWriteError
+
+    try:
+        collection.insert_many(batch, ordered=ordered, bypass_document_validation=bypass)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors") or [{}]
+        first = errors[0]
+        raise MigrationError(
+            f"inserting into {collection.full_name} failed for {len(errors)} of {len(batch)} documents of a "
+            f"batch; first error (code {first.get('code')}): {str(first.get('errmsg'))[:300]}"
+        ) from None
+
+
+def _insert_all(
+    collection: Collection,
+    batches: Iterator[list[RawBSONDocument]],
+    *,
+    workers: int,
+    ordered: bool,
+    bypass: bool,
+) -> None:
+    if workers <= 1:
+        for batch in batches:
+            _insert_batch(collection, batch, ordered=ordered, bypass=bypass)
+        return
+
+    # A bounded queue: the file reader blocks once one batch per worker is waiting, so at most about
+    # 2 * workers + 1 batches exist at once (each worker also holds its encoded message while it sends).
+    pending: queue.Queue[list[RawBSONDocument] | None] = queue.Queue(maxsize=workers)
+    failures: list[BaseException] = []
+    failed = threading.Event()
+
+    def insert_worker() -> None:
+        while True:
+            batch = pending.get()
+            if batch is None:
+                return
+            if failed.is_set():
+                continue  # drain without inserting: the restore is failing anyway
+            try:
+                _insert_batch(collection, batch, ordered=ordered, bypass=bypass)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread below
+                failures.append(exc)
+                failed.set()
+
+    threads = [
+        threading.Thread(target=insert_worker, name=f"restore-{collection.name}-{i}", daemon=True)
+        for i in range(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for batch in batches:
+            if failed.is_set():
+                break
+            pending.put(batch)
+    except BaseException:
+        failed.set()
+        raise
+    finally:
+        for _ in threads:
+            pending.put(None)
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]
+
+
+def restore_collection(
+    client: MongoClient,
+    dump_root: Path | str,
+    db: str,
+    coll: str,
+    *,
+    target_db: str | None = None,
+    drop: bool = False,
+    insert_batch_docs: int = DEFAULT_INSERT_BATCH_DOCS,
+    insert_batch_bytes: int = DEFAULT_INSERT_BATCH_BYTES,
+    workers: int = 1,
+    bypass_document_validation: bool = True,
+) -> RestoreResult:
+    """Restore ``db.coll`` from the dump at ``dump_root`` into ``target_db`` (default: the same name).
+
+    Order: check the dump and the target (nothing written yet), drop when asked, create the collection with
+    its options, insert raw batches (``ordered=False``; ``workers`` threads share a bounded queue), then
+    build the secondary indexes, after the data as mongorestore does because that is faster.
+
+    ``bypass_document_validation`` (default on) inserts documents that the source accepted before its
+    validator existed or under ``validationLevel: moderate``; it needs the ``bypassDocumentValidation``
+    privilege (Atlas: the ``restore`` or ``atlasAdmin`` role).
+    """
+    target_db = target_db or db
+    _check_source_namespace(db, coll)
+    _check_target_namespace(target_db, coll)
+    if insert_batch_docs < 1 or insert_batch_bytes < 1 or workers < 1:
+        raise ConfigurationError("insert_batch_docs, insert_batch_bytes and workers must be positive")
+    meta = read_metadata(dump_root, db, coll)
+    if meta.is_view:
+        return restore_view(client, dump_root, db, coll, target_db=target_db, drop=drop)
+    data_file = find_bson_file(dump_root, db, coll)
+    if data_file is None:
+        if meta.is_timeseries and find_timeseries_buckets_file(dump_root, db, coll) is not None:
+            raise DumpFormatError(
+                f"{db}.{coll} was dumped by mongodump as time-series buckets (system.buckets.{coll}); the "
+                "native engine restores measurements only: restore this dump with mongorestore"
+            )
+        raise DumpFormatError(
+            f"the dump at {dump_root} has metadata but no data file for {db}.{coll}: the dump is incomplete"
+        )
+
+    database = client[target_db]
+    target_ns = f"{target_db}.{coll}"
+    existing = _collection_info(database, coll)
+    if existing is not None and not drop:
+        if existing.get("type") == "view":
+            raise TargetNotEmpty(f"{target_ns} already exists as a view; set drop to replace it")
+        if database[coll].find_one({}, projection={"_id": 1}) is not None:
+            raise TargetNotEmpty(
+                f"{target_ns} already holds documents; set drop to replace it (nothing was written)"
+            )
+
+    started = time.monotonic()
+    if drop:
+        database.drop_collection(coll)
+    if existing is None or drop:
+        _create_collection(database, coll, meta)
+    else:
+        log.warning("%s exists and is empty: restoring into it without re-applying its options", target_ns)
+
+    capped = bool(meta.options.get("capped"))
+    counter = [0, 0]
+    batches = _batches(iter_bson_file(data_file), insert_batch_docs, insert_batch_bytes, counter)
+    _insert_all(
+        database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS),
+        batches,
+        # A capped collection keeps insertion order and evicts the oldest: one ordered writer preserves it.
+        workers=1 if capped else workers,
+        ordered=capped,
+        bypass=bypass_document_validation,
+    )
+    indexes_created = _create_indexes(database, coll, meta)
+    result = RestoreResult(
+        db=db, collection=coll, target_namespace=target_ns, type=meta.type, documents=counter[0],
+        bytes=counter[1], seconds=time.monotonic() - started, indexes_created=indexes_created,
+    )
+    log.info("restored %s.%s into %s: %d documents, %d indexes in %.1fs", db, coll, target_ns,
+             result.documents, indexes_created, result.seconds)
+    return result
+
+
+def restore_view(
+    client: MongoClient,
+    dump_root: Path | str,
+    db: str,
+    view: str,
+    *,
+    target_db: str | None = None,
+    drop: bool = False,
+) -> RestoreResult:
+    """Create a dumped view in ``target_db``. Its source collection must be restored first (caller's job).
+
+    An identical view already in place is accepted as is, so retries succeed without ``drop``.
+    """
+    target_db = target_db or db
+    _check_source_namespace(db, view)
+    _check_target_namespace(target_db, view)
+    meta = read_metadata(dump_root, db, view)
+    if not meta.is_view:
+        raise ConfigurationError(f"{db}.{view} in the dump is a {meta.type}, not a view: use restore_collection")
+    database = client[target_db]
+    target_ns = f"{target_db}.{view}"
+    started = time.monotonic()
+    existing = _collection_info(database, view)
+    if existing is not None:
+        if not drop:
+            if existing.get("type") == "view" and dict(existing.get("options") or {}) == meta.options:
+                log.info("view %s already exists with the same definition", target_ns)
+                return RestoreResult(db, view, target_ns, "view", 0, 0, time.monotonic() - started)
+            raise TargetNotEmpty(f"{target_ns} already exists with another definition; set drop to replace it")
+        database.drop_collection(view)
+    _create_collection(database, view, meta)
+    return RestoreResult(db, view, target_ns, "view", 0, 0, time.monotonic() - started)
+
+
+__all__ = [
+    "DumpResult",
+    "RestoreResult",
+    "dump_collection",
+    "index_specs_for_restore",
+    "restore_collection",
+    "restore_view",
+]

@@ -79,12 +79,12 @@ def test_deployment_facts_are_not_passed_to_the_driver(monkeypatch):
 
 def test_tool_uri_carries_options(monkeypatch):
     set_conn(monkeypatch, "tools", {"conn_type": "mongo", "host": "db.example.com", "port": 27017, "login": "u",
-                                    "password": SECRET, "schema": "admin",
-                                    "extra": {"authSource": "admin", "ssl": True, "directConnection": True}})
+                                    "password": SECRET, "schema": "users",
+                                    "extra": {"ssl": True, "directConnection": True}})
     endpoint = endpoint_from_connection("tools", "source")
     uri = endpoint.tool_uri()
-    assert uri.startswith("mongodb://u:") and "@db.example.com:27017/admin?" in uri
-    assert "tls=true" in uri and "authSource=admin" in uri and "directConnection=true" in uri
+    assert uri.startswith("mongodb://u:") and "@db.example.com:27017/?" in uri
+    assert "tls=true" in uri and "authSource=users" in uri and "directConnection=true" in uri
     assert SECRET not in endpoint.redact(f"failed for {uri}")
 
 

@@ -88,7 +88,11 @@ class MongoEndpoint:
 
     def tool_uri(self) -> str:
         """The full connection string for mongodump/mongorestore (passed in a 0600 config file, never argv)."""
-        options = {}
+        # The tools refuse --db values that differ from a database in the URI path; that path only names
+        # the authentication database, so move it into authSource.
+        scheme, rest = self.uri.split("://", 1)
+        netloc, _, auth_db = rest.partition("/")
+        options: dict[str, Any] = {"authSource": auth_db} if auth_db else {}
         for key, value in self.client_options.items():
             if key in _PROVIDER_ONLY_EXTRAS:
                 continue
@@ -96,7 +100,7 @@ class MongoEndpoint:
                 value = "true" if value else "false"
             options[_TOOL_OPTION_NAMES.get(key, key)] = value
         query = urlencode(options)
-        return f"{self.uri}{'' if '/' in self.uri.split('://', 1)[1] else '/'}{'?' + query if query else ''}"
+        return f"{scheme}://{netloc}/{'?' + query if query else ''}"
 
 
 def endpoint_from_connection(conn_id: str, role: str) -> MongoEndpoint:

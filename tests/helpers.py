@@ -1,0 +1,49 @@
+"""Assertions shared by integration tests: byte-for-byte comparison of two deployments."""
+
+from __future__ import annotations
+
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
+
+RAW = CodecOptions(document_class=RawBSONDocument)
+IGNORED_INDEX_FIELDS = {"v", "ns", "background"}
+
+
+def raw_documents(client, db: str, coll: str) -> list[bytes]:
+    collection = client[db].get_collection(coll, codec_options=RAW)
+    return [doc.raw for doc in collection.find({}, sort=[("_id", 1)])]
+
+
+def index_specs(client, db: str, coll: str) -> dict[str, dict]:
+    return {ix["name"]: {k: v for k, v in ix.items() if k not in IGNORED_INDEX_FIELDS}
+            for ix in client[db][coll].list_indexes()}
+
+
+def collection_options(client, db: str) -> dict[str, tuple[str, dict]]:
+    return {c["name"]: (c.get("type", "collection"), c.get("options", {})) for c in client[db].list_collections()}
+
+
+def assert_namespaces_identical(source_client, target_client, namespaces: list[tuple[str, str]]) -> int:
+    """Every document (raw BSON bytes, in _id order), index spec and collection option equal. Returns docs compared."""
+    compared = 0
+    for db, coll in namespaces:
+        src_opts, dst_opts = collection_options(source_client, db), collection_options(target_client, db)
+        assert coll in dst_opts, f"{db}.{coll} missing in target"
+        assert src_opts[coll] == dst_opts[coll], f"{db}.{coll} options differ: {src_opts[coll]} != {dst_opts[coll]}"
+        if src_opts[coll][0] == "view":
+            continue
+        source_docs, target_docs = raw_documents(source_client, db, coll), raw_documents(target_client, db, coll)
+        assert len(source_docs) == len(target_docs), f"{db}.{coll}: {len(source_docs)} != {len(target_docs)} documents"
+        for i, (a, b) in enumerate(zip(source_docs, target_docs, strict=True)):
+            assert a == b, f"{db}.{coll}: document #{i} differs byte-wise"
+        assert index_specs(source_client, db, coll) == index_specs(target_client, db, coll), f"{db}.{coll} indexes"
+        compared += len(source_docs)
+    return compared
+
+
+def user_namespaces(client) -> list[tuple[str, str]]:
+    return sorted(
+        (db, name)
+        for db in client.list_database_names() if db not in ("admin", "local", "config")
+        for name in client[db].list_collection_names() if not name.startswith("system.")
+    )

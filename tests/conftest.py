@@ -109,3 +109,43 @@ def standalone(standalone_server) -> Iterator[ServerHandle]:
     standalone_server.drop_user_databases()
     yield standalone_server
     standalone_server.drop_user_databases()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """AWS (S3, EC2) as a real HTTP endpoint on 127.0.0.1: moto in server mode."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from devtools.mongo_servers import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_conn(moto_endpoint, monkeypatch) -> str:
+    """An Airflow AWS connection 'aws_test' pointing at the moto server, exported for this test."""
+    import json
+
+    value = json.dumps({"conn_type": "aws", "login": "AKIATESTKEY", "password": "moto-secret-key",
+                        "extra": {"endpoint_url": moto_endpoint, "region_name": "eu-west-1"}})
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_TEST", value)
+    return value
+
+
+def _aws_client_kwargs() -> dict:
+    """boto3 client arguments matching the 'aws_test' connection (read back from the environment)."""
+    import json
+
+    conn = json.loads(os.environ["AIRFLOW_CONN_AWS_TEST"])
+    return {"endpoint_url": conn["extra"]["endpoint_url"], "region_name": conn["extra"]["region_name"],
+            "aws_access_key_id": conn["login"], "aws_secret_access_key": conn["password"]}

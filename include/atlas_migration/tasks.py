@@ -98,7 +98,7 @@ def route(params: dict[str, Any], profile_data: dict[str, Any], available: froze
     profile = SourceProfile.from_dict(profile_data)
     decision = choose_strategy(profile, p.strategy)
     plan = build_copy_plan(profile, p.namespaces)
-    log.info("Routing decision\n%s", decision.explain())
+    _log_block("Routing decision", decision.explain().splitlines())
     _log_block("Copy plan", plan.describe())
     result = {**decision.to_dict(), "dry_run": p.dry_run, "available": decision.strategy in available}
     if p.dry_run:
@@ -185,7 +185,7 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
         result = {"documents": dumped["documents"], "bytes": dumped["bytes"]}
     seconds = time.monotonic() - started
     stager = _stager(p, paths)
-    staged = stager.upload(paths.dump_dir, files) if stager else []
+    staged = stager.upload(paths.root, [f"{paths.dump_dir.name}/{f}" for f in files]) if stager else []
     docs = result["documents"]
     log.info("dumped %s: %s documents, %s bytes in %.1fs%s", f"{item['db']}.{item['collection']}",
              "?" if docs is None else f"{docs:,}", result["bytes"], seconds,
@@ -213,7 +213,7 @@ def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: Run
     target = endpoint_from_connection(p.target_conn_id, "target")
     stager = _stager(p, paths)
     if stager:
-        stager.download(paths.dump_dir, dumped["files"])
+        stager.download(paths.root, [f"{paths.dump_dir.name}/{f}" for f in dumped["files"]])
     target_db = dumped.get("target_db") or dumped["db"]
     started = time.monotonic()
     with closing(target.connect()) as client:
@@ -239,8 +239,10 @@ def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: Run
             ).to_dict()
     seconds = time.monotonic() - started
     docs = result.get("documents") or 0
-    log.info("restored %s into %s.%s: %s documents in %.1fs (%s docs/s)", f"{dumped['db']}.{dumped['collection']}",
-             target_db, dumped["collection"], f"{docs:,}", seconds, f"{docs / seconds:,.0f}" if seconds else "?")
+    indexes = result.get("indexes_created")
+    log.info("restored %s into %s.%s: %s documents%s in %.1fs (%s docs/s)", f"{dumped['db']}.{dumped['collection']}",
+             target_db, dumped["collection"], f"{docs:,}", "" if indexes is None else f", {indexes} index(es) built",
+             seconds, f"{docs / seconds:,.0f}" if seconds else "?")
     return {"namespace": f"{dumped['db']}.{dumped['collection']}", "target": f"{target_db}.{dumped['collection']}",
             "documents": docs, "dump_seconds": dumped.get("dump_seconds"), "restore_seconds": round(seconds, 3),
             "engine": dumped["engine"]}
@@ -293,7 +295,7 @@ def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dic
         relative = {kind: str(Path(path).relative_to(paths.root)) for kind, path in files.items()}
         uris = stager.upload(paths.root, list(relative.values()))
         files.update({f"s3_{kind}": uri for kind, uri in zip(relative, uris, strict=True)})
-    log.info("Validation summary\n%s", validation.render_summary(report))
+    _log_block("Validation summary", validation.render_summary(report).splitlines())
     log.info("Validation report (%s)\n%s", files.get("markdown") or files, validation.render_markdown(report))
     validation.raise_if_failed(report)
     return {"verdict": report.verdict, "files": files, "namespaces": len(namespaces)}

@@ -207,3 +207,27 @@ def test_report_is_readable(airflow_home, standalone, target):
     md = sorted(Path(airflow_home.path / "migration-work" / DAG_ID).glob("*/report/validation.md"),
                 key=lambda p: p.stat().st_mtime)[-1].read_text()
     assert "PASS" in md and "shop.orders" in md and "analytics.daily.rollups" in md
+
+
+def test_dumps_and_reports_are_staged_through_s3(airflow_home, standalone, target, aws_conn):
+    import boto3
+
+    from tests.conftest import _aws_client_kwargs
+
+    s3 = boto3.client("s3", **_aws_client_kwargs())
+    s3.create_bucket(Bucket="migration-staging", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    with standalone.client() as src:
+        seed_sample_dataset(src, scale=0.01)
+    env = conns(standalone.uri, target.uri, AIRFLOW_CONN_AWS_TEST=aws_conn)
+    conf = {"staging_s3_uri": "s3://migration-staging/atlas", "aws_conn_id": "aws_test",
+            "include_namespaces": ["shop.*"]}
+    run = airflow_home.dags_test(DAG_ID, conf, env=env)
+    assert run.succeeded, failure_text(run)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="migration-staging", Prefix="atlas/")["Contents"]]
+    assert all(k.startswith(f"atlas/{DAG_ID}/") for k in keys)
+    names = {k.split("/", 3)[3] for k in keys}
+    assert {"dump/shop/orders.bson.gz", "dump/shop/orders.metadata.json.gz", "dump/shop/customers.bson.gz",
+            "report/validation.json", "report/validation.md"} <= names
+    with standalone.client() as src, target.client() as dst:
+        assert_namespaces_identical(src, dst, [("shop", "orders"), ("shop", "customers"), ("shop", "events_log"),
+                                               ("shop", "paid_orders")])

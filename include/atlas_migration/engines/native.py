@@ -187,7 +187,7 @@ def dump_collection(
         db=db, collection=coll, type=meta.type, documents=documents, bytes=nbytes, file_bytes=file_bytes,
         seconds=time.monotonic() - started, paths=paths,
     )
-    log.info("dumped %s.%s (%s): %d documents, %d bytes in %.1fs", db, coll, meta.type, documents, nbytes,
+    log.debug("dumped %s.%s (%s): %d documents, %d bytes in %.1fs", db, coll, meta.type, documents, nbytes,
              result.seconds)
     return result
 
@@ -397,7 +397,7 @@ def restore_collection(
         db=db, collection=coll, target_namespace=target_ns, type=meta.type, documents=counter[0],
         bytes=counter[1], seconds=time.monotonic() - started, indexes_created=indexes_created,
     )
-    log.info("restored %s.%s into %s: %d documents, %d indexes in %.1fs", db, coll, target_ns,
+    log.debug("restored %s.%s into %s: %d documents, %d indexes in %.1fs", db, coll, target_ns,
              result.documents, indexes_created, result.seconds)
     return result
 

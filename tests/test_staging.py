@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from atlas_migration.errors import ConfigurationError
 from atlas_migration.staging import S3Location, Stager
 

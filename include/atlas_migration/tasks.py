@@ -25,6 +25,7 @@ from atlas_migration.planning import (
     refuse_occupied_targets,
 )
 from atlas_migration.profile import SourceProfile
+from atlas_migration.progress import Progress
 from atlas_migration.routing import RoutingDecision, choose_strategy, ensure_available
 
 log = logging.getLogger("atlas_migration")
@@ -178,9 +179,10 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
     else:
         from atlas_migration.engines import native
 
+        progress = Progress(f"dump {item['db']}.{item['collection']}", item.get("documents"), log)
         with closing(source.connect()) as client:
             dumped = native.dump_collection(client, item["db"], item["collection"], paths.dump_dir,
-                                            batch_size=p.batch_size).to_dict()
+                                            batch_size=p.batch_size, progress=progress).to_dict()
         files = dumped["paths"]
         result = {"documents": dumped["documents"], "bytes": dumped["bytes"]}
     seconds = time.monotonic() - started
@@ -233,9 +235,10 @@ def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: Run
         else:
             from atlas_migration.engines import native
 
+            progress = Progress(f"restore {dumped['db']}.{dumped['collection']}", dumped.get("documents"), log)
             result = native.restore_collection(
                 client, paths.dump_dir, dumped["db"], dumped["collection"], target_db=dumped.get("target_db") or None,
-                drop=dumped["replace"], insert_batch_docs=p.batch_size, workers=p.restore_workers,
+                drop=dumped["replace"], insert_batch_docs=p.batch_size, workers=p.restore_workers, progress=progress,
             ).to_dict()
     seconds = time.monotonic() - started
     docs = result.get("documents") or 0

@@ -44,6 +44,7 @@ from atlas_migration.engines.dump_layout import (
 )
 from atlas_migration.errors import ConfigurationError, DumpFormatError, MigrationError, TargetNotEmpty
 from atlas_migration.namespaces import SYSTEM_DATABASES, is_never_migrated
+from atlas_migration.progress import Progress
 
 if TYPE_CHECKING:
     from pymongo import MongoClient
@@ -146,6 +147,7 @@ def dump_collection(
     batch_size: int = DEFAULT_BATCH_SIZE,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     gzip: bool = True,
+    progress: Progress | None = None,
 ) -> DumpResult:
     """Dump one collection, view or time-series collection into ``out_root`` in mongodump's layout.
 
@@ -175,8 +177,17 @@ def dump_collection(
         with BsonFileWriter(bson_path(out_root, db, coll, gzip=gzip)) as writer:
             # A time-series collection is read through the collection itself: its measurements, not buckets.
             with raw.find({}, batch_size=effective_batch, sort=sort) as cursor:
+                pending_docs = pending_bytes = 0
                 for document in cursor:
                     writer.write(document.raw)
+                    if progress is not None:
+                        pending_docs += 1
+                        pending_bytes += len(document.raw)
+                        if pending_docs >= effective_batch:
+                            progress.add(pending_docs, pending_bytes)
+                            pending_docs = pending_bytes = 0
+                if progress is not None and pending_docs:
+                    progress.add(pending_docs, pending_bytes)
         documents, nbytes = writer.documents, writer.bytes
         file_bytes += writer.file_bytes
         paths.append(writer.path.relative_to(out_root).as_posix())
@@ -272,10 +283,16 @@ def _insert_all(
     workers: int,
     ordered: bool,
     bypass: bool,
+    progress: Progress | None = None,
 ) -> None:
+    def insert(batch: list[RawBSONDocument]) -> None:
+        _insert_batch(collection, batch, ordered=ordered, bypass=bypass)
+        if progress is not None:
+            progress.add(len(batch), sum(len(doc.raw) for doc in batch))
+
     if workers <= 1:
         for batch in batches:
-            _insert_batch(collection, batch, ordered=ordered, bypass=bypass)
+            insert(batch)
         return
 
     # A bounded queue: the file reader blocks once one batch per worker is waiting, so at most about
@@ -292,7 +309,7 @@ def _insert_all(
             if failed.is_set():
                 continue  # drain without inserting: the restore is failing anyway
             try:
-                _insert_batch(collection, batch, ordered=ordered, bypass=bypass)
+                insert(batch)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread below
                 failures.append(exc)
                 failed.set()
@@ -332,6 +349,7 @@ def restore_collection(
     insert_batch_bytes: int = DEFAULT_INSERT_BATCH_BYTES,
     workers: int = 1,
     bypass_document_validation: bool = True,
+    progress: Progress | None = None,
 ) -> RestoreResult:
     """Restore ``db.coll`` from the dump at ``dump_root`` into ``target_db`` (default: the same name).
 
@@ -391,6 +409,7 @@ def restore_collection(
         workers=1 if capped else workers,
         ordered=capped,
         bypass=bypass_document_validation,
+        progress=progress,
     )
     indexes_created = _create_indexes(database, coll, meta)
     result = RestoreResult(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from atlas_migration.aws import ec2_host_lookup
 
 pytestmark = pytest.mark.integration

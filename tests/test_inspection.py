@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from atlas_migration.inspection import DeploymentHints, inspect_source
 from atlas_migration.profile import SourceProfile
-
 from devtools.mongo_servers import start_server
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,7 @@
 """Namespace patterns follow mongodump's --nsInclude/--nsExclude syntax."""
 
 import pytest
+
 from atlas_migration.errors import ConfigurationError
 from atlas_migration.namespaces import NamespaceFilter, is_never_migrated, split_namespace
 

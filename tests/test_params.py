@@ -1,6 +1,7 @@
 """MigrationParams.parse and the trigger-form definitions."""
 
 import pytest
+
 from atlas_migration.errors import ConfigurationError
 from atlas_migration.params import MigrationParams, dag_params
 

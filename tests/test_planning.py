@@ -1,6 +1,7 @@
 """CopyPlan selection and ordering (pure)."""
 
 import pytest
+
 from atlas_migration.errors import ConfigurationError, TargetNotEmpty
 from atlas_migration.namespaces import NamespaceFilter
 from atlas_migration.planning import build_copy_plan, refuse_occupied_targets

@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import pytest
+
 from atlas_migration.errors import ImpossibleStrategy, StrategyNotAvailable
 from atlas_migration.profile import CollectionInfo, SourceProfile, parse_version
 from atlas_migration.routing import (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from atlas_migration.errors import ConfigurationError
 from atlas_migration.staging import S3Location, Stager
 

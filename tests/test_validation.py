@@ -10,6 +10,10 @@ import json
 import math
 
 import pytest
+from bson import Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
+from bson.binary import Binary
+from bson.son import SON
+
 from atlas_migration.errors import ConfigurationError, ValidationFailed
 from atlas_migration.validation import (
     DocumentDifference,
@@ -29,9 +33,6 @@ from atlas_migration.validation import (
     validate_namespaces,
     write_report,
 )
-from bson import Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
-from bson.binary import Binary
-from bson.son import SON
 
 ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
 

@@ -11,6 +11,10 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from bson import Decimal128, Int64, MaxKey, MinKey, ObjectId
+from bson.binary import Binary
+from pymongo import ASCENDING, DESCENDING
+
 from atlas_migration.errors import ValidationFailed
 from atlas_migration.validation import (
     DocumentDifference,
@@ -20,9 +24,6 @@ from atlas_migration.validation import (
     snapshot_namespace,
     validate_namespaces,
 )
-from bson import Decimal128, Int64, MaxKey, MinKey, ObjectId
-from bson.binary import Binary
-from pymongo import ASCENDING, DESCENDING
 
 pytestmark = pytest.mark.integration
 

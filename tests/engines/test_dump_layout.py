@@ -9,6 +9,9 @@ from pathlib import Path
 
 import bson
 import pytest
+from bson import Binary, Int64, MaxKey, MinKey
+from bson.raw_bson import RawBSONDocument
+
 from atlas_migration.engines.dump_layout import (
     BsonFileWriter,
     CollectionMetadata,
@@ -23,8 +26,6 @@ from atlas_migration.engines.dump_layout import (
     write_metadata,
 )
 from atlas_migration.errors import DumpFormatError
-from bson import Binary, Int64, MaxKey, MinKey
-from bson.raw_bson import RawBSONDocument
 
 # What mongodump 100.x writes for a plain collection: compact canonical Extended JSON, options omitted
 # when empty, keys in the order options, indexes, uuid, collectionName, type.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from atlas_migration.engines import mongotools
 from atlas_migration.engines.mongotools import (
     escape_namespace_pattern,

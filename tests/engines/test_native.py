@@ -12,6 +12,13 @@ import uuid
 
 import bson
 import pytest
+from bson import SON, Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
+from bson.binary import UuidRepresentation
+from bson.codec_options import CodecOptions
+from bson.datetime_ms import DatetimeMS
+from bson.raw_bson import RawBSONDocument
+from pymongo import ASCENDING, DESCENDING
+
 from atlas_migration.engines.dump_layout import (
     bson_path,
     find_bson_file,
@@ -26,12 +33,6 @@ from atlas_migration.engines.native import (
     restore_view,
 )
 from atlas_migration.errors import ConfigurationError, DumpFormatError, MigrationError, TargetNotEmpty
-from bson import SON, Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
-from bson.binary import UuidRepresentation
-from bson.codec_options import CodecOptions
-from bson.datetime_ms import DatetimeMS
-from bson.raw_bson import RawBSONDocument
-from pymongo import ASCENDING, DESCENDING
 
 pytestmark = pytest.mark.integration
 

@@ -17,6 +17,9 @@ from atlas_migration.namespaces import NamespaceFilter
 from atlas_migration.routing import AUTO, Strategy
 
 STRATEGY_CHOICES = [AUTO, *(s.value for s in Strategy)]
+DEFAULT_REHEARSAL_PREFIX = "rehearsal__"
+# Short enough that <prefix><db> stays within MongoDB's 64-byte database-name limit for usual names.
+REHEARSAL_PREFIX_PATTERN = r"^[A-Za-z0-9_-]{3,24}$"
 
 
 def dag_params() -> dict[str, Any]:
@@ -93,6 +96,25 @@ def dag_params() -> dict[str, Any]:
     }
 
 
+def rehearsal_params() -> dict[str, Any]:
+    """The rehearsal DAG's params: the migration's, plus where the scratch copy goes."""
+    from airflow.sdk import Param
+
+    params = dag_params()
+    params["rehearsal_db_prefix"] = Param(
+        DEFAULT_REHEARSAL_PREFIX, type="string", pattern=REHEARSAL_PREFIX_PATTERN, title="Scratch database prefix",
+        description="Every rehearsed database is written as <prefix><db> on the rehearsal target, then dropped. "
+                    "The real target namespaces are never touched.", section="Rehearsal")
+    params["rehearsal_target_conn_id"] = Param(
+        "", type="string", title="Rehearsal target connection",
+        description="Optional separate Airflow connection (type mongo) for the scratch copy; empty: the target "
+                    "connection, with the prefix above.", section="Rehearsal")
+    params["keep_history"] = Param(
+        50, type="integer", minimum=1, maximum=10_000, title="Runs in the trend table",
+        description="How many past rehearsals the trend table shows.", section="Rehearsal")
+    return params
+
+
 @dataclass(frozen=True)
 class MigrationParams:
     source_conn_id: str
@@ -110,6 +132,9 @@ class MigrationParams:
     work_dir: Path
     staging_s3_uri: str
     validation_mode: str
+    # Rehearsals write every database as <target_db_prefix><db>; empty for a real migration.
+    target_db_prefix: str = ""
+    rehearsal: bool = False
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> MigrationParams:
@@ -142,6 +167,17 @@ class MigrationParams:
             return value
 
         source, target = text("source_conn_id", "mongo_source"), text("target_conn_id", "atlas_target")
+        rehearsal = "rehearsal_db_prefix" in params
+        prefix = text("rehearsal_db_prefix") if rehearsal else ""
+        if rehearsal:
+            import re
+
+            if not re.fullmatch(REHEARSAL_PREFIX_PATTERN, prefix):
+                # An empty prefix would make the rehearsal write to the real target namespaces.
+                raise ConfigurationError(
+                    f"rehearsal_db_prefix={prefix!r} must be 3-24 letters, digits, '_' or '-': the scratch copy "
+                    "must never share names with the real target namespaces")
+            target = text("rehearsal_target_conn_id") or target
         if not source or not target:
             raise ConfigurationError("source_conn_id and target_conn_id must name Airflow connections")
         if source == target:
@@ -157,7 +193,8 @@ class MigrationParams:
             strategy=choice("strategy", AUTO, STRATEGY_CHOICES),
             dry_run=bool(params.get("dry_run", False)),
             namespaces=NamespaceFilter.from_patterns(patterns("include_namespaces"), patterns("exclude_namespaces")),
-            drop_target=bool(params.get("drop_target", False)),
+            # Scratch namespaces belong to the rehearsal: leftovers of an earlier one are replaced.
+            drop_target=rehearsal or bool(params.get("drop_target", False)),
             source_managed_by=choice("source_managed_by", "detect", ["detect", "none", "cloud_manager", "ops_manager"]),
             source_hosting=choice("source_hosting", "detect", ["detect", "other", "atlas_shared_tier", "compose", "aws"]),
             aws_conn_id=text("aws_conn_id"),
@@ -167,4 +204,6 @@ class MigrationParams:
             work_dir=Path(work_dir),
             staging_s3_uri=staging.rstrip("/"),
             validation_mode=choice("validation_mode", "counts", ["counts", "full"]),
+            target_db_prefix=prefix,
+            rehearsal=rehearsal,
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlas_migration.errors import ConfigurationError
+from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
 from atlas_migration.inspection import DeploymentHints, inspect_source
 from atlas_migration.params import MigrationParams
@@ -98,7 +98,7 @@ def route(params: dict[str, Any], profile_data: dict[str, Any], available: froze
     p = MigrationParams.parse(params)
     profile = SourceProfile.from_dict(profile_data)
     decision = choose_strategy(profile, p.strategy)
-    plan = build_copy_plan(profile, p.namespaces)
+    plan = build_copy_plan(profile, p.namespaces, p.target_db_prefix)
     _log_block("Routing decision", decision.explain().splitlines())
     _log_block("Copy plan", plan.describe())
     result = {**decision.to_dict(), "dry_run": p.dry_run, "available": decision.strategy in available}
@@ -136,7 +136,7 @@ def prepare_restore(params: dict[str, Any], profile_data: dict[str, Any], paths:
     """Check the target before anything is written; return one work item per collection (for mapping)."""
     p = MigrationParams.parse(params)
     profile = SourceProfile.from_dict(profile_data)
-    plan = build_copy_plan(profile, p.namespaces)
+    plan = build_copy_plan(profile, p.namespaces, p.target_db_prefix)
     target = endpoint_from_connection(p.target_conn_id, "target")
     with closing(target.connect()) as client:
         occupied = find_occupied_targets(client, plan.all_items)
@@ -192,7 +192,8 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
     log.info("dumped %s: %s documents, %s bytes in %.1fs%s", f"{item['db']}.{item['collection']}",
              "?" if docs is None else f"{docs:,}", result["bytes"], seconds,
              f" ({docs / seconds:,.0f} docs/s)" if docs and seconds else "")
-    return {**item, **result, "files": files, "staged": staged, "dump_seconds": round(seconds, 3)}
+    return {**item, **result, "files": files, "staged": staged, "dump_seconds": round(seconds, 3),
+            "dump_started": round(time.time() - seconds, 3), "dump_finished": round(time.time(), 3)}
 
 
 def _dump_with_tools(source: MongoEndpoint, item: dict[str, Any], paths: RunPaths) -> list[str]:
@@ -247,14 +248,16 @@ def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: Run
              target_db, dumped["collection"], f"{docs:,}", "" if indexes is None else f", {indexes} index(es) built",
              seconds, f"{docs / seconds:,.0f}" if seconds else "?")
     return {"namespace": f"{dumped['db']}.{dumped['collection']}", "target": f"{target_db}.{dumped['collection']}",
-            "documents": docs, "dump_seconds": dumped.get("dump_seconds"), "restore_seconds": round(seconds, 3),
-            "engine": dumped["engine"]}
+            "documents": docs, "bytes": dumped.get("bytes"), "engine": dumped["engine"],
+            "dump_seconds": dumped.get("dump_seconds"), "dump_started": dumped.get("dump_started"),
+            "dump_finished": dumped.get("dump_finished"), "restore_seconds": round(seconds, 3),
+            "restore_started": round(time.time() - seconds, 3), "restore_finished": round(time.time(), 3)}
 
 
 def restore_views(params: dict[str, Any], profile_data: dict[str, Any], paths: RunPaths) -> list[str]:
     """Views last: they need their source collections in place. Dumped here (metadata only) and restored."""
     p = MigrationParams.parse(params)
-    plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces)
+    plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces, p.target_db_prefix)
     if not plan.views:
         log.info("no views to restore")
         return []
@@ -283,7 +286,7 @@ def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dic
 
         raise AirflowSkipException("dry run: nothing was migrated, nothing to validate")
     p = MigrationParams.parse(params)
-    plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces)
+    plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces, p.target_db_prefix)
     source = endpoint_from_connection(p.source_conn_id, "source")
     target = endpoint_from_connection(p.target_conn_id, "target")
     namespaces = [(i.db, i.collection) for i in plan.all_items]
@@ -312,3 +315,68 @@ def report(profile_data: dict[str, Any], decision: dict[str, Any], validation_re
     lines += [f"report ({kind}): {where}" for kind, where in validation_result["files"].items()]
     _log_block("Migration finished", lines)
     return validation_result
+
+
+# ---------------------------------------------------------------- rehearsals
+
+
+def check_scratch(params: dict[str, Any]) -> list[str]:
+    """Before a rehearsal: the scratch target is reachable; say which scratch databases are left over."""
+    p = MigrationParams.parse(params)
+    if not p.rehearsal:
+        raise ConfigurationError("check_scratch only runs in a rehearsal")
+    target = endpoint_from_connection(p.target_conn_id, "target")
+    with closing(target.connect()) as client:
+        leftovers = [n for n in client.list_database_names() if n.startswith(p.target_db_prefix)]
+    log.info("rehearsal writes to '%s' as %s<db>; leftover scratch databases (replaced): %s", p.target_conn_id,
+             p.target_db_prefix, ", ".join(leftovers) or "none")
+    return leftovers
+
+
+def cleanup_scratch(params: dict[str, Any]) -> list[str]:
+    """Drop the rehearsal's scratch databases (``<prefix>*``) on the rehearsal target, and nothing else."""
+    p = MigrationParams.parse(params)
+    if not p.rehearsal or not p.target_db_prefix:
+        raise ConfigurationError("cleanup_scratch only runs in a rehearsal, with a scratch database prefix")
+    target = endpoint_from_connection(p.target_conn_id, "target")
+    with closing(target.connect()) as client:
+        scratch = [name for name in client.list_database_names() if name.startswith(p.target_db_prefix)]
+        for name in scratch:
+            client.drop_database(name)
+    log.info("dropped %d scratch database(s) on '%s': %s", len(scratch), p.target_conn_id, ", ".join(scratch) or "none")
+    return scratch
+
+
+def record_rehearsal(params: dict[str, Any], paths: RunPaths, ti, dag_run) -> dict[str, Any]:
+    """Append this rehearsal's durations, volumes and verdict to the history, rewrite the trend table, and
+    fail when the rehearsal did (the history keeps failed rehearsals too)."""
+    from atlas_migration import rehearsal
+
+    p = MigrationParams.parse(params)
+
+    def pull(task_id: str):
+        return ti.xcom_pull(task_ids=task_id, default=None)
+
+    decision = pull("route") or {}
+    entry = rehearsal.summarise_run(
+        run_id=paths.run_id,
+        started_at=getattr(dag_run, "start_date", None),
+        profile=pull("inspect_source"),
+        decision=decision,
+        restored=[r for r in (pull("mongorestore.restore") or []) if r],
+        validation_report=_read_json(paths.report_dir / "validation.json"),
+    )
+    history_dir = p.work_dir / paths.dag_id
+    entries = rehearsal.append_history(history_dir / "history.jsonl", entry)
+    trend = rehearsal.render_trend(entries[-int(params.get("keep_history") or 50):])
+    (history_dir / "trend.md").write_text(trend)
+    _log_block("Rehearsal trend (" + str(history_dir / "trend.md") + ")", trend.splitlines())
+    if entry["status"] == "failed":
+        raise MigrationError(f"rehearsal {paths.run_id} failed: {entry['failure']}. Recorded in the history.")
+    return entry
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,105 @@
+"""The migration flow, wired once and used by both DAGs (``mongo_to_atlas`` and its scheduled rehearsal).
+
+    inspect_source -> route -> choose_strategy (branch) -> <one task group per strategy>
+                   -> validate (after whichever group ran) -> report
+    rehearsal only:   check_scratch (setup) -> inspect_source ...
+                      report -> record_rehearsal (always) -> cleanup_scratch (teardown, always)
+
+Call ``migration_flow`` inside a ``@dag`` function. Only ``airflow.sdk`` and this package's light modules
+are imported here: DAG files are parsed often.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import TriggerRule, get_current_context, setup, task, task_group, teardown
+
+from atlas_migration import tasks as steps
+
+# Strategies with a task group in the flow; routing to any other fails with a clear error.
+AVAILABLE_STRATEGIES = frozenset({"mongorestore"})
+
+
+def _paths(params, dag, run_id) -> steps.RunPaths:
+    return steps.run_paths(params, dag.dag_id, run_id)
+
+
+@task_group(group_id="mongorestore")
+def mongorestore_group(profile) -> None:
+    """mongodump -> (S3) -> mongorestore, one mapped task per collection, views last."""
+
+    @task
+    def prepare(profile: dict, params=None, dag=None, run_id=None) -> list[dict]:
+        return steps.prepare_restore(params, profile, _paths(params, dag, run_id))
+
+    @task(retries=2)
+    def dump(item: dict, params=None, dag=None, run_id=None) -> dict:
+        return steps.dump_namespace(params, item, _paths(params, dag, run_id))
+
+    @task(retries=2)
+    def restore(dumped: dict, params=None, dag=None, run_id=None) -> dict:
+        return steps.restore_namespace(params, dumped, _paths(params, dag, run_id))
+
+    @task(retries=2)
+    def restore_views(profile: dict, params=None, dag=None, run_id=None) -> list[str]:
+        return steps.restore_views(params, profile, _paths(params, dag, run_id))
+
+    restored = restore.expand(dumped=dump.expand(item=prepare(profile)))
+    restored >> restore_views(profile)
+
+
+def migration_flow(*, rehearsal: bool = False) -> None:
+    @task
+    def inspect_source(params=None) -> dict:
+        return steps.inspect(params)
+
+    @task
+    def route(profile: dict, params=None) -> dict:
+        return steps.route(params, profile, AVAILABLE_STRATEGIES)
+
+    @task.branch
+    def choose_strategy(decision: dict) -> str | None:
+        return steps.branch(decision)
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    def validate(profile: dict, decision: dict, params=None, dag=None, run_id=None) -> dict:
+        return steps.validate(params, profile, decision, _paths(params, dag, run_id))
+
+    @task
+    def report(profile: dict, decision: dict, result: dict) -> dict:
+        return steps.report(profile, decision, result)
+
+    profile = inspect_source()
+    if rehearsal:
+
+        @setup
+        def check_scratch(params=None) -> list[str]:
+            return steps.check_scratch(params)
+
+        scratch = check_scratch()
+        scratch >> profile
+    decision = route(profile)
+    groups = [mongorestore_group(profile)]
+    choose_strategy(decision) >> groups
+    result = validate(profile, decision)
+    groups >> result
+    final = report(profile, decision, result)
+
+    if rehearsal:
+
+        @task(trigger_rule=TriggerRule.ALL_DONE)
+        def record_rehearsal(params=None, dag=None, run_id=None) -> dict:
+            context = get_current_context()
+            return steps.record_rehearsal(params, _paths(params, dag, run_id), context["ti"],
+                                          context["dag_run"])
+
+        @teardown
+        def cleanup_scratch(params=None) -> list[str]:
+            return steps.cleanup_scratch(params)
+
+        recorded = record_rehearsal()
+        final >> recorded
+        # The teardown of check_scratch: it runs once the rehearsal is over, whatever its outcome, and does
+        # not decide the run's state (record_rehearsal does).
+        cleanup = cleanup_scratch()
+        recorded >> cleanup
+        cleanup.as_teardown(setups=scratch.operator)

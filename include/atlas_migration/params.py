@@ -74,8 +74,12 @@ def dag_params() -> dict[str, Any]:
             "Copy",
             dump_engine=Param("auto", type="string", enum=["auto", "mongodump", "native"], title="Dump engine",
                               description="'auto' uses mongodump/mongorestore when on PATH, else the built-in raw-BSON engine."),
-            restore_workers=Param(4, type="integer", minimum=1, maximum=32, title="Insertion workers per collection"),
-            batch_size=Param(1000, type="integer", minimum=10, maximum=100_000, title="Documents per batch"),
+            restore_workers=Param(4, type="integer", minimum=1, maximum=32, title="Insertion workers per collection",
+                                  description="Parallel insert threads per collection (mongorestore "
+                                              "--numInsertionWorkersPerCollection). Capped collections use one."),
+            batch_size=Param(1000, type="integer", minimum=10, maximum=100_000, title="Documents per batch",
+                             description="Documents per read and insert batch; batches are also bounded in bytes, "
+                                         "so memory stays bounded whatever the document size."),
             work_dir=Param("", type="string", title="Work directory",
                            description="Where dumps and reports go (shared by workers unless S3 staging is used). "
                                        "Empty: $MIGRATION_WORK_DIR or $AIRFLOW_HOME/atlas_migration."),

@@ -1,0 +1,1491 @@
+"""Live pull: copy a running MongoDB deployment into Atlas, then follow its change stream until cutover.
+
+The order of operations is what makes the result exact:
+
+1. ``start`` opens a change stream on the whole source deployment and stores its resume point in the
+   state collection *before* anything is copied. Every write after that point is in the stream.
+2. ``plan_partitions`` splits every selected collection into ``_id`` ranges; ``prepare_targets`` creates
+   the target collections with their options; ``copy_partition`` copies one range as raw BSON batches,
+   checkpointing the last copied ``_id`` after every batch so a killed task resumes where it stopped.
+3. ``finish_initial_copy`` builds the secondary indexes and creates the views.
+4. ``catch_up`` replays the stream from the start point. The copy read each document at some moment
+   after the start point, so replaying every event since then converges each document to the source's
+   state: every event is applied idempotently keyed by ``_id`` (insert and replace become an upserting
+   replace, update applies the ``updateLookup`` document as an upserting replace or is skipped when the
+   document is gone because its delete event follows, delete deletes by ``_id``).
+5. ``cutover`` (writes stopped by the operator) drains the stream until it is quiet, brings indexes and
+   views in line with the source and marks the sync complete.
+
+Unique secondary indexes are built at cutover, not with the others: while events replay, the target
+briefly holds document versions from different moments (the copy reads documents at different times and
+``updateLookup`` returns the *current* document), so two documents can transiently share a unique key.
+Once writes stop and the stream is drained the target equals the source, and the build cannot fail.
+
+The state lives on the target in ``<state_db>.live_sync`` (majority writes), one document per sync and
+one per partition; see ``STATE_COLLECTION`` below for the schema. Nothing here parses raw oplog entries:
+everything comes through change streams, which is the interface MongoDB keeps stable across versions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from bson import SON, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp, json_util
+from bson.binary import Binary, UuidRepresentation
+from bson.code import Code
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.datetime_ms import DatetimeMS
+from bson.dbref import DBRef
+from bson.json_util import RELAXED_JSON_OPTIONS
+from bson.raw_bson import RawBSONDocument
+
+from atlas_migration.engines.dump_layout import CollectionMetadata
+from atlas_migration.engines.native import (
+    DEFAULT_INSERT_BATCH_BYTES,
+    _check_target_namespace,
+    _collection_info,
+    _create_collection,
+    _create_indexes,
+    index_specs_for_restore,
+)
+from atlas_migration.errors import (
+    ConfigurationError,
+    ImpossibleStrategy,
+    MigrationError,
+    TargetNotEmpty,
+)
+from atlas_migration.namespaces import SYSTEM_DATABASES, NamespaceFilter, is_never_migrated
+from atlas_migration.progress import DEFAULT_INTERVAL_SECONDS, Progress
+
+if TYPE_CHECKING:
+    from pymongo import MongoClient
+    from pymongo.collection import Collection
+    from pymongo.database import Database
+
+log = logging.getLogger(__name__)
+
+STATE_COLLECTION = "live_sync"
+"""State collection schema (on the target, ``<state_db>.live_sync``):
+
+sync document, ``_id: <sync_id>``::
+
+    kind: "sync", sync_id, status: "copying" | "catching_up" | "complete" | "history_lost",
+    config: {include, exclude, target_db_prefix},      # a later run with other settings is refused
+    expanded_events: bool,                             # showExpandedEvents (6.0+): DDL in the stream
+    start: "<StartPoint JSON>",                         # never changed once written
+    resume_token: <BSON token>,                        # where catch_up resumes (advanced per batch)
+    last_applied_cluster_time: Timestamp, events_applied: int,
+    planned, targets_prepared, copy_finished: bool, planned_cluster_time, copy_finished_cluster_time,
+    history_lost: str | null, completed_at, created_at, updated_at
+
+partition document, ``_id: {sync_id, partition: "<db>.<coll>#<index>"}``::
+
+    kind: "partition", sync_id, partition: "<Partition JSON>",
+    last_id: "<relaxed Extended JSON of the last copied _id>" | null,
+    documents, bytes: int (copied so far, each document once), inserted: int (new on the target),
+    done: bool, updated_at
+"""
+
+# Decoding options for everything read here: dates outside datetime's range stay DatetimeMS and UUIDs stay
+# Binary, so an ``_id`` decoded from an event or a document encodes back to the same BSON value.
+# Legacy data may hold strings that are not valid UTF-8: decoding a document's top level (to read its _id)
+# must not fail on them, since the document itself travels as raw bytes.
+RAW_CODEC: CodecOptions = CodecOptions(
+    document_class=RawBSONDocument,
+    datetime_conversion=DatetimeConversion.DATETIME_AUTO,
+    uuid_representation=UuidRepresentation.UNSPECIFIED,
+    unicode_decode_error_handler="surrogateescape",
+)
+_ID_JSON_OPTIONS = RELAXED_JSON_OPTIONS.with_options(
+    datetime_conversion=DatetimeConversion.DATETIME_AUTO, uuid_representation=UuidRepresentation.UNSPECIFIED
+)
+
+DEFAULT_MAX_AWAIT_MS = 1_000
+# Server codes meaning the stream cannot continue from the saved point: ChangeStreamHistoryLost (286),
+# ChangeStreamFatalError (280: resume token not found), InvalidResumeToken (260), CappedPositionLost (136).
+HISTORY_LOST_CODES = frozenset({286, 280, 260, 136})
+_DUPLICATE_KEY = 11000
+_NAMESPACE_NOT_FOUND = 26
+_INDEX_NOT_FOUND = 27
+_NAMESPACE_EXISTS = 48
+_INDEX_CONFLICT_CODES = frozenset({68, 85, 86})  # IndexAlreadyExists, IndexOptionsConflict, IndexKeySpecsConflict
+# The copy must finish, and catch_up must start, well inside the oplog window: retries and slow partitions
+# eat into it, and the write rate during the copy decides how fast the window shrinks.
+OPLOG_WINDOW_SAFETY_FACTOR = 2.0
+# Events about data placement in a sharded source: the documents themselves are unaffected.
+_PLACEMENT_EVENTS = frozenset({
+    "shardCollection", "reshardCollection", "refineCollectionShardKey", "migrateLastChunkFromShard",
+    "newShardDetected", "reshardBegin", "reshardDoneCatchUp", "endOfTransaction",
+})
+_DML_EVENTS = frozenset({"insert", "replace", "update", "delete"})
+_DDL_EVENTS = frozenset({"create", "createIndexes", "dropIndexes", "drop", "rename", "dropDatabase", "modify"})
+
+
+class HistoryLost(MigrationError):
+    """The source's oplog no longer holds the resume point: the target cannot be brought up to date."""
+
+
+class UnsafeDDL(MigrationError):
+    """A DDL event that cannot be replayed without risking a wrong target (e.g. a rename during the copy)."""
+
+
+# ------------------------------------------------------------------------------------------- small values
+def _utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _ts_list(ts: Timestamp | None) -> list[int] | None:
+    return None if ts is None else [ts.time, ts.inc]
+
+
+def _ts_from(value: Any) -> Timestamp | None:
+    if value is None or isinstance(value, Timestamp):
+        return value
+    return Timestamp(int(value[0]), int(value[1]))
+
+
+def id_to_json(value: Any) -> Any:
+    """An ``_id`` value as JSON-safe relaxed Extended JSON (``{"$oid": ...}``, plain numbers and strings)."""
+    return json.loads(json_util.dumps(value, json_options=_ID_JSON_OPTIONS))
+
+
+def id_from_json(value: Any) -> Any:
+    """The BSON value of a relaxed Extended JSON ``_id`` (inverse of ``id_to_json``)."""
+    return json_util.loads(json.dumps(value), json_options=_ID_JSON_OPTIONS)
+
+
+def _server_message(exc: Exception) -> str:
+    """The server's errmsg (replies decoded as raw BSON make ``str(exc)`` unreadable)."""
+    details = getattr(exc, "details", None)
+    message = details.get("errmsg") if isinstance(details, Mapping) else None
+    return str(message or exc)[:300]
+
+
+def _json_or_none(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _token_to_json(token: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if token is None:
+        return None
+    plain = token if not isinstance(token, RawBSONDocument) else json_util.loads(json_util.dumps(token))
+    return json.loads(json_util.dumps(plain, json_options=_ID_JSON_OPTIONS))
+
+
+def _token_from_json(token: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if token is None else json_util.loads(json.dumps(token), json_options=_ID_JSON_OPTIONS)
+
+
+# ------------------------------------------------------------------------------------------- dataclasses
+@dataclass
+class StartPoint:
+    """Where the change stream starts: stored before any copy, identical for every later call."""
+
+    resume_token: dict[str, Any]  # JSON-safe (relaxed Extended JSON of the server's token document)
+    cluster_time: list[int]  # [seconds, increment] of the source's cluster time at the start
+    started_at: str  # ISO-8601 UTC
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StartPoint:
+        return cls(dict(data["resume_token"]), list(data["cluster_time"]), str(data["started_at"]))
+
+
+@dataclass
+class Partition:
+    """One ``_id`` range of one collection: ``[lower, upper)`` in BSON order, bounds in relaxed ExtJSON."""
+
+    db: str
+    collection: str
+    target_db: str
+    index: int
+    lower: Any = None  # None = from the first document (MinKey)
+    upper: Any = None  # None = to the last document (MaxKey)
+    documents_estimate: int = 0
+    capped: bool = False  # copied whole in natural (insertion) order, never split
+
+    @property
+    def id(self) -> str:
+        return f"{self.db}.{self.collection}#{self.index}"
+
+    @property
+    def namespace(self) -> str:
+        return f"{self.db}.{self.collection}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Partition:
+        return cls(
+            db=data["db"], collection=data["collection"], target_db=data["target_db"], index=int(data["index"]),
+            lower=data.get("lower"), upper=data.get("upper"),
+            documents_estimate=int(data.get("documents_estimate") or 0), capped=bool(data.get("capped")),
+        )
+
+
+@dataclass
+class PartitionResult:
+    """What ``copy_partition`` did; documents/bytes are the partition's totals over every attempt."""
+
+    partition: str
+    documents: int
+    bytes: int
+    seconds: float
+    resumed_from: Any = None  # the checkpoint (relaxed ExtJSON _id) this attempt started after, or None
+    already_done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+@dataclass
+class CatchUpResult:
+    """How far ``catch_up``/``cutover`` got; JSON-safe through ``to_dict``."""
+
+    events_applied: int
+    last_applied_cluster_time: list[int] | None
+    lag_seconds: float | None
+    resume_token: dict[str, Any] | None
+    stopped_because: str  # "lag_ok" | "max_seconds" | "quiet" | "until"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LagInfo:
+    """How far the target trails the source."""
+
+    source_cluster_time: list[int] | None
+    last_applied_cluster_time: list[int] | None
+    lag_seconds: float | None
+    pending_estimate: int | None  # oplog entries newer than the last applied event (all namespaces)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------ _id ranges across types
+# MongoDB compares values of different BSON types by a fixed type order, but a range predicate such as
+# {_id: {$gte: 5, $lt: "m"}} is "type-bracketed": $gte 5 matches numbers only and $lt "m" strings only.
+# A range whose bounds have different types is therefore written as: the part of the lower bound's type
+# class above the bound, every whole class in between (one $type clause), and the part of the upper
+# bound's class below the bound. Classes in MongoDB's canonical order, as $type aliases:
+_TYPE_CLASSES: tuple[tuple[str, ...], ...] = (
+    ("minKey",),
+    ("undefined",),
+    ("null",),
+    ("double", "int", "long", "decimal"),
+    ("string", "symbol"),
+    ("object",),
+    ("array",),
+    ("binData",),
+    ("objectId",),
+    ("bool",),
+    ("date",),
+    ("timestamp",),
+    ("regex",),
+    ("dbPointer",),
+    ("javascript",),
+    ("javascriptWithScope",),
+    ("maxKey",),
+)
+_NUMBER_CLASS = 3
+_SINGLE_VALUED_CLASSES = frozenset({0, 1, 2, len(_TYPE_CLASSES) - 1})  # MinKey, undefined, null, MaxKey
+# NaN sorts below every other number but matches no $lt/$gte bound, so it is named explicitly.
+_NAN_CLAUSE: dict[str, Any] = {"$in": [float("nan"), Decimal128("NaN")]}
+
+
+def bson_type_class(value: Any) -> int:
+    """Index of ``value``'s BSON type class in MongoDB's comparison order."""
+    if isinstance(value, MinKey):
+        return 0
+    if value is None:
+        return 2
+    if isinstance(value, bool):  # before int: bool is an int subclass in Python
+        return 9
+    if isinstance(value, int | float | Decimal128 | Int64):
+        return _NUMBER_CLASS
+    if isinstance(value, Code):  # before str: Code is a str subclass
+        return 15 if value.scope is not None else 14
+    if isinstance(value, str):
+        return 4
+    if isinstance(value, DBRef):  # stored as an embedded document {$ref, $id}
+        return 5
+    if isinstance(value, Mapping):
+        return 5
+    if isinstance(value, list | tuple):
+        return 6
+    if isinstance(value, Binary | bytes | uuid.UUID):
+        return 7
+    if isinstance(value, ObjectId):
+        return 8
+    if isinstance(value, dt.datetime | DatetimeMS):
+        return 10
+    if isinstance(value, Timestamp):
+        return 11
+    if isinstance(value, Regex | re.Pattern):
+        return 12
+    if isinstance(value, MaxKey):
+        return len(_TYPE_CLASSES) - 1
+    raise ConfigurationError(f"cannot place an _id of type {type(value).__name__} in BSON order")
+
+
+def _is_nan(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, Decimal128):
+        return value.to_decimal().is_nan()
+    if isinstance(value, Decimal):
+        return value.is_nan()
+    return False
+
+
+def _whole_classes(first: int, last: int) -> list[dict[str, Any]]:
+    aliases = [alias for cls in range(first, last + 1) for alias in _TYPE_CLASSES[cls]]
+    return [{"$type": aliases}] if aliases else []
+
+
+def _from_value(cls: int, value: Any, inclusive: bool) -> list[dict[str, Any]]:
+    """Clauses for the values of ``cls`` at/above ``value``."""
+    if cls in _SINGLE_VALUED_CLASSES:
+        return _whole_classes(cls, cls) if inclusive else []
+    if cls == _NUMBER_CLASS and _is_nan(value):
+        return _whole_classes(cls, cls) if inclusive else [{"$gte": float("-inf")}]
+    return [{"$gte" if inclusive else "$gt": value}]
+
+
+def _below_value(cls: int, value: Any) -> list[dict[str, Any]]:
+    """Clauses for the values of ``cls`` strictly below ``value``."""
+    if cls in _SINGLE_VALUED_CLASSES or (cls == _NUMBER_CLASS and _is_nan(value)):
+        return []
+    clauses: list[dict[str, Any]] = [{"$lt": value}]
+    if cls == _NUMBER_CLASS:
+        clauses.append(_NAN_CLAUSE)
+    return clauses
+
+
+def _within_class(cls: int, lower: Any, inclusive: bool, upper: Any) -> list[dict[str, Any]]:
+    """Clauses for values of ``cls`` in ``[lower, upper)`` (or ``(lower, upper)``)."""
+    if cls in _SINGLE_VALUED_CLASSES:
+        return []  # lower < upper is impossible inside a one-value class
+    if cls == _NUMBER_CLASS and _is_nan(lower):
+        if _is_nan(upper):
+            return []
+        return [{"$lt": upper}, _NAN_CLAUSE] if inclusive else [{"$gte": float("-inf"), "$lt": upper}]
+    return [{"$gte" if inclusive else "$gt": lower, "$lt": upper}]
+
+
+def id_range_filter(lower: Any = None, upper: Any = None, *, lower_inclusive: bool = True) -> dict[str, Any]:
+    """A query filter for ``_id`` in ``[lower, upper)`` in BSON order, across type classes.
+
+    ``lower``/``upper`` are BSON values (decoded, not ExtJSON); None means unbounded. With
+    ``lower_inclusive=False`` the range is ``(lower, upper)``: how a copy resumes after its checkpoint.
+    On mongod every clause is an ``_id`` index interval.
+    """
+    last = len(_TYPE_CLASSES) - 1
+    low_cls = None if lower is None else bson_type_class(lower)
+    high_cls = None if upper is None else bson_type_class(upper)
+    if lower is None and upper is None:
+        return {}
+    clauses: list[dict[str, Any]]
+    if low_cls is not None and low_cls == high_cls:
+        clauses = _within_class(low_cls, lower, lower_inclusive, upper)
+    else:
+        clauses = [] if low_cls is None else _from_value(low_cls, lower, lower_inclusive)
+        first_whole = 0 if low_cls is None else low_cls + 1
+        last_whole = last if high_cls is None else high_cls - 1
+        if first_whole <= last_whole:
+            clauses += _whole_classes(first_whole, last_whole)
+        if high_cls is not None:
+            clauses += _below_value(high_cls, upper)
+    if not clauses:
+        return {"_id": {"$in": []}}  # an empty range: matches nothing
+    if len(clauses) == 1:
+        return {"_id": clauses[0]}
+    return {"$or": [{"_id": clause} for clause in clauses]}
+
+
+def choose_boundaries(sorted_ids: list[Any], parts: int) -> list[Any]:
+    """Up to ``parts - 1`` distinct split points from ``_id`` values sorted in BSON order (a sample)."""
+    if parts <= 1 or not sorted_ids:
+        return []
+    from bson import encode
+
+    boundaries: list[Any] = []
+    seen: set[bytes] = set()
+    for i in range(1, parts):
+        value = sorted_ids[min(len(sorted_ids) - 1, (i * len(sorted_ids)) // parts)]
+        if value is None or isinstance(value, MinKey):
+            continue  # nothing sorts below them but MinKey/undefined: a split there splits nothing
+        key = encode({"v": value})  # $sample may repeat documents: keep each split point once
+        if key not in seen:
+            seen.add(key)
+            boundaries.append(value)
+    return boundaries
+
+
+def partitions_from_boundaries(
+    db: str, coll: str, target_db: str, boundaries: list[Any], documents: int, *, capped: bool = False
+) -> list[Partition]:
+    """Contiguous partitions ``[None, b1), [b1, b2), ..., [bn, None)`` with JSON-safe bounds."""
+    if any(b is None for b in boundaries):
+        raise ConfigurationError("a partition boundary cannot be null: None stands for an open end")
+    edges = [None, *boundaries, None]
+    estimate = max(1, documents // (len(edges) - 1)) if documents else 0
+    return [
+        Partition(
+            db=db, collection=coll, target_db=target_db, index=i,
+            lower=None if edges[i] is None else id_to_json(edges[i]),
+            upper=None if edges[i + 1] is None else id_to_json(edges[i + 1]),
+            documents_estimate=estimate, capped=capped,
+        )
+        for i in range(len(edges) - 1)
+    ]
+
+
+# ------------------------------------------------------------------------------------------- oplog window
+def check_oplog_window(window_hours: float | None, estimated_copy_seconds: float) -> tuple[bool, str]:
+    """Whether the source's oplog window leaves room for the initial copy: ``(ok, message)``.
+
+    Refuses (False) when the window is unknown or shorter than the copy: the start point would leave the
+    oplog before catch_up reads it. Warns (True, message says so) below ``OPLOG_WINDOW_SAFETY_FACTOR``.
+    """
+    copy_hours = max(0.0, estimated_copy_seconds) / 3600
+    wanted = copy_hours * OPLOG_WINDOW_SAFETY_FACTOR
+    if window_hours is None or window_hours <= 0:
+        return False, (
+            "the source's oplog window is unknown or empty: a live pull needs an oplog that keeps every write "
+            f"made during the initial copy (estimated {copy_hours:.1f}h). Check the source is a replica set "
+            "and its oplog is readable"
+        )
+    if window_hours <= copy_hours:
+        return False, (
+            f"the source's oplog window ({window_hours:.1f}h) is shorter than the estimated initial copy "
+            f"({copy_hours:.1f}h): writes made at the start of the copy would be gone before catch-up, which "
+            f"would then fail with HistoryLost. Enlarge the oplog (replSetResizeOplog) to at least "
+            f"{wanted:.1f}h of writes, or migrate with dump/restore during a downtime window"
+        )
+    if window_hours < wanted:
+        return True, (
+            f"warning: the source's oplog window ({window_hours:.1f}h) is less than "
+            f"{OPLOG_WINDOW_SAFETY_FACTOR:g}x the estimated initial copy ({copy_hours:.1f}h): a slow or "
+            f"retried copy may outlast it. Consider enlarging the oplog to {wanted:.1f}h or more"
+        )
+    return True, (
+        f"the source's oplog window ({window_hours:.1f}h) covers the estimated initial copy "
+        f"({copy_hours:.1f}h) {window_hours / max(copy_hours, 1e-9):.0f}x over"
+        if copy_hours > 0 else f"the source's oplog window is {window_hours:.1f}h; the copy is negligible"
+    )
+
+
+# ------------------------------------------------------------------------------------------ target writes
+def _insert_tolerating_duplicates(collection: Collection, batch: list[RawBSONDocument], *, ordered: bool) -> int:
+    """Insert a batch; documents already present (same ``_id``) are skipped. Returns how many were inserted.
+
+    A copy that crashed between inserting a batch and saving its checkpoint re-inserts that batch: the
+    target's version is left alone, since any later change to the document is replayed by catch_up.
+    """
+    from pymongo.errors import BulkWriteError
+
+    inserted = 0
+    pending = batch
+    while pending:
+        try:
+            collection.insert_many(pending, ordered=ordered, bypass_document_validation=True)
+            return inserted + len(pending)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors") or []
+            other = [e for e in errors if e.get("code") != _DUPLICATE_KEY]
+            if other or not errors:
+                first = (other or [{}])[0]
+                raise MigrationError(
+                    f"inserting into {collection.full_name} failed for {len(other)} of {len(pending)} documents; "
+                    f"first error (code {first.get('code')}): {str(first.get('errmsg'))[:300]}"
+                ) from None
+            inserted += int(exc.details.get("nInserted") or 0)
+            if not ordered:
+                return inserted
+            # Ordered (capped collections keep insertion order): continue after the duplicate.
+            pending = pending[errors[0]["index"] + 1:]
+    return inserted
+
+
+def _normalised_index(spec: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in spec.items() if k not in ("v", "ns", "background")}
+    out["key"] = list(dict(spec["key"]).items()) if "key" in spec else None  # key order matters
+    return out
+
+
+# -------------------------------------------------------------------------------------------- the engine
+@dataclass
+class _Follow:
+    """Running totals of one catch_up call."""
+
+    events: int = 0
+    last_cluster_time: Timestamp | None = None
+    last_event_at: float = field(default_factory=time.monotonic)
+    caught_up_once: bool = False
+    caught_up_to: Timestamp | None = None
+
+
+class LiveSync:
+    """One live pull from ``source_client`` into ``target_client``, resumable across processes by ``sync_id``.
+
+    Every method may run in a different Airflow task (and process): all progress is in the state
+    collection, never in this object.
+    """
+
+    def __init__(
+        self,
+        source_client: MongoClient,
+        target_client: MongoClient,
+        *,
+        sync_id: str,
+        namespaces: NamespaceFilter,
+        target_db_prefix: str = "",
+        state_db: str = "__atlas_migration",
+        batch_size: int = 1000,
+        partition_docs: int = 50_000,
+        log: logging.Logger | None = None,
+    ) -> None:
+        if not sync_id or not isinstance(sync_id, str):
+            raise ConfigurationError("sync_id must be a non-empty string naming this live pull")
+        if batch_size < 1 or partition_docs < 1:
+            raise ConfigurationError("batch_size and partition_docs must be positive")
+        if state_db in SYSTEM_DATABASES:
+            raise ConfigurationError(f"state_db '{state_db}' is a system database: choose another name")
+        self.source = source_client
+        self.target = target_client
+        self.sync_id = sync_id
+        self.namespaces = namespaces
+        self.target_db_prefix = target_db_prefix
+        self.state_db = state_db
+        self.batch_size = batch_size
+        self.partition_docs = partition_docs
+        self.log = log or logging.getLogger(__name__)
+        self.max_await_ms = DEFAULT_MAX_AWAIT_MS
+        self.log_interval = DEFAULT_INTERVAL_SECONDS
+        # Test seam: called as fault_hook(stage, n) after batch n of a copy ("copy") or of a catch-up
+        # ("catch_up") has been written to the target and BEFORE its checkpoint/resume token is saved,
+        # the worst moment for a crash. Raising from it simulates a killed task.
+        self.fault_hook: Callable[[str, int], None] | None = None
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def _state(self) -> Collection:
+        from pymongo import WriteConcern
+
+        return self.target[self.state_db].get_collection(
+            STATE_COLLECTION, write_concern=WriteConcern("majority"), codec_options=CodecOptions(tz_aware=True)
+        )
+
+    def _partition_key(self, partition_id: str) -> SON:
+        return SON([("sync_id", self.sync_id), ("partition", partition_id)])
+
+    def _config(self) -> dict[str, Any]:
+        return {"include": list(self.namespaces.include), "exclude": list(self.namespaces.exclude),
+                "target_db_prefix": self.target_db_prefix}
+
+    def _sync_doc(self) -> dict[str, Any] | None:
+        return self._state.find_one({"_id": self.sync_id})
+
+    def _require_sync(self, *flags: str) -> dict[str, Any]:
+        doc = self._sync_doc()
+        if doc is None:
+            raise ConfigurationError(
+                f"live pull '{self.sync_id}' has not been started: call start() first (it records the change "
+                "stream's start point before anything is copied)"
+            )
+        if doc.get("config") != self._config():
+            raise ConfigurationError(
+                f"live pull '{self.sync_id}' was started with {doc.get('config')}, not {self._config()}: "
+                "use the same namespaces and prefix, or restart it with a new sync_id"
+            )
+        if doc.get("history_lost"):
+            raise HistoryLost(doc["history_lost"])
+        steps = {"planned": "plan_partitions()", "targets_prepared": "prepare_targets()",
+                 "copy_finished": "finish_initial_copy()"}
+        for flag in flags:
+            if not doc.get(flag):
+                raise ConfigurationError(f"live pull '{self.sync_id}': call {steps[flag]} first")
+        return doc
+
+    def _update_sync(self, update: dict[str, Any]) -> None:
+        update.setdefault("$set", {})["updated_at"] = _utc_now()
+        self._state.update_one({"_id": self.sync_id}, update)
+
+    def reset(self) -> None:
+        """Forget this sync's state (start point, plan, checkpoints). The target's data is left as is."""
+        deleted = self._state.delete_many({"sync_id": self.sync_id}).deleted_count
+        self.log.info("live pull %s: state reset (%d state documents removed)", self.sync_id, deleted)
+
+    # -------------------------------------------------------------------------------------- source info
+    def _target_db(self, db: str) -> str:
+        return f"{self.target_db_prefix}{db}"
+
+    def _selected(self, db: str, coll: str) -> bool:
+        return db != self.state_db and self.namespaces.matches(db, coll)
+
+    def _selected_collections(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(db, listCollections entry)`` for every selected namespace on the source, sorted."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        for db in sorted(self.source.list_database_names()):
+            if is_never_migrated(db) or db == self.state_db:
+                continue
+            for info in self.source[db].list_collections():
+                if self._selected(db, info["name"]):
+                    found.append((db, info))
+        return sorted(found, key=lambda item: (item[0], item[1]["name"]))
+
+    def _source_times(self) -> tuple[Timestamp | None, Timestamp | None]:
+        """(latest write, latest majority-committed write) on the source, from ``hello``."""
+        reply = self.source.admin.command("hello")
+        last_write = reply.get("lastWrite") or {}
+        latest = (last_write.get("opTime") or {}).get("ts")
+        majority = (last_write.get("majorityOpTime") or {}).get("ts")
+        fallback = reply.get("operationTime")  # mongos: no lastWrite, the cluster time stands in
+        return latest or fallback, majority or latest or fallback
+
+    def _supports_expanded_events(self) -> bool:
+        # showExpandedEvents (DDL events such as createIndexes) exists from 6.0, wire version 17.
+        return int(self.source.admin.command("hello").get("maxWireVersion") or 0) >= 17
+
+    def _pipeline(self) -> list[dict[str, Any]]:
+        # Identical for every stream of a sync (resume tokens are only valid for the same pipeline). The
+        # $match drops system and bookkeeping databases server-side; the namespace patterns are applied
+        # here. updateDescription is unused (the looked-up document is applied) and can be as large as the
+        # document, so it is dropped to keep events under the 16 MiB limit.
+        return [
+            {"$match": {"ns.db": {"$nin": sorted({*SYSTEM_DATABASES, self.state_db})}}},
+            {"$project": {"updateDescription": 0}},
+        ]
+
+    def _open_stream(self, *, expanded: bool, resume_after: Mapping[str, Any] | None = None, session=None):
+        from pymongo.change_stream import ClusterChangeStream
+
+        # client.watch() decodes events with the client's document class; events here must stay raw BSON
+        # so that documents reach the target byte for byte (Decimal128, UUID subtypes, field order,
+        # deprecated types). ClusterChangeStream over an admin handle with raw codec options is exactly
+        # what MongoClient.watch builds, with the codec changed.
+        stream = ClusterChangeStream(
+            self.source.get_database("admin", codec_options=RAW_CODEC),
+            self._pipeline(),
+            "updateLookup",
+            resume_after,
+            self.max_await_ms,
+            self.batch_size,
+            None,
+            None,
+            session,
+            None,
+            None,
+            None,
+            show_expanded_events=True if expanded else None,
+        )
+        stream._initialize_cursor()
+        return stream
+
+    def _history_lost(self, exc: Exception, since: Any) -> HistoryLost:
+        code = getattr(exc, "code", None)
+        message = (
+            f"live pull '{self.sync_id}' cannot continue: the source's oplog no longer holds its resume point "
+            f"(last applied cluster time {since}; server code {code}: {_server_message(exc)}). Events after that "
+            "point are gone, so the target can no longer be brought up to date, and nothing further was "
+            "applied. Restart the live pull from scratch with drop_target=true (start(restart=True), then "
+            "prepare_targets(drop=True) and a fresh copy), and enlarge the source's oplog "
+            "(replSetResizeOplog) so its window covers the initial copy plus catch-up; check_oplog_window() "
+            "says how much is needed"
+        )
+        self._update_sync({"$set": {"history_lost": message, "status": "history_lost"}})
+        return HistoryLost(message)
+
+    # -------------------------------------------------------------------------------------------- start
+    def start(self, *, restart: bool = False) -> StartPoint:
+        """Record the change stream's start point (before any copy). An existing sync keeps its start point.
+
+        ``restart=True`` forgets the previous state of this ``sync_id`` first (after HistoryLost); the
+        target must then be emptied again (``prepare_targets(drop=True)``).
+        """
+        from pymongo.errors import DuplicateKeyError, OperationFailure
+
+        if restart:
+            self.reset()
+        existing = self._sync_doc()
+        if existing is not None:
+            self._require_sync()
+            point = StartPoint.from_dict(json.loads(existing["start"]))
+            self.log.info("live pull %s: already started at %s (cluster time %s)", self.sync_id,
+                          point.started_at, point.cluster_time)
+            return point
+
+        hello = self.source.admin.command("hello")
+        if not hello.get("setName") and hello.get("msg") != "isdbgrid":
+            raise ImpossibleStrategy(
+                "the source is a standalone server without an oplog: a live pull needs a replica set or sharded "
+                "cluster (change streams). Use a dump/restore strategy, or convert the source to a one-node "
+                "replica set"
+            )
+        expanded = self._supports_expanded_events()
+        with self.source.start_session() as session:
+            try:
+                stream = self._open_stream(expanded=expanded, session=session)
+            except OperationFailure as exc:
+                raise MigrationError(
+                    f"cannot open a change stream on the source (code {exc.code}): {_server_message(exc)}") from None
+            with stream:
+                # One getMore: its postBatchResumeToken (or the token of an event already returned) marks a
+                # point no later than every read the copy makes afterwards, which is all the copy needs.
+                event = stream.try_next()
+                token = stream.resume_token
+                cluster_time = event["clusterTime"] if event is not None else session.operation_time
+        if token is None:
+            raise MigrationError("the source's change stream returned no resume token: cannot start a live pull")
+        point = StartPoint(_token_to_json(token) or {}, _ts_list(cluster_time) or [0, 0], _utc_now())
+        doc = {
+            "_id": self.sync_id, "kind": "sync", "sync_id": self.sync_id, "status": "copying",
+            "config": self._config(), "expanded_events": expanded, "start": json.dumps(point.to_dict()),
+            "resume_token": _token_from_json(point.resume_token), "last_applied_cluster_time": cluster_time,
+            "events_applied": 0, "planned": False, "targets_prepared": False, "copy_finished": False,
+            "copy_finished_cluster_time": None, "history_lost": None, "completed_at": None,
+            "created_at": _utc_now(), "updated_at": _utc_now(),
+        }
+        try:
+            self._state.insert_one(doc)
+        except DuplicateKeyError:  # another task started the same sync at the same moment: theirs wins
+            return StartPoint.from_dict(json.loads(self._require_sync()["start"]))
+        if not expanded:
+            self.log.warning(
+                "live pull %s: the source is older than MongoDB 6.0, so its change stream reports no index or "
+                "collection-option changes; indexes are brought in line at cutover", self.sync_id)
+        self.log.info("live pull %s: started; change stream start point at cluster time %s", self.sync_id,
+                      point.cluster_time)
+        return point
+
+    # ----------------------------------------------------------------------------------------- planning
+    def plan_partitions(self) -> list[Partition]:
+        """Split every selected collection into ``_id`` ranges of about ``partition_docs`` documents.
+
+        The plan is stored: a retried task gets the same partitions back (checkpoints refer to them).
+        """
+        sync = self._require_sync()
+        if sync.get("planned"):
+            return self._stored_partitions()
+        selected = self._selected_collections()
+        names = [f"{db}.{info['name']}" for db, info in selected]
+        all_names = [f"{db}.{c}" for db in self.source.list_database_names() if not is_never_migrated(db)
+                     for c in self.source[db].list_collection_names()]
+        if missing := self.namespaces.unmatched_includes(all_names):
+            raise ConfigurationError(
+                f"include pattern(s) {', '.join(repr(p) for p in missing)} match no namespace of the source"
+            )
+        timeseries = [f"{db}.{info['name']}" for db, info in selected
+                      if info.get("type") == "timeseries" or "timeseries" in (info.get("options") or {})]
+        if timeseries:
+            raise ImpossibleStrategy(
+                f"time-series collections cannot be migrated live: change streams do not report their writes "
+                f"({', '.join(timeseries)}). Exclude them (exclude_namespaces) and migrate them with dump/restore"
+            )
+        partitions: list[Partition] = []
+        for db, info in selected:
+            if info.get("type") == "view":
+                continue
+            partitions += self._plan_collection(db, info)
+        self._state.delete_many({"sync_id": self.sync_id, "kind": "partition"})  # a half-written earlier plan
+        if partitions:
+            self._state.insert_many([
+                {"_id": self._partition_key(p.id), "kind": "partition", "sync_id": self.sync_id,
+                 "partition": json.dumps(p.to_dict()), "last_id": None, "documents": 0, "bytes": 0, "done": False,
+                 "updated_at": _utc_now()}
+                for p in partitions
+            ])
+        _, planned_at = self._source_times()
+        self._update_sync({"$set": {"planned": True, "planned_cluster_time": planned_at}})
+        self.log.info("live pull %s: %d partitions over %d collections (%s)", self.sync_id, len(partitions),
+                      len({p.namespace for p in partitions}), ", ".join(names) or "none selected")
+        return partitions
+
+    def _plan_collection(self, db: str, info: Mapping[str, Any]) -> list[Partition]:
+        coll = info["name"]
+        target_db = self._target_db(db)
+        _check_target_namespace(target_db, coll)
+        collection = self.source[db].get_collection(coll, codec_options=RAW_CODEC)
+        documents = collection.estimated_document_count()
+        capped = bool((info.get("options") or {}).get("capped"))
+        parts = math.ceil(documents / self.partition_docs) if documents else 1
+        if capped or parts <= 1:
+            return partitions_from_boundaries(db, coll, target_db, [], documents, capped=capped)
+        # A random sample of _id values, sorted by the server (BSON order, the collection's collation):
+        # about ten per partition is enough for even ranges, and on mongod a small $sample is a random
+        # cursor rather than a scan.
+        sample_size = min(documents, parts * 10)
+        sampled = [doc["_id"] for doc in collection.aggregate(
+            [{"$sample": {"size": sample_size}}, {"$project": {"_id": 1}}, {"$sort": {"_id": 1}}],
+            allowDiskUse=True,
+        )]
+        return partitions_from_boundaries(db, coll, target_db, choose_boundaries(sampled, parts), documents)
+
+    def _stored_partitions(self) -> list[Partition]:
+        docs = self._state.find({"sync_id": self.sync_id, "kind": "partition"})
+        parts = [Partition.from_dict(json.loads(doc["partition"])) for doc in docs]
+        return sorted(parts, key=lambda p: (p.db, p.collection, p.index))
+
+    # ---------------------------------------------------------------------------------------- targets
+    def prepare_targets(self, drop: bool = False) -> None:
+        """Create every planned collection on the target with its source options, before copying.
+
+        A target namespace that holds documents (or is a view) is refused unless ``drop``; nothing is
+        written then. Once prepared, a sync never prepares again (a retry must not drop copied data).
+        """
+        sync = self._require_sync("planned")
+        if sync.get("targets_prepared"):
+            self.log.info("live pull %s: targets already prepared", self.sync_id)
+            return
+        collections = {(p.db, p.collection) for p in self._stored_partitions()}
+        views = [(db, info) for db, info in self._selected_collections() if info.get("type") == "view"]
+        view_names = {(db, info["name"]) for db, info in views}
+        occupied: list[str] = []
+        for db, coll in sorted(collections | view_names):
+            database = self.target[self._target_db(db)]
+            existing = _collection_info(database, coll)
+            if existing is None:
+                continue
+            if existing.get("type") == "view" or database[coll].find_one({}, projection={"_id": 1}) is not None:
+                occupied.append(f"{database.name}.{coll}")
+        if occupied and not drop:
+            raise TargetNotEmpty(
+                f"{len(occupied)} target namespace(s) already hold data: {', '.join(occupied)}. Nothing was "
+                "written. Set drop_target=true to replace them, or exclude them"
+            )
+        for db, coll in sorted(collections | view_names):
+            database = self.target[self._target_db(db)]
+            if drop:
+                database.drop_collection(coll)
+            if (db, coll) in view_names:
+                continue  # views are created by finish_initial_copy, once their sources hold data
+            info = _collection_info(self.source[db], coll)
+            if info is None:
+                continue  # dropped since planning: the stream's drop event says so again
+            if _collection_info(database, coll) is None:
+                _create_collection(database, coll, CollectionMetadata.from_collection_info(info, []))
+            else:
+                self.log.warning("%s.%s exists and is empty: copying into it without re-applying its options",
+                                 database.name, coll)
+        self._update_sync({"$set": {"targets_prepared": True}})
+        self.log.info("live pull %s: %d target collections prepared", self.sync_id, len(collections))
+
+    # -------------------------------------------------------------------------------------------- copy
+    def copy_partition(self, partition: Partition) -> PartitionResult:
+        """Copy one partition as raw BSON batches, checkpointing the last ``_id`` after every batch."""
+        self._require_sync("planned", "targets_prepared")
+        key = self._partition_key(partition.id)
+        state = self._state.find_one({"_id": key})
+        if state is None:
+            raise ConfigurationError(
+                f"partition {partition.id} is not in the stored plan of live pull '{self.sync_id}': pass the "
+                "partitions plan_partitions() returned"
+            )
+        stored = Partition.from_dict(json.loads(state["partition"]))
+        if (stored.lower, stored.upper, stored.capped) != (partition.lower, partition.upper, partition.capped):
+            raise ConfigurationError(f"partition {partition.id} differs from the stored plan: {stored.to_dict()}")
+        started = time.monotonic()
+        if state.get("done"):
+            self.log.info("live pull %s: partition %s already copied", self.sync_id, partition.id)
+            return PartitionResult(partition.id, state["documents"], state["bytes"], 0.0,
+                                   _json_or_none(state.get("last_id")), True)
+
+        checkpoint = None if stored.capped else _json_or_none(state.get("last_id"))
+        source = self.source[stored.db].get_collection(stored.collection, codec_options=RAW_CODEC)
+        if stored.capped:
+            # Insertion order is what a capped collection means: copy it whole in natural order. A resumed
+            # copy starts over; documents already there are skipped (ordered, so the order is kept).
+            query, sort = {}, [("$natural", 1)]
+            if state.get("documents"):
+                self.log.info("partition %s (capped): recopying from the start, existing documents skipped",
+                              partition.id)
+                self._state.update_one({"_id": key}, {"$set": {"documents": 0, "bytes": 0}})
+        else:
+            lower = id_from_json(checkpoint) if checkpoint is not None else (
+                None if stored.lower is None else id_from_json(stored.lower))
+            upper = None if stored.upper is None else id_from_json(stored.upper)
+            query = id_range_filter(lower, upper, lower_inclusive=checkpoint is None)
+            sort = [("_id", 1)]  # the checkpoint is "everything up to last_id is on the target"
+            if checkpoint is not None:
+                self.log.info("partition %s: resuming after _id %s", partition.id, json.dumps(checkpoint))
+        target = self._target_collection(stored.target_db, stored.collection)
+        progress = Progress(f"live copy {partition.id}", stored.documents_estimate, self.log,
+                            interval=self.log_interval)
+        batches = 0
+        with source.find(query, sort=sort, batch_size=self.batch_size) as cursor:
+            for batch, nbytes in self._raw_batches(cursor):
+                inserted = _insert_tolerating_duplicates(target, batch, ordered=stored.capped)
+                batches += 1
+                if self.fault_hook is not None:
+                    self.fault_hook("copy", batches)
+                last_id = None if stored.capped else json.dumps(id_to_json(batch[-1]["_id"]))
+                # Counted as copied, not as newly inserted: a batch re-read after a crash counts once,
+                # since the crashed attempt never recorded it.
+                self._state.update_one({"_id": key}, {
+                    "$set": {"last_id": last_id, "updated_at": _utc_now()},
+                    "$inc": {"documents": len(batch), "bytes": nbytes, "inserted": inserted},
+                })
+                progress.add(len(batch), nbytes)
+        done = self._state.find_one_and_update(
+            {"_id": key}, {"$set": {"done": True, "updated_at": _utc_now()}}, return_document=True)
+        progress.finish()
+        return PartitionResult(partition.id, done["documents"], done["bytes"], time.monotonic() - started,
+                               checkpoint)
+
+    def _raw_batches(self, cursor: Iterable[RawBSONDocument]) -> Iterator[tuple[list[RawBSONDocument], int]]:
+        batch: list[RawBSONDocument] = []
+        size = 0
+        for doc in cursor:
+            if batch and (len(batch) >= self.batch_size or size + len(doc.raw) > DEFAULT_INSERT_BATCH_BYTES):
+                yield batch, size
+                batch, size = [], 0
+            batch.append(doc)
+            size += len(doc.raw)
+        if batch:
+            yield batch, size
+
+    def _target_collection(self, target_db: str, coll: str) -> Collection:
+        from pymongo import WriteConcern
+
+        # Majority: a checkpoint (majority) must never get ahead of the data it vouches for.
+        return self.target[target_db].get_collection(coll, codec_options=RAW_CODEC,
+                                                      write_concern=WriteConcern("majority"))
+
+    # ------------------------------------------------------------------------------------------ finish
+    def finish_initial_copy(self) -> None:
+        """Build secondary indexes (unique ones wait for cutover) and create the views. Idempotent."""
+        sync = self._require_sync("planned", "targets_prepared")
+        if sync.get("copy_finished"):
+            self.log.info("live pull %s: initial copy already finished", self.sync_id)
+            return
+        unfinished = [Partition.from_dict(json.loads(doc["partition"])).id
+                      for doc in self._state.find({"sync_id": self.sync_id, "kind": "partition", "done": False})]
+        if unfinished:
+            raise MigrationError(
+                f"{len(unfinished)} partition(s) are not copied yet: {', '.join(sorted(unfinished)[:20])}; run "
+                "copy_partition for each before finishing the initial copy"
+            )
+        deferred: list[str] = []
+        for db, coll in sorted({(p.db, p.collection) for p in self._stored_partitions()}):
+            info = _collection_info(self.source[db], coll)
+            if info is None:
+                continue  # dropped during the copy: catch_up replays the drop
+            specs = index_specs_for_restore(self.source[db][coll].list_indexes())
+            now = [s for s in specs if not s.get("unique")]
+            deferred += [f"{db}.{coll}:{s['name']}" for s in specs if s.get("unique")]
+            meta = CollectionMetadata(collection_name=coll, indexes=now)
+            _create_indexes(self.target[self._target_db(db)], coll, meta)
+        self._create_views()
+        _, copy_end = self._source_times()
+        self._update_sync({"$set": {"copy_finished": True, "copy_finished_cluster_time": copy_end,
+                                    "status": "catching_up"}})
+        if deferred:
+            self.log.info("live pull %s: unique indexes built at cutover, once the target has converged: %s",
+                          self.sync_id, ", ".join(deferred))
+        self.log.info("live pull %s: initial copy finished", self.sync_id)
+
+    def _create_views(self) -> None:
+        for db, info in self._selected_collections():
+            if info.get("type") != "view":
+                continue
+            database = self.target[self._target_db(db)]
+            options = dict(info.get("options") or {})
+            existing = _collection_info(database, info["name"])
+            if existing is not None:
+                if existing.get("type") == "view" and dict(existing.get("options") or {}) == options:
+                    continue
+                database.drop_collection(info["name"])
+            _create_collection(database, info["name"], CollectionMetadata.from_collection_info(info, []))
+
+    # ---------------------------------------------------------------------------------------- catch up
+    def catch_up(
+        self,
+        *,
+        max_seconds: float | None = None,
+        until_lag_below: float | None = None,
+        quiet_seconds: float | None = None,
+        until_cluster_time: Timestamp | list[int] | None = None,
+    ) -> CatchUpResult:
+        """Replay the change stream from the saved resume token onto the target.
+
+        Stops at the first of: the lag is at most ``until_lag_below`` seconds ("lag_ok"); no event on a
+        selected namespace for ``quiet_seconds`` ("quiet"); every event up to ``until_cluster_time`` is
+        applied ("until"); ``max_seconds`` elapsed ("max_seconds"). With no condition it stops once the
+        stream is drained ("lag_ok"). The resume token is saved after every applied batch.
+        """
+        until = _ts_from(until_cluster_time)
+        drain_only = max_seconds is None and until_lag_below is None and quiet_seconds is None and until is None
+
+        def stop_reason(follow: _Follow, lag: float | None, elapsed: float) -> str | None:
+            if drain_only:
+                return "lag_ok" if follow.caught_up_once else None
+            if until is not None and (
+                (follow.caught_up_to is not None and follow.caught_up_to >= until)
+                or (follow.last_cluster_time is not None and follow.last_cluster_time > until)  # stream order
+            ):
+                return "until"
+            if until_lag_below is not None and lag is not None and lag <= until_lag_below:
+                return "lag_ok"
+            if quiet_seconds is not None and time.monotonic() - follow.last_event_at >= quiet_seconds:
+                return "quiet"
+            if max_seconds is not None and elapsed >= max_seconds:
+                return "max_seconds"
+            return None
+
+        return self._follow(stop_reason)
+
+    def _follow(self, stop_reason: Callable[[_Follow, float | None, float], str | None]) -> CatchUpResult:
+        from pymongo.errors import OperationFailure
+
+        sync = self._require_sync("copy_finished")
+        if sync.get("completed_at"):
+            raise ConfigurationError(
+                f"live pull '{self.sync_id}' was cut over at {sync['completed_at']}: the target is the live "
+                "database now, and replaying source writes onto it could overwrite newer data"
+            )
+        applier = _EventApplier(self, sync)
+        follow = _Follow(last_cluster_time=sync.get("last_applied_cluster_time"))
+        started = last_flush = last_lag_log = time.monotonic()
+        progress = Progress(f"live catch-up {self.sync_id} (events)", None, self.log, interval=self.log_interval)
+        lag: float | None = None
+        flushes = 0
+        observed_majority: Timestamp | None = None
+        next_probe = 0.0
+        reason: str | None = None
+        try:
+            stream = self._open_stream(expanded=bool(sync.get("expanded_events")), resume_after=sync["resume_token"])
+        except OperationFailure as exc:
+            if exc.code in HISTORY_LOST_CODES:
+                raise self._history_lost(exc, _ts_list(follow.last_cluster_time)) from None
+            raise MigrationError(
+                f"cannot resume the source's change stream (code {exc.code}): {_server_message(exc)}") from None
+        with stream:
+            while reason is None:
+                if time.monotonic() >= next_probe:
+                    # Observed BEFORE the next getMore: an empty batch afterwards proves that every majority-
+                    # committed write up to this time has been delivered.
+                    latest, observed_majority = self._source_times()
+                    next_probe = time.monotonic() + 1.0
+                    if latest is not None and follow.last_cluster_time is not None:
+                        lag = max(0.0, float(latest.time - follow.last_cluster_time.time))
+                try:
+                    change = stream.try_next()
+                except OperationFailure as exc:
+                    if exc.code in HISTORY_LOST_CODES:
+                        raise self._history_lost(exc, _ts_list(follow.last_cluster_time)) from None
+                    raise MigrationError(
+                        f"the source's change stream failed (code {exc.code}): {_server_message(exc)}. The saved "
+                        "resume token is unchanged: run catch_up again once the cause is fixed"
+                    ) from None
+                if change is not None:
+                    applied, is_ddl = applier.add(change)
+                    follow.last_cluster_time = change["clusterTime"]
+                    if applied:
+                        follow.events += 1
+                        follow.last_event_at = time.monotonic()
+                        progress.add(1, len(change.raw))
+                    # Batch DML writes, but checkpoint a DDL event at once: replaying a rename after later
+                    # events would be wrong. At least once a second, so stop conditions are checked.
+                    if not is_ddl and applier.pending < self.batch_size and time.monotonic() - last_flush < 1.0:
+                        continue
+                else:
+                    follow.caught_up_once = True
+                    follow.caught_up_to = observed_majority
+                    if observed_majority is not None and (
+                        follow.last_cluster_time is None or observed_majority > follow.last_cluster_time
+                    ):
+                        follow.last_cluster_time = observed_majority
+                    lag = 0.0
+                applier.flush()
+                flushes += 1
+                if self.fault_hook is not None:
+                    self.fault_hook("catch_up", flushes)
+                self._save_position(stream.resume_token, follow.last_cluster_time, applier.take_count())
+                last_flush = time.monotonic()
+                if last_flush - last_lag_log >= self.log_interval:
+                    last_lag_log = last_flush
+                    self.log.info("live catch-up %s: %d events applied, lag %s, last applied cluster time %s",
+                                  self.sync_id, follow.events, "?" if lag is None else f"{lag:.0f}s",
+                                  _ts_list(follow.last_cluster_time))
+                reason = stop_reason(follow, lag, last_flush - started)
+            token = stream.resume_token
+        progress.finish()
+        self.log.info("live catch-up %s: stopped (%s) after %d events, lag %s", self.sync_id, reason,
+                      follow.events, "?" if lag is None else f"{lag:.0f}s")
+        return CatchUpResult(follow.events, _ts_list(follow.last_cluster_time), lag, _token_to_json(token), reason)
+
+    def _save_position(self, token: Mapping[str, Any] | None, cluster_time: Timestamp | None, applied: int) -> None:
+        if token is None:
+            return
+        update: dict[str, Any] = {"$set": {"resume_token": token, "last_applied_cluster_time": cluster_time}}
+        if applied:
+            update["$inc"] = {"events_applied": applied}
+        self._update_sync(update)
+
+    # ------------------------------------------------------------------------------------------- lag
+    def lag(self) -> LagInfo:
+        """How far the target trails the source, from the saved position (no stream is opened)."""
+        sync = self._require_sync()
+        latest, _ = self._source_times()
+        applied = sync.get("last_applied_cluster_time")
+        lag = None if latest is None or applied is None else max(0.0, float(latest.time - applied.time))
+        pending: int | None = None
+        if applied is not None:
+            from pymongo.errors import PyMongoError
+
+            try:  # needs read access to local.oplog.rs; an estimate, so give up quickly
+                pending = self.source.local["oplog.rs"].count_documents({"ts": {"$gt": applied}}, maxTimeMS=2000)
+            except PyMongoError:
+                pending = None
+        return LagInfo(_ts_list(latest), _ts_list(applied), lag, pending)
+
+    def oplog_window_hours(self) -> float | None:
+        """Hours between the oldest and newest entries of the source's oplog (None when unreadable)."""
+        from pymongo.errors import PyMongoError
+
+        try:
+            oplog = self.source.local["oplog.rs"]
+            first = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", 1)])
+            last = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", -1)])
+        except PyMongoError:
+            return None
+        if not first or not last:
+            return None
+        return max(0.0, (last["ts"].time - first["ts"].time) / 3600)
+
+    def estimate_copy_seconds(self, docs_per_second: float) -> float:
+        """Seconds the initial copy should take at ``docs_per_second`` (from the plan, or from counts)."""
+        if docs_per_second <= 0:
+            raise ConfigurationError("docs_per_second must be positive")
+        sync = self._sync_doc()
+        if sync is not None and sync.get("planned"):
+            documents = sum(p.documents_estimate for p in self._stored_partitions())
+        else:
+            documents = sum(self.source[db][info["name"]].estimated_document_count()
+                            for db, info in self._selected_collections() if info.get("type") != "view")
+        return documents / docs_per_second
+
+    # ----------------------------------------------------------------------------------------- cutover
+    def cutover(self, *, quiet_seconds: float = 5.0, timeout: float = 300.0) -> CatchUpResult:
+        """Writes are stopped: drain the stream until quiet, align indexes and views, mark the sync complete.
+
+        Raises ``MigrationError`` (nothing marked complete) if events keep arriving for ``timeout`` seconds.
+        """
+        sync = self._require_sync("copy_finished")
+        if sync.get("completed_at"):
+            self.log.info("live pull %s: already cut over at %s", self.sync_id, sync["completed_at"])
+            return CatchUpResult(0, _ts_list(sync.get("last_applied_cluster_time")), 0.0,
+                                 _token_to_json(sync.get("resume_token")), "quiet")
+        _, until = self._source_times()  # every write the operator made before stopping is at or before this
+
+        def drained(follow: _Follow, lag: float | None, elapsed: float) -> str | None:
+            reached = until is None or (follow.caught_up_to is not None and follow.caught_up_to >= until)
+            if reached and time.monotonic() - follow.last_event_at >= quiet_seconds:
+                return "quiet"
+            if elapsed >= timeout:
+                return "max_seconds"
+            return None
+
+        result = self._follow(drained)
+        if result.stopped_because != "quiet":
+            raise MigrationError(
+                f"cutover of live pull '{self.sync_id}': writes to the migrated namespaces were still arriving "
+                f"after {timeout:.0f}s ({result.events_applied} events applied). Stop every application writing "
+                "to the source, then run cutover again; the sync was not marked complete"
+            )
+        self._align_with_source()
+        # Index builds take time: make sure nothing was written meanwhile, or the target is not final.
+        tail = self._follow(lambda f, lag, elapsed: "quiet" if f.caught_up_once else None)
+        if tail.events_applied:
+            raise MigrationError(
+                f"cutover of live pull '{self.sync_id}': {tail.events_applied} new write(s) arrived during the "
+                "final index build, so writes have not stopped. Stop them and run cutover again"
+            )
+        self._update_sync({"$set": {"completed_at": _utc_now(), "status": "complete"}})
+        self.log.info("live pull %s: cut over; the target matches the source", self.sync_id)
+        return CatchUpResult(result.events_applied, tail.last_applied_cluster_time, 0.0, tail.resume_token, "quiet")
+
+    def _align_with_source(self) -> None:
+        """Make every selected namespace's collection, view and index set on the target match the source.
+
+        The stream has delivered every DDL event, but a pre-6.0 source reports none of index changes, and
+        unique indexes were deferred until now.
+        """
+        from pymongo.errors import OperationFailure
+
+        for db, info in self._selected_collections():
+            name = info["name"]
+            database = self.target[self._target_db(db)]
+            existing = _collection_info(database, name)
+            if info.get("type") == "view":
+                continue
+            if existing is None:
+                _create_collection(database, name, CollectionMetadata.from_collection_info(info, []))
+            elif dict(existing.get("options") or {}) != dict(info.get("options") or {}):
+                self.log.warning("%s.%s: collection options differ from the source's (%s vs %s)",
+                                 database.name, name, existing.get("options"), info.get("options"))
+            wanted = {s["name"]: s for s in index_specs_for_restore(self.source[db][name].list_indexes())}
+            have = {s["name"]: s for s in index_specs_for_restore(database[name].list_indexes())}
+            for index_name, spec in have.items():
+                if index_name not in wanted or _normalised_index(spec) != _normalised_index(wanted[index_name]):
+                    database[name].drop_index(index_name)  # gone on the source, or redefined there
+            missing = [spec for n, spec in wanted.items()
+                       if n not in have or _normalised_index(have[n]) != _normalised_index(spec)]
+            if missing:
+                try:
+                    database.command(SON([("createIndexes", name), ("indexes", missing)]))
+                except OperationFailure as exc:
+                    raise MigrationError(
+                        f"cannot build indexes {[s['name'] for s in missing]} on {database.name}.{name} at cutover "
+                        f"(code {exc.code}): {str(exc)[:300]}"
+                    ) from None
+                self.log.info("%s.%s: built %s", database.name, name, ", ".join(s["name"] for s in missing))
+        self._create_views()
+
+
+# ------------------------------------------------------------------------------------- event application
+class _EventApplier:
+    """Turns change events into target writes: DML batched per namespace (ordered), DDL applied at once."""
+
+    def __init__(self, sync: LiveSync, state: Mapping[str, Any]) -> None:
+        self.sync = sync
+        self.copy_finished_at: Timestamp | None = state.get("copy_finished_cluster_time")
+        self._ops: dict[tuple[str, str], list[Any]] = {}
+        self.pending = 0
+        self._applied = 0
+
+    def take_count(self) -> int:
+        count, self._applied = self._applied, 0
+        return count
+
+    def add(self, event: RawBSONDocument) -> tuple[bool, bool]:
+        """Queue or apply one event; returns (on a selected namespace, was DDL)."""
+        from pymongo import DeleteOne, ReplaceOne
+
+        op = event["operationType"]
+        ns = event.get("ns") or {}
+        db, coll = ns.get("db"), ns.get("coll")
+        if op in _DML_EVENTS:
+            if not self.sync._selected(db, coll):
+                return False, False
+            doc_id = event["documentKey"]["_id"]
+            key = (self.sync._target_db(db), coll)
+            if op == "delete":
+                self._queue(key, DeleteOne({"_id": doc_id}))
+            else:
+                document = event.get("fullDocument")
+                if document is None:
+                    # updateLookup found nothing: the document was deleted (or its collection dropped or
+                    # renamed) after this update, and that later event follows in the stream.
+                    self._applied += 1
+                    return True, False
+                self._queue(key, ReplaceOne({"_id": doc_id}, document, upsert=True))
+            self._applied += 1
+            return True, False
+        if op in _DDL_EVENTS:
+            self.flush()
+            applied = self._apply_ddl(op, event, db, coll)
+            if applied:
+                self._applied += 1
+            return applied, True
+        if op in _PLACEMENT_EVENTS:
+            self.sync.log.debug("ignoring %s event on %s.%s (data placement only)", op, db, coll)
+            return False, False
+        if op == "invalidate":
+            raise HistoryLost(
+                f"live pull '{self.sync.sync_id}': the source's change stream was invalidated; restart the live "
+                "pull from scratch with drop_target=true"
+            )
+        raise UnsafeDDL(
+            f"unrecognised change event '{op}' on {db}.{coll}: refusing to continue rather than skip a change "
+            "this version does not understand. Upgrade this package, or restart the live pull after the change"
+        )
+
+    def _queue(self, key: tuple[str, str], op: Any) -> None:
+        self._ops.setdefault(key, []).append(op)
+        self.pending += 1
+
+    def flush(self) -> None:
+        from pymongo.errors import BulkWriteError
+
+        for (target_db, coll), ops in self._ops.items():
+            collection = self.sync._target_collection(target_db, coll)
+            try:
+                collection.bulk_write(ops, ordered=True, bypass_document_validation=True)
+            except BulkWriteError as exc:
+                first = (exc.details.get("writeErrors") or [{}])[0]
+                hint = (" A unique index on the target rejected a replayed write: unique indexes are only "
+                        "built at cutover, so writes have continued after it; stop them and retry."
+                        if first.get("code") == _DUPLICATE_KEY else "")
+                raise MigrationError(
+                    f"applying change events to {collection.full_name} failed (code {first.get('code')}): "
+                    f"{str(first.get('errmsg'))[:300]}.{hint} The resume token was not advanced"
+                ) from None
+        self._ops.clear()
+        self.pending = 0
+
+    # -------------------------------------------------------------------------------------------- DDL
+    def _during_copy(self, event: RawBSONDocument) -> bool:
+        return self.copy_finished_at is None or event["clusterTime"] <= self.copy_finished_at
+
+    def _apply_ddl(self, op: str, event: RawBSONDocument, db: str | None, coll: str | None) -> bool:
+        from pymongo.errors import OperationFailure
+
+        sync = self.sync
+        if op == "dropDatabase":
+            return False  # preceded by one drop event per collection, applied one by one
+        if op == "rename":
+            return self._rename(event, db, coll)
+        if db is None or coll is None or not sync._selected(db, coll):
+            return False
+        database = sync.target[sync._target_db(db)]
+        description = dict(event.get("operationDescription") or {})
+        if op == "drop":
+            database.drop_collection(coll)
+        elif op == "create":
+            self._create(database, coll, description, event.get("nsType"))
+        elif op == "createIndexes":
+            specs = index_specs_for_restore(description.get("indexes") or [])
+            deferred = [s["name"] for s in specs if s.get("unique")]
+            build = [s for s in specs if not s.get("unique")]
+            if deferred:
+                sync.log.info("%s.%s: unique index(es) %s will be built at cutover", database.name, coll, deferred)
+            if build:
+                try:
+                    database.command(SON([("createIndexes", coll), ("indexes", build)]))
+                except OperationFailure as exc:
+                    if exc.code not in _INDEX_CONFLICT_CODES:
+                        raise MigrationError(f"cannot create index(es) on {database.name}.{coll}: {exc}") from None
+                    # A replayed build whose name now has another definition: later events and the
+                    # alignment at cutover settle it.
+                    sync.log.warning("%s.%s: index conflict while replaying createIndexes: %s", database.name,
+                                     coll, str(exc)[:200])
+        elif op == "dropIndexes":
+            for spec in description.get("indexes") or []:
+                try:
+                    database[coll].drop_index(spec["name"])
+                except OperationFailure as exc:
+                    if exc.code not in (_INDEX_NOT_FOUND, _NAMESPACE_NOT_FOUND):
+                        raise MigrationError(
+                            f"cannot drop index {spec['name']} on {database.name}.{coll}: {exc}") from None
+        elif op == "modify":
+            self._modify(database, coll, description)
+        return True
+
+    def _create(self, database: Database, coll: str, description: dict[str, Any], ns_type: str | None) -> None:
+        if ns_type == "timeseries" or "timeseries" in description:
+            raise UnsafeDDL(
+                f"time-series collection {database.name}.{coll} was created on the source: change streams do "
+                "not report time-series writes, so it cannot be migrated live. Exclude it and migrate it with "
+                "dump/restore"
+            )
+        options = {k: v for k, v in description.items() if k not in ("idIndex", "viewPipeline")}
+        if "viewOn" in description:
+            # mongod reports a view's stages as "pipeline"; SecantusDB as "viewPipeline".
+            options["pipeline"] = description.get("pipeline", description.get("viewPipeline", []))
+        existing = _collection_info(database, coll)
+        if existing is not None:
+            return  # created by prepare_targets, an earlier replay of this event, or an implicit upsert
+        _create_collection(database, coll, CollectionMetadata(collection_name=coll, options=options))
+
+    def _modify(self, database: Database, coll: str, description: dict[str, Any]) -> None:
+        from pymongo.errors import OperationFailure
+
+        description.pop("stateBeforeChange", None)
+        if "viewPipeline" in description:
+            description.setdefault("pipeline", description.pop("viewPipeline"))
+        index = description.get("index")
+        if isinstance(index, Mapping) and (index.get("unique") or index.get("prepareUnique")):
+            self.sync.log.info("%s.%s: unique conversion of index %s applied at cutover", database.name, coll,
+                               index.get("name") or index.get("keyPattern"))
+            return
+        if not description:
+            return
+        try:
+            database.command(SON([("collMod", coll), *description.items()]))
+        except OperationFailure as exc:
+            if exc.code in (_NAMESPACE_NOT_FOUND, _INDEX_NOT_FOUND):
+                return  # dropped later in the stream, or a deferred unique index: cutover aligns it
+            raise UnsafeDDL(
+                f"cannot replay collMod {sorted(description)} on {database.name}.{coll} (code {exc.code}): "
+                f"{str(exc)[:300]}. Apply the change on the target by hand, then run catch_up again"
+            ) from None
+
+    def _rename(self, event: RawBSONDocument, db: str | None, coll: str | None) -> bool:
+        from pymongo.errors import OperationFailure
+
+        sync = self.sync
+        to = event.get("to") or (event.get("operationDescription") or {}).get("to") or {}
+        to_db, to_coll = to.get("db"), to.get("coll")
+        from_selected = db is not None and coll is not None and sync._selected(db, coll)
+        to_selected = to_db is not None and to_coll is not None and sync._selected(to_db, to_coll)
+        if not from_selected and not to_selected:
+            return False
+        if self._during_copy(event):
+            raise UnsafeDDL(
+                f"{db}.{coll} was renamed to {to_db}.{to_coll} during the initial copy: the copy may hold either "
+                "name's documents, so replaying the rename cannot be trusted. Restart the live pull from scratch "
+                "with drop_target=true (and avoid renames until cutover)"
+            )
+        if not from_selected:
+            raise UnsafeDDL(
+                f"{db}.{coll} (not migrated) was renamed to {to_db}.{to_coll} (migrated): its documents were never "
+                "copied. Include both namespaces and restart the live pull from scratch with drop_target=true"
+            )
+        source_db = sync.target[sync._target_db(db)]
+        if not to_selected:
+            sync.log.warning("%s.%s was renamed to %s.%s, which is not migrated: dropping it on the target",
+                             db, coll, to_db, to_coll)
+            source_db.drop_collection(coll)
+            return True
+        dest_db = sync.target[sync._target_db(to_db)]
+        if _collection_info(source_db, coll) is None:
+            # Already renamed by an attempt that stopped before saving its resume token (or the collection
+            # never held a document here): the alignment at cutover creates anything still missing.
+            return True
+        try:
+            # dropTarget: after the source's rename, the destination name holds exactly the renamed data.
+            sync.target.admin.command(SON([("renameCollection", f"{source_db.name}.{coll}"),
+                                           ("to", f"{dest_db.name}.{to_coll}"), ("dropTarget", True)]))
+        except OperationFailure as exc:
+            if exc.code != _NAMESPACE_NOT_FOUND:
+                raise MigrationError(f"cannot rename {source_db.name}.{coll} on the target: {exc}") from None
+        return True
+
+
+__all__ = [
+    "CatchUpResult",
+    "HistoryLost",
+    "LagInfo",
+    "LiveSync",
+    "Partition",
+    "PartitionResult",
+    "STATE_COLLECTION",
+    "StartPoint",
+    "UnsafeDDL",
+    "check_oplog_window",
+    "choose_boundaries",
+    "id_from_json",
+    "id_range_filter",
+    "id_to_json",
+    "partitions_from_boundaries",
+]

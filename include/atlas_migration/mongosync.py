@@ -1,0 +1,608 @@
+"""Drive a standalone mongosync (Cluster-to-Cluster Sync) through its REST API.
+
+mongosync listens on ``http://localhost:27182/api/v1`` by default. Every call is a POST with a JSON body
+(``{}`` when the endpoint takes none) except ``GET /progress``; replies are ``{"success": true}`` or
+``{"success": false, "error": "<name>", "errorDescription": "..."}``. Which calls are allowed depends on
+the state (section 3 of the contracts README)::
+
+    INITIALIZING -> IDLE -start-> RUNNING <-pause/resume-> PAUSED
+    RUNNING -commit (canCommit)-> COMMITTING -> COMMITTED (automatic) -reverse (reversible)-> REVERSING -> RUNNING
+
+What this module offers:
+
+- ``MongosyncHook``: ``start``, ``pause``, ``resume``, ``commit``, ``reverse``, ``progress``; every
+  ``success: false`` is raised as ``MongosyncError`` carrying mongosync's ``error`` and ``errorDescription``.
+- ``namespace_filters``: converts the DAG's mongodump-style patterns (``db.coll``, ``db.*``, ``*.coll``,
+  wildcards) into mongosync's ``includeNamespaces`` / ``excludeNamespaces`` filters selecting exactly the
+  same namespaces.
+- ``commit_decision``: whether a ``/progress`` reply allows committing with a lag at most N seconds.
+
+Connection (mongosync's API has no authentication, so no credential is ever read or sent)::
+
+    AIRFLOW_CONN_MONGOSYNC_DEFAULT='{"conn_type": "mongosync", "host": "mongosync-host", "port": 27182,
+                                     "schema": "http"}'
+
+``host`` may also be a full URL (``http://host:27182/api/v1``, or a proxy's ``https://proxy/mongosync``;
+``/api/v1`` is appended when missing); ``schema`` is the URL scheme (``http`` or ``https``, as for Airflow's
+``http`` connections, which are accepted too). Login and password are never read. Without a connection id
+the hook uses ``http://localhost:27182/api/v1``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from airflow.sdk import BaseHook
+
+from atlas_migration.errors import ConfigurationError, MigrationError
+from atlas_migration.namespaces import (
+    INTERNAL_DATABASE_PREFIX,
+    SYSTEM_DATABASES,
+    validate_pattern,
+)
+from atlas_migration.redaction import redact
+
+DEFAULT_BASE_URL = "http://localhost:27182/api/v1"
+DEFAULT_PORT = 27182
+API_PATH = "/api/v1"
+CONN_TYPE = "mongosync"
+ACCEPTED_CONN_TYPES = frozenset({"mongosync", "http", "https"})
+# mongosync turns canCommit false while the lag exceeds this (contracts README, section 3).
+COMMIT_LAG_LIMIT_SECONDS = 30
+
+# States, as /progress reports them.
+INITIALIZING, IDLE, RUNNING, PAUSED = "INITIALIZING", "IDLE", "RUNNING", "PAUSED"
+COMMITTING, COMMITTED, REVERSING = "COMMITTING", "COMMITTED", "REVERSING"
+STATES = (INITIALIZING, IDLE, RUNNING, PAUSED, COMMITTING, COMMITTED, REVERSING)
+
+# ``info`` values /progress reports.
+INFO_COLLECTION_COPY = "collection copy"
+INFO_CHANGE_EVENT_APPLICATION = "change event application"
+INFO_WAITING_FOR_COMMIT = "waiting for commit to complete"
+INFO_COMMIT_COMPLETED = "commit completed"
+
+BUILD_INDEXES_OPTIONS = ("afterDataCopy", "beforeDataCopy", "excludeHashed", "excludeHashedAfterCopy", "never")
+WRITE_BLOCKING_OPTIONS = ("sourceAndDestination", "destinationOnly", "none")
+
+
+class MongosyncError(MigrationError):
+    """mongosync refused a call (``success: false``) or could not be reached (``error`` is then None)."""
+
+    def __init__(self, message: str, *, error: str | None = None, error_description: str | None = None,
+                 endpoint: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+        self.error_description = error_description
+        self.endpoint = endpoint
+        self.status = status
+
+    def __repr__(self) -> str:
+        return (f"MongosyncError(error={self.error!r}, error_description={self.error_description!r}, "
+                f"endpoint={self.endpoint!r})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep the attributes when pickled (the default only keeps ``args``).
+        return (type(self), (str(self),), self.__dict__)
+
+
+# --------------------------------------------------------------------------------------------------
+# /progress
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MongosyncProgress:
+    """The fields of a ``/progress`` reply the DAG decides on; ``raw`` keeps the whole ``progress`` object."""
+
+    state: str
+    can_commit: bool
+    can_write: bool
+    info: str | None
+    lag_time_seconds: float | None
+    estimated_total_bytes: int | None
+    estimated_copied_bytes: int | None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any]) -> MongosyncProgress:
+        """Accept the whole reply (``{"success", "progress": {...}}``) or only its ``progress`` object."""
+        body = reply.get("progress", reply) if isinstance(reply, dict) else None
+        if not isinstance(body, dict) or "state" not in body:
+            raise MongosyncError("mongosync /progress reply has no progress.state", endpoint="/progress")
+        copy = body.get("collectionCopy") or {}
+        lag = body.get("lagTimeSeconds")
+        return cls(
+            state=str(body["state"]),
+            can_commit=bool(body.get("canCommit")),
+            can_write=bool(body.get("canWrite")),
+            info=body.get("info"),
+            lag_time_seconds=float(lag) if isinstance(lag, int | float) else None,
+            estimated_total_bytes=copy.get("estimatedTotalBytes"),
+            estimated_copied_bytes=copy.get("estimatedCopiedBytes"),
+            raw=body,
+        )
+
+    @property
+    def copy_fraction(self) -> float | None:
+        if not self.estimated_total_bytes or self.estimated_copied_bytes is None:
+            return None
+        return min(1.0, self.estimated_copied_bytes / self.estimated_total_bytes)
+
+    def summary(self) -> dict[str, Any]:
+        """A small JSON-safe dict for XCom and task logs."""
+        return {
+            "state": self.state, "canCommit": self.can_commit, "canWrite": self.can_write, "info": self.info,
+            "lagTimeSeconds": self.lag_time_seconds, "estimatedTotalBytes": self.estimated_total_bytes,
+            "estimatedCopiedBytes": self.estimated_copied_bytes,
+        }
+
+    def line(self) -> str:
+        """One log line: state, info, lag and copy progress."""
+        text = f"mongosync {self.state}"
+        if self.info:
+            text += f" ({self.info})"
+        if self.lag_time_seconds is not None:
+            text += f", lag {self.lag_time_seconds:.0f} s"
+        fraction = self.copy_fraction
+        if fraction is not None:
+            text += (f", copied {self.estimated_copied_bytes / 1e6:,.1f}/{self.estimated_total_bytes / 1e6:,.1f} MB"
+                     f" ({100 * fraction:.0f}%)")
+        return text + f", canCommit={str(self.can_commit).lower()}, canWrite={str(self.can_write).lower()}"
+
+
+@dataclass(frozen=True)
+class CommitDecision:
+    """Whether to call ``/commit`` now, and why (the reason is written for the task log)."""
+
+    commit: bool
+    reason: str
+    state: str
+    lag_seconds: float | None
+    already_committed: bool = False
+
+
+def commit_decision(progress: MongosyncProgress | dict[str, Any], max_lag_seconds: float) -> CommitDecision:
+    """Commit only when mongosync is RUNNING, reports ``canCommit`` and a lag of at most ``max_lag_seconds``.
+
+    ``canCommit`` already implies the initial copy is over and the lag is under mongosync's own 30 s limit;
+    ``max_lag_seconds`` lets the DAG ask for less, since the commit lasts about as long as the lag (writes
+    to the source must be stopped during that time).
+    """
+    if isinstance(max_lag_seconds, bool) or not isinstance(max_lag_seconds, int | float) or max_lag_seconds < 0:
+        raise ConfigurationError(f"max_lag_seconds must be a number >= 0, not {max_lag_seconds!r}")
+    p = progress if isinstance(progress, MongosyncProgress) else MongosyncProgress.from_reply(progress)
+    lag = p.lag_time_seconds
+    if p.state in (COMMITTING, COMMITTED):
+        return CommitDecision(False, f"mongosync is already {p.state}: the commit was sent before", p.state, lag,
+                              already_committed=True)
+    if p.state != RUNNING:
+        return CommitDecision(False, f"mongosync is {p.state}; /commit is only allowed while RUNNING", p.state, lag)
+    if not p.can_commit:
+        why = ("the initial collection copy is still running" if p.info == INFO_COLLECTION_COPY
+               else f"lag {lag:.0f} s is above mongosync's {COMMIT_LAG_LIMIT_SECONDS} s limit"
+               if lag is not None and lag > COMMIT_LAG_LIMIT_SECONDS else "mongosync reports canCommit=false")
+        return CommitDecision(False, f"not ready to commit: {why}", p.state, lag)
+    if lag is None:
+        return CommitDecision(False, "not ready to commit: /progress reports no lagTimeSeconds", p.state, lag)
+    if lag > max_lag_seconds:
+        return CommitDecision(False, f"not ready to commit: lag {lag:.0f} s is above the {max_lag_seconds:g} s "
+                                     "threshold", p.state, lag)
+    return CommitDecision(True, f"ready to commit: canCommit=true, lag {lag:.0f} s <= {max_lag_seconds:g} s",
+                          p.state, lag)
+
+
+# --------------------------------------------------------------------------------------------------
+# Namespace patterns -> mongosync filters
+# --------------------------------------------------------------------------------------------------
+
+_STAR = object()  # a wildcard token in a parsed pattern
+_Token = Any  # a one-character string or _STAR
+
+
+def _parse_pattern(pattern: str) -> list[_Token]:
+    """Tokens of a mongodump-style pattern: ``*`` is a wildcard, ``\\*`` and ``\\\\`` are literal."""
+    tokens: list[_Token] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern) and pattern[i + 1] in "*\\":
+            tokens.append(pattern[i + 1])
+            i += 2
+            continue
+        tokens.append(_STAR if ch == "*" else ch)
+        i += 1
+    return tokens
+
+
+def _regex_escape(text: str) -> str:
+    # Backslash before every ASCII non-word character: literal in PCRE ($regex) and in Go's RE2 alike,
+    # whereas Python's re.escape output is not guaranteed to be read the same by both.
+    return "".join(f"\\{c}" if c.isascii() and not (c.isalnum() or c == "_") else c for c in text)
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One side (database or collection) of a filter: a literal name, a regex, or everything."""
+
+    tokens: tuple[_Token, ...]
+
+    @property
+    def everything(self) -> bool:
+        return bool(self.tokens) and all(t is _STAR for t in self.tokens)
+
+    @property
+    def literal(self) -> str | None:
+        return None if any(t is _STAR for t in self.tokens) else "".join(self.tokens)
+
+    def regex(self) -> str:
+        parts: list[str] = []
+        for token in self.tokens:
+            if token is _STAR:
+                if parts[-1:] != [".*"]:  # consecutive stars match what one star matches
+                    parts.append(".*")
+            else:
+                parts.append(_regex_escape(token))
+        return "^" + "".join(parts) + "$"
+
+
+def _regex_filter(pattern: str) -> dict[str, str]:
+    # "s": let "." match every character, as "*" does in mongodump patterns.
+    return {"pattern": pattern, "options": "s"}
+
+
+def _pattern_cases(tokens: list[_Token]) -> list[tuple[_Side, _Side]]:
+    """(database side, collection side) pairs whose union selects exactly what the pattern selects.
+
+    Database names contain no dot, so a namespace ``d.c`` splits at its first dot. A pattern splits at its
+    first literal dot into ``D.C``. Either no star of ``D`` spans the namespace's first dot (then ``d``
+    matches ``D`` and ``c`` matches ``C``), or exactly one star of ``D``, say ``D = L*R``, spans it (then
+    ``d`` matches ``L*`` and ``c`` matches ``*R.C``). One case per star keeps the union exact.
+    """
+    dot = tokens.index(".")
+    db, coll = tokens[:dot], tokens[dot + 1:]
+    cases = [(_Side(tuple(db)), _Side(tuple(coll)))]
+    for k, token in enumerate(db):
+        if token is _STAR:
+            cases.append((_Side((*db[:k], _STAR)), _Side((_STAR, *db[k + 1:], ".", *coll))))
+    return cases
+
+
+@dataclass(frozen=True)
+class NamespaceFilters:
+    """mongosync ``includeNamespaces`` / ``excludeNamespaces`` (empty include = every namespace)."""
+
+    include_namespaces: list[dict[str, Any]]
+    exclude_namespaces: list[dict[str, Any]]
+
+    def start_fields(self) -> dict[str, Any]:
+        """The ``/start`` body fields, omitting empty lists (mongosync then syncs everything)."""
+        out: dict[str, Any] = {}
+        if self.include_namespaces:
+            out["includeNamespaces"] = self.include_namespaces
+        if self.exclude_namespaces:
+            out["excludeNamespaces"] = self.exclude_namespaces
+        return out
+
+
+def _build_filters(cases: Iterable[tuple[_Side, _Side]]) -> list[dict[str, Any]]:
+    """Group cases by database side: one filter per database name or regex (mongosync ORs filters)."""
+    groups: dict[tuple[str, str], list[_Side]] = {}
+    for db_side, coll_side in cases:
+        key = ("database", db_side.literal) if db_side.literal is not None else ("databaseRegex", db_side.regex())
+        groups.setdefault(key, []).append(coll_side)
+    filters: list[dict[str, Any]] = []
+    for (kind, value), colls in groups.items():
+        entry: dict[str, Any] = {"database": value} if kind == "database" else {"databaseRegex": _regex_filter(value)}
+        if not any(c.everything for c in colls):
+            literals = list(dict.fromkeys(c.literal for c in colls if c.literal is not None))
+            regexes = list(dict.fromkeys(c.regex() for c in colls if c.literal is None))
+            if not regexes:
+                entry["collections"] = literals
+            else:
+                # A filter takes collections OR collectionsRegex: fold the names into the regex.
+                alternatives = [f"^{_regex_escape(name)}$" for name in literals] + regexes
+                pattern = alternatives[0] if len(alternatives) == 1 else "|".join(f"(?:{a})" for a in alternatives)
+                entry["collectionsRegex"] = _regex_filter(pattern)
+        filters.append(entry)
+    return filters
+
+
+def _never_migrated_reason(db_side: _Side, coll_side: _Side) -> str | None:
+    db = db_side.literal
+    if db is not None and (db in SYSTEM_DATABASES or db.startswith(INTERNAL_DATABASE_PREFIX)):
+        return f"database '{db}' is never migrated"
+    coll = coll_side.literal
+    if coll is not None and coll.startswith("system."):
+        return f"'system.*' collections ({coll}) are never migrated"
+    return None
+
+
+def namespace_filters(include_patterns: Sequence[str] | None,
+                      exclude_patterns: Sequence[str] | None = None) -> NamespaceFilters:
+    """Convert mongodump-style ``--nsInclude`` / ``--nsExclude`` patterns into mongosync filters.
+
+    The filters select exactly the namespaces ``NamespaceFilter`` selects: ``db.coll`` becomes
+    ``{"database": "db", "collections": ["coll"]}``, ``db.*`` becomes ``{"database": "db"}``, wildcards
+    become anchored ``databaseRegex`` / ``collectionsRegex`` filters, and ``*`` (everything) becomes no
+    include filter at all. mongosync applies the include filters first, then removes what an exclude filter
+    matches, which is the DAG's rule too. This package's own bookkeeping databases are always excluded.
+
+    Refused with ``ConfigurationError``: an include pattern that can only name namespaces no strategy
+    migrates (``admin``/``local``/``config``, ``system.*``): it would select nothing here, while mongosync
+    would be asked to sync a system namespace it refuses; and an exclude pattern of ``*``, which leaves
+    nothing to migrate.
+    """
+    include_cases: list[tuple[_Side, _Side]] = []
+    include_everything = False
+    for raw in include_patterns or []:
+        pattern = validate_pattern(raw)
+        if pattern == "*":
+            include_everything = True
+            continue
+        cases = _pattern_cases(_parse_pattern(pattern))
+        if any(db.everything and coll.everything for db, coll in cases):
+            include_everything = True
+            continue
+        kept = [c for c in cases if _never_migrated_reason(*c) is None]
+        if not kept:
+            raise ConfigurationError(
+                f"include pattern {raw!r} cannot be expressed for mongosync: {_never_migrated_reason(*cases[0])} "
+                "(mongosync does not sync system namespaces); remove the pattern"
+            )
+        include_cases.extend(kept)
+
+    exclude_cases: list[tuple[_Side, _Side]] = []
+    for raw in exclude_patterns or []:
+        pattern = validate_pattern(raw)
+        cases = [] if pattern == "*" else _pattern_cases(_parse_pattern(pattern))
+        if pattern == "*" or any(db.everything and coll.everything for db, coll in cases):
+            raise ConfigurationError(f"exclude pattern {raw!r} excludes every namespace: nothing would be migrated")
+        # Excluding a namespace that is never migrated anyway changes nothing; leave it out of the filter.
+        exclude_cases.extend(c for c in cases if _never_migrated_reason(*c) is None)
+
+    include = [] if include_everything else _build_filters(include_cases)
+    exclude = _build_filters(exclude_cases)
+    exclude.append({"databaseRegex": {"pattern": "^" + _regex_escape(INTERNAL_DATABASE_PREFIX), "options": ""}})
+    return NamespaceFilters(include_namespaces=include, exclude_namespaces=exclude)
+
+
+# --------------------------------------------------------------------------------------------------
+# The hook
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries for calls that are safe to repeat.
+
+    ``GET /progress`` is retried on network errors and 5xx (mongosync documents that /progress may fail for
+    a while after a resume or restart, and that retrying is safe); a POST only when it never left this
+    machine (connection refused or connect timeout), since repeating a state change could act twice.
+    """
+
+    max_retries: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+
+    def backoff(self, attempt: int) -> float:
+        delay = min(self.backoff_max, self.backoff_base * (2 ** attempt))
+        return delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not cryptography
+
+
+def normalize_base_url(url: str) -> str:
+    """``host[:port]`` or ``http(s)://host[:port][/api/v1]`` -> ``http(s)://host:port/api/v1``."""
+    text = url.strip().rstrip("/")
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"mongosync URL {redact(url)!r} is not http(s)://host:port[/api/v1]")
+    if parts.username or parts.password:
+        raise ConfigurationError("the mongosync URL must not carry credentials: mongosync's API has no "
+                                 "authentication (restrict access to its port instead)")
+    port = parts.port or DEFAULT_PORT
+    path = parts.path.rstrip("/")
+    if not path.endswith(API_PATH):
+        path += API_PATH
+    return f"{parts.scheme}://{parts.hostname}:{port}{path}"
+
+
+def _mongosync_payload(response: requests.Response) -> dict[str, Any] | None:
+    """The reply's JSON object when it is mongosync's ``{"success": ...}`` shape, else None."""
+    try:
+        payload = response.json()
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) and "success" in payload else None
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    text = str(exc)
+    return isinstance(exc, requests.ConnectionError) and ("NewConnectionError" in text or "refused" in text)
+
+
+class MongosyncHook(BaseHook):
+    """The mongosync REST API (``http://localhost:27182/api/v1`` unless the connection says otherwise)."""
+
+    conn_name_attr = "mongosync_conn_id"
+    default_conn_name = "mongosync_default"
+    conn_type = CONN_TYPE
+    hook_name = "mongosync"
+
+    def __init__(self, mongosync_conn_id: str | None = default_conn_name, *, base_url: str | None = None,
+                 timeout: float = 30.0, retry: RetryPolicy | None = None) -> None:
+        super().__init__()
+        self.mongosync_conn_id = mongosync_conn_id
+        self._base_url = normalize_base_url(base_url) if base_url else None
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._session: requests.Session | None = None
+        self.sleep: Callable[[float], None] = time.sleep  # replaceable in tests
+
+    def __repr__(self) -> str:
+        return f"MongosyncHook(conn_id={self.mongosync_conn_id!r}, base_url={self._base_url!r})"
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {"hidden_fields": ["login", "password"],
+                "relabeling": {"schema": "Scheme (http or https)"},
+                "placeholders": {"host": "mongosync-host", "port": str(DEFAULT_PORT), "schema": "http"}}
+
+    # ---- configuration ------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """``http(s)://host:port/api/v1``, read from the connection on first use."""
+        if self._base_url is None:
+            self._base_url = self._read_connection() if self.mongosync_conn_id else DEFAULT_BASE_URL
+        return self._base_url
+
+    def _read_connection(self) -> str:
+        conn_id = self.mongosync_conn_id or ""
+        try:
+            conn = self.get_connection(conn_id)
+        except Exception as exc:  # AirflowNotFoundException and friends
+            if "NotFound" in type(exc).__name__:
+                raise ConfigurationError(
+                    f"Airflow connection '{conn_id}' is not defined: create it with type 'mongosync', host and "
+                    f"port of the mongosync process (default {DEFAULT_BASE_URL})"
+                ) from None
+            raise ConfigurationError(f"Airflow connection '{conn_id}' is unusable: {type(exc).__name__}") from None
+        if conn.conn_type and conn.conn_type not in ACCEPTED_CONN_TYPES:
+            raise ConfigurationError(f"Airflow connection '{conn_id}' has type '{conn.conn_type}'; the mongosync "
+                                     "hook needs 'mongosync' (or 'http')")
+        host = (conn.host or "localhost").strip()
+        if "://" not in host:
+            scheme = (conn.schema or "http").strip().lower()
+            if scheme not in ("http", "https"):
+                raise ConfigurationError(f"connection '{conn_id}': schema must be 'http' or 'https' (the URL "
+                                         f"scheme), not {conn.schema!r}")
+            host = f"{scheme}://{host}:{conn.port or DEFAULT_PORT}"
+        elif conn.port and urlsplit(host).port is None:
+            parts = urlsplit(host)
+            host = f"{parts.scheme}://{parts.hostname}:{conn.port}{parts.path}"
+        return normalize_base_url(host)
+
+    def get_conn(self) -> requests.Session:
+        if self._session is None:
+            self._session = requests.Session()
+        return self._session
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # ---- HTTP ---------------------------------------------------------------------------------
+
+    def _call(self, method: str, endpoint: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        url = self.base_url + endpoint
+        session = self.get_conn()
+        attempt = 0
+        while True:
+            try:
+                if method == "GET":
+                    response = session.get(url, timeout=self.timeout)
+                else:
+                    response = session.post(url, json=body if body is not None else {}, timeout=self.timeout)
+            except requests.RequestException as exc:
+                if (method == "GET" or _never_sent(exc)) and attempt < self.retry.max_retries:
+                    delay = self.retry.backoff(attempt)
+                    self.log.warning("mongosync %s %s: %s; retrying in %.1f s (retry %d of %d)", method, endpoint,
+                                     type(exc).__name__, delay, attempt + 1, self.retry.max_retries)
+                    self.sleep(delay)
+                    attempt += 1
+                    continue
+                raise MongosyncError(f"cannot reach mongosync at {self.base_url} ({method} {endpoint}): "
+                                     f"{type(exc).__name__}: {redact(str(exc))}", endpoint=endpoint) from None
+            payload = _mongosync_payload(response)
+            if payload is None and response.status_code >= 500 and method == "GET" \
+                    and attempt < self.retry.max_retries:
+                # Not mongosync speaking (a proxy, or mongosync restarting): worth another look.
+                delay = self.retry.backoff(attempt)
+                self.log.warning("mongosync %s %s: HTTP %d; retrying in %.1f s (retry %d of %d)", method, endpoint,
+                                 response.status_code, delay, attempt + 1, self.retry.max_retries)
+                self.sleep(delay)
+                attempt += 1
+                continue
+            if payload is None:
+                raise MongosyncError(f"mongosync {method} {endpoint}: HTTP {response.status_code} with a reply that "
+                                     "is not mongosync's {success, ...} JSON", endpoint=endpoint,
+                                     status=response.status_code)
+            if payload.get("success") is not True:
+                error, description = payload.get("error"), payload.get("errorDescription")
+                raise MongosyncError(f"mongosync refused {method} {endpoint}: {error}: {redact(str(description))}",
+                                     error=error, error_description=description, endpoint=endpoint,
+                                     status=response.status_code)
+            return payload
+
+    # ---- endpoints ----------------------------------------------------------------------------
+
+    @staticmethod
+    def start_body(source: str = "cluster0", destination: str = "cluster1", *, build_indexes: str | None = None,
+                   include_namespaces: list[dict[str, Any]] | None = None,
+                   exclude_namespaces: list[dict[str, Any]] | None = None, reversible: bool | None = None,
+                   enable_user_write_blocking: str | bool | None = None,
+                   verification_enabled: bool | None = None) -> dict[str, Any]:
+        """The ``/start`` body; optional fields are sent only when given (mongosync's defaults apply).
+
+        A reversible sync needs ``enableUserWriteBlocking: "sourceAndDestination"`` (mongosync's reverse
+        requirements), so it is added when ``reversible`` is true and no write-blocking mode was given.
+        """
+        if build_indexes is not None and build_indexes not in BUILD_INDEXES_OPTIONS:
+            raise ConfigurationError(f"buildIndexes {build_indexes!r} is not one of {', '.join(BUILD_INDEXES_OPTIONS)}")
+        if isinstance(enable_user_write_blocking, str) and enable_user_write_blocking not in WRITE_BLOCKING_OPTIONS:
+            raise ConfigurationError(f"enableUserWriteBlocking {enable_user_write_blocking!r} is not one of "
+                                     f"{', '.join(WRITE_BLOCKING_OPTIONS)} (or true/false)")
+        body: dict[str, Any] = {"source": source, "destination": destination}
+        if build_indexes is not None:
+            body["buildIndexes"] = build_indexes
+        if include_namespaces:
+            body["includeNamespaces"] = include_namespaces
+        if exclude_namespaces:
+            body["excludeNamespaces"] = exclude_namespaces
+        if reversible is not None:
+            body["reversible"] = bool(reversible)
+            if reversible and enable_user_write_blocking is None:
+                enable_user_write_blocking = "sourceAndDestination"
+        if enable_user_write_blocking is not None:
+            body["enableUserWriteBlocking"] = enable_user_write_blocking
+        if verification_enabled is not None:
+            body["verification"] = {"enabled": bool(verification_enabled)}
+        return body
+
+    def start(self, source: str = "cluster0", destination: str = "cluster1", **options: Any) -> None:
+        """``POST /start`` (IDLE only); ``options`` as ``start_body``."""
+        body = self.start_body(source, destination, **options)
+        self._call("POST", "/start", body)
+        self.log.info("mongosync started: %s -> %s (%s)", source, destination,
+                      ", ".join(k for k in body if k not in ("source", "destination")) or "no options")
+
+    def pause(self) -> None:
+        """``POST /pause`` (RUNNING only)."""
+        self._call("POST", "/pause")
+
+    def resume(self) -> None:
+        """``POST /resume`` (PAUSED only)."""
+        self._call("POST", "/resume")
+
+    def commit(self) -> None:
+        """``POST /commit`` (RUNNING with canCommit); mongosync then goes COMMITTING -> COMMITTED by itself."""
+        self._call("POST", "/commit")
+
+    def reverse(self) -> None:
+        """``POST /reverse`` (COMMITTED, and only when the sync was started reversible)."""
+        self._call("POST", "/reverse")
+
+    def progress(self) -> MongosyncProgress:
+        """``GET /progress``."""
+        return MongosyncProgress.from_reply(self._call("GET", "/progress"))
+

@@ -14,9 +14,10 @@ from __future__ import annotations
 from airflow.sdk import TriggerRule, get_current_context, setup, task, task_group, teardown
 
 from atlas_migration import tasks as steps
+from atlas_migration.live_pull import live_pull_group
 
 # Strategies with a task group in the flow; routing to any other fails with a clear error.
-AVAILABLE_STRATEGIES = frozenset({"mongorestore"})
+AVAILABLE_STRATEGIES = frozenset({"mongorestore", "live_pull"})
 
 
 def _paths(params, dag, run_id) -> steps.RunPaths:
@@ -78,7 +79,7 @@ def migration_flow(*, rehearsal: bool = False) -> None:
         scratch = check_scratch()
         scratch >> profile
     decision = route(profile)
-    groups = [mongorestore_group(profile)]
+    groups = [mongorestore_group(profile), live_pull_group(profile)]
     choose_strategy(decision) >> groups
     result = validate(profile, decision)
     groups >> result

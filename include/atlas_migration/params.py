@@ -91,6 +91,7 @@ def dag_params() -> dict[str, Any]:
                                  description="s3://bucket/prefix to stage dumps and reports through (workers need no "
                                              "shared disk). Empty: no staging."),
         ),
+        **_live_pull_params(),
         **section(
             "Validation",
             validation_mode=Param("counts", type="string", enum=["counts", "full"], title="Validation mode",
@@ -117,6 +118,12 @@ def rehearsal_params() -> dict[str, Any]:
         50, type="integer", minimum=1, maximum=10_000, title="Runs in the trend table",
         description="How many past rehearsals the trend table shows.", section="Rehearsal")
     return params
+
+
+def _live_pull_params() -> dict[str, Any]:
+    from atlas_migration.live_pull import live_pull_params
+
+    return live_pull_params()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,390 @@
+"""The ``live_pull`` strategy: copy the source while it keeps serving writes, follow its change stream, cut
+over when the target has caught up. Atlas's own pull migration has no API, so the group runs the pull itself
+with one of two engines (``pull_engine``):
+
+- ``native``: the project's engine (``engines.live.LiveSync``):
+
+      start (resume point recorded BEFORE the copy) -> copy (mapped: one task per _id partition,
+      checkpointed) -> finish_copy -> catch_up (until lag < max_cutover_lag_seconds)
+      -> await_cutover_approval (manual only; keeps catching up while it waits) -> cutover (drain after a
+      quiet period: the operator has stopped writes) -> validate
+
+- ``mongosync``: a standalone mongosync (``mongosync_conn_id``) driven through its REST API:
+
+      mongosync_start -> wait_can_commit (deferrable) -> await approval (manual only) -> mongosync_commit
+      -> wait_committed (deferrable) -> validate
+
+``auto`` picks mongosync when its connection exists, else native. Every task is safe to retry: the native
+engine resumes from checkpoints stored on the target (``__atlas_migration.live_sync``), and mongosync
+calls are made only in the state that accepts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+from airflow.sdk import task, task_group
+
+from atlas_migration.approval import approval_sensor
+from atlas_migration.errors import ConfigurationError, MigrationError
+from atlas_migration.hooks import endpoint_from_connection
+from atlas_migration.params import MigrationParams
+from atlas_migration.planning import build_copy_plan, find_occupied_targets, refuse_occupied_targets
+from atlas_migration.profile import SourceProfile
+from atlas_migration.triggers_mongosync import MongosyncWaitOperator
+
+log = logging.getLogger("atlas_migration")
+
+GROUP_ID = "live_pull"
+ENGINES = ("auto", "native", "mongosync")
+# Reschedule-mode sensors poke this often (seconds); tests shorten it through the environment.
+POKE_INTERVAL_ENV = "MIGRATION_POKE_INTERVAL_SECONDS"
+
+
+def poke_interval() -> float:
+    try:
+        return max(1.0, float(os.environ.get(POKE_INTERVAL_ENV, "60")))
+    except ValueError:
+        return 60.0
+
+
+def live_pull_params() -> dict[str, Any]:
+    """Trigger-form params of the live strategies (sections "Live pull" and "Cutover")."""
+    from airflow.sdk import Param
+
+    return {
+        "pull_engine": Param("auto", type="string", enum=list(ENGINES), title="Pull engine", section="Live pull",
+                             description="'mongosync': drive the mongosync at mongosync_conn_id; 'native': the "
+                                         "project's change-stream engine; 'auto': mongosync when its connection exists."),
+        "mongosync_conn_id": Param("mongosync_api", type="string", title="mongosync connection", section="Live pull",
+                                   description="Airflow connection of a running mongosync (cluster0 = source, "
+                                               "cluster1 = Atlas), e.g. http://mongosync-host:27182."),
+        "partition_docs": Param(50_000, type="integer", minimum=1_000, maximum=10_000_000, section="Live pull",
+                                title="Documents per copy partition",
+                                description="Native engine: collections larger than this are split into _id ranges, "
+                                            "one mapped task each."),
+        "expected_copy_docs_per_second": Param(5_000, type="integer", minimum=1, section="Live pull",
+                                               title="Expected copy rate (docs/s)",
+                                               description="Used to estimate the initial copy time against the source's "
+                                                           "oplog window before anything starts."),
+        "catch_up_timeout_seconds": Param(3_600, type="integer", minimum=10, section="Live pull",
+                                          title="Catch-up timeout (s)",
+                                          description="Fail when the target has not caught up "
+                                                      "(lag under the cutover threshold) by then."),
+        "cutover": Param("auto", type="string", enum=["auto", "manual"], title="Cutover", section="Cutover",
+                         description="'auto': cut over once the lag is under max_cutover_lag_seconds and writes have "
+                                     "stopped. 'manual': wait for the operator's approval (Airflow Variable "
+                                     "atlas_migration_cutover__<dag_id>__<run_id> = approved)."),
+        "max_cutover_lag_seconds": Param(10, type="integer", minimum=1, maximum=3_600, section="Cutover",
+                                         title="Largest lag at cutover (s)",
+                                         description="The target must be at most this far behind the source."),
+        "quiet_period_seconds": Param(5, type="integer", minimum=1, maximum=600, section="Cutover",
+                                      title="Quiet period (s)",
+                                      description="At cutover, no new source event for this long confirms that "
+                                                  "application writes have stopped."),
+        "cutover_timeout_seconds": Param(600, type="integer", minimum=10, section="Cutover",
+                                         title="Cutover drain timeout (s)",
+                                         description="Fail the cutover when writes do not stop within this time."),
+        "approval_timeout_seconds": Param(120 * 3600, type="integer", minimum=60, section="Cutover",
+                                          title="Approval timeout (s)",
+                                          description="Manual cutover: give up when no approval arrives by then."),
+    }
+
+
+@dataclass(frozen=True)
+class LivePullParams:
+    engine: str
+    mongosync_conn_id: str
+    partition_docs: int
+    expected_copy_docs_per_second: int
+    catch_up_timeout_seconds: int
+    cutover: str
+    max_cutover_lag_seconds: int
+    quiet_period_seconds: int
+    cutover_timeout_seconds: int
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> LivePullParams:
+        def integer(key: str, default: int, low: int) -> int:
+            value = params.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigurationError(f"parameter {key} must be an integer of at least {low}, got {value!r}")
+            return value
+
+        engine = params.get("pull_engine") or "auto"
+        if engine not in ENGINES:
+            raise ConfigurationError(f"pull_engine={engine!r} is not one of {', '.join(ENGINES)}")
+        cutover = params.get("cutover") or "auto"
+        if cutover not in ("auto", "manual"):
+            raise ConfigurationError(f"cutover={cutover!r} is not one of auto, manual")
+        return cls(
+            engine=engine,
+            mongosync_conn_id=str(params.get("mongosync_conn_id") or "mongosync_api"),
+            partition_docs=integer("partition_docs", 50_000, 1_000),
+            expected_copy_docs_per_second=integer("expected_copy_docs_per_second", 5_000, 1),
+            catch_up_timeout_seconds=integer("catch_up_timeout_seconds", 3_600, 10),
+            cutover=cutover,
+            max_cutover_lag_seconds=integer("max_cutover_lag_seconds", 10, 1),
+            quiet_period_seconds=integer("quiet_period_seconds", 5, 1),
+            cutover_timeout_seconds=integer("cutover_timeout_seconds", 600, 10),
+        )
+
+
+def _connection_exists(conn_id: str) -> bool:
+    from airflow.sdk import BaseHook
+
+    try:
+        BaseHook.get_connection(conn_id)
+        return True
+    except Exception:  # AirflowNotFoundException and friends: the connection is simply not configured
+        return False
+
+
+def choose_engine(params: Mapping[str, Any]) -> str:
+    """The group's branch: the first task of the chosen engine's path."""
+    lp = LivePullParams.parse(params)
+    engine = lp.engine
+    if engine == "auto":
+        engine = "mongosync" if _connection_exists(lp.mongosync_conn_id) else "native"
+        log.info("pull_engine=auto: %s (%s)", engine,
+                 f"connection '{lp.mongosync_conn_id}' exists" if engine == "mongosync"
+                 else f"no connection '{lp.mongosync_conn_id}'")
+    elif engine == "mongosync" and not _connection_exists(lp.mongosync_conn_id):
+        raise ConfigurationError(f"pull_engine=mongosync but Airflow connection '{lp.mongosync_conn_id}' is not defined")
+    return f"{GROUP_ID}.{'mongosync_start' if engine == 'mongosync' else 'start'}"
+
+
+# ---------------------------------------------------------------- native engine
+
+
+def _sync_id(dag_id: str, run_id: str) -> str:
+    return f"{dag_id}/{run_id}"
+
+
+def _open_sync(params: Mapping[str, Any], dag_id: str, run_id: str):
+    """A LiveSync bound to this run, plus the two clients to close afterwards."""
+    from atlas_migration.engines.live import LiveSync
+
+    p = MigrationParams.parse(params)
+    lp = LivePullParams.parse(params)
+    source = endpoint_from_connection(p.source_conn_id, "source").connect()
+    target = endpoint_from_connection(p.target_conn_id, "target").connect()
+    sync = LiveSync(source, target, sync_id=_sync_id(dag_id, run_id), namespaces=p.namespaces,
+                    target_db_prefix=p.target_db_prefix, batch_size=p.batch_size, partition_docs=lp.partition_docs,
+                    log=log)
+    return sync, source, target
+
+
+class _Session:
+    """``with _Session(params, dag_id, run_id) as sync:`` closes both clients whatever happens."""
+
+    def __init__(self, params: Mapping[str, Any], dag_id: str, run_id: str) -> None:
+        self.sync, self._source, self._target = _open_sync(params, dag_id, run_id)
+
+    def __enter__(self):
+        return self.sync
+
+    def __exit__(self, *exc: object) -> None:
+        self._source.close()
+        self._target.close()
+
+
+def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    """Refuse what cannot work before writing anything; then record the resume point and plan partitions."""
+    from atlas_migration.engines.live import check_oplog_window
+
+    p = MigrationParams.parse(params)
+    lp = LivePullParams.parse(params)
+    profile = SourceProfile.from_dict(profile_data)
+    plan = build_copy_plan(profile, p.namespaces, p.target_db_prefix)
+    estimated = profile.total_documents / lp.expected_copy_docs_per_second
+    ok, message = check_oplog_window(profile.oplog_window_hours, estimated)
+    log.info("oplog window check: %s", message)
+    if not ok:
+        raise ConfigurationError(f"live pull refused before writing anything: {message}")
+    with closing(endpoint_from_connection(p.target_conn_id, "target").connect()) as target:
+        occupied = find_occupied_targets(target, plan.all_items)
+    if not p.drop_target:
+        refuse_occupied_targets(occupied, p.target_conn_id)
+    with _Session(params, dag_id, run_id) as sync:
+        point = sync.start()
+        partitions = [part.to_dict() for part in sync.plan_partitions()]
+        sync.prepare_targets(drop=p.drop_target)
+    log.info("live pull %s: change stream resume point recorded at %s (cluster time %s), before the copy; "
+             "%d partition(s) to copy", _sync_id(dag_id, run_id), point.started_at, point.cluster_time, len(partitions))
+    return partitions
+
+
+def copy_partition(params: Mapping[str, Any], partition: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    from atlas_migration.engines.live import Partition
+
+    with _Session(params, dag_id, run_id) as sync:
+        result = sync.copy_partition(Partition.from_dict(partition))
+    log.info("copied partition %s: %s documents in %.1fs%s", result.partition, f"{result.documents:,}",
+             result.seconds, f" (resumed after {result.resumed_from})" if result.resumed_from else "")
+    return result.to_dict()
+
+
+def finish_copy(params: Mapping[str, Any], dag_id: str, run_id: str) -> None:
+    with _Session(params, dag_id, run_id) as sync:
+        sync.finish_initial_copy()
+    log.info("initial copy finished: indexes and views in place; following the change stream next")
+
+
+def catch_up(params: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    """Apply change events until the target is within ``max_cutover_lag_seconds`` of the source."""
+    lp = LivePullParams.parse(params)
+    with _Session(params, dag_id, run_id) as sync:
+        result = sync.catch_up(until_lag_below=lp.max_cutover_lag_seconds, max_seconds=lp.catch_up_timeout_seconds)
+    log.info("catch-up: %s events applied, lag %s s (%s)", f"{result.events_applied:,}",
+             "?" if result.lag_seconds is None else f"{result.lag_seconds:.1f}", result.stopped_because)
+    if result.stopped_because == "max_seconds" and (result.lag_seconds or 0) > lp.max_cutover_lag_seconds:
+        raise MigrationError(
+            f"the target did not catch up within {lp.catch_up_timeout_seconds} s (lag {result.lag_seconds} s > "
+            f"{lp.max_cutover_lag_seconds} s): the source writes faster than the target applies. Retry this task to "
+            "keep catching up from its checkpoint, or raise catch_up_timeout_seconds."
+        )
+    return result.to_dict()
+
+
+def keep_caught_up(context: Mapping[str, Any]) -> None:
+    """While a manual cutover waits for approval, keep applying events so the lag (and the oplog risk) stays low."""
+    with _Session(context["params"], context["dag"].dag_id, context["run_id"]) as sync:
+        result = sync.catch_up(max_seconds=max(1.0, poke_interval() / 2))
+    log.info("while waiting: %s events applied, lag %s s", f"{result.events_applied:,}",
+             "?" if result.lag_seconds is None else f"{result.lag_seconds:.1f}")
+
+
+def cutover(params: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    """Writes to the source must be stopped now: confirm it (a quiet period), drain, mark the sync complete."""
+    lp = LivePullParams.parse(params)
+    log.info("cutover: waiting for %d s without new source events (application writes must be stopped), then "
+             "draining", lp.quiet_period_seconds)
+    with _Session(params, dag_id, run_id) as sync:
+        result = sync.cutover(quiet_seconds=lp.quiet_period_seconds, timeout=lp.cutover_timeout_seconds)
+    log.info("cutover complete: %s final events applied; the target is in sync. Repoint applications to Atlas.",
+             f"{result.events_applied:,}")
+    return result.to_dict()
+
+
+# ---------------------------------------------------------------- mongosync engine
+
+
+def mongosync_start(params: Mapping[str, Any], profile_data: dict[str, Any]) -> dict[str, Any]:
+    from atlas_migration.mongosync import MongosyncHook, namespace_filters
+
+    p = MigrationParams.parse(params)
+    lp = LivePullParams.parse(params)
+    if p.target_db_prefix:
+        raise ConfigurationError("mongosync cannot rename databases: rehearse with pull_engine=native")
+    plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces)
+    with closing(endpoint_from_connection(p.target_conn_id, "target").connect()) as target:
+        occupied = find_occupied_targets(target, plan.all_items)
+    if occupied:
+        # mongosync needs an empty destination for the synced namespaces; it has no "drop first" option.
+        raise ConfigurationError(f"mongosync needs empty target namespaces; these hold data: {', '.join(occupied)}. "
+                                 "Drop them in Atlas first, or use pull_engine=native with drop_target=true.")
+    hook = MongosyncHook(lp.mongosync_conn_id)
+    progress = hook.progress()
+    if progress.state in ("RUNNING", "PAUSED", "COMMITTING", "COMMITTED"):
+        log.info("mongosync is already %s (a retried task): not starting it again", progress.state)
+        if progress.state == "PAUSED":
+            hook.resume()
+        return progress.summary()
+    filters = namespace_filters(list(p.namespaces.include), list(p.namespaces.exclude))
+    hook.start("cluster0", "cluster1", build_indexes="beforeDataCopy", reversible=False,
+               verification_enabled=True, **{
+                   "include_namespaces": filters.include_namespaces or None,
+                   "exclude_namespaces": filters.exclude_namespaces or None,
+               })
+    return hook.progress().summary()
+
+
+def mongosync_commit(params: Mapping[str, Any]) -> dict[str, Any]:
+    from atlas_migration.mongosync import MongosyncHook, commit_decision
+
+    lp = LivePullParams.parse(params)
+    hook = MongosyncHook(lp.mongosync_conn_id)
+    decision = commit_decision(hook.progress(), lp.max_cutover_lag_seconds)
+    if decision.already_committed:
+        log.info("mongosync already committed (a retried task)")
+        return {"committed": True}
+    if not decision.commit:
+        raise MigrationError(f"mongosync cannot commit now: {decision.reason}. Retry this task once it can.")
+    hook.commit()
+    log.info("mongosync commit requested (%s); waiting for COMMITTED", decision.reason)
+    return {"committed": False, "reason": decision.reason}
+
+
+# ---------------------------------------------------------------- the task group
+
+
+def _manual(params: Mapping[str, Any]) -> bool:
+    return params.get("cutover") == "manual"
+
+
+def _approval_limit(params: Mapping[str, Any]) -> float | None:
+    value = params.get("approval_timeout_seconds")
+    return float(value) if isinstance(value, int | float) else None
+
+
+@task_group(group_id=GROUP_ID)
+def live_pull_group(profile) -> None:
+    """The ``live_pull`` task group: a branch per engine (call inside a DAG; returns nothing)."""
+
+    @task.branch
+    def choose_pull_engine(params=None) -> str:
+        return choose_engine(params)
+
+    @task(task_id="start")
+    def start_sync(profile: dict, params=None, dag=None, run_id=None) -> list[dict]:
+        return start(params, profile, dag.dag_id, run_id)
+
+    @task(retries=3)
+    def copy(partition: dict, params=None, dag=None, run_id=None) -> dict:
+        return copy_partition(params, partition, dag.dag_id, run_id)
+
+    @task(retries=3)
+    def finish_initial_copy(params=None, dag=None, run_id=None) -> None:
+        finish_copy(params, dag.dag_id, run_id)
+
+    @task(task_id="catch_up", retries=3)
+    def catch_up_to_lag(params=None, dag=None, run_id=None) -> dict:
+        return catch_up(params, dag.dag_id, run_id)
+
+    @task(task_id="cutover", retries=3)
+    def cutover_native(params=None, dag=None, run_id=None) -> dict:
+        return cutover(params, dag.dag_id, run_id)
+
+    @task(task_id="mongosync_start", retries=2)
+    def start_mongosync(profile: dict, params=None) -> dict:
+        return mongosync_start(params, profile)
+
+    @task(task_id="mongosync_commit", retries=2)
+    def commit_mongosync(params=None) -> dict:
+        return mongosync_commit(params)
+
+    await_native = approval_sensor(task_id="await_cutover_approval", what="live-pull cutover",
+                                   poke_interval=poke_interval(), required_if=_manual,
+                                   timeout_from_params=_approval_limit, while_waiting=keep_caught_up)
+    await_mongosync = approval_sensor(task_id="await_mongosync_approval", what="mongosync commit",
+                                      poke_interval=poke_interval(), required_if=_manual,
+                                      timeout_from_params=_approval_limit)
+    wait_can_commit = MongosyncWaitOperator(
+        task_id="wait_can_commit", mongosync_conn_id="{{ params.mongosync_conn_id }}", until="can_commit",
+        max_lag_seconds="{{ params.max_cutover_lag_seconds }}", poll_interval=poke_interval())
+    wait_committed = MongosyncWaitOperator(
+        task_id="wait_committed", mongosync_conn_id="{{ params.mongosync_conn_id }}", until="committed",
+        poll_interval=poke_interval())
+
+    partitions = start_sync(profile)
+    copied = copy.expand(partition=partitions)
+    copied >> finish_initial_copy() >> catch_up_to_lag() >> await_native() >> cutover_native()
+    started = start_mongosync(profile)
+    started >> wait_can_commit >> await_mongosync() >> commit_mongosync() >> wait_committed
+    choose_pull_engine() >> [partitions, started]

@@ -1,0 +1,169 @@
+"""The live_pull strategy through the real DAG: a writer keeps changing the source during the migration,
+and after cutover the target equals the source exactly (raw BSON, counts, indexes)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from devtools.airflow_env import REPO, conn_env_name
+from devtools.mongo_servers import free_port
+from tests.dags.test_mongo_to_atlas import airflow_home, conns, failure_text  # noqa: F401 - shared fixture
+from tests.helpers import assert_namespaces_identical, user_namespaces
+
+pytestmark = pytest.mark.integration
+DAG_ID = "mongo_to_atlas"
+FAST_POKES = {"MIGRATION_POKE_INTERVAL_SECONDS": "2"}
+
+
+class Writer(threading.Thread):
+    """Inserts, updates and deletes on the source until stopped; counts what it did."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(daemon=True)
+        self.uri = uri
+        self.stop_event = threading.Event()
+        self.counts = {"insert": 0, "update": 0, "delete": 0}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        import pymongo
+
+        rng = random.Random(3)
+        try:
+            with pymongo.MongoClient(self.uri) as client:
+                coll = client.shop.orders
+                next_id = 10_000
+                while not self.stop_event.is_set():
+                    op = rng.random()
+                    if op < 0.5:
+                        coll.insert_one({"_id": next_id, "total": rng.randint(1, 100), "tags": ["live"]})
+                        next_id += 1
+                        self.counts["insert"] += 1
+                    elif op < 0.8:
+                        coll.update_one({"_id": rng.randint(0, next_id)}, {"$inc": {"total": 1}, "$set": {"seen": True}})
+                        self.counts["update"] += 1
+                    else:
+                        coll.delete_one({"_id": rng.randint(0, next_id)})
+                        self.counts["delete"] += 1
+                    time.sleep(0.01)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def stop(self) -> dict[str, int]:
+        self.stop_event.set()
+        self.join(timeout=30)
+        assert self.error is None, self.error
+        return self.counts
+
+
+def seed(client) -> None:
+    client.shop.orders.insert_many([{"_id": i, "total": i % 97, "lines": [{"sku": i % 13}]} for i in range(3_000)])
+    client.shop.orders.create_index([("total", 1), ("_id", -1)])
+    client.shop.customers.insert_many([{"_id": f"c{i}", "email": f"c{i}@x.org"} for i in range(500)])
+    client.shop.customers.create_index("email", unique=True)
+    client.shop.create_collection("recent", viewOn="orders", pipeline=[{"$match": {"total": {"$gt": 50}}}])
+
+
+def stop_writer_later(writer: Writer, seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, writer.stop_event.set)
+    timer.start()
+    return timer
+
+
+def test_native_pull_with_concurrent_writes_and_auto_cutover(airflow_home, source, target):  # noqa: F811
+    with source.client() as src:
+        seed(src)
+    writer = Writer(source.uri)
+    writer.start()
+    # Writes go on through the copy and the catch-up, then the application "stops" them; the automatic
+    # cutover waits for the quiet period, drains, and only then hands over to validation.
+    stop_writer_later(writer, 25)
+    conf = {"strategy": "live_pull", "pull_engine": "native", "cutover": "auto", "quiet_period_seconds": 3,
+            "partition_docs": 1_000, "validation_mode": "full", "cutover_timeout_seconds": 300}
+    run = airflow_home.dags_test(DAG_ID, conf, env={**conns(source.uri, target.uri), **FAST_POKES})
+    counts = writer.stop()
+    assert run.succeeded, failure_text(run)
+    assert all(counts.values()), counts
+    assert "change stream resume point recorded" in run.output and "cutover complete" in run.output
+    with source.client() as src, target.client() as dst:
+        namespaces = user_namespaces(src)
+        assert namespaces == [("shop", "customers"), ("shop", "orders"), ("shop", "recent")]
+        assert [ns for ns in user_namespaces(dst) if not ns[0].startswith("__")] == namespaces
+        assert_namespaces_identical(src, dst, namespaces)
+
+
+def test_manual_cutover_waits_for_the_operator(airflow_home, source, target):  # noqa: F811
+    with source.client() as src:
+        seed(src)
+    writer = Writer(source.uri)
+    writer.start()
+    env = {**conns(source.uri, target.uri), **FAST_POKES}
+    conf = {"strategy": "live_pull", "pull_engine": "native", "cutover": "manual", "quiet_period_seconds": 2}
+    outcome: dict = {}
+
+    def run_dag() -> None:
+        outcome["run"] = airflow_home.dags_test(DAG_ID, conf, env=env)
+
+    runner = threading.Thread(target=run_dag)
+    runner.start()
+    # Wait until the copy is over and the run is catching up, then stop writes and approve the cutover.
+    with target.client() as dst:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            doc = dst["__atlas_migration"].live_sync.find_one({"kind": "sync", "copy_finished": True})
+            if doc:
+                break
+            time.sleep(1)
+        assert doc, "the live pull never finished its initial copy"
+        run_id = doc["sync_id"].split("/", 1)[1]
+    time.sleep(6)  # a few pokes while nobody has approved yet
+    writer.stop()
+    key = f"atlas_migration_cutover__{DAG_ID}__{run_id}"
+    approved = airflow_home.airflow("variables", "set", key, "approved", env=env)
+    assert approved.returncode == 0, approved.stderr
+    runner.join(timeout=600)
+    run = outcome["run"]
+    assert run.succeeded, failure_text(run)
+    assert "waiting for an operator to approve the live-pull cutover" in run.output
+    assert "was approved" in run.output
+    with source.client() as src, target.client() as dst:
+        assert_namespaces_identical(src, dst, user_namespaces(src))
+
+
+@pytest.fixture
+def mongosync_api(source, target):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "devtools.mongosync_server", "--port", str(port), "--cluster0", source.uri,
+         "--cluster1", target.uri], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    line = proc.stdout.readline()
+    assert "listening on" in line, line
+    yield port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_mongosync_engine_through_the_dag(airflow_home, source, target, mongosync_api):  # noqa: F811
+    with source.client() as src:
+        seed(src)
+    writer = Writer(source.uri)
+    writer.start()
+    stop_writer_later(writer, 15)
+    env = {**conns(source.uri, target.uri), **FAST_POKES,
+           conn_env_name("mongosync_api"): json.dumps({"conn_type": "mongosync", "host": "127.0.0.1",
+                                                        "port": mongosync_api, "schema": "http"})}
+    conf = {"strategy": "live_pull", "pull_engine": "auto", "cutover": "auto", "max_cutover_lag_seconds": 5}
+    run = airflow_home.dags_test(DAG_ID, conf, env=env)
+    writer.stop()
+    assert run.succeeded, failure_text(run)
+    assert "pull_engine=auto: mongosync" in run.output
+    with source.client() as src, target.client() as dst:
+        assert_namespaces_identical(src, dst, user_namespaces(src))

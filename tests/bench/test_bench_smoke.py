@@ -1,0 +1,59 @@
+"""The benchmark suite's smallest configuration, end to end and in-process.
+
+It starts its own two servers, so it is an integration test. It checks that every figure was measured
+(present, with positive documents, time, throughput and memory) and that every target was evaluated; it
+never asserts a timing or a ratio, which depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import run
+
+pytestmark = pytest.mark.integration
+
+ENGINE_FIGURES = {
+    "ceiling.insert", "ceiling.read", "ceiling.read_sorted",
+    "dump.native", "dump.native_plain",
+    "restore.native", "restore.native_1thread",
+    "copy.native",
+    *(f"validation.{mode}.{size}x" for mode in ("counts", "full") for size in (1, 2, 4)),
+    *(f"scaling.{n}" for n in (1, 2, 4)),
+    *(f"memory.{kind}.{size}x" for kind in ("dump", "restore") for size in (1, 4)),
+}
+TOOL_FIGURES = {"tools.mongodump", "tools.mongorestore", "tools.copy"}
+TARGETS = {"target.copy", "target.dump", "target.validation", "target.memory"}
+
+
+def test_smallest_configuration_measures_every_figure(tmp_path, capsys):
+    assert run.main(["--docs", "2000", "--collections", "3", "--results-dir", str(tmp_path)]) == 0
+
+    [results_file] = tmp_path.glob("*.json")
+    results = json.loads(results_file.read_text())
+    figures = {figure["key"]: figure for figure in results["figures"]}
+    measured = {key: figure for key, figure in figures.items() if figure["status"] == "ok"}
+    skipped = {key for key, figure in figures.items() if figure["status"] == "skipped"}
+
+    # The Database Tools figures exist when mongodump/mongorestore are on PATH, else one skipped row.
+    assert set(measured) - TOOL_FIGURES == ENGINE_FIGURES
+    assert set(measured) & TOOL_FIGURES in (set(), TOOL_FIGURES)
+    assert skipped == (set() if TOOL_FIGURES <= set(measured) else {"tools"})
+    for key, figure in measured.items():
+        for field in ("documents", "bytes", "seconds", "docs_per_s", "mb_per_s", "peak_rss_mb"):
+            assert figure[field] and figure[field] > 0, f"{key}: {field} is {figure[field]!r}"
+        if figure["ratio_to"]:
+            assert figure["ratio"] > 0, f"{key}: no ratio to {figure['ratio_to']}"
+
+    targets = {target["key"]: target for target in results["targets"]}
+    assert set(targets) == TARGETS
+    for key, target in targets.items():
+        assert target["value"] > 0 and target["status"] in ("PASS", "MISS"), f"{key}: {target}"
+
+    assert results["dataset"]["documents"] == 2000
+    printed = capsys.readouterr().out
+    assert "skipped: tools not on PATH" in printed or "tools.mongodump" in figures
+    for target in results["targets"]:
+        assert target["label"] in printed

@@ -78,6 +78,33 @@ Scenario knobs (``Scenario`` fields; change them with ``update_scenario`` or ``P
   ``migration_outcome`` ("auto" | "FAILED"); ``peer_outcome`` ("AVAILABLE" | "FAILED") with
   ``peer_error_state_name``; ``require_link``.
 - Limits: ``rate_limit_capacity`` / ``rate_limit_refill_per_second`` (None = no limit), real time.
+- AWS (optional): ``aws_endpoint_url`` (an EC2 endpoint such as moto in server mode). Set, the peering
+  is played against AWS as Atlas does it: a container gets a real VPC (its ``atlasCidrBlock``) standing in
+  for Atlas's own; a peer request creates a real VPC peering connection from it into the customer's
+  ``vpcId`` (its ``pcx-`` id is the peer's ``connectionId``, ``pending-acceptance`` in AWS); the customer
+  accepts it in AWS (``AcceptVpcPeeringConnection``), and the peer turns FINALIZING then AVAILABLE once
+  ``GET /peers/{id}`` sees it ``active``; rejected or deleted in AWS turns it FAILED. Without it, the
+  admin ``accept`` call stands in for the AWS side.
+- Data (optional): ``local_uri`` on a deployment (``source_projects[].deployments[]``) and on a cluster
+  (``clusters[]``): MongoDB connection strings of local servers playing the source deployment and the Atlas
+  cluster. See "Moving data" below.
+
+Moving data (the stand-in's approximation of the push)
+------------------------------------------------------
+Atlas's push runs mongosync on the migration host: an initial copy, then continuous change application
+until the cutover. The stand-in moves no data while a migration is WORKING; when a cutover is requested for
+a migration whose source deployment and destination cluster both have a ``local_uri``, it copies every
+non-system namespace (not ``admin``/``local``/``config``, not ``system.*``) from the source server to the
+target server in a background thread, with the project's built-in engine (``atlas_migration.engines.native``:
+``dump_collection``/``restore_collection`` as raw BSON with options and indexes, then ``restore_view``).
+With ``dropDestinationData`` it first drops every non-system database of the target. Copying at the
+cutover, when application writes are stopped, leaves the target equal to the source, which is what the
+real push guarantees once COMPLETE; the intermediate states (target partly filled while WORKING) are not
+reproduced. The migration stays WORKING until the copy has finished and ``migration_cutover_seconds`` have
+passed, then turns COMPLETE; a copy error turns it FAILED (``copy_status``/``copy_detail`` in
+``GET /__test__/state``). A destination cluster with a ``local_uri`` counts as holding data when its server
+has any non-system collection (instead of the ``has_data`` flag). A copy interrupted by a restart of the
+stand-in is reported FAILED when the state file is loaded again.
 
 Admin endpoints (no auth; under ``/__test__``, which the real API never uses)
 -----------------------------------------------------------------------------
@@ -160,6 +187,7 @@ class DeploymentSpec:
     db_size_bytes: int = 512 * 1024 * 1024
     oplog_size_mb: int = 2048
     agent_version: str = "13.30.0.8945-1"
+    local_uri: str | None = None  # stand-in only: a local server playing this deployment ("Moving data")
 
     def to_api(self) -> dict[str, Any]:
         return {
@@ -201,6 +229,7 @@ class ClusterSpec:
     standard: str | None = None  # connection strings; defaults derive from the name
     standard_srv: str | None = None
     cluster_id: str = field(default_factory=object_id)
+    local_uri: str | None = None  # stand-in only: a local server playing this cluster ("Moving data")
 
 
 @dataclass
@@ -243,6 +272,7 @@ class Scenario:
     require_link: bool = True
     rate_limit_capacity: int | None = None
     rate_limit_refill_per_second: float | None = None
+    aws_endpoint_url: str | None = None  # see "AWS (optional)" above
 
     def cloud_manager_keys(self) -> dict[str, str]:
         return self.cloud_manager_api_keys or self.api_keys
@@ -419,6 +449,11 @@ class MigrationRecord:
     fail_after: float | None  # seconds after creation when it turns FAILED; None = never
     failure_reason: str | None = None
     cutover_at: float | None = None
+    source_group_id: str | None = None
+    source_cluster: str | None = None
+    drop_destination_data: bool = False
+    copy_status: str | None = None  # None (no data to move) | running | done | failed
+    copy_detail: str | None = None
 
     LAG_FLOOR = 1.0
 
@@ -431,7 +466,9 @@ class MigrationRecord:
         """(status, readyForCutover, lagTimeSeconds or None)."""
         t = now - self.created_at
         if self.cutover_at is not None:
-            if now - self.cutover_at >= self.cutover_seconds:
+            if self.copy_status == "failed":
+                return "FAILED", False, None
+            if self.copy_status != "running" and now - self.cutover_at >= self.cutover_seconds:
                 return "COMPLETE", False, None
             return "WORKING", True, None
         if self.fail_after is not None and t >= self.fail_after:
@@ -485,6 +522,7 @@ class PeerRecord:
     error_state_name: str
     accepted_at: float | None = None
     rejected_at: float | None = None
+    aws_linked: bool = False  # the connection_id is a real peering connection at Scenario.aws_endpoint_url
 
     def state(self, now: float) -> tuple[str, str | None]:
         """(statusName, errorStateName)."""
@@ -759,6 +797,9 @@ class AtlasApiState:
         self.access_list = [AccessListRecord(**a) for a in data.get("access_list", [])]
         for name, cls in self._OBJECTS.items():
             setattr(self, name, {key: cls(**rec) for key, rec in data.get(name, {}).items()})
+        for record in self.migrations.values():
+            if record.copy_status == "running":  # its thread died with the previous process
+                record.copy_status, record.copy_detail = "failed", "the data copy was interrupted by a restart"
 
     def save(self) -> None:
         if not self.state_file:
@@ -950,7 +991,7 @@ class AtlasApiState:
         if not live_migration_version_ok(cluster.mongodb_version):
             return (f"Destination cluster {cluster.name} runs MongoDB {cluster.mongodb_version}; live "
                     "migration requires 6.0.17+ or 7.0.13+.")
-        if cluster.has_data and not body.get("dropDestinationData", False):
+        if self._cluster_has_data(cluster) and not body.get("dropDestinationData", False):
             return (f"Destination cluster {cluster.name} contains data; set dropDestinationData to true to "
                     "replace it.")
         return None
@@ -1034,7 +1075,9 @@ class AtlasApiState:
             new_seconds=s.migration_new_seconds, initial_lag=s.migration_initial_lag_seconds,
             lag_decay=s.migration_lag_decay_per_second, ready_lag=s.migration_ready_lag_seconds,
             cutover_seconds=s.migration_cutover_seconds, cutover_window=s.cutover_window_seconds,
-            fail_after=fail_after, failure_reason=problem,
+            fail_after=fail_after, failure_reason=problem, source_group_id=body["source"]["groupId"],
+            source_cluster=body["source"]["clusterName"],
+            drop_destination_data=bool(body.get("dropDestinationData", False)),
         )
         with self.lock:
             self.migrations[record.id] = record
@@ -1064,7 +1107,41 @@ class AtlasApiState:
                                f"Live migration {record.id} cannot be cut over: status {status}, "
                                f"readyForCutover {str(ready).lower()}.", [record.id, status])
             record.cutover_at = now
+            endpoints = self._data_endpoints(record)
+            if endpoints:
+                record.copy_status = "running"
+                threading.Thread(target=self._copy_data, args=(record, *endpoints), name=f"copy-{record.id}",
+                                 daemon=True).start()
         return Reply(202)
+
+    # ---- moving data (module docstring, "Moving data") ------------------------------------------
+
+    def _cluster_has_data(self, cluster: ClusterSpec) -> bool:
+        if not cluster.local_uri:
+            return cluster.has_data
+        import pymongo
+
+        with pymongo.MongoClient(cluster.local_uri, serverSelectionTimeoutMS=5000) as client:
+            return any(_user_namespaces(client))
+
+    def _data_endpoints(self, record: MigrationRecord) -> tuple[str, str] | None:
+        """(source URI, target URI) when both ends of the migration are played by local servers."""
+        project = next((p for p in self.scenario.source_projects if p.project_id == record.source_group_id), None)
+        deployment = next((d for d in project.deployments if d.name == record.source_cluster), None) if project else None
+        cluster = self.scenario.cluster(record.destination_cluster)
+        if deployment is None or cluster is None or not deployment.local_uri or not cluster.local_uri:
+            return None
+        return deployment.local_uri, cluster.local_uri
+
+    def _copy_data(self, record: MigrationRecord, source_uri: str, target_uri: str) -> None:
+        try:
+            detail = copy_deployment(source_uri, target_uri, drop_destination_data=record.drop_destination_data)
+            status = "done"
+        except Exception as exc:  # noqa: BLE001 - any copy error must surface as a FAILED migration
+            status, detail = "failed", f"data copy failed: {type(exc).__name__}: {exc}"
+        with self.lock:
+            record.copy_status, record.copy_detail = status, detail
+            self.save()
 
     # ---- Atlas: clusters, network peering, access list ----------------------------------------
 
@@ -1103,8 +1180,9 @@ class AtlasApiState:
             if any(c.group_id == group_id and c.region_name == body["regionName"] for c in self.containers.values()):
                 raise ApiError(409, "CONTAINER_ALREADY_EXISTS", f"A network peering container already exists "
                                f"for {body['regionName']} in this project.", [body["regionName"]])
-            record = ContainerRecord(object_id(), group_id, provider, cidr, body["regionName"],
-                                     "vpc-" + secrets.token_hex(9)[:17])
+            vpc_id = ("vpc-" + secrets.token_hex(9)[:17] if not self.scenario.aws_endpoint_url
+                      else self._aws(body["regionName"]).create_vpc(CidrBlock=cidr)["Vpc"]["VpcId"])
+            record = ContainerRecord(object_id(), group_id, provider, cidr, body["regionName"], vpc_id)
             self.containers[record.id] = record
         return Reply(201, record.to_api())
 
@@ -1135,14 +1213,18 @@ class AtlasApiState:
             raise ApiError(400, "INVALID_ATTRIBUTE", "routeTableCidrBlock overlaps the Atlas CIDR block "
                            f"{container.atlas_cidr_block}.", ["routeTableCidrBlock"])
         s = self.scenario
+        connection_id, aws_failure = "pcx-" + secrets.token_hex(9)[:17], None
+        if s.aws_endpoint_url:
+            connection_id, aws_failure = self._request_aws_peering(container, body)
         record = PeerRecord(
             id=object_id(), group_id=group_id, container_id=container.id,
             accepter_region_name=body["accepterRegionName"], aws_account_id=body["awsAccountId"],
-            route_table_cidr_block=cidr, vpc_id=body["vpcId"], connection_id="pcx-" + secrets.token_hex(9)[:17],
+            route_table_cidr_block=cidr, vpc_id=body["vpcId"], connection_id=connection_id,
             created_at=self.clock.now(), initiating_seconds=s.peer_initiating_seconds,
             auto_accept_after=s.peer_auto_accept_after_seconds, finalizing_seconds=s.peer_finalizing_seconds,
-            fails=s.peer_outcome == "FAILED", fail_after=s.peer_fail_after_seconds,
-            error_state_name=s.peer_error_state_name,
+            fails=s.peer_outcome == "FAILED" or aws_failure is not None,
+            fail_after=s.peer_initiating_seconds if aws_failure else s.peer_fail_after_seconds,
+            error_state_name=aws_failure or s.peer_error_state_name, aws_linked=bool(s.aws_endpoint_url),
         )
         with self.lock:
             self.peers[record.id] = record
@@ -1154,7 +1236,51 @@ class AtlasApiState:
         if record is None or record.group_id != group_id:
             raise ApiError(404, "RESOURCE_NOT_FOUND", f"No network peering connection with ID "
                            f"{req.params['peerId']} exists in this project.", [req.params["peerId"]])
+        if record.aws_linked:
+            self._observe_aws_peering(record)
         return Reply(200, record.to_api(self.clock.now()))
+
+    def _aws(self, atlas_region: str):
+        import boto3
+
+        # Atlas's own AWS account: credentials the stand-in makes up (moto accepts any).
+        return boto3.client("ec2", endpoint_url=self.scenario.aws_endpoint_url,
+                            region_name=atlas_region.lower().replace("_", "-"),
+                            aws_access_key_id="atlas-standin", aws_secret_access_key="atlas-standin")
+
+    def _request_aws_peering(self, container: ContainerRecord, body: dict[str, Any]) -> tuple[str, str | None]:
+        """Atlas asks AWS for a peering connection into the customer's VPC: (pcx id, failure state or None)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            reply = self._aws(container.region_name).create_vpc_peering_connection(
+                VpcId=container.vpc_id, PeerVpcId=body["vpcId"], PeerOwnerId=body["awsAccountId"],
+                PeerRegion=body["accepterRegionName"].lower().replace("_", "-"))
+        except ClientError as exc:  # e.g. the VPC does not exist: Atlas reports the peer FAILED
+            return "pcx-" + secrets.token_hex(9)[:17], str(exc.response.get("Error", {}).get("Code", "FAILED"))
+        return reply["VpcPeeringConnection"]["VpcPeeringConnectionId"], None
+
+    def _observe_aws_peering(self, record: PeerRecord) -> None:
+        """What Atlas learns from AWS: accepted (active) or rejected / deleted / failed / expired."""
+        from botocore.exceptions import ClientError
+
+        now = self.clock.now()
+        if record.accepted_at is not None and record.rejected_at is None:
+            status_now, _ = record.state(now)
+            if status_now != "AVAILABLE":
+                return
+        try:
+            reply = self._aws(record.accepter_region_name).describe_vpc_peering_connections(
+                VpcPeeringConnectionIds=[record.connection_id])
+            pcxs = reply.get("VpcPeeringConnections", [])
+            code = pcxs[0]["Status"]["Code"] if pcxs else "deleted"
+        except ClientError:
+            code = "deleted"
+        with self.lock:
+            if code in ("active", "provisioning") and record.accepted_at is None and record.rejected_at is None:
+                record.accepted_at = now
+            elif code in ("rejected", "deleted", "failed", "expired") and record.rejected_at is None:
+                record.rejected_at = now
 
     def add_access_list(self, req: Request) -> Reply:
         group_id = self._group(req)
@@ -1241,6 +1367,48 @@ class AtlasApiState:
             else:
                 record.rejected_at = now
             return record.to_api(now)
+
+
+def _user_namespaces(client: Any) -> list[tuple[str, str, str]]:
+    """(db, name, type) of every namespace a live migration moves: no system databases or collections."""
+    from atlas_migration.namespaces import is_never_migrated
+
+    found = []
+    for db_name in client.list_database_names():
+        if is_never_migrated(db_name):
+            continue
+        for info in client[db_name].list_collections():
+            if not is_never_migrated(db_name, info["name"]):
+                found.append((db_name, info["name"], info.get("type", "collection")))
+    return sorted(found)
+
+
+def copy_deployment(source_uri: str, target_uri: str, *, drop_destination_data: bool = False) -> str:
+    """Copy every non-system namespace from one server to another (collections first, views last), with the
+    project's raw-BSON engine; returns a one-line summary. See "Moving data" in the module docstring."""
+    import tempfile
+
+    import pymongo
+
+    from atlas_migration.engines import native
+
+    with pymongo.MongoClient(source_uri, serverSelectionTimeoutMS=10_000) as src, \
+            pymongo.MongoClient(target_uri, serverSelectionTimeoutMS=10_000) as dst, \
+            tempfile.TemporaryDirectory(prefix="atlas-stand-in-copy-") as tmp:
+        if drop_destination_data:
+            for db_name in {db for db, _, _ in _user_namespaces(dst)}:
+                dst.drop_database(db_name)
+        namespaces = _user_namespaces(src)
+        documents = 0
+        for db_name, name, kind in namespaces:
+            if kind != "view":
+                native.dump_collection(src, db_name, name, tmp)
+                documents += native.restore_collection(dst, tmp, db_name, name).documents
+        for db_name, name, kind in namespaces:
+            if kind == "view":
+                native.dump_collection(src, db_name, name, tmp)
+                native.restore_view(dst, tmp, db_name, name)
+    return f"copied {len(namespaces)} namespace(s), {documents} document(s)"
 
 
 def _page(req: Request, results: list[dict[str, Any]]) -> dict[str, Any]:

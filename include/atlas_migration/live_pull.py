@@ -17,22 +17,28 @@ with one of two engines (``pull_engine``):
 ``auto`` picks mongosync when its connection exists, else native. Every task is safe to retry: the native
 engine resumes from checkpoints stored on the target (``__atlas_migration.live_sync``), and mongosync
 calls are made only in the state that accepts them.
+
+Other strategies reuse these tasks: ``add_pull_tasks(profile, sources)`` adds them to the task group being
+built (the ``compose`` and ``aws_replica_set`` groups nest them in a ``pull`` group). ``PullSources`` says
+which connection the native engine copies from and which one its change stream reads: the same one here,
+a mongos and a separately reachable oplog for Compose.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from airflow.sdk import task, task_group
 
 from atlas_migration.approval import approval_sensor
 from atlas_migration.errors import ConfigurationError, MigrationError
-from atlas_migration.hooks import endpoint_from_connection
+from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
 from atlas_migration.params import MigrationParams
 from atlas_migration.planning import build_copy_plan, find_occupied_targets, refuse_occupied_targets
 from atlas_migration.profile import SourceProfile
@@ -145,8 +151,8 @@ def _connection_exists(conn_id: str) -> bool:
         return False
 
 
-def choose_engine(params: Mapping[str, Any]) -> str:
-    """The group's branch: the first task of the chosen engine's path."""
+def choose_engine(params: Mapping[str, Any], group_id: str = GROUP_ID) -> str:
+    """The group's branch: the first task of the chosen engine's path (inside the task group ``group_id``)."""
     lp = LivePullParams.parse(params)
     engine = lp.engine
     if engine == "auto":
@@ -156,24 +162,55 @@ def choose_engine(params: Mapping[str, Any]) -> str:
                  else f"no connection '{lp.mongosync_conn_id}'")
     elif engine == "mongosync" and not _connection_exists(lp.mongosync_conn_id):
         raise ConfigurationError(f"pull_engine=mongosync but Airflow connection '{lp.mongosync_conn_id}' is not defined")
-    return f"{GROUP_ID}.{'mongosync_start' if engine == 'mongosync' else 'start'}"
+    return f"{group_id}.{'mongosync_start' if engine == 'mongosync' else 'start'}"
 
 
 # ---------------------------------------------------------------- native engine
+
+
+@dataclass(frozen=True)
+class PullSources:
+    """Where the native engine reads: ``copy_conn_param`` names the param holding the connection the initial
+    copy (and indexes, views) reads; ``stream_conn_param`` the one whose change stream gives the start point,
+    catch-up and cutover drain. Both may be the same. ``endpoint`` opens a connection id as a
+    ``MongoEndpoint`` (role "source"); strategies that need more than the plain connection (a CA
+    certificate given as PEM text) pass their own."""
+
+    copy_conn_param: str = "source_conn_id"
+    stream_conn_param: str = "source_conn_id"
+    endpoint: Callable[[str, str], MongoEndpoint] = field(default=endpoint_from_connection, compare=False)
+
+    def conn_id(self, params: Mapping[str, Any], phase: str) -> str:
+        key = self.stream_conn_param if phase == "stream" else self.copy_conn_param
+        if key == "source_conn_id":
+            return MigrationParams.parse(params).source_conn_id
+        value = str(params.get(key) or "").strip()
+        if not value:
+            raise ConfigurationError(f"parameter {key} must name the Airflow connection the live pull reads")
+        return value
+
+
+DEFAULT_SOURCES = PullSources()
 
 
 def _sync_id(dag_id: str, run_id: str) -> str:
     return f"{dag_id}/{run_id}"
 
 
-def _open_sync(params: Mapping[str, Any], dag_id: str, run_id: str):
-    """A LiveSync bound to this run, plus the two clients to close afterwards."""
+def _open_sync(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES,
+               phase: str = "copy"):
+    """A LiveSync bound to this run, reading from the ``phase``'s source ("copy" or "stream"), plus the two
+    clients to close afterwards. Every phase's LiveSync shares the state kept on the target."""
     from atlas_migration.engines.live import LiveSync
 
     p = MigrationParams.parse(params)
     lp = LivePullParams.parse(params)
-    source = endpoint_from_connection(p.source_conn_id, "source").connect()
-    target = endpoint_from_connection(p.target_conn_id, "target").connect()
+    source = sources.endpoint(sources.conn_id(params, phase), "source").connect()
+    try:
+        target = endpoint_from_connection(p.target_conn_id, "target").connect()
+    except Exception:
+        source.close()
+        raise
     sync = LiveSync(source, target, sync_id=_sync_id(dag_id, run_id), namespaces=p.namespaces,
                     target_db_prefix=p.target_db_prefix, batch_size=p.batch_size, partition_docs=lp.partition_docs,
                     log=log)
@@ -181,10 +218,11 @@ def _open_sync(params: Mapping[str, Any], dag_id: str, run_id: str):
 
 
 class _Session:
-    """``with _Session(params, dag_id, run_id) as sync:`` closes both clients whatever happens."""
+    """``with _Session(params, dag_id, run_id, sources, phase) as sync:`` closes both clients whatever happens."""
 
-    def __init__(self, params: Mapping[str, Any], dag_id: str, run_id: str) -> None:
-        self.sync, self._source, self._target = _open_sync(params, dag_id, run_id)
+    def __init__(self, params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES,
+                 phase: str = "copy") -> None:
+        self.sync, self._source, self._target = _open_sync(params, dag_id, run_id, sources, phase)
 
     def __enter__(self):
         return self.sync
@@ -194,7 +232,8 @@ class _Session:
         self._target.close()
 
 
-def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, run_id: str) -> list[dict[str, Any]]:
+def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, run_id: str,
+          sources: PullSources = DEFAULT_SOURCES) -> list[dict[str, Any]]:
     """Refuse what cannot work before writing anything; then record the resume point and plan partitions."""
     from atlas_migration.engines.live import check_oplog_window
 
@@ -211,8 +250,10 @@ def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, 
         occupied = find_occupied_targets(target, plan.all_items)
     if not p.drop_target:
         refuse_occupied_targets(occupied, p.target_conn_id)
-    with _Session(params, dag_id, run_id) as sync:
+    # The start point comes from the change stream's source BEFORE the copy source is read at all.
+    with _Session(params, dag_id, run_id, sources, "stream") as sync:
         point = sync.start()
+    with _Session(params, dag_id, run_id, sources, "copy") as sync:
         partitions = [part.to_dict() for part in sync.plan_partitions()]
         sync.prepare_targets(drop=p.drop_target)
     log.info("live pull %s: change stream resume point recorded at %s (cluster time %s), before the copy; "
@@ -220,26 +261,27 @@ def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, 
     return partitions
 
 
-def copy_partition(params: Mapping[str, Any], partition: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+def copy_partition(params: Mapping[str, Any], partition: dict[str, Any], dag_id: str, run_id: str,
+                   sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
     from atlas_migration.engines.live import Partition
 
-    with _Session(params, dag_id, run_id) as sync:
+    with _Session(params, dag_id, run_id, sources, "copy") as sync:
         result = sync.copy_partition(Partition.from_dict(partition))
     log.info("copied partition %s: %s documents in %.1fs%s", result.partition, f"{result.documents:,}",
              result.seconds, f" (resumed after {result.resumed_from})" if result.resumed_from else "")
     return result.to_dict()
 
 
-def finish_copy(params: Mapping[str, Any], dag_id: str, run_id: str) -> None:
-    with _Session(params, dag_id, run_id) as sync:
+def finish_copy(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES) -> None:
+    with _Session(params, dag_id, run_id, sources, "copy") as sync:
         sync.finish_initial_copy()
     log.info("initial copy finished: indexes and views in place; following the change stream next")
 
 
-def catch_up(params: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+def catch_up(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
     """Apply change events until the target is within ``max_cutover_lag_seconds`` of the source."""
     lp = LivePullParams.parse(params)
-    with _Session(params, dag_id, run_id) as sync:
+    with _Session(params, dag_id, run_id, sources, "stream") as sync:
         result = sync.catch_up(until_lag_below=lp.max_cutover_lag_seconds, max_seconds=lp.catch_up_timeout_seconds)
     log.info("catch-up: %s events applied, lag %s s (%s)", f"{result.events_applied:,}",
              "?" if result.lag_seconds is None else f"{result.lag_seconds:.1f}", result.stopped_because)
@@ -252,20 +294,20 @@ def catch_up(params: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, A
     return result.to_dict()
 
 
-def keep_caught_up(context: Mapping[str, Any]) -> None:
+def keep_caught_up(context: Mapping[str, Any], sources: PullSources = DEFAULT_SOURCES) -> None:
     """While a manual cutover waits for approval, keep applying events so the lag (and the oplog risk) stays low."""
-    with _Session(context["params"], context["dag"].dag_id, context["run_id"]) as sync:
+    with _Session(context["params"], context["dag"].dag_id, context["run_id"], sources, "stream") as sync:
         result = sync.catch_up(max_seconds=max(1.0, poke_interval() / 2))
     log.info("while waiting: %s events applied, lag %s s", f"{result.events_applied:,}",
              "?" if result.lag_seconds is None else f"{result.lag_seconds:.1f}")
 
 
-def cutover(params: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+def cutover(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
     """Writes to the source must be stopped now: confirm it (a quiet period), drain, mark the sync complete."""
     lp = LivePullParams.parse(params)
     log.info("cutover: waiting for %d s without new source events (application writes must be stopped), then "
              "draining", lp.quiet_period_seconds)
-    with _Session(params, dag_id, run_id) as sync:
+    with _Session(params, dag_id, run_id, sources, "stream") as sync:
         result = sync.cutover(quiet_seconds=lp.quiet_period_seconds, timeout=lp.cutover_timeout_seconds)
     log.info("cutover complete: %s final events applied; the target is in sync. Repoint applications to Atlas.",
              f"{result.events_applied:,}")
@@ -333,33 +375,41 @@ def _approval_limit(params: Mapping[str, Any]) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-@task_group(group_id=GROUP_ID)
-def live_pull_group(profile) -> None:
-    """The ``live_pull`` task group: a branch per engine (call inside a DAG; returns nothing)."""
+def _group_of(ti) -> str:
+    """The id of the task group a task instance belongs to (its task id without the last part)."""
+    return ti.task_id.rpartition(".")[0]
+
+
+def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
+    """Add the pull's tasks (engine branch, native path, mongosync path) to the task group being built.
+
+    Call inside a task group (never at DAG level: the branch names its tasks relative to its group). The
+    group's root is the ``choose_pull_engine`` branch.
+    """
 
     @task.branch
-    def choose_pull_engine(params=None) -> str:
-        return choose_engine(params)
+    def choose_pull_engine(params=None, ti=None) -> str:
+        return choose_engine(params, _group_of(ti))
 
     @task(task_id="start")
     def start_sync(profile: dict, params=None, dag=None, run_id=None) -> list[dict]:
-        return start(params, profile, dag.dag_id, run_id)
+        return start(params, profile, dag.dag_id, run_id, sources)
 
     @task(retries=3)
     def copy(partition: dict, params=None, dag=None, run_id=None) -> dict:
-        return copy_partition(params, partition, dag.dag_id, run_id)
+        return copy_partition(params, partition, dag.dag_id, run_id, sources)
 
     @task(retries=3)
     def finish_initial_copy(params=None, dag=None, run_id=None) -> None:
-        finish_copy(params, dag.dag_id, run_id)
+        finish_copy(params, dag.dag_id, run_id, sources)
 
     @task(task_id="catch_up", retries=3)
     def catch_up_to_lag(params=None, dag=None, run_id=None) -> dict:
-        return catch_up(params, dag.dag_id, run_id)
+        return catch_up(params, dag.dag_id, run_id, sources)
 
     @task(task_id="cutover", retries=3)
     def cutover_native(params=None, dag=None, run_id=None) -> dict:
-        return cutover(params, dag.dag_id, run_id)
+        return cutover(params, dag.dag_id, run_id, sources)
 
     @task(task_id="mongosync_start", retries=2)
     def start_mongosync(profile: dict, params=None) -> dict:
@@ -371,7 +421,8 @@ def live_pull_group(profile) -> None:
 
     await_native = approval_sensor(task_id="await_cutover_approval", what="live-pull cutover",
                                    poke_interval=poke_interval(), required_if=_manual,
-                                   timeout_from_params=_approval_limit, while_waiting=keep_caught_up)
+                                   timeout_from_params=_approval_limit,
+                                   while_waiting=partial(keep_caught_up, sources=sources))
     await_mongosync = approval_sensor(task_id="await_mongosync_approval", what="mongosync commit",
                                       poke_interval=poke_interval(), required_if=_manual,
                                       timeout_from_params=_approval_limit)
@@ -388,3 +439,9 @@ def live_pull_group(profile) -> None:
     started = start_mongosync(profile)
     started >> wait_can_commit >> await_mongosync() >> commit_mongosync() >> wait_committed
     choose_pull_engine() >> [partitions, started]
+
+
+@task_group(group_id=GROUP_ID)
+def live_pull_group(profile) -> None:
+    """The ``live_pull`` task group: a branch per engine (call inside a DAG; returns nothing)."""
+    add_pull_tasks(profile)

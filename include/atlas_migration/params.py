@@ -92,6 +92,8 @@ def dag_params() -> dict[str, Any]:
                                              "shared disk). Empty: no staging."),
         ),
         **_live_pull_params(),
+        **_compose_params(),
+        **_aws_params(),
         **section(
             "Validation",
             validation_mode=Param("counts", type="string", enum=["counts", "full"], title="Validation mode",
@@ -124,6 +126,18 @@ def _live_pull_params() -> dict[str, Any]:
     from atlas_migration.live_pull import live_pull_params
 
     return live_pull_params()
+
+
+def _compose_params() -> dict[str, Any]:
+    from atlas_migration.compose import compose_params
+
+    return compose_params()
+
+
+def _aws_params() -> dict[str, Any]:
+    from atlas_migration.aws_replica_set import aws_params
+
+    return aws_params()
 
 
 @dataclass(frozen=True)

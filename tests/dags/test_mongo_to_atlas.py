@@ -75,14 +75,15 @@ def test_include_exclude_and_forced_strategy(airflow_home, source, target):
         assert_namespaces_identical(src, dst, expected)
 
 
-def test_auto_on_replica_set_chooses_live_pull_and_fails_clearly(airflow_home, source, target):
+def test_auto_on_replica_set_routes_to_live_pull(airflow_home, source, target):
     with source.client() as src:
-        src.shop.orders.insert_one({"_id": 1})
-    run = airflow_home.dags_test(DAG_ID, {}, env=conns(source.uri, target.uri))
-    assert run.state == "failed", failure_text(run)
-    assert "'live_pull' task group is not built in this release" in run.output
-    with target.client() as dst:
-        assert user_namespaces(dst) == []
+        src.shop.orders.insert_many([{"_id": i, "v": i} for i in range(200)])
+    run = airflow_home.dags_test(DAG_ID, {"cutover": "auto", "quiet_period_seconds": 1},
+                                 env={**conns(source.uri, target.uri), "MIGRATION_POKE_INTERVAL_SECONDS": "2"})
+    assert run.succeeded, failure_text(run)
+    assert "strategy: live_pull (chosen automatically; rule 'default')" in run.output
+    with source.client() as src, target.client() as dst:
+        assert_namespaces_identical(src, dst, [("shop", "orders")])
 
 
 def test_impossible_override_fails_before_writing(airflow_home, standalone, target):

@@ -107,6 +107,13 @@ def test_wrong_region_fails_before_any_network_change(airflow_home, source, targ
                                                       moto_endpoint, tmp_path):
     with source.client() as src:
         src.shop.orders.insert_one({"_id": 1})
+    def peerings() -> set[str]:
+        # moto keeps state for the whole session: compare with what existed before this run.
+        reply = ec2.describe_vpc_peering_connections(Filters=[
+            {"Name": "accepter-vpc-info.vpc-id", "Values": [source_on_ec2["vpc"]]}])
+        return {p["VpcPeeringConnectionId"] for p in reply["VpcPeeringConnections"]}
+
+    before = peerings()
     process, url = _stand_in(tmp_path, moto_endpoint, "US_EAST_1")
     try:
         run = airflow_home.dags_test(DAG_ID, {**CONF, "strategy": "aws_replica_set"},
@@ -116,5 +123,4 @@ def test_wrong_region_fails_before_any_network_change(airflow_home, source, targ
         process.wait(timeout=30)
     assert run.state == "failed", failure_text(run)
     assert "runs in AWS region eu-west-1 (EU_WEST_1) but Atlas cluster 'c0' is in US_EAST_1" in run.output, failure_text(run)
-    assert ec2.describe_vpc_peering_connections(Filters=[
-        {"Name": "accepter-vpc-info.vpc-id", "Values": [source_on_ec2["vpc"]]}])["VpcPeeringConnections"] == []
+    assert peerings() == before

@@ -17,9 +17,10 @@ from atlas_migration import tasks as steps
 from atlas_migration.aws_replica_set import aws_replica_set_group
 from atlas_migration.compose import compose_group
 from atlas_migration.live_pull import live_pull_group
+from atlas_migration.live_push import live_push_group
 
 # Strategies with a task group in the flow; routing to any other fails with a clear error.
-AVAILABLE_STRATEGIES = frozenset({"mongorestore", "live_pull", "compose", "aws_replica_set"})
+AVAILABLE_STRATEGIES = frozenset({"mongorestore", "live_pull", "live_push", "compose", "aws_replica_set"})
 
 
 def _paths(params, dag, run_id) -> steps.RunPaths:
@@ -81,8 +82,8 @@ def migration_flow(*, rehearsal: bool = False) -> None:
         scratch = check_scratch()
         scratch >> profile
     decision = route(profile)
-    groups = [mongorestore_group(profile), live_pull_group(profile), compose_group(profile),
-              aws_replica_set_group(profile)]
+    groups = [mongorestore_group(profile), live_pull_group(profile), live_push_group(profile),
+              compose_group(profile), aws_replica_set_group(profile)]
     choose_strategy(decision) >> groups
     result = validate(profile, decision)
     groups >> result

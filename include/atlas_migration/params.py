@@ -94,6 +94,7 @@ def dag_params() -> dict[str, Any]:
         **_live_pull_params(),
         **_compose_params(),
         **_aws_params(),
+        **_live_push_params(),
         **section(
             "Validation",
             validation_mode=Param("counts", type="string", enum=["counts", "full"], title="Validation mode",
@@ -138,6 +139,12 @@ def _aws_params() -> dict[str, Any]:
     from atlas_migration.aws_replica_set import aws_params
 
     return aws_params()
+
+
+def _live_push_params() -> dict[str, Any]:
+    from atlas_migration.live_push import live_push_params
+
+    return live_push_params()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,903 @@
+"""The ``live_push`` task group: Cloud Manager pushes the source into Atlas (Atlas live migration, push).
+
+    preflight -> link_organizations (setup) -> wait_for_link -> validate_request -> wait_for_validation
+      -> start_migration -> wait_for_sync (deferrable) -> approve_cutover -> cutover
+      -> wait_for_completion (deferrable) -> [the flow's validate]
+    cleanup: teardown of link_organizations; removes the migration link and the link-tokens whatever happened
+
+1. ``preflight`` changes nothing: source and destination on 6.0.17+ / 7.0.13+ (8.0+), the destination cluster
+   exists, the parameters are complete, both API connections authenticate; when the Cloud Manager org is
+   already linked, the source must be listed under ``availableProjects``. Every problem is reported at once.
+2. ``link_organizations`` creates an Atlas link-token (restricted to ``access_list_ips``) and registers it with
+   the source's Cloud Manager organization; the token lives in memory only (never XCom, never a log line).
+   ``wait_for_link`` waits for SYNCED, then checks that Atlas lists the source project and deployment (Atlas
+   lists ``availableProjects`` only for a linked organization, so this half of the pre-flight runs here,
+   still before anything is migrated).
+3. ``validate_request`` / ``wait_for_validation``: Atlas validates the request; FAILED ends the run with Atlas's
+   ``errorMessage``.
+4. ``start_migration`` creates the migration (never retried: a repeated POST could start a second one);
+   ``wait_for_sync`` defers to ``LiveMigrationTrigger`` until ``readyForCutover`` with the lag at or under
+   ``max_cutover_lag_seconds``.
+5. Cutover. ``manual``: ``approve_cutover`` waits (reschedule mode) for the run's approval Variable
+   (``atlas_migration.approval``), re-checking the migration on every poke and warning as the 120-hour
+   window runs down; ``auto``: no approval. ``cutover`` then asks Atlas to cut over once the decision
+   (``cutover_decision``) says so and a quiet period on the source's change stream confirms that application
+   writes have stopped (``auto`` requires that evidence; ``manual`` uses it when the source connection can
+   read change streams, else relies on the operator); FAILED and EXPIRED end the run.
+6. ``wait_for_completion`` (deferred) until COMPLETE; the flow's ``validate`` compares source and Atlas.
+
+Params: the push's own (``live_push_params``, section "Live push"; ``atlas_conn_id``, ``target_project_id`` and
+``target_cluster_name`` are the same params as the AWS replica-set path's), and the "Cutover" section the live
+strategies share (``SHARED_CUTOVER_PARAMS``, defined with the live pull: ``cutover``,
+``max_cutover_lag_seconds``, ``quiet_period_seconds``, ``cutover_timeout_seconds``, ``approval_timeout_seconds``).
+Sensors poke every ``$MIGRATION_POKE_INTERVAL_SECONDS`` (default 60; read when the DAG is parsed, as sensor
+intervals are).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from airflow.sdk import get_current_context, setup, task, task_group, teardown
+
+from atlas_migration.approval import approval_sensor, waited_seconds
+from atlas_migration.errors import ConfigurationError, MigrationError
+from atlas_migration.profile import SourceProfile, parse_version
+from atlas_migration.routing import PUSH_MINIMUMS, meets_minimum
+from atlas_migration.triggers import LiveMigrationFailed, WaitForLiveMigrationOperator, describe, summarise
+
+log = logging.getLogger("atlas_migration")
+
+GROUP_ID = "live_push"
+SECTION = "Live push"
+CUTOVER_WINDOW_SECONDS = 120 * 3600
+# Warn (on every poke) once less than this is left of the cutover window; the wording sharpens below 6 h and 1 h.
+WINDOW_WARNING_SECONDS = (24 * 3600, 6 * 3600, 3600)
+HOSTNAME_SCHEMA_TYPES = ("PUBLIC", "PRIVATE_LINK", "VPC_PEERING")
+CUTOVER_MODES = ("manual", "auto")
+POKE_INTERVAL_ENV = "MIGRATION_POKE_INTERVAL_SECONDS"
+DEFAULT_POKE_INTERVAL = 60.0
+# Read by this group, defined once for the live strategies (``live_pull.live_pull_params``, section "Cutover").
+SHARED_CUTOVER_PARAMS = ("cutover", "max_cutover_lag_seconds", "quiet_period_seconds", "cutover_timeout_seconds",
+                         "approval_timeout_seconds")
+# Databases whose writes do not count as application writes in the quiet-period check (mongosync's own).
+_INTERNAL_WRITE_DATABASES = ("mongosync_reserved_for_internal_use",)
+_HEX24 = re.compile(r"^[a-f0-9]{24}$")
+_DAY = 24 * 3600.0
+
+
+class PreflightFailed(LiveMigrationFailed):
+    """The live push cannot start; nothing was changed in Atlas (raised with every problem found)."""
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def live_push_params() -> dict[str, Any]:
+    """``Param`` objects of the push (section "Live push"). The cutover settings are the shared "Cutover"
+    section's (``SHARED_CUTOVER_PARAMS``); the Atlas connection and destination params are identical to the AWS
+    replica-set path's, so either definition may win a merge."""
+    from airflow.sdk import Param
+
+    def param(default: Any, title: str, description: str, **schema: Any) -> Param:
+        return Param(default, title=title, description=description, section=SECTION, **schema)
+
+    hex_or_empty = r"^$|^[a-f0-9]{24}$"
+    return {
+        "atlas_conn_id": param(
+            "atlas_api", "Atlas Admin API connection",
+            "Airflow connection (type mongodb_atlas): the Atlas organization's API key pair or service account, "
+            "extras org_id and project_id (the destination project).", type="string", minLength=1),
+        "cloud_manager_conn_id": param(
+            "cloud_manager_api", "Cloud Manager API connection",
+            "Airflow connection (type mongodb_cloud_manager): an API key pair of the source's Cloud Manager "
+            "organization, extra org_id.", type="string", minLength=1),
+        "source_project_id": param(
+            "", "Cloud Manager project id",
+            "24-hex id of the Cloud Manager project (group) that monitors the source deployment.",
+            type="string", pattern=hex_or_empty),
+        "source_cluster_name": param(
+            "", "Source deployment name",
+            "The deployment's name in Cloud Manager, as Atlas lists it under availableProjects.", type="string"),
+        "target_project_id": param(
+            "", "Atlas project id",
+            "24-hex id of the destination Atlas project. Empty: the Atlas connection's project_id extra.",
+            type="string", pattern=hex_or_empty),
+        "target_cluster_name": param(
+            "", "Atlas cluster name", "The destination cluster in that project (it must exist).", type="string"),
+        "migration_host": param(
+            "", "Migration host",
+            "The migration host Cloud Manager provisioned for the source project (Atlas takes exactly one).",
+            type="string"),
+        "access_list_ips": param(
+            [], "Link-token access list",
+            "IP addresses or CIDR blocks allowed to use the link-token (the migration host's addresses). "
+            "Empty: no restriction.", type="array", items={"type": "string"}),
+        "hostname_schema_type": param(
+            "PUBLIC", "Destination hostname type",
+            "How the migration host reaches the Atlas cluster: PUBLIC, PRIVATE_LINK (set the private link id) "
+            "or VPC_PEERING.", type="string", enum=list(HOSTNAME_SCHEMA_TYPES)),
+        "private_link_id": param(
+            "", "Private link id", "The Atlas private endpoint id; required with PRIVATE_LINK.", type="string"),
+        "drop_destination_data": param(
+            False, "Drop destination data",
+            "Let Atlas drop everything in the destination cluster before migrating. Off: a destination that "
+            "holds data is refused by Atlas's validation.", type="boolean"),
+        "poll_interval_seconds": param(
+            60, "Status poll interval (s)",
+            "How often the deferred waits ask Atlas for the migration's status.", type="integer", minimum=1,
+            maximum=3600),
+        "link_timeout_seconds": param(
+            1800, "Link wait timeout (s)", "Give up when the organization link is not SYNCED by then.",
+            type="integer", minimum=10, maximum=int(_DAY)),
+        "validation_timeout_seconds": param(
+            3600, "Validation wait timeout (s)", "Give up when Atlas has not validated the request by then.",
+            type="integer", minimum=10, maximum=int(_DAY)),
+        "sync_timeout_seconds": param(
+            7 * 24 * 3600, "Initial sync timeout (s)",
+            "Give up waiting for readyForCutover after this long (Atlas keeps migrating; re-run the task to "
+            "wait again).", type="integer", minimum=10, maximum=60 * 24 * 3600),
+        "completion_timeout_seconds": param(
+            6 * 3600, "Completion wait timeout (s)", "Give up when the cutover has not COMPLETED by then.",
+            type="integer", minimum=10, maximum=int(7 * _DAY)),
+    }
+
+
+@dataclass(frozen=True)
+class LivePushParams:
+    """The run's live-push settings, typed. Missing values are reported by ``param_problems``, not here.
+    Without a ``cutover`` param the push waits for an approval: cutting over unasked is never the fallback."""
+
+    atlas_conn_id: str = "atlas_api"
+    cloud_manager_conn_id: str = "cloud_manager_api"
+    source_conn_id: str = "mongo_source"
+    source_project_id: str = ""
+    source_cluster_name: str = ""
+    target_project_id: str = ""
+    target_cluster_name: str = ""
+    migration_host: str = ""
+    access_list_ips: tuple[str, ...] = ()
+    hostname_schema_type: str = "PUBLIC"
+    private_link_id: str = ""
+    drop_destination_data: bool = False
+    cutover: str = "manual"
+    max_cutover_lag_seconds: float = 10
+    quiet_period_seconds: float = 5
+    cutover_timeout_seconds: float = 600
+    poll_interval_seconds: float = 60
+    link_timeout_seconds: float = 1800
+    validation_timeout_seconds: float = 3600
+    sync_timeout_seconds: float = 7 * 24 * 3600
+    approval_timeout_seconds: float = CUTOVER_WINDOW_SECONDS
+    completion_timeout_seconds: float = 6 * 3600
+    rehearsal: bool = False  # the run belongs to the rehearsal DAG (it has a scratch-database prefix)
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> LivePushParams:
+        defaults = cls()
+
+        def text(key: str) -> str:
+            value = params.get(key, getattr(defaults, key))
+            if value is None:
+                return ""
+            if not isinstance(value, str):
+                raise ConfigurationError(f"parameter {key} must be a string, got {value!r}")
+            return value.strip()
+
+        def number(key: str) -> float:
+            value = params.get(key, getattr(defaults, key))
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigurationError(f"parameter {key} must be a non-negative number, got {value!r}")
+            return float(value)
+
+        ips = params.get("access_list_ips") or []
+        if isinstance(ips, str):  # one address typed into the form
+            ips = [ips]
+        if not isinstance(ips, list) or not all(isinstance(i, str) for i in ips):
+            raise ConfigurationError(f"parameter access_list_ips must be a list of addresses, got {ips!r}")
+        return cls(
+            atlas_conn_id=text("atlas_conn_id") or defaults.atlas_conn_id,
+            cloud_manager_conn_id=text("cloud_manager_conn_id") or defaults.cloud_manager_conn_id,
+            source_conn_id=text("source_conn_id") or defaults.source_conn_id,
+            source_project_id=text("source_project_id"),
+            source_cluster_name=text("source_cluster_name"),
+            target_project_id=text("target_project_id"),
+            target_cluster_name=text("target_cluster_name"),
+            migration_host=text("migration_host"),
+            access_list_ips=tuple(i.strip() for i in ips if i.strip()),
+            hostname_schema_type=text("hostname_schema_type") or defaults.hostname_schema_type,
+            private_link_id=text("private_link_id"),
+            drop_destination_data=bool(params.get("drop_destination_data", False)),
+            cutover=text("cutover") or defaults.cutover,
+            rehearsal="rehearsal_db_prefix" in params,
+            **{key: number(key) for key in (
+                "max_cutover_lag_seconds", "quiet_period_seconds", "cutover_timeout_seconds",
+                "poll_interval_seconds", "link_timeout_seconds",
+                "validation_timeout_seconds", "sync_timeout_seconds", "approval_timeout_seconds",
+                "completion_timeout_seconds")},
+        )
+
+
+# ---------------------------------------------------------------- pure decisions: pre-flight
+
+
+def _push_minimums() -> str:
+    return ", ".join(".".join(map(str, v)) for v in PUSH_MINIMUMS.values())
+
+
+def version_meets_push_minimum(version: str | None) -> bool:
+    """6.0.17+, 7.0.13+, 8.0+ (a rapid release such as 6.1 is not supported)."""
+    return meets_minimum(parse_version(version), PUSH_MINIMUMS)
+
+
+def param_problems(p: LivePushParams) -> list[str]:
+    problems: list[str] = []
+    if p.rehearsal:
+        problems.append("a live push cannot be rehearsed: a rehearsal writes to scratch databases, but Atlas pushes "
+                        "the whole deployment into the destination cluster itself; rehearse with strategy=mongorestore "
+                        "or live_pull")
+    if not _HEX24.match(p.source_project_id):
+        problems.append("source_project_id must be the 24-hex id of the source's Cloud Manager project"
+                        + (f" (got {p.source_project_id!r})" if p.source_project_id else " (it is empty)"))
+    if not p.source_cluster_name:
+        problems.append("source_cluster_name is empty: name the deployment as Cloud Manager shows it")
+    if p.target_project_id and not _HEX24.match(p.target_project_id):
+        problems.append(f"target_project_id {p.target_project_id!r} is not a 24-hex Atlas project id")
+    if not p.target_cluster_name:
+        problems.append("target_cluster_name is empty: name the destination Atlas cluster")
+    if not p.migration_host:
+        problems.append("migration_host is empty: Atlas needs exactly one migration host of the source project")
+    if p.hostname_schema_type not in HOSTNAME_SCHEMA_TYPES:
+        problems.append(f"hostname_schema_type {p.hostname_schema_type!r} is not one of "
+                        f"{', '.join(HOSTNAME_SCHEMA_TYPES)}")
+    if p.hostname_schema_type == "PRIVATE_LINK" and not p.private_link_id:
+        problems.append("hostname_schema_type PRIVATE_LINK needs private_link_id (the Atlas private endpoint id)")
+    for ip in p.access_list_ips:
+        try:
+            ipaddress.ip_network(ip, strict=False)
+        except ValueError:
+            problems.append(f"access_list_ips: {ip!r} is not an IP address or CIDR block")
+    if p.cutover not in CUTOVER_MODES:
+        problems.append(f"cutover {p.cutover!r} is not one of {', '.join(CUTOVER_MODES)}")
+    if p.max_cutover_lag_seconds < 1:
+        problems.append("max_cutover_lag_seconds must be at least 1")
+    return problems
+
+
+def source_problems(profile: SourceProfile) -> list[str]:
+    """What the inspected source must be for a push."""
+    problems: list[str] = []
+    if profile.managed_by != "cloud_manager":
+        problems.append("the source is not declared as monitored by Cloud Manager (source_managed_by or the "
+                        "connection extra migration.managed_by); Ops Manager push is not supported on 6.0+")
+    if not version_meets_push_minimum(profile.version):
+        problems.append(f"the source runs MongoDB {profile.version or 'an unknown version'}; push needs "
+                        f"{_push_minimums()} or later")
+    if profile.topology not in ("replica_set", "sharded"):
+        problems.append(f"push needs a replica set or a sharded cluster (the source is {profile.topology})")
+    return problems
+
+
+def cutover_problems(profile: SourceProfile, p: LivePushParams) -> list[str]:
+    """``auto`` cuts over only on evidence that writes have stopped, which needs the source's change stream."""
+    if p.cutover != "auto" or profile.oplog_readable is True:
+        return []
+    reason = profile.unknown.get("oplog_access") or profile.unknown.get("oplog_readable") or "not readable"
+    return [f"cutover=auto confirms that application writes have stopped by watching the source's change stream "
+            f"for quiet_period_seconds, and connection '{profile.conn_id}' cannot ({reason}): grant its user "
+            "change-stream access (read on the databases, or clusterMonitor + read on local), or use cutover=manual"]
+
+
+def destination_problems(cluster: Mapping[str, Any] | None, p: LivePushParams, group_id: str | None) -> list[str]:
+    if not group_id:
+        return ["no destination project: set target_project_id or the Atlas connection's project_id extra"]
+    if not p.target_cluster_name:
+        return []  # reported by param_problems
+    if cluster is None:
+        return [f"the destination cluster '{p.target_cluster_name}' does not exist in Atlas project {group_id}"]
+    problems = []
+    version = cluster.get("mongoDBVersion")
+    if not version_meets_push_minimum(version):
+        shown = version or "an unknown version"
+        problems.append(f"the destination cluster '{p.target_cluster_name}' runs MongoDB {shown}; live migration "
+                        f"needs {_push_minimums()} or later")
+    if cluster.get("paused"):
+        problems.append(f"the destination cluster '{p.target_cluster_name}' is paused: resume it first")
+    return problems
+
+
+def find_deployment(available_projects: list[Mapping[str, Any]], p: LivePushParams
+                    ) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+    project = next((x for x in available_projects if x.get("projectId") == p.source_project_id), None)
+    if project is None:
+        return None, None
+    deployment = next((d for d in project.get("deployments") or [] if d.get("name") == p.source_cluster_name), None)
+    return project, deployment
+
+
+def visibility_problems(available_projects: list[Mapping[str, Any]], p: LivePushParams) -> list[str]:
+    """The source as Atlas sees it through the organization link (``availableProjects``)."""
+    if not _HEX24.match(p.source_project_id) or not p.source_cluster_name:
+        return []  # reported by param_problems
+    project, deployment = find_deployment(available_projects, p)
+    if project is None:
+        listed = ", ".join(f"{x.get('name')} ({x.get('projectId')})" for x in available_projects) or "none"
+        return [f"Cloud Manager project {p.source_project_id} is not among the projects Atlas can migrate from "
+                f"(available: {listed}); check the link and that the project belongs to the linked organization"]
+    if deployment is None:
+        names = ", ".join(str(d.get("name")) for d in project.get("deployments") or []) or "none"
+        return [f"deployment '{p.source_cluster_name}' is not listed in Cloud Manager project "
+                f"'{project.get('name')}' (deployments: {names})"]
+    problems = []
+    if not version_meets_push_minimum(deployment.get("mongoDBVersion")):
+        problems.append(f"Cloud Manager reports '{p.source_cluster_name}' on MongoDB "
+                        f"{deployment.get('mongoDBVersion')}; push needs {_push_minimums()} or later")
+    hosts = list(project.get("migrationHosts") or [])
+    if p.migration_host and p.migration_host not in hosts:
+        problems.append(f"migration host '{p.migration_host}' is not provisioned in Cloud Manager project "
+                        f"'{project.get('name')}' (its migration hosts: {', '.join(hosts) or 'none'})")
+    return problems
+
+
+def preflight_problems(profile: SourceProfile, destination_cluster: Mapping[str, Any] | None,
+                       available_projects: list[Mapping[str, Any]] | None, params: LivePushParams,
+                       group_id: str | None = None) -> list[str]:
+    """Every reason the push cannot start (empty: go). ``available_projects`` None: the organizations are not
+    linked yet, so the source's visibility is checked after linking (``visibility_problems``)."""
+    group = group_id if group_id is not None else params.target_project_id
+    problems = [*param_problems(params), *source_problems(profile), *cutover_problems(profile, params),
+                *destination_problems(destination_cluster, params, group)]
+    if available_projects is not None:
+        problems += visibility_problems(available_projects, params)
+    return problems
+
+
+# ---------------------------------------------------------------- pure decisions: cutover
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes = rest // 60
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {seconds % 60:02d} s" if minutes else f"{seconds} s"
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
+@dataclass(frozen=True)
+class WindowStatus:
+    """Where the run stands in Atlas's 120-hour cutover window."""
+
+    remaining_seconds: float | None  # None: the window has not started (not ready for cutover yet)
+    note: str
+    warning: str | None = None
+
+
+def cutover_window(ready_since: float | None, now: float, window: float = CUTOVER_WINDOW_SECONDS) -> WindowStatus:
+    """The cutover window as it runs down: a note always, a warning in its last 24 hours (sharper under 6 h
+    and 1 h). ``ready_since`` is when the run first saw ``readyForCutover`` (the window starts about then)."""
+    if ready_since is None:
+        return WindowStatus(None, "the cutover window has not started (Atlas does not report readyForCutover yet)")
+    remaining = ready_since + window - now
+    deadline = _utc(ready_since + window)
+    if remaining <= 0:
+        return WindowStatus(remaining, f"the cutover window ended at about {deadline}",
+                            f"the {window / 3600:.0f}-hour cutover window has run out (ready since "
+                            f"{_utc(ready_since)}): Atlas expires the migration unless the cutover has started")
+    note = f"cutover window: {format_duration(remaining)} left (Atlas expires the migration at about {deadline})"
+    reached = [t for t in WINDOW_WARNING_SECONDS if remaining <= t]
+    if not reached:
+        return WindowStatus(remaining, note)
+    urgency = {24 * 3600: "less than 24 h left", 6 * 3600: "less than 6 h left", 3600: "LESS THAN 1 HOUR LEFT"}
+    label = urgency.get(min(reached), f"less than {format_duration(min(reached))} left")
+    return WindowStatus(remaining, note, f"cutover window: {label} ({format_duration(remaining)}); Atlas expires "
+                                         f"the migration at about {deadline}: stop application writes and cut over "
+                                         "before then")
+
+
+@dataclass(frozen=True)
+class CutoverDecision:
+    action: str  # wait | cutover | done | fail
+    reason: str
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cutover_decision(migration: Mapping[str, Any], params: LivePushParams, now: float, *, approved: bool = False,
+                     ready_since: float | None = None) -> CutoverDecision:
+    """Whether to cut over now (pure).
+
+    ``fail`` on FAILED / EXPIRED; ``done`` once COMPLETE or a cutover is already under way (WORKING, ready,
+    no lag reported: Atlas reports the lag only before the cutover); ``cutover`` when WORKING,
+    ``readyForCutover``, the lag at or under ``max_cutover_lag_seconds`` and, in manual mode, approved;
+    ``wait`` otherwise, with the reason.
+    """
+    mid = migration.get("_id") or "?"
+    status = migration.get("status")
+    ready = bool(migration.get("readyForCutover"))
+    lag = migration.get("lagTimeSeconds")
+    if ready and ready_since is None:
+        ready_since = now
+    window = cutover_window(ready_since, now)
+    warnings = (window.warning,) if window.warning else ()
+    if status == "FAILED":
+        return CutoverDecision("fail", f"Atlas reports live migration {mid} FAILED: see the project's Live Migration "
+                                       "page in the Atlas UI for the cause, then start a new migration")
+    if status == "EXPIRED":
+        return CutoverDecision("fail", f"live migration {mid} EXPIRED: the 120-hour cutover window passed without a "
+                                       "cutover; start a new migration and cut over within the window")
+    if status == "COMPLETE":
+        return CutoverDecision("done", f"live migration {mid} is COMPLETE")
+    if status != "WORKING":
+        return CutoverDecision("wait", f"live migration {mid} is {status}: the initial sync has not started", warnings)
+    if ready and lag is None:
+        return CutoverDecision("done", f"the cutover of live migration {mid} is under way")
+    if not ready:
+        return CutoverDecision("wait", f"Atlas does not report readyForCutover yet ({describe(dict(migration))})",
+                               warnings)
+    if params.cutover == "manual" and not approved:
+        return CutoverDecision("wait", "ready for cutover; waiting for an operator's approval", warnings)
+    if lag is not None and float(lag) > params.max_cutover_lag_seconds:
+        return CutoverDecision("wait", f"lag {lag} s is above max_cutover_lag_seconds "
+                                       f"({params.max_cutover_lag_seconds:g} s)", warnings)
+    how = "approved by an operator" if params.cutover == "manual" else "cutover=auto"
+    return CutoverDecision("cutover", f"ready for cutover with lag {lag} s "
+                                      f"(<= {params.max_cutover_lag_seconds:g} s), {how}", warnings)
+
+
+# ---------------------------------------------------------------- task bodies
+
+
+def _hooks(p: LivePushParams):
+    from atlas_migration.atlas_api import AtlasAdminHook, CloudManagerHook
+
+    return AtlasAdminHook(p.atlas_conn_id), CloudManagerHook(p.cloud_manager_conn_id)
+
+
+def _log_block(title: str, lines: list[str]) -> None:
+    log.info("%s\n%s", title, "\n".join(f"    {line}" for line in lines))
+
+
+def run_preflight(params: Mapping[str, Any], profile_data: dict[str, Any]) -> dict[str, Any]:
+    """Step 1: read-only checks; raise ``PreflightFailed`` listing every problem before anything changes."""
+    from atlas_migration.atlas_api import AtlasApiError
+
+    p = LivePushParams.parse(params)
+    profile = SourceProfile.from_dict(profile_data)
+    if p.rehearsal:  # before any API call: the rehearsal DAG may not even have the API connections
+        raise PreflightFailed("live push pre-flight failed; nothing was changed:\n  - " + param_problems(p)[0])
+    atlas, cloud_manager = _hooks(p)
+    try:
+        group_id = p.target_project_id or atlas.config.project_id or ""
+        cluster = None
+        if group_id and p.target_cluster_name:
+            try:
+                cluster = atlas.get_cluster(p.target_cluster_name, group_id=group_id)
+            except AtlasApiError as exc:
+                if exc.status != 404:
+                    raise
+        link_status = cloud_manager.get_migration_link_status()
+        # Atlas lists availableProjects only for a linked Cloud Manager organization.
+        available = atlas.list_available_projects() if link_status == "SYNCED" else None
+    except AtlasApiError as exc:
+        raise PreflightFailed(f"live push pre-flight could not read Atlas / Cloud Manager: {exc}. Nothing was "
+                              "changed.") from None
+    finally:
+        atlas.close()
+        cloud_manager.close()
+    problems = preflight_problems(profile, cluster, available, p, group_id)
+    if problems:
+        raise PreflightFailed("live push pre-flight failed; nothing was changed in Atlas or Cloud Manager:\n"
+                              + "\n".join(f"  - {problem}" for problem in problems))
+    destination_version = (cluster or {}).get("mongoDBVersion")
+    _log_block("Live push pre-flight passed", [
+        f"source            : {profile.version} {profile.topology}, Cloud Manager project {p.source_project_id}, "
+        f"deployment '{p.source_cluster_name}'",
+        f"destination       : cluster '{p.target_cluster_name}' (MongoDB {destination_version}) in project {group_id}",
+        f"migration host    : {p.migration_host} ({p.hostname_schema_type})",
+        f"organization link : {link_status}"
+        + ("; the source is listed under availableProjects" if available is not None
+           else "; the source's visibility is checked once linked"),
+        f"cutover           : {p.cutover}, at a lag of at most {p.max_cutover_lag_seconds:g} s, after "
+        + (f"{p.quiet_period_seconds:g} s without writes on the source" if profile.oplog_readable is True
+           else "the operator's approval (the source's change stream is not readable: no quiet-period check)"),
+    ])
+    return {"group_id": group_id, "destination_cluster": p.target_cluster_name,
+            "destination_version": destination_version, "source_version": profile.version,
+            "link_status": link_status, "source_visible": True if available is not None else None,
+            "source_watchable": profile.oplog_readable is True}
+
+
+def create_link(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Step 2: Atlas link-token -> Cloud Manager. The token never leaves this function."""
+    p = LivePushParams.parse(params)
+    atlas, cloud_manager = _hooks(p)
+    try:
+        token = atlas.create_link_token(list(p.access_list_ips))
+        try:
+            link = cloud_manager.create_migration_link(token)
+        except Exception:
+            # This task is the setup of the clean-up teardown, which does not run when the setup fails: revoke now.
+            log.error("registering the link-token with Cloud Manager failed; revoking the Atlas link-tokens")
+            try:
+                atlas.delete_link_tokens()
+            except MigrationError as exc:
+                log.error("could not revoke the link-tokens (remove them in Atlas > Organization > Live "
+                          "Migration): %s", exc)
+            raise
+        finally:
+            del token
+    finally:
+        atlas.close()
+        cloud_manager.close()
+    log.info("created an Atlas link-token (access list: %s) and registered it with the Cloud Manager "
+             "organization; link status %s", ", ".join(p.access_list_ips) or "unrestricted", link.get("status"))
+    return {"linked_at": time.time(), "status": link.get("status"), "access_list_ips": list(p.access_list_ips)}
+
+
+@dataclass(frozen=True)
+class Poke:
+    """A sensor poke's answer (turned into ``PokeReturnValue`` by the task wrapper)."""
+
+    done: bool
+    value: dict[str, Any] | None = None
+
+
+def _check_deadline(started_at: float, limit: float, what: str, now: float | None = None) -> float:
+    waited = (time.time() if now is None else now) - started_at
+    if waited > limit:
+        raise LiveMigrationFailed(f"{what} (waited {format_duration(waited)}, limit {format_duration(limit)})")
+    return waited
+
+
+def poke_link(params: Mapping[str, Any], linked: dict[str, Any]) -> Poke:
+    """Step 2 (wait): the link is SYNCED, and Atlas lists the source project and deployment."""
+    p = LivePushParams.parse(params)
+    atlas, cloud_manager = _hooks(p)
+    try:
+        status = cloud_manager.get_migration_link_status()
+        if status != "SYNCED":
+            waited = _check_deadline(linked["linked_at"], p.link_timeout_seconds,
+                                     f"the Cloud Manager organization link is still {status}: check the Cloud "
+                                     "Manager organization settings (Live Migration) and the link-token access list")
+            log.info("organization link %s after %s; waiting for SYNCED", status, format_duration(waited))
+            return Poke(False)
+        projects = atlas.list_available_projects()
+    finally:
+        atlas.close()
+        cloud_manager.close()
+    problems = visibility_problems(projects, p)
+    if problems:
+        raise PreflightFailed("the organizations are linked, but Atlas cannot migrate the source; nothing was "
+                              "migrated:\n" + "\n".join(f"  - {problem}" for problem in problems))
+    project, deployment = find_deployment(projects, p)
+    assert project is not None and deployment is not None  # visibility_problems checked both
+    facts = {"project_name": project.get("name"), "project_id": project.get("projectId"),
+             "deployment": deployment.get("name"), "version": deployment.get("mongoDBVersion"),
+             "managed": bool(deployment.get("managed")), "tls_enabled": bool(deployment.get("tlsEnabled")),
+             "sharded": bool(deployment.get("sharded")), "db_size_bytes": deployment.get("dbSizeBytes")}
+    log.info("organization link SYNCED; Atlas lists deployment '%s' (MongoDB %s, %s) in Cloud Manager project '%s'",
+             facts["deployment"], facts["version"], "automation-managed" if facts["managed"] else "monitored only",
+             facts["project_name"])
+    return Poke(True, facts)
+
+
+def build_request(p: LivePushParams, facts: Mapping[str, Any], group_id: str):
+    """The create/validate body. An automation-managed source uses Cloud Manager's credentials; a monitored-only
+    one needs a user: the login of the source connection (its password goes to Atlas, never to a log)."""
+    from atlas_migration.atlas_api import LiveMigrationDestination, LiveMigrationRequest, LiveMigrationSource
+
+    username = password = None
+    if not facts.get("managed"):
+        from airflow.sdk import BaseHook
+
+        conn = BaseHook.get_connection(p.source_conn_id)
+        if not conn.login or not conn.password:
+            raise PreflightFailed(f"deployment '{p.source_cluster_name}' is monitored, not automation-managed, by "
+                                  f"Cloud Manager: Atlas needs a source user, and connection '{p.source_conn_id}' "
+                                  "has no login/password")
+        username, password = conn.login, conn.password
+    source = LiveMigrationSource(cluster_name=p.source_cluster_name, group_id=p.source_project_id,
+                                 managed_authentication=bool(facts.get("managed")),
+                                 ssl=bool(facts.get("tls_enabled")), username=username, password=password)
+    destination = LiveMigrationDestination(cluster_name=p.target_cluster_name, group_id=group_id,
+                                           hostname_schema_type=p.hostname_schema_type,
+                                           private_link_id=p.private_link_id or None)
+    return LiveMigrationRequest(source=source, destination=destination, migration_host=p.migration_host,
+                                drop_destination_data=p.drop_destination_data)
+
+
+def request_validation(params: Mapping[str, Any], checked: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """Step 3: ask Atlas to validate the request."""
+    p = LivePushParams.parse(params)
+    atlas, _ = _hooks(p)
+    try:
+        validation = atlas.validate_live_migration(build_request(p, facts, checked["group_id"]),
+                                                   group_id=checked["group_id"])
+    finally:
+        atlas.close()
+    log.info("Atlas is validating the migration request (validation %s: %s)", validation.get("_id"),
+             validation.get("status"))
+    return {"validation_id": validation["_id"], "status": validation.get("status"), "requested_at": time.time()}
+
+
+def poke_validation(params: Mapping[str, Any], checked: dict[str, Any], validation: dict[str, Any]) -> Poke:
+    """Step 3 (wait): SUCCESS goes on; FAILED ends the run with Atlas's errorMessage."""
+    p = LivePushParams.parse(params)
+    atlas, _ = _hooks(p)
+    try:
+        result = atlas.get_live_migration_validation(validation["validation_id"], group_id=checked["group_id"])
+    finally:
+        atlas.close()
+    status = result.get("status")
+    if status == "SUCCESS":
+        log.info("Atlas validated the migration request (validation %s)", validation["validation_id"])
+        return Poke(True, {"validation_id": validation["validation_id"], "status": status})
+    if status == "FAILED":
+        reason = result.get("errorMessage") or "no reason given"
+        raise LiveMigrationFailed(f"Atlas refused the live migration request: {reason}. Nothing was migrated; fix "
+                                  "the cause and run again")
+    waited = _check_deadline(validation["requested_at"], p.validation_timeout_seconds,
+                             f"Atlas has not finished validating the request (validation {validation['validation_id']} "
+                             f"is {status})")
+    log.info("validation %s is %s after %s", validation["validation_id"], status, format_duration(waited))
+    return Poke(False)
+
+
+def start_migration(params: Mapping[str, Any], checked: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """Step 4: create the live migration (one POST, never repeated automatically)."""
+    p = LivePushParams.parse(params)
+    atlas, _ = _hooks(p)
+    try:
+        migration = atlas.create_live_migration(build_request(p, facts, checked["group_id"]),
+                                                group_id=checked["group_id"])
+    finally:
+        atlas.close()
+    log.info("started live migration %s (%s) from '%s' to cluster '%s'", migration["_id"], describe(migration),
+             p.source_cluster_name, p.target_cluster_name)
+    if p.cutover == "auto":
+        log.warning("cutover=auto: the run cuts over as soon as Atlas is ready; writes made to the source after "
+                    "that are not migrated, so application writes must already be stopped")
+    return {"migration_id": migration["_id"], "group_id": checked["group_id"], "status": migration.get("status"),
+            "started_at": time.time()}
+
+
+def _pull(context: Mapping[str, Any], task_id: str) -> Any:
+    return context["ti"].xcom_pull(task_ids=f"{GROUP_ID}.{task_id}", default=None)
+
+
+def check_while_awaiting_approval(context: Mapping[str, Any]) -> None:
+    """Every approval poke: the migration is still alive; warn as the cutover window runs down."""
+    p = LivePushParams.parse(context["params"])
+    started, synced = _pull(context, "start_migration"), _pull(context, "wait_for_sync") or {}
+    atlas, _ = _hooks(p)
+    try:
+        migration = atlas.get_live_migration(started["migration_id"], group_id=started["group_id"])
+    finally:
+        atlas.close()
+    decision = cutover_decision(migration, p, time.time(), approved=False, ready_since=synced.get("ready_since"))
+    if decision.action == "fail":
+        raise LiveMigrationFailed(decision.reason)
+    for warning in decision.warnings:
+        log.warning("%s", warning)
+    log.info("live migration %s: %s; %s", started["migration_id"], describe(migration),
+             cutover_window(synced.get("ready_since"), time.time()).note)
+
+
+def first_application_write(client, seconds: float) -> str | None:
+    """Watch the whole source deployment for ``seconds``: the namespace of the first application write seen,
+    or None when it stayed quiet (system, internal and mongosync databases do not count)."""
+    from atlas_migration.namespaces import is_never_migrated
+
+    deadline = time.monotonic() + seconds
+    with client.watch(max_await_time_ms=min(1000, max(50, int(seconds * 1000)))) as stream:
+        while time.monotonic() < deadline:
+            change = stream.try_next()
+            ns = (change or {}).get("ns") or {}
+            db, coll = ns.get("db"), ns.get("coll")
+            if not db or db in _INTERNAL_WRITE_DATABASES or is_never_migrated(db, coll):
+                continue
+            return f"{db}.{coll}" if coll else db
+    return None
+
+
+def _source_writes(p: LivePushParams) -> str | None:
+    from contextlib import closing
+
+    from atlas_migration.hooks import endpoint_from_connection
+
+    with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as client:
+        return first_application_write(client, p.quiet_period_seconds)
+
+
+def poke_cutover(params: Mapping[str, Any], checked: dict[str, Any], started: dict[str, Any],
+                 synced: dict[str, Any], approval: dict[str, Any], waited: float) -> Poke:
+    """Step 5: cut over when ``cutover_decision`` says so and the source has been quiet for the quiet period;
+    a refusal by Atlas (400/409: not ready after all) waits for the next poke. ``waited``: seconds since this
+    sensor's first poke (application writes must stop within ``cutover_timeout_seconds``)."""
+    from atlas_migration.atlas_api import AtlasApiError
+
+    p = LivePushParams.parse(params)
+    atlas, _ = _hooks(p)
+    try:
+        migration = atlas.get_live_migration(started["migration_id"], group_id=started["group_id"])
+        now = time.time()
+        decision = cutover_decision(migration, p, now, approved=bool(approval.get("approved")),
+                                    ready_since=synced.get("ready_since"))
+        for warning in decision.warnings:
+            log.warning("%s", warning)
+        if decision.action == "fail":
+            raise LiveMigrationFailed(decision.reason)
+        if decision.action == "wait":
+            log.info("not cutting over yet: %s", decision.reason)
+            return Poke(False)
+        if decision.action == "done":
+            log.info("%s", decision.reason)
+            return Poke(True, {"cutover_requested_at": None, "migration": summarise(migration)})
+        if checked.get("source_watchable"):
+            written = _source_writes(p)
+            if written:
+                if waited > p.cutover_timeout_seconds:
+                    raise LiveMigrationFailed(
+                        f"application writes did not stop within cutover_timeout_seconds "
+                        f"({format_duration(p.cutover_timeout_seconds)}; the last one seen went to {written}): stop "
+                        "them, then re-run this task (the migration keeps syncing until its window ends)")
+                log.warning("not cutting over: writes still reach the source (%s) within the %g s quiet period; "
+                            "stop application writes (%s of %s allowed so far)", written, p.quiet_period_seconds,
+                            format_duration(waited), format_duration(p.cutover_timeout_seconds))
+                return Poke(False)
+            log.info("no application write on the source for %g s: writes have stopped", p.quiet_period_seconds)
+        else:
+            log.warning("the source's change stream is not readable with connection '%s': cutting over on the "
+                        "operator's word that application writes have stopped", p.source_conn_id)
+        try:
+            atlas.cutover_live_migration(started["migration_id"], group_id=started["group_id"])
+        except AtlasApiError as exc:
+            if exc.status in (400, 409):
+                log.warning("Atlas refused the cutover (%s); re-checking the migration at the next poke", exc)
+                return Poke(False)
+            raise
+    finally:
+        atlas.close()
+    log.info("cutover requested for live migration %s: %s. Once it is COMPLETE, repoint applications to Atlas",
+             started["migration_id"], decision.reason)
+    return Poke(True, {"cutover_requested_at": now, "migration": summarise(migration)})
+
+
+def cleanup_link(params: Mapping[str, Any], started: dict[str, Any] | None) -> dict[str, Any]:
+    """Teardown: remove the Cloud Manager migration link and the Atlas link-tokens, whatever happened."""
+    from atlas_migration.atlas_api import AtlasApiError
+
+    p = LivePushParams.parse(params)
+    atlas, cloud_manager = _hooks(p)
+    status = None
+    errors: list[str] = []
+    try:
+        if started:
+            try:
+                status = atlas.get_live_migration(started["migration_id"], group_id=started["group_id"]).get("status")
+            except AtlasApiError as exc:
+                log.warning("could not read live migration %s before clean-up: %s", started["migration_id"], exc)
+            if status not in ("COMPLETE", "FAILED", "EXPIRED"):
+                log.warning("live migration %s is %s, not finished: removing the link stops it; a new run starts "
+                            "over", started["migration_id"], status or "in an unknown state")
+        for what, call in (("Cloud Manager migration link", cloud_manager.delete_migration_link),
+                           ("Atlas link-tokens", atlas.delete_link_tokens)):
+            try:
+                call()
+                log.info("removed the %s", what)
+            except AtlasApiError as exc:
+                errors.append(f"{what}: {exc}")
+    finally:
+        atlas.close()
+        cloud_manager.close()
+    if errors:
+        raise MigrationError("clean-up incomplete; remove these by hand (Atlas and Cloud Manager: Organization > "
+                             "Live Migration):\n" + "\n".join(f"  - {e}" for e in errors))
+    return {"migration_status": status, "link_removed": True}
+
+
+# ---------------------------------------------------------------- the task group
+
+
+def poke_interval() -> float:
+    """Seconds between sensor pokes, from ``$MIGRATION_POKE_INTERVAL_SECONDS`` (read at parse time)."""
+    raw = os.environ.get(POKE_INTERVAL_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_POKE_INTERVAL
+    except ValueError:
+        raise ConfigurationError(f"{POKE_INTERVAL_ENV}={raw!r} is not a number of seconds") from None
+    return max(1.0, value)
+
+
+def _approval_needed(params: Mapping[str, Any]) -> bool:
+    return params.get("cutover", "manual") != "auto"
+
+
+def _approval_limit(params: Mapping[str, Any]) -> float:
+    return LivePushParams.parse(params).approval_timeout_seconds
+
+
+@task_group(group_id=GROUP_ID)
+def live_push_group(profile) -> None:
+    """Atlas live migration, push: Cloud Manager pushes the source into Atlas (module docstring). Returns
+    nothing, so a branch in front of it runs its first task, not its last (FIELD-NOTES)."""
+    from airflow.sdk import PokeReturnValue
+
+    interval = poke_interval()
+    # Static backstops; the params' run-time timeouts are checked on every poke and are always shorter.
+    short_wait, long_wait = 2 * _DAY, CUTOVER_WINDOW_SECONDS + _DAY
+
+    def answer(poke: Poke) -> PokeReturnValue:
+        return PokeReturnValue(is_done=poke.done, xcom_value=poke.value)
+
+    @task
+    def preflight(profile: dict, params=None) -> dict:
+        return run_preflight(params, profile)
+
+    @setup
+    def link_organizations(checked: dict, params=None) -> dict:
+        return create_link(params)
+
+    @task.sensor(mode="reschedule", poke_interval=interval, timeout=short_wait)
+    def wait_for_link(linked: dict, params=None) -> PokeReturnValue:
+        return answer(poke_link(params, linked))
+
+    @task
+    def validate_request(checked: dict, facts: dict, params=None) -> dict:
+        return request_validation(params, checked, facts)
+
+    @task.sensor(mode="reschedule", poke_interval=interval, timeout=short_wait)
+    def wait_for_validation(checked: dict, validation: dict, params=None) -> PokeReturnValue:
+        return answer(poke_validation(params, checked, validation))
+
+    @task(retries=0, multiple_outputs=True)
+    def start(checked: dict, facts: dict, params=None) -> dict:
+        return start_migration(params, checked, facts)
+
+    @task.sensor(mode="reschedule", poke_interval=interval, timeout=long_wait)
+    def cutover(checked: dict, started: dict, synced: dict, approval: dict, params=None) -> PokeReturnValue:
+        waited = waited_seconds(get_current_context())
+        return answer(poke_cutover(params, checked, started, synced, approval, waited))
+
+    @teardown(on_failure_fail_dagrun=True)
+    def cleanup(params=None) -> dict:
+        return cleanup_link(params, _pull(get_current_context(), "start_migration"))
+
+    checked = preflight(profile)
+    linked = link_organizations(checked)
+    facts = wait_for_link(linked)
+    validated = wait_for_validation(checked, validate_request(checked, facts))
+    started = start.override(task_id="start_migration")(checked, facts)
+    validated >> started
+    synced = WaitForLiveMigrationOperator(
+        task_id="wait_for_sync", wait_for="ready", atlas_conn_id="{{ params.atlas_conn_id }}",
+        group_id=started["group_id"], migration_id=started["migration_id"],
+        max_lag_seconds="{{ params.max_cutover_lag_seconds }}", poll_interval="{{ params.poll_interval_seconds }}",
+        timeout_seconds="{{ params.sync_timeout_seconds }}")
+    approve = approval_sensor(task_id="approve_cutover", what="cutover", poke_interval=interval, timeout=long_wait,
+                              required_if=_approval_needed, timeout_from_params=_approval_limit,
+                              while_waiting=check_while_awaiting_approval)()
+    synced >> approve
+    requested = cutover(checked, started, synced.output, approve)
+    completed = WaitForLiveMigrationOperator(
+        task_id="wait_for_completion", wait_for="complete", atlas_conn_id="{{ params.atlas_conn_id }}",
+        group_id=started["group_id"], migration_id=started["migration_id"],
+        poll_interval="{{ params.poll_interval_seconds }}", timeout_seconds="{{ params.completion_timeout_seconds }}")
+    requested >> completed
+    clean = cleanup()
+    completed >> clean
+    clean.as_teardown(setups=linked.operator)

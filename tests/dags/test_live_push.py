@@ -1,0 +1,292 @@
+"""The ``live_push`` group of the real ``mongo_to_atlas`` DAG, run with ``airflow dags test``.
+
+The Atlas Admin API / Cloud Manager stand-in runs as a subprocess (``python -m devtools.atlas_api_server``)
+with a scenario that maps the Cloud Manager deployment to the local replica-set source server and the Atlas
+cluster to the target server; at cutover it copies the source into the target (its approximation of the
+push, see that module), so the DAG's own validate step checks real data. Its simulated clock runs 20x, so a
+migration is ready for cutover about six seconds after it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import requests
+
+from atlas_migration.approval import approval_key
+from devtools.airflow_env import REPO, AirflowHome, conn_env_name, mongo_connection_json
+from devtools.sample_data import seed_sample_dataset
+from tests.helpers import assert_namespaces_identical, user_namespaces
+
+pytestmark = pytest.mark.integration
+DAG_ID = "mongo_to_atlas"
+ATLAS_PUBLIC, ATLAS_PRIVATE = "atlas-pub-7Q", "atlas-PRIV-k3y-9x!secret"
+CM_PUBLIC, CM_PRIVATE = "cm-pub-42", "cm-PRIV-k3y-7y!secret"
+ATLAS_ORG, ATLAS_PROJECT = "6507f1f77bcf86cd79943901", "6507f1f77bcf86cd79943902"
+CM_ORG, CM_PROJECT = "6507f1f77bcf86cd79943903", "6507f1f77bcf86cd79943904"
+MIGRATION_HOST = "migration-host-0.example.net"
+
+
+@dataclass
+class StandIn:
+    """The stand-in process and its admin endpoints."""
+
+    process: subprocess.Popen
+    url: str
+
+    def get(self, what: str):
+        return requests.get(f"{self.url}/__test__/{what}", timeout=5).json()
+
+    def fault(self, **fault) -> None:
+        requests.post(f"{self.url}/__test__/faults", json=fault, timeout=5).raise_for_status()
+
+    def calls(self, method: str, path_end: str) -> list[int]:
+        return [r["status"] for r in self.get("requests") if r["method"] == method and r["path"].endswith(path_end)]
+
+    def assert_cleaned_up(self) -> None:
+        state = self.get("state")
+        assert state["link_tokens"], "expected a link-token to have been created"
+        assert all(t["revoked"] for t in state["link_tokens"]), "link-tokens left behind"
+        assert state["migration_links"] == {}, "Cloud Manager migration link left behind"
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory) -> AirflowHome:
+    home = AirflowHome(tmp_path_factory.mktemp("airflow-home-live-push"))
+    home.migrate()
+    return home
+
+
+def scenario(source_uri: str, target_uri: str, source_version: str, **changes) -> dict:
+    return {
+        "api_keys": {ATLAS_PUBLIC: ATLAS_PRIVATE}, "cloud_manager_api_keys": {CM_PUBLIC: CM_PRIVATE},
+        "atlas_org_id": ATLAS_ORG, "atlas_project_id": ATLAS_PROJECT, "cloud_manager_org_id": CM_ORG,
+        "source_projects": [{"name": "on-prem", "project_id": CM_PROJECT, "migration_hosts": [MIGRATION_HOST],
+                             "deployments": [{"name": "rs0", "mongodb_version": source_version,
+                                              "local_uri": source_uri}]}],
+        "clusters": [{"name": "Cluster0", "mongodb_version": "8.0.4", "local_uri": target_uri}],
+        # Simulated seconds run 20x: linked and validated within a poke, ready about 6 s after the start.
+        "speed": 20, "link_sync_seconds": 10, "validation_seconds": 10, "migration_new_seconds": 60,
+        "migration_initial_lag_seconds": 600, "migration_lag_decay_per_second": 10,
+        "migration_cutover_seconds": 20, **changes,
+    }
+
+
+@pytest.fixture
+def stand_in_factory(tmp_path) -> Iterator:
+    started: list[subprocess.Popen] = []
+
+    def start(spec: dict) -> StandIn:
+        spec_file = tmp_path / "scenario.json"
+        spec_file.write_text(json.dumps(spec))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "include"), str(REPO)])}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "devtools.atlas_api_server", "--port", "0", "--scenario", str(spec_file),
+             "--state-file", str(tmp_path / "atlas-state.json")],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        started.append(process)
+        line = process.stdout.readline()
+        assert line.startswith("listening on "), f"stand-in did not start: {line}{process.stdout.read()}"
+        return StandIn(process, line.split()[-1])
+
+    yield start
+    for process in started:  # only the processes this fixture started, by their handle
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def env_for(stand_in: StandIn, source_uri: str, target_uri: str, *, atlas_private: str = ATLAS_PRIVATE) -> dict:
+    atlas = {"conn_type": "mongodb_atlas", "host": stand_in.url, "login": ATLAS_PUBLIC, "password": atlas_private,
+             "extra": {"org_id": ATLAS_ORG, "project_id": ATLAS_PROJECT}}
+    cloud_manager = {"conn_type": "mongodb_cloud_manager", "host": stand_in.url, "login": CM_PUBLIC,
+                     "password": CM_PRIVATE, "extra": {"org_id": CM_ORG}}
+    return {conn_env_name("mongo_source"): mongo_connection_json(source_uri),
+            conn_env_name("atlas_target"): mongo_connection_json(target_uri),
+            conn_env_name("atlas_api"): json.dumps(atlas),
+            conn_env_name("cloud_manager_api"): json.dumps(cloud_manager),
+            "MIGRATION_POKE_INTERVAL_SECONDS": "1"}
+
+
+def conf(**changes) -> dict:
+    return {"strategy": "live_push", "source_managed_by": "cloud_manager", "source_project_id": CM_PROJECT,
+            "source_cluster_name": "rs0", "target_cluster_name": "Cluster0", "migration_host": MIGRATION_HOST,
+            "access_list_ips": ["10.20.0.0/24"], "cutover": "auto", "poll_interval_seconds": 1,
+            "link_timeout_seconds": 60, "validation_timeout_seconds": 60, "sync_timeout_seconds": 120,
+            "completion_timeout_seconds": 120,
+            # the "Cutover" section the live strategies share
+            "quiet_period_seconds": 1, "cutover_timeout_seconds": 60, "approval_timeout_seconds": 120, **changes}
+
+
+def source_version(source) -> str:
+    with source.client() as client:
+        return client.server_info()["version"]
+
+
+def failure_text(run) -> str:
+    return f"state={run.state}\n{run.output[-8000:]}"
+
+
+def assert_no_secrets(home: AirflowHome, run_output: str, secrets: list[str]) -> None:
+    places = {"dags test output": run_output}
+    for path in home.path.rglob("*.log"):
+        places[str(path)] = path.read_text(errors="replace")
+    with sqlite3.connect(home.path / "airflow.db") as db:
+        rows = db.execute("SELECT task_id, value FROM xcom WHERE dag_id = ?", (DAG_ID,)).fetchall()
+    assert rows, "expected XCom rows from the run"
+    places["xcom"] = "\n".join(str(value) for _, value in rows)
+    for where, text in places.items():
+        for secret in secrets:
+            assert secret not in text, f"secret leaked into {where}"
+
+
+def test_auto_routes_to_push_defers_and_migrates_everything(airflow_home, stand_in_factory, source, target):
+    """Happy path: routing picks push, the watch defers to the trigger, a 429 is retried, the stand-in copies
+    the data at cutover, validate passes, clean-up removes the link; no key or token in logs or XCom."""
+    with source.client() as src:
+        seed_sample_dataset(src, scale=0.02)
+    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
+    stand_in.fault(status=429, count=2, method="GET", path_regex="availableProjects$", retry_after=1)
+
+    run = airflow_home.dags_test(DAG_ID, conf(strategy="auto"), env=env_for(stand_in, source.uri, target.uri))
+
+    assert run.succeeded, failure_text(run)
+    assert "strategy: live_push (chosen automatically; rule 'cloud_manager')" in run.output
+    assert "Live push pre-flight passed" in run.output
+    assert "HTTP 429 (rate limited); retrying in 1.0 s" in run.output
+    # wait_for_sync went through the deferred state: it handed over to the trigger, which dags test runs in line.
+    assert "deferring to LiveMigrationTrigger until it is ready for cutover" in run.output
+    assert "[DAG TEST] running trigger in line" in run.output
+    assert "is ready for cutover" in run.output and "is COMPLETE" in run.output
+    assert "no application write on the source for 1 s: writes have stopped" in run.output
+    state = stand_in.get("state")
+    (migration,) = state["migrations"].values()
+    assert migration["copy_status"] == "done", migration
+    assert stand_in.calls("PUT", "/cutover") == [202]
+    stand_in.assert_cleaned_up()
+    assert state["link_tokens"][0]["access_list_ips"] == ["10.20.0.0/24"]
+    with source.client() as src, target.client() as dst:
+        namespaces = user_namespaces(src)
+        assert user_namespaces(dst) == namespaces
+        assert_namespaces_identical(src, dst, namespaces)
+    report = json.loads(next((airflow_home.path / "migration-work" / DAG_ID).glob("*/report/validation.json"))
+                        .read_text())
+    assert report["verdict"] == "PASS" and report["strategy"] == "live_push"
+    tokens = [t["token"] for t in state["link_tokens"]]
+    assert_no_secrets(airflow_home, run.output, [ATLAS_PRIVATE, CM_PRIVATE, *tokens])
+
+
+def watch_and_approve(home: AirflowHome, stand_in: StandIn, seen: dict) -> None:
+    """While the run waits for approval: note whether a cutover was requested already, then approve."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            with sqlite3.connect(home.path / "airflow.db", timeout=5) as db:
+                # The home is shared by the module's tests: only this (running) run's task counts.
+                row = db.execute("SELECT ti.run_id, ti.state FROM task_instance ti JOIN dag_run dr "
+                                 "ON dr.dag_id = ti.dag_id AND dr.run_id = ti.run_id "
+                                 "WHERE ti.dag_id = ? AND ti.task_id = ? AND dr.state = 'running'",
+                                 (DAG_ID, "live_push.approve_cutover")).fetchone()
+        except sqlite3.OperationalError:
+            continue  # the database is busy or not created yet
+        if row and row[1] == "up_for_reschedule":
+            seen["cutover_calls_before_approval"] = stand_in.calls("PUT", "/cutover")
+            seen["migration_before_approval"] = next(iter(stand_in.get("state")["migrations"].values()), None)
+            key = approval_key(DAG_ID, row[0])
+            result = home.airflow("variables", "set", key, "approved")
+            seen["key"], seen["set"] = key, result.returncode
+            return
+
+
+def test_manual_cutover_waits_for_the_approval_variable(airflow_home, stand_in_factory, source, target):
+    """cutover=manual: the run waits (reschedule sensor) until the run's Variable says 'approved'; Atlas's
+    first cutover answer is a refusal (400 not ready), which the run treats as 'wait', not as a failure."""
+    with source.client() as src:
+        src.shop.orders.insert_many([{"_id": i, "v": i * 2} for i in range(300)])
+    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
+    stand_in.fault(status=400, count=1, method="PUT", path_regex="/cutover$",
+                   error_code="LIVE_MIGRATION_NOT_READY_FOR_CUTOVER", detail="Not ready for cutover.")
+    seen: dict = {}
+    approver = threading.Thread(target=watch_and_approve, args=(airflow_home, stand_in, seen), daemon=True)
+    approver.start()
+
+    run = airflow_home.dags_test(DAG_ID, conf(cutover="manual"), env=env_for(stand_in, source.uri, target.uri))
+    approver.join(timeout=30)
+
+    assert run.succeeded, failure_text(run)
+    assert seen.get("set") == 0, seen
+    assert seen["cutover_calls_before_approval"] == [], "cut over before the operator approved"
+    assert "waiting for an operator to approve the cutover" in run.output
+    assert f"airflow variables set '{seen['key']}' approved" in run.output
+    assert f"the cutover was approved (Variable '{seen['key']}')" in run.output
+    assert "Atlas refused the cutover" in run.output
+    assert stand_in.calls("PUT", "/cutover") == [400, 202]
+    stand_in.assert_cleaned_up()
+    with target.client() as dst:
+        assert dst.shop.orders.count_documents({}) == 300
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"validation_outcome": "FAILED", "validation_error_message": "Source rs0 oplog is too small (scenario)."},
+     "Atlas refused the live migration request: Source rs0 oplog is too small (scenario)."),
+    ({"migration_outcome": "FAILED", "migration_fail_after_seconds": 80},
+     "FAILED (status FAILED"),
+])
+def test_failures_end_the_run_and_clean_up(airflow_home, stand_in_factory, source, target, changes, expected):
+    with source.client() as src:
+        src.shop.orders.insert_one({"_id": 1})
+    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source), **changes))
+
+    run = airflow_home.dags_test(DAG_ID, conf(), env=env_for(stand_in, source.uri, target.uri))
+
+    assert run.state == "failed", failure_text(run)
+    assert expected in run.output, failure_text(run)
+    stand_in.assert_cleaned_up()  # the teardown ran although the migration failed
+    assert stand_in.calls("PUT", "/cutover") == []
+    with target.client() as dst:
+        assert user_namespaces(dst) == []
+
+
+def test_expired_window_ends_a_run_waiting_for_approval(airflow_home, stand_in_factory, source, target):
+    with source.client() as src:
+        src.shop.orders.insert_one({"_id": 1})
+    # A 100-second window at 20x: the migration expires about 5 s after it is ready; nobody approves.
+    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source), cutover_window_seconds=100))
+
+    run = airflow_home.dags_test(DAG_ID, conf(cutover="manual"), env=env_for(stand_in, source.uri, target.uri))
+
+    assert run.state == "failed", failure_text(run)
+    assert "EXPIRED: the 120-hour cutover window passed without a cutover" in run.output
+    assert "waiting for an operator to approve the cutover" in run.output
+    stand_in.assert_cleaned_up()
+    assert stand_in.calls("PUT", "/cutover") == []
+
+
+def test_bad_credentials_fail_the_preflight_before_any_change(airflow_home, stand_in_factory, source, target):
+    with source.client() as src:
+        src.shop.orders.insert_one({"_id": 1})
+    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
+    wrong = "Wr0ng-private-KEY-secret"
+
+    run = airflow_home.dags_test(DAG_ID, conf(), env=env_for(stand_in, source.uri, target.uri, atlas_private=wrong))
+
+    assert run.state == "failed", failure_text(run)
+    assert "live push pre-flight could not read Atlas / Cloud Manager" in run.output
+    assert "HTTP 401 UNAUTHORIZED" in run.output and "check the connection's API key pair" in run.output
+    assert "Nothing was changed." in run.output
+    state = stand_in.get("state")
+    assert state["link_tokens"] == [] and state["migrations"] == {} and state["validations"] == {}
+    assert wrong not in run.output

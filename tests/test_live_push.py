@@ -1,0 +1,563 @@
+"""The live-push path without Airflow runs: pure decisions (pre-flight, cutover, the cutover window), the
+trigger and its operator against the in-thread Atlas stand-in, approval keys, and the stand-in's data copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from atlas_migration.approval import (
+    APPROVED,
+    ApprovalRejected,
+    approval_instructions,
+    approval_key,
+    approval_sensor,
+    is_approved,
+    read_approval,
+)
+from atlas_migration.atlas_api import (
+    ApiConnectionConfig,
+    AtlasAdminHook,
+    LiveMigrationDestination,
+    LiveMigrationRequest,
+    LiveMigrationSource,
+)
+from atlas_migration.live_push import (
+    CUTOVER_WINDOW_SECONDS,
+    SHARED_CUTOVER_PARAMS,
+    LivePushParams,
+    cutover_decision,
+    cutover_window,
+    first_application_write,
+    live_push_params,
+    preflight_problems,
+    visibility_problems,
+)
+from atlas_migration.profile import SourceProfile
+from atlas_migration.triggers import (
+    TRIGGER_CLASSPATH,
+    LiveMigrationFailed,
+    LiveMigrationTrigger,
+    WaitForLiveMigrationOperator,
+    watch_outcome,
+)
+from devtools.atlas_api_server import AtlasApiServer, ClusterSpec, DeploymentSpec, Scenario, SourceProjectSpec
+
+SOURCE_PROJECT = "6507f1f77bcf86cd79943904"
+TARGET_PROJECT = "6507f1f77bcf86cd79943902"
+MIGRATION_HOST = "migration-host-0.example.net"
+PUBLIC_KEY, PRIVATE_KEY = "lp-public", "lp-private-Zq9!secret"
+
+# ---------------------------------------------------------------- parameters
+
+
+def test_params_have_the_documented_defaults_titles_and_section():
+    params = live_push_params()
+    for name, param in params.items():
+        assert param.schema.get("section") == "Live push", name
+        assert param.schema.get("title") and param.description, name
+    assert params["atlas_conn_id"].value == "atlas_api"
+    assert params["cloud_manager_conn_id"].value == "cloud_manager_api"
+    assert params["hostname_schema_type"].schema["enum"] == ["PUBLIC", "PRIVATE_LINK", "VPC_PEERING"]
+    assert params["access_list_ips"].schema["type"] == "array"
+    assert {"link_timeout_seconds", "validation_timeout_seconds", "sync_timeout_seconds",
+            "completion_timeout_seconds"} <= set(params)
+    # Without the shared Cutover section (another group's), the push never cuts over unasked.
+    parsed = LivePushParams.parse({name: p.value for name, p in params.items()})
+    assert parsed.cutover == "manual" and parsed.max_cutover_lag_seconds == 10
+
+
+def test_cutover_params_are_the_shared_sections_and_atlas_params_match_the_aws_path():
+    """One DAG, one params namespace: the push reads the live strategies' "Cutover" section instead of
+    defining a second ``cutover`` param, and its Atlas params are the AWS path's, value for value."""
+    from atlas_migration.aws_replica_set import aws_params
+    from atlas_migration.live_pull import live_pull_params
+
+    mine, pull, aws = live_push_params(), live_pull_params(), aws_params()
+    assert not set(mine) & set(SHARED_CUTOVER_PARAMS)
+    assert set(SHARED_CUTOVER_PARAMS) <= set(pull)
+    assert sorted(pull["cutover"].schema["enum"]) == ["auto", "manual"]
+    parsed = LivePushParams.parse({name: p.value for name, p in {**pull, **mine}.items()})
+    assert parsed.cutover == pull["cutover"].value and parsed.quiet_period_seconds == pull["quiet_period_seconds"].value
+    for name in set(mine) & set(aws):
+        assert mine[name].value == aws[name].value, name
+        assert {k: v for k, v in mine[name].schema.items() if k != "section"} == \
+               {k: v for k, v in aws[name].schema.items() if k != "section"}, name
+
+
+def test_params_parse_refuses_wrong_types():
+    from atlas_migration.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="max_cutover_lag_seconds"):
+        LivePushParams.parse({"max_cutover_lag_seconds": "ten"})
+    with pytest.raises(ConfigurationError, match="access_list_ips"):
+        LivePushParams.parse({"access_list_ips": [1, 2]})
+    assert LivePushParams.parse({"access_list_ips": "10.0.0.1"}).access_list_ips == ("10.0.0.1",)
+    assert LivePushParams.parse({"rehearsal_db_prefix": "rehearsal__"}).rehearsal is True
+
+
+# ---------------------------------------------------------------- pre-flight
+
+
+def good_params(**changes) -> LivePushParams:
+    base = LivePushParams(source_project_id=SOURCE_PROJECT, source_cluster_name="rs0", target_project_id=TARGET_PROJECT,
+                          target_cluster_name="Cluster0", migration_host=MIGRATION_HOST,
+                          access_list_ips=("10.1.2.3", "10.20.0.0/24"))
+    return replace(base, **changes)
+
+
+def good_profile(**changes) -> SourceProfile:
+    profile = SourceProfile(conn_id="mongo_source", hosts=["db0:27017"], version="7.0.14", topology="replica_set",
+                            managed_by="cloud_manager", oplog_readable=True)
+    for key, value in changes.items():
+        setattr(profile, key, value)
+    return profile
+
+
+def good_cluster(**changes) -> dict:
+    return {"name": "Cluster0", "mongoDBVersion": "8.0.4", "paused": False, **changes}
+
+
+def good_projects(version: str = "7.0.14", hosts: tuple[str, ...] = (MIGRATION_HOST,)) -> list[dict]:
+    return [{"name": "on-prem", "projectId": SOURCE_PROJECT, "migrationHosts": list(hosts),
+             "deployments": [{"name": "rs0", "mongoDBVersion": version, "managed": True, "tlsEnabled": False}]}]
+
+
+def test_a_sound_setup_has_no_problems():
+    assert preflight_problems(good_profile(), good_cluster(), good_projects(), good_params()) == []
+    # Not linked yet: the source's visibility is checked after linking, not here.
+    assert preflight_problems(good_profile(), good_cluster(), None, good_params()) == []
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"source_project_id": ""}, "source_project_id must be the 24-hex id"),
+    ({"source_project_id": "not-hex"}, "source_project_id must be the 24-hex id"),
+    ({"source_cluster_name": ""}, "source_cluster_name is empty"),
+    ({"target_cluster_name": ""}, "target_cluster_name is empty"),
+    ({"target_project_id": "123"}, "target_project_id '123' is not a 24-hex"),
+    ({"migration_host": ""}, "migration_host is empty"),
+    ({"hostname_schema_type": "PRIVATE_LINK"}, "PRIVATE_LINK needs private_link_id"),
+    ({"hostname_schema_type": "SOMETHING"}, "hostname_schema_type 'SOMETHING' is not one of"),
+    ({"access_list_ips": ("10.0.0.300",)}, "'10.0.0.300' is not an IP address or CIDR block"),
+    ({"cutover": "sometimes"}, "cutover 'sometimes' is not one of"),
+    ({"rehearsal": True}, "a live push cannot be rehearsed"),
+])
+def test_each_parameter_problem(change, expected):
+    problems = preflight_problems(good_profile(), good_cluster(), good_projects(), good_params(**change))
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"managed_by": None}, "not declared as monitored by Cloud Manager"),
+    ({"managed_by": "ops_manager"}, "not declared as monitored by Cloud Manager"),
+    ({"version": "6.0.16"}, "the source runs MongoDB 6.0.16; push needs 6.0.17, 7.0.13, 8.0.0 or later"),
+    ({"version": "7.0.12"}, "the source runs MongoDB 7.0.12"),
+    ({"version": "6.1.0"}, "the source runs MongoDB 6.1.0"),
+    ({"version": None}, "the source runs MongoDB an unknown version"),
+    ({"topology": "standalone"}, "push needs a replica set or a sharded cluster (the source is standalone)"),
+])
+def test_each_source_problem(change, expected):
+    problems = preflight_problems(good_profile(**change), good_cluster(), good_projects(), good_params())
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_auto_cutover_needs_the_source_change_stream():
+    unreadable = good_profile(oplog_readable=False, unknown={"oplog_access": "not authorized on local"})
+    problems = preflight_problems(unreadable, good_cluster(), good_projects(), good_params(cutover="auto"))
+    assert len(problems) == 1 and "cutover=auto confirms that application writes have stopped" in problems[0]
+    assert "not authorized on local" in problems[0]
+    # manual: the operator's approval stands in for the evidence
+    assert preflight_problems(unreadable, good_cluster(), good_projects(), good_params(cutover="manual")) == []
+
+
+@pytest.mark.parametrize("version", ["6.0.17", "7.0.13", "8.0.0", "8.2.1"])
+def test_versions_at_the_minimums_pass(version):
+    assert preflight_problems(good_profile(version=version), good_cluster(mongoDBVersion=version),
+                              good_projects(version=version), good_params()) == []
+
+
+@pytest.mark.parametrize("cluster, group, expected", [
+    (None, TARGET_PROJECT, f"destination cluster 'Cluster0' does not exist in Atlas project {TARGET_PROJECT}"),
+    (good_cluster(mongoDBVersion="7.0.5"), TARGET_PROJECT, "runs MongoDB 7.0.5; live migration needs"),
+    (good_cluster(paused=True), TARGET_PROJECT, "is paused: resume it first"),
+    (good_cluster(), "", "no destination project"),
+])
+def test_each_destination_problem(cluster, group, expected):
+    problems = preflight_problems(good_profile(), cluster, good_projects(), good_params(), group_id=group)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+@pytest.mark.parametrize("projects, expected", [
+    ([], f"Cloud Manager project {SOURCE_PROJECT} is not among the projects Atlas can migrate from (available: none)"),
+    ([{**good_projects()[0], "projectId": "6507f1f77bcf86cd79949999"}],
+     "(available: on-prem (6507f1f77bcf86cd79949999))"),
+    ([{**good_projects()[0], "deployments": [{"name": "other"}]}], "deployment 'rs0' is not listed in Cloud Manager "
+                                                                    "project 'on-prem' (deployments: other)"),
+    (good_projects(version="6.0.5"), "Cloud Manager reports 'rs0' on MongoDB 6.0.5"),
+    (good_projects(hosts=("other-host",)), f"migration host '{MIGRATION_HOST}' is not provisioned"),
+])
+def test_each_visibility_problem(projects, expected):
+    problems = preflight_problems(good_profile(), good_cluster(), projects, good_params())
+    assert len(problems) == 1 and expected in problems[0], problems
+    assert visibility_problems(projects, good_params()) == problems
+
+
+def test_every_problem_is_reported_at_once():
+    problems = preflight_problems(good_profile(version="5.0.3", topology="standalone"), None, [],
+                                  good_params(migration_host=""))
+    assert len(problems) == 5, problems
+
+
+# ---------------------------------------------------------------- cutover decisions and the window
+
+NOW = 1_800_000_000.0
+
+
+def migration(status="WORKING", ready=True, lag: int | None = 4) -> dict:
+    body = {"_id": "65aa00000000000000000001", "status": status, "readyForCutover": ready}
+    if lag is not None:
+        body["lagTimeSeconds"] = lag
+    return body
+
+
+@pytest.mark.parametrize("mig, mode, approved, action, reason", [
+    (migration("FAILED", False, None), "auto", False, "fail", "FAILED"),
+    (migration("EXPIRED", False, None), "manual", True, "fail", "EXPIRED: the 120-hour cutover window passed"),
+    (migration("COMPLETE", False, None), "auto", False, "done", "is COMPLETE"),
+    (migration("NEW", False, None), "auto", False, "wait", "the initial sync has not started"),
+    (migration("WORKING", False, 300), "auto", False, "wait", "does not report readyForCutover yet"),
+    (migration("WORKING", True, None), "auto", False, "done", "cutover of live migration"),
+    (migration("WORKING", True, 4), "manual", False, "wait", "waiting for an operator's approval"),
+    (migration("WORKING", True, 4), "manual", True, "cutover", "approved by an operator"),
+    (migration("WORKING", True, 25), "manual", True, "wait", "lag 25 s is above max_cutover_lag_seconds (10 s)"),
+    (migration("WORKING", True, 25), "auto", False, "wait", "lag 25 s is above"),
+    (migration("WORKING", True, 10), "auto", False, "cutover", "cutover=auto"),
+])
+def test_cutover_decision(mig, mode, approved, action, reason):
+    decision = cutover_decision(mig, good_params(cutover=mode), NOW, approved=approved, ready_since=NOW - 3600)
+    assert decision.action == action and reason in decision.reason, decision
+
+
+def test_cutover_window_runs_down_with_sharper_warnings():
+    start = NOW - CUTOVER_WINDOW_SECONDS
+    assert cutover_window(None, NOW).warning is None
+    early = cutover_window(NOW - 3600, NOW)
+    assert early.warning is None and "119 h 00 min left" in early.note
+    # ready_since = start + x leaves x seconds of the window at NOW.
+    assert cutover_window(start + 25 * 3600, NOW).warning is None
+    assert "less than 24 h left (23 h 00 min)" in cutover_window(start + 23 * 3600, NOW).warning
+    assert "less than 6 h left (5 h 00 min)" in cutover_window(start + 5 * 3600, NOW).warning
+    assert "LESS THAN 1 HOUR LEFT (30 min 00 s)" in cutover_window(start + 30 * 60, NOW).warning
+    assert "has run out" in cutover_window(start - 10, NOW).warning
+    # The decision carries the warning while it waits.
+    decision = cutover_decision(migration(), good_params(cutover="manual"), NOW, ready_since=start + 1800)
+    assert decision.action == "wait" and decision.warnings and "LESS THAN 1 HOUR LEFT" in decision.warnings[0]
+
+
+# ---------------------------------------------------------------- the trigger
+
+
+@pytest.mark.parametrize("mig, wait_for, outcome", [
+    (migration("NEW", False, None), "ready", None),
+    (migration("WORKING", False, 90), "ready", None),
+    (migration("WORKING", True, 30), "ready", None),  # ready, but the lag is above the threshold
+    (migration("WORKING", True, 10), "ready", "ready"),
+    (migration("WORKING", True, 10), "complete", None),
+    (migration("COMPLETE", False, None), "complete", "complete"),
+    (migration("FAILED", False, None), "complete", "failed"),
+    (migration("EXPIRED", False, None), "ready", "expired"),
+])
+def test_watch_outcome(mig, wait_for, outcome):
+    assert watch_outcome(mig, wait_for, 10) == outcome
+
+
+def test_trigger_serializes_to_its_classpath_and_round_trips_without_secrets():
+    from airflow.sdk.module_loading import import_string
+
+    trigger = LiveMigrationTrigger(atlas_conn_id="atlas_api", group_id=TARGET_PROJECT,
+                                   migration_id="65aa00000000000000000001", wait_for="ready", max_lag_seconds=10,
+                                   poll_interval=5, deadline=NOW, ready_since=None)
+    classpath, kwargs = trigger.serialize()
+    assert classpath == TRIGGER_CLASSPATH == "atlas_migration.triggers.LiveMigrationTrigger"
+    assert set(kwargs) == {"atlas_conn_id", "group_id", "migration_id", "wait_for", "max_lag_seconds",
+                           "poll_interval", "deadline", "ready_since"}
+    json.dumps(kwargs)  # plain JSON: nothing but ids and numbers
+    again = import_string(classpath)(**kwargs)
+    assert again.serialize() == (classpath, kwargs)
+
+
+def stand_in_scenario(**changes) -> Scenario:
+    scenario = Scenario(api_keys={PUBLIC_KEY: PRIVATE_KEY}, require_link=False, validation_seconds=0,
+                        migration_new_seconds=10, migration_initial_lag_seconds=100,
+                        migration_lag_decay_per_second=10, migration_ready_lag_seconds=10)
+    scenario.update(changes)
+    return scenario
+
+
+@pytest.fixture
+def server(monkeypatch) -> Iterator[AtlasApiServer]:
+    with AtlasApiServer(stand_in_scenario()) as srv:
+        s = srv.scenario
+        monkeypatch.setenv("AIRFLOW_CONN_ATLAS_API", json.dumps({
+            "conn_type": "mongodb_atlas", "host": srv.url, "login": PUBLIC_KEY, "password": PRIVATE_KEY,
+            "extra": {"org_id": s.atlas_org_id, "project_id": s.atlas_project_id}}))
+        yield srv
+
+
+def create_migration(server: AtlasApiServer) -> str:
+    request = LiveMigrationRequest(
+        source=LiveMigrationSource(cluster_name="rs0", group_id=server.scenario.source_projects[0].project_id),
+        destination=LiveMigrationDestination(cluster_name="Cluster0", group_id=server.scenario.atlas_project_id),
+        migration_host=MIGRATION_HOST)
+    hook = AtlasAdminHook("atlas_api")
+    try:
+        return hook.create_live_migration(request)["_id"]
+    finally:
+        hook.close()
+
+
+def trigger_for(server: AtlasApiServer, migration_id: str, **kwargs) -> LiveMigrationTrigger:
+    settings = {"wait_for": "ready", "max_lag_seconds": 10, "poll_interval": 0.05, **kwargs}
+    return LiveMigrationTrigger(atlas_conn_id="atlas_api", group_id=server.scenario.atlas_project_id,
+                                migration_id=migration_id, **settings)
+
+
+def test_trigger_polls_until_ready(server):
+    migration_id = create_migration(server)
+
+    async def scenario() -> dict:
+        pending = asyncio.ensure_future(anext(trigger_for(server, migration_id).run()))
+        await asyncio.sleep(0.5)
+        assert not pending.done(), "the migration is NEW: the trigger must keep polling"
+        server.advance(12)  # WORKING, lag about 80 s: still not ready
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        server.advance(100)  # lag at the floor: ready for cutover
+        return (await asyncio.wait_for(pending, 10)).payload
+
+    event = asyncio.run(scenario())
+    assert event["outcome"] == "ready" and event["migration"]["readyForCutover"] is True
+    assert event["ready_since"] is not None and "is ready for cutover" in event["message"]
+
+
+@pytest.mark.parametrize("changes, advance, outcome, text", [
+    ({"migration_outcome": "FAILED", "migration_fail_after_seconds": 5}, 6, "failed", "FAILED"),
+    ({"cutover_window_seconds": 60}, 200, "expired", "EXPIRED: the 120-hour cutover window"),
+])
+def test_trigger_reports_failed_and_expired(server, changes, advance, outcome, text):
+    server.update_scenario(**changes)
+    migration_id = create_migration(server)
+    server.advance(advance)
+    event = asyncio.run(anext(trigger_for(server, migration_id, wait_for="complete").run())).payload
+    assert event["outcome"] == outcome and text in event["message"]
+
+
+def test_trigger_times_out_and_reports_api_errors_without_secrets(server, monkeypatch):
+    migration_id = create_migration(server)
+    event = asyncio.run(anext(trigger_for(server, migration_id, deadline=time.time() - 1).run())).payload
+    assert event["outcome"] == "timeout" and "the wait timeout (status NEW" in event["message"]
+
+    conn = json.loads(os.environ["AIRFLOW_CONN_ATLAS_API"])
+    monkeypatch.setenv("AIRFLOW_CONN_ATLAS_API", json.dumps({**conn, "password": "wrong-Pa55-secret"}))
+    event = asyncio.run(anext(trigger_for(server, migration_id).run())).payload
+    assert event["outcome"] == "error" and "HTTP 401" in event["message"]
+    assert "wrong-Pa55-secret" not in json.dumps(event) and PRIVATE_KEY not in json.dumps(event)
+
+
+def operator(server: AtlasApiServer, migration_id: str, wait_for: str = "ready") -> WaitForLiveMigrationOperator:
+    return WaitForLiveMigrationOperator(task_id=f"wait_{wait_for}", atlas_conn_id="atlas_api",
+                                        group_id=server.scenario.atlas_project_id, migration_id=migration_id,
+                                        wait_for=wait_for, max_lag_seconds="10", poll_interval="2",
+                                        timeout_seconds="120")
+
+
+def test_operator_defers_to_the_trigger_unless_already_there(server):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    migration_id = create_migration(server)
+    with pytest.raises(TaskDeferred) as deferred:
+        operator(server, migration_id).execute(context={})
+    classpath, kwargs = deferred.value.trigger.serialize()
+    assert classpath == TRIGGER_CLASSPATH and deferred.value.method_name == "execute_complete"
+    assert kwargs["migration_id"] == migration_id and kwargs["max_lag_seconds"] == 10.0 and kwargs["poll_interval"] == 2
+
+    server.advance(200)  # ready already: no deferral
+    result = operator(server, migration_id).execute(context={})
+    assert result["outcome"] == "ready" and result["migration"]["id"] == migration_id
+
+
+def test_operator_fails_without_retries_on_a_failed_event(server):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    op = operator(server, "65aa00000000000000000001", wait_for="complete")
+    with pytest.raises(LiveMigrationFailed, match="EXPIRED") as failed:
+        op.execute_complete(context={}, event={"outcome": "expired", "message": "live migration x EXPIRED: ..."})
+    assert isinstance(failed.value, AirflowFailException)
+    # A "ready" event does not satisfy a wait for completion.
+    with pytest.raises(LiveMigrationFailed):
+        op.execute_complete(context={}, event={"outcome": "ready", "message": "ready"})
+    done = op.execute_complete(context={}, event={"outcome": "complete", "migration": {"status": "COMPLETE"},
+                                                  "observed_at": NOW, "ready_since": None, "message": "ok"})
+    assert done["outcome"] == "complete"
+
+
+def test_poke_cutover_waits_for_quiet_and_readiness_then_cuts_over(server, monkeypatch):
+    from atlas_migration import live_push
+
+    migration_id = create_migration(server)
+    params = {"atlas_conn_id": "atlas_api", "target_cluster_name": "Cluster0", "cutover": "auto",
+              "max_cutover_lag_seconds": 10, "quiet_period_seconds": 1, "cutover_timeout_seconds": 60}
+    started = {"migration_id": migration_id, "group_id": server.scenario.atlas_project_id}
+    checked, approval, synced = {"source_watchable": True}, {"approved": True}, {"ready_since": None}
+    writes: list[str | None] = []
+    monkeypatch.setattr(live_push, "_source_writes", lambda p: writes.pop(0))
+
+    def poke(waited: float = 0.0):
+        return live_push.poke_cutover(params, checked, started, synced, approval, waited)
+
+    assert poke().done is False  # NEW: not ready, the source is not even looked at
+    server.advance(200)  # ready, lag at the floor
+    writes.append("shop.orders")
+    assert poke().done is False and server.requests("/cutover") == []  # writes still arriving: wait
+    writes.append("shop.orders")
+    with pytest.raises(LiveMigrationFailed, match="application writes did not stop within cutover_timeout_seconds"):
+        poke(waited=61)
+    server.add_fault(400, method="PUT", path_regex="/cutover$", error_code="LIVE_MIGRATION_NOT_READY_FOR_CUTOVER")
+    writes.append(None)
+    assert poke().done is False  # refused by Atlas: re-check at the next poke
+    writes.append(None)
+    result = poke()
+    assert result.done and result.value["cutover_requested_at"]
+    assert [r["status"] for r in server.requests("/cutover")] == [400, 202]
+    assert poke().done and not writes  # under way: done without looking at the source again
+
+
+# ---------------------------------------------------------------- approvals
+
+RUN_ID = "manual__2026-01-05T10:00:00+00:00"
+
+
+def test_approval_key_is_per_run():
+    assert approval_key("mongo_to_atlas", RUN_ID) == f"atlas_migration_cutover__mongo_to_atlas__{RUN_ID}"
+    other_prefix = approval_key("mongo_to_atlas", RUN_ID, prefix="atlas_migration_pull")
+    assert other_prefix == f"atlas_migration_pull__mongo_to_atlas__{RUN_ID}" != approval_key("mongo_to_atlas", RUN_ID)
+    assert approval_key("a", "run1") != approval_key("a", "run2")
+    with pytest.raises(ValueError):
+        approval_key("mongo_to_atlas", "")
+    with pytest.raises(ValueError, match="at most 250"):
+        approval_key("d" * 200, "r" * 60)
+
+
+@pytest.mark.parametrize("value, status", [
+    (None, "pending"), ("approved", "approved"), ("  Approved\n", "approved"), ("rejected", "rejected"),
+    ("yes", "pending"), ("", "pending"),
+])
+def test_read_approval(value, status):
+    store = {approval_key("dag", RUN_ID): value}
+    state = read_approval("dag", RUN_ID, get=store.get)
+    assert state.status == status and state.approved == (status == "approved")
+
+
+def test_is_approved_reads_the_airflow_variable(monkeypatch):
+    key = approval_key("mongo_to_atlas", RUN_ID)
+    assert not is_approved("mongo_to_atlas", RUN_ID)
+    monkeypatch.setenv(f"AIRFLOW_VAR_{key.upper()}", APPROVED)  # the env-var Variables backend
+    assert is_approved("mongo_to_atlas", RUN_ID)
+    assert not is_approved("mongo_to_atlas", "manual__another-run")
+    assert any(f"airflow variables set '{key}' approved" in line for line in approval_instructions(key, "cutover"))
+    assert issubclass(ApprovalRejected, Exception)
+
+
+def test_approval_sensor_is_a_reschedule_sensor():
+    import pendulum
+    from airflow.sdk import DAG
+
+    with DAG("approval_probe", schedule=None, start_date=pendulum.datetime(2026, 1, 1)) as dag:
+        approval_sensor(task_id="approve", poke_interval=7, timeout=100)()
+    task = dag.get_task("approve")
+    assert task.mode == "reschedule" and task.poke_interval == 7 and task.timeout == 100
+
+
+# ---------------------------------------------------------------- the quiet-period check
+
+
+def test_first_application_write_sees_writes_and_ignores_internal_ones(source):
+    import threading
+
+    with source.client() as client:
+        client.shop.orders.insert_one({"_id": "before"})  # before the watch opens: does not count
+        assert first_application_write(client, 0.6) is None
+
+        def write() -> None:
+            time.sleep(0.3)
+            client["__atlas_migration"].state.insert_one({"_id": 1})  # the project's own bookkeeping
+            client.mongosync_reserved_for_internal_use.x.insert_one({"_id": 1})
+            client.shop.orders.insert_one({"_id": "during"})
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            assert first_application_write(client, 5) == "shop.orders"
+        finally:
+            writer.join()
+
+
+# ---------------------------------------------------------------- the stand-in moves data at cutover
+
+
+def test_stand_in_copies_the_source_at_cutover(source, target):
+    """The stand-in's approximation of the push (devtools.atlas_api_server, "Moving data")."""
+    from devtools.atlas_api_server import copy_deployment
+    from devtools.sample_data import seed_sample_dataset
+    from tests.helpers import assert_namespaces_identical, user_namespaces
+
+    with source.client() as src, target.client() as dst:
+        seed_sample_dataset(src, scale=0.005)
+        dst.leftover.things.insert_one({"_id": 1})
+        summary = copy_deployment(source.uri, target.uri, drop_destination_data=True)
+        namespaces = user_namespaces(src)
+        assert "leftover" not in dst.list_database_names(), "dropDestinationData drops the destination first"
+        assert user_namespaces(dst) == namespaces
+        assert_namespaces_identical(src, dst, namespaces)
+        assert summary.startswith(f"copied {len(namespaces)} namespace(s)")
+
+
+def test_stand_in_migration_completes_only_after_the_copy(source, target):
+    with source.client() as src:
+        src.shop.orders.insert_many([{"_id": i} for i in range(50)])
+    scenario = stand_in_scenario(
+        source_projects=[SourceProjectSpec(project_id=SOURCE_PROJECT, migration_hosts=[MIGRATION_HOST],
+                                           deployments=[DeploymentSpec(name="rs0", local_uri=source.uri)])],
+        clusters=[ClusterSpec(name="Cluster0", local_uri=target.uri)], migration_cutover_seconds=0)
+    with AtlasApiServer(scenario) as srv:
+        request = {"source": {"clusterName": "rs0", "groupId": SOURCE_PROJECT, "managedAuthentication": True,
+                              "ssl": False},
+                   "destination": {"clusterName": "Cluster0", "groupId": scenario.atlas_project_id,
+                                   "hostnameSchemaType": "PUBLIC"},
+                   "migrationHosts": [MIGRATION_HOST], "dropDestinationData": False}
+        hook = AtlasAdminHook("x", config=ApiConnectionConfig(
+            conn_id="x", base_url=srv.url, org_id=scenario.atlas_org_id, project_id=scenario.atlas_project_id,
+            public_key=PUBLIC_KEY, private_key=PRIVATE_KEY))
+        try:
+            record_id = hook.create_live_migration(request)["_id"]
+            srv.advance(300)
+            with target.client() as dst:
+                assert "shop" not in dst.list_database_names(), "no data moves before the cutover"
+            hook.cutover_live_migration(record_id)
+            deadline = time.monotonic() + 30
+            while hook.get_live_migration(record_id)["status"] != "COMPLETE":
+                assert time.monotonic() < deadline, srv.state.snapshot()["migrations"]
+                time.sleep(0.1)
+        finally:
+            hook.close()
+        record = srv.state.snapshot()["migrations"][record_id]
+        assert record["copy_status"] == "done" and record["copy_detail"].startswith("copied 1 namespace(s), 50")
+    with target.client() as dst:
+        assert dst.shop.orders.count_documents({}) == 50

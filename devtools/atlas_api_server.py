@@ -133,10 +133,12 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from devtools.http_service import LoopbackHttpService
 
 REALM = "MMS Public API"
 ATLAS_PREFIX = "/api/atlas/v2"
@@ -1653,52 +1655,20 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------------------------------
 
 
-class AtlasApiServer:
+class AtlasApiServer(LoopbackHttpService):
     """The stand-in on 127.0.0.1; ``start()`` serves from a daemon thread, ``serve_forever()`` in-line."""
+
+    thread_name = "atlas-api-server"
 
     def __init__(self, scenario: Scenario | None = None, *, host: str = "127.0.0.1", port: int = 0,
                  state_file: Path | str | None = None) -> None:
         self.state = AtlasApiState(scenario or Scenario(), Path(state_file) if state_file else None)
-        handler = type("AtlasApiHandler", (_Handler,), {"state": self.state})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        super().__init__(type("AtlasApiHandler", (_Handler,), {"state": self.state}), host, port)
         self.state.save()
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
 
     @property
     def scenario(self) -> Scenario:
         return self.state.scenario
-
-    def start(self) -> AtlasApiServer:
-        # A short poll interval keeps stop() (shutdown waits for the next poll) in the milliseconds.
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="atlas-api-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever(poll_interval=0.05)
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        if self._thread:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> AtlasApiServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # Programmatic versions of the admin endpoints.
 

@@ -108,10 +108,12 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from devtools.http_service import LoopbackHttpService
 
 # ``python -m devtools.mongosync_server`` from the repository root: the package lives in include/ (on
 # PYTHONPATH for Airflow and pytest, not necessarily here).
@@ -1038,56 +1040,26 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------------------------------
 
 
-class MongosyncServer:
+class MongosyncServer(LoopbackHttpService):
     """The stand-in on ``host:port`` (0 = a free port); ``start()`` serves from a daemon thread."""
+
+    thread_name = "mongosync-server"
 
     def __init__(self, cluster0: str, cluster1: str, *, host: str = "127.0.0.1", port: int = 0,
                  settings: Settings | None = None, engine_factory: Callable[..., Any] | None = None) -> None:
         self.core = MongosyncCore(cluster0, cluster1, settings, engine_factory)
-        handler = type("MongosyncHandler", (_Handler,), {"core": self.core})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        super().__init__(type("MongosyncHandler", (_Handler,), {"core": self.core}), host, port)
 
     @property
     def api_url(self) -> str:
         return self.url + API_PREFIX
 
     @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
-
-    @property
     def settings(self) -> Settings:
         return self.core.settings
 
-    def start(self) -> MongosyncServer:
-        # A short poll interval keeps stop() (shutdown waits for the next poll) in the milliseconds.
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="mongosync-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever(poll_interval=0.05)
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        if self._thread:
-            self._thread.join(timeout=5)
+    def close(self) -> None:
         self.core.close()
-
-    def __enter__(self) -> MongosyncServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # Programmatic versions of the admin endpoints.
 

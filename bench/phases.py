@@ -2,16 +2,18 @@
 
 Phases run in ``PHASES`` order and may leave artefacts for later ones (the dump directory, the restored
 database). A phase is a ``Phase(name, summary, run, needs)``; ``run(ctx)`` returns its figures. To add
-one (the live-pull engine, once it exists): write its child work in ``workers``, a ``run_...`` function
+one: write its child work in ``workers``, a ``run_...`` function
 here that calls ``ctx.child``/``ctx.children`` and builds figures with ``figure_from``, append it to
 ``PHASES``, and, if the issue sets a goal for it, add a row to ``report.TARGETS``.
 
 Every engine figure is compared with a ceiling measured in the same run: the dump with the source's raw
-read, restores and copies with the target's raw bulk insert, full validation with the raw read.
+read, restores and copies with the target's raw bulk insert, full validation with the raw read, the live
+sync's initial copy and catch-up with the raw bulk insert.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -27,11 +29,18 @@ from bench.measure import BenchError, ChildOutcome, GroupOutcome, Section, run_c
 from bench.report import INSERT_CEILING, READ_CEILING, Figure
 
 # Figure groups in the order the table shows them.
-GROUP_ORDER = ("ceiling", "dump", "restore", "copy", "tools", "validation", "scaling", "memory")
+GROUP_ORDER = ("ceiling", "dump", "restore", "copy", "tools", "validation", "scaling", "live", "memory")
 VALIDATION_MODES = ("counts", "full")
 VALIDATION_SIZES = (1, 2, 4)  # multiples of the base (one-unit) collection size
 MEMORY_SIZES = (1, 4)
 CEILING_DB = "bench_ceiling"
+LIVE_SYNC_ID = "bench-live"
+LIVE_PREFIX = "live_"  # target database prefix of the live sync: live_<db>, apart from every other phase's
+LIVE_COLLECTION = "live_writes"  # source collection the live phase's writers write to; dropped afterwards
+LIVE_STREAMS = (2_000, 2_001)  # DocumentFactory streams of the steady-state and the backlog writers
+LIVE_ROUND_SECONDS = 1.0
+LIVE_SAMPLE_SECONDS = 0.5
+LIVE_QUIET_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,23 @@ class BenchConfig:
     insert_batch_sizes: tuple[int, ...] = (250, 1_000, 4_000)
     insert_threads: tuple[int, ...] = (1, 2, 4)
     read_batch_sizes: tuple[int, ...] = (0, 1_000)  # 0: the server's default batching
+    live_write_rate: float = 200.0  # ops/s of the live phase's steady-state writer (half inserts, half updates)
+    live_seconds: float | None = None  # steady-state duration; None: see live_duration
+    live_backlog_ops: int | None = None  # ops written while catch-up is stopped; None: see live_backlog
+
+    @property
+    def live_duration(self) -> float:
+        """Steady-state seconds: 60, or 20 up to 50,000 documents (--small), 10 below 10,000 (smoke test)."""
+        if self.live_seconds is not None:
+            return self.live_seconds
+        return 10.0 if self.docs < 10_000 else 20.0 if self.docs <= 50_000 else 60.0
+
+    @property
+    def live_backlog(self) -> int:
+        """Backlog for the catch-up rate: a tenth of the data, at least 2,000 and at most 20,000 ops."""
+        if self.live_backlog_ops is not None:
+            return self.live_backlog_ops
+        return max(2_000, min(20_000, self.docs // 10))
 
     @property
     def ceiling_docs(self) -> int:
@@ -382,6 +408,103 @@ def run_scaling(ctx: BenchContext) -> list[Figure]:
     return figures
 
 
+def run_live(ctx: BenchContext) -> list[Figure]:
+    """The live-sync engine: initial copy, steady-state lag under a fixed write rate, catch-up rate, cutover.
+
+    Everything goes to ``live_<db>`` on the target; writers write to a separate source collection
+    (``live_writes``, part of the sync), so the dataset the other phases read is never changed. The target
+    database, the engine's state database and the writers' collection are dropped afterwards.
+    """
+    cfg, spec = ctx.config, ctx.dataset.spec
+    # Several partitions: the largest (4x) collection in four, the 2x one in two, one-unit ones whole.
+    partition_docs = max(1, math.ceil(spec.by_units(4).documents / 4))
+    common = dict(source_uri=ctx.source_uri, target_uri=ctx.target_uri, db=ctx.db, sync_id=LIVE_SYNC_ID,
+                  target_db_prefix=LIVE_PREFIX, batch_docs=cfg.batch_docs, partition_docs=partition_docs)
+    writer = dict(source_uri=ctx.source_uri, db=ctx.db, collection=LIVE_COLLECTION, doc_bytes=spec.doc_bytes,
+                  seed=spec.seed)
+    with pymongo.MongoClient(ctx.source_uri) as client:
+        client[ctx.db].drop_collection(LIVE_COLLECTION)
+        client[ctx.db].create_collection(LIVE_COLLECTION)  # before start(): planned with the rest, empty
+    try:
+        return _live_figures(ctx, common, writer, partition_docs)
+    finally:
+        ctx.drop_target_databases([f"{LIVE_PREFIX}{ctx.db}", workers.LIVE_STATE_DB])
+        with pymongo.MongoClient(ctx.source_uri) as client:
+            client[ctx.db].drop_collection(LIVE_COLLECTION)
+
+
+def _live_figures(ctx: BenchContext, common: dict[str, Any], writer: dict[str, Any],
+                  partition_docs: int) -> list[Figure]:
+    cfg, spec = ctx.config, ctx.dataset.spec
+    copied = ctx.child("live", workers.live_initial_copy, name="live-copy", **common)
+    section = copied.sections[0]
+    _check_documents("the live initial copy", section.documents, spec.documents)
+    partitions = section.extra["partitions"]
+    figures = [figure_from(
+        "live.initial_copy", "live", "live: initial copy (start..finish_initial_copy)", [section], [copied],
+        ratio_to=INSERT_CEILING,
+        note=f"{partitions} partitions of <= {partition_docs:,} docs, 1 process; incl. index builds; "
+             "_id-range reads (a collection scan each on SecantusDB)",
+        details={"partitions": partitions, "partition_docs": partition_docs},
+    )]
+
+    # Steady state: a writer at a fixed rate and catch-up in short rounds, released together.
+    seconds, rate = cfg.live_duration, cfg.live_write_rate
+    group = ctx.children("live", workers.live_role, [
+        dict(role="writer", **writer, stream=LIVE_STREAMS[0], ops=max(1, round(rate * seconds)), rate=rate),
+        dict(role="steady", **common, seconds=seconds, round_seconds=LIVE_ROUND_SECONDS,
+             sample_seconds=LIVE_SAMPLE_SECONDS, drain_quiet_seconds=LIVE_QUIET_SECONDS),
+    ], name="live-steady")
+    wrote, followed = group.children
+    written, steady = wrote.sections[0], followed.sections[0]
+    applied_total = steady.documents + steady.extra["events_after_section"]
+    if applied_total != written.documents:
+        raise BenchError(f"live steady state: {applied_total:,} events applied where {written.documents:,} "
+                         "operations were written")
+    lag = steady.extra
+    # Bytes: the documents the applied events carried (inserted, or looked up after an update), pro rata.
+    steady.bytes = round(written.bytes * steady.documents / max(1, written.documents))
+    figures.append(figure_from(
+        "live.steady", "live", f"live: steady state, writer at {rate:g} ops/s ({seconds:g}s)", [steady], [followed],
+        note=f"lag median {lag['lag_median_s']:.1f}s, p95 {lag['lag_p95_s']:.1f}s ({lag['lag_samples']} samples, "
+             f"1 s resolution); writer {written.documents / written.seconds:.0f} ops/s achieved",
+        details={key: lag[key] for key in ("lag_median_s", "lag_p95_s", "lag_max_s", "lag_samples", "rounds",
+                                           "lag_samples_saved", "lag_samples_catch_up", "lag_after_drain")}
+        | {"writer_ops": written.documents, "writer_ops_per_s": round(written.documents / written.seconds, 1),
+           "writer_peak_rss_mb": round(wrote.peak_rss_mb, 1)},
+    ))
+
+    # Catch-up rate: a backlog written while nothing follows the stream, then catch_up until drained.
+    backlog = ctx.child("live", workers.live_writer, name="live-backlog-writer", **writer, stream=LIVE_STREAMS[1],
+                        ops=cfg.live_backlog, rate=None)
+    written = backlog.sections[0]
+    caught = ctx.child("live", workers.live_backlog_catch_up, name="live-catch-up", **common,
+                       expected_events=written.documents)
+    drained = caught.sections[0]
+    drained.bytes = written.bytes
+
+    # Cutover with writes stopped; the target must then hold exactly the source's documents.
+    cut = ctx.child("live", workers.live_cutover, name="live-cutover", **common, quiet_seconds=LIVE_QUIET_SECONDS)
+    counts: dict[str, tuple[int, int]] = cut.value["counts"]
+    wrong = {name: pair for name, pair in counts.items() if pair[0] != pair[1]}
+    if wrong or not counts:
+        raise BenchError("live cutover: target document counts differ from the source's: "
+                         + ", ".join(f"{name} source {s:,} target {t:,}" for name, (s, t) in sorted(wrong.items())))
+    total = sum(s for s, _ in counts.values())
+    cut_section = cut.sections[0]
+    figures.append(figure_from(
+        "live.catch_up", "live", f"live: catch-up of a {written.documents:,}-op backlog", [drained], [caught],
+        ratio_to=INSERT_CEILING,
+        note=f"backlog written at {written.documents / written.seconds:.0f} ops/s; cutover {cut_section.seconds:.1f}s "
+             f"(quiet {LIVE_QUIET_SECONDS:g}s), then target = source: {total:,} docs in {len(counts)} collections",
+        details={"backlog_ops": written.documents, "backlog_write_seconds": round(written.seconds, 3),
+                 **drained.extra, "cutover_seconds": round(cut_section.seconds, 3),
+                 "cutover_events": cut.value["events_applied"], "cutover_peak_rss_mb": round(cut.peak_rss_mb, 1),
+                 "counts": {name: list(pair) for name, pair in counts.items()}},
+    ))
+    return figures
+
+
 @dataclass(frozen=True)
 class Phase:
     """A named step of the benchmark; ``needs`` are phases whose artefacts it uses."""
@@ -400,6 +523,7 @@ PHASES: tuple[Phase, ...] = (
     Phase("tools", "mongodump/mongorestore", run_tools),
     Phase("validation", "counts and full validation at 1x/2x/4x", run_validation, needs=("restore",)),
     Phase("scaling", "copy over 1/2/4 worker processes", run_scaling),
+    Phase("live", "live sync: initial copy, steady-state lag, catch-up, cutover", run_live),
 )
 
 

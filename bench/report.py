@@ -25,7 +25,7 @@ class Figure:
     """One measured figure (a table row)."""
 
     key: str  # stable identifier, e.g. "dump.native" or "validation.full.4x"
-    group: str  # ceiling, dump, restore, copy, tools, validation, scaling, memory
+    group: str  # ceiling, dump, restore, copy, tools, validation, scaling, live, memory
     label: str
     documents: int = 0
     bytes: int = 0

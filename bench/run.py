@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="engine cursor/insert batch in documents (the DAG's batch_size)")
     parser.add_argument("--restore-workers", type=int, default=defaults.restore_workers,
                         help="insert threads per collection (the DAG's restore_workers)")
+    parser.add_argument("--live-write-rate", type=float, default=defaults.live_write_rate,
+                        help="live phase: the writer's fixed rate in ops/s during the steady-state lag figure")
     parser.add_argument("--phases", help=f"comma-separated subset of: {', '.join(p.name for p in PHASES)}")
     parser.add_argument("--profile", metavar="PHASE", help="run that phase's child processes under cProfile")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
@@ -64,8 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.docs is None:
         args.docs = SMALL_DOCS if args.small else defaults.docs
-    if args.docs < 1 or args.doc_bytes < 1 or args.batch_size < 1 or args.restore_workers < 1:
-        parser.error("--docs, --doc-bytes, --batch-size and --restore-workers must be positive")
+    if (args.docs < 1 or args.doc_bytes < 1 or args.batch_size < 1 or args.restore_workers < 1
+            or args.live_write_rate <= 0):
+        parser.error("--docs, --doc-bytes, --batch-size, --restore-workers and --live-write-rate must be positive")
     return args
 
 
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = BenchConfig(
         docs=args.docs, doc_bytes=args.doc_bytes, collections=args.collections, seed=args.seed,
-        batch_docs=args.batch_size, restore_workers=args.restore_workers,
+        batch_docs=args.batch_size, restore_workers=args.restore_workers, live_write_rate=args.live_write_rate,
     )
     spec = DatasetSpec.plan(config.docs, config.doc_bytes, config.collections, config.seed)
     phases = select_phases([p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else None)

@@ -1,4 +1,4 @@
-"""The work the benchmark's child processes do: ceilings, dump, restore, copy, validation, tools.
+"""The work the benchmark's child processes do: ceilings, dump, restore, copy, validation, tools, live sync.
 
 Every function takes a ``Meter`` first and keyword arguments that pickle (URIs, names, paths, numbers),
 connects its own clients (a child shares nothing with the parent) and wraps exactly the measured stretch
@@ -10,8 +10,11 @@ ceiling's batches, stays outside the sections. Functions raise when the work did
 from __future__ import annotations
 
 import logging
+import random
+import statistics
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,8 @@ import pymongo
 from bson.raw_bson import RawBSONDocument
 
 from atlas_migration.engines import mongotools, native
+from atlas_migration.engines.live import STATE_COLLECTION, LiveSync
+from atlas_migration.namespaces import NamespaceFilter
 from atlas_migration.progress import Progress
 from atlas_migration.validation import render_summary, validate_namespaces
 from bench.datagen import CEILING_STREAM, RAW_CODEC_OPTIONS, DocumentFactory
@@ -270,4 +275,258 @@ def tools_copy(
     restored.documents = result.documents_restored or 0
 
 
-__all__ = ["copy", "dump", "insert_ceiling", "read_ceiling", "restore", "tools_copy", "validate"]
+# ------------------------------------------------------------------------------------------- live sync
+LIVE_STATE_DB = "__atlas_migration"  # LiveSync's default state database (on the target)
+
+
+def _live_sync(source: pymongo.MongoClient, target: pymongo.MongoClient, *, sync_id: str, db: str,
+               target_db_prefix: str, batch_docs: int, partition_docs: int) -> LiveSync:
+    # Every child builds the same LiveSync: all progress is in the state collection, as in the DAG's tasks.
+    return LiveSync(
+        source, target, sync_id=sync_id, namespaces=NamespaceFilter.from_patterns([f"{db}.*"], None),
+        target_db_prefix=target_db_prefix, state_db=LIVE_STATE_DB, batch_size=batch_docs,
+        partition_docs=partition_docs, log=log,
+    )
+
+
+def live_initial_copy(
+    meter: Meter,
+    *,
+    source_uri: str,
+    target_uri: str,
+    db: str,
+    sync_id: str,
+    target_db_prefix: str,
+    batch_docs: int,
+    partition_docs: int,
+) -> dict[str, Any]:
+    """LiveSync start, plan_partitions, prepare_targets(drop=True), copy_partition of each, finish_initial_copy.
+
+    One section over the whole sequence (what the initial copy of a live pull costs end to end).
+    """
+    with _client(source_uri) as source, _client(target_uri) as target:
+        sync = _live_sync(source, target, sync_id=sync_id, db=db, target_db_prefix=target_db_prefix,
+                          batch_docs=batch_docs, partition_docs=partition_docs)
+        with meter.section("live initial copy") as section:
+            sync.start()
+            partitions = sync.plan_partitions()
+            sync.prepare_targets(drop=True)
+            results = [sync.copy_partition(partition) for partition in partitions]
+            sync.finish_initial_copy()
+        # Nothing was written meanwhile: a drained catch-up moves the saved position to now, so the
+        # steady-state lag measured next does not start at the age of the start point.
+        sync.catch_up()
+        section.documents = sum(r.documents for r in results)
+        section.bytes = sum(r.bytes for r in results)
+        section.extra = {"partitions": len(partitions), "collections": len({p.namespace for p in partitions})}
+    return {"partitions": len(partitions)}
+
+
+def _write_ops(collection: Any, raws: Iterator[bytes], ops: int, rate: float | None, seed: int) -> tuple[int, int, int]:
+    """``ops`` writes (inserts of ``raws``, and ``$inc`` updates of documents already inserted, half each).
+
+    Paced to ``rate`` ops/s on a fixed schedule (a late op is not made up by a burst), or as fast as the
+    server takes them without a rate. Returns (ops, inserts, bytes of the documents as the stream carries
+    them: the inserted document, or the looked-up updated one).
+    """
+    rng = random.Random(seed)
+    inserted: list[tuple[Any, int]] = []  # (_id, size)
+    done = inserts = nbytes = 0
+    started = time.perf_counter()
+    for op in range(ops):
+        if rate:
+            delay = started + op / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        if not inserted or op % 2 == 0:
+            raw = next(raws)
+            document = RawBSONDocument(raw)
+            collection.insert_one(document)
+            inserted.append((document["_id"], len(raw)))
+            inserts += 1
+            nbytes += len(raw)
+        else:
+            _id, size = rng.choice(inserted)
+            result = collection.update_one({"_id": _id}, {"$inc": {"items": 1}})
+            if result.modified_count != 1:
+                raise RuntimeError(f"live writer: update of {_id} modified {result.modified_count} documents")
+            nbytes += size
+        done += 1
+    return done, inserts, nbytes
+
+
+def live_writer(
+    meter: Meter,
+    *,
+    source_uri: str,
+    db: str,
+    collection: str,
+    doc_bytes: int,
+    seed: int,
+    stream: int,
+    ops: int,
+    rate: float | None,
+) -> dict[str, Any]:
+    """Writes ``ops`` operations to the source at ``rate`` ops/s (or flat out): one section."""
+    factory = DocumentFactory(doc_bytes, seed)
+    raws = factory.documents(stream, ops)  # lazily encoded: at 200 ops/s the encoding is negligible
+    with _client(source_uri) as client:
+        coll = client[db][collection]
+        with meter.section(f"write {ops} ops" + (f" at {rate:g}/s" if rate else "")) as section:
+            done, inserts, nbytes = _write_ops(coll, raws, ops, rate, seed + stream)
+        section.documents, section.bytes = done, nbytes
+        section.extra = {"inserts": inserts, "updates": done - inserts, "rate_target": rate}
+    return {"ops": done, "inserts": inserts, "bytes": nbytes}
+
+
+def _percentile(values: Sequence[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(share * (len(ordered) - 1))))]
+
+
+def _sample_saved_lag(source_uri: str, target_uri: str, sync_id: str, interval: float, stop: threading.Event,
+                      samples: list[float]) -> None:
+    """What ``LiveSync.lag()`` computes (source's latest write minus the saved position), every ``interval``.
+
+    Without ``lag()``'s pending-entry estimate: that counts oplog entries, a scan of the whole oplog on
+    SecantusDB (up to 2 s of source CPU per sample), which would load the source the writer writes to.
+    """
+    with _client(source_uri) as source, _client(target_uri) as target:
+        state = target[LIVE_STATE_DB][STATE_COLLECTION]
+        while not stop.wait(interval):
+            applied = (state.find_one({"_id": sync_id}, {"last_applied_cluster_time": 1}) or {}).get(
+                "last_applied_cluster_time")
+            latest = ((source.admin.command("hello").get("lastWrite") or {}).get("opTime") or {}).get("ts")
+            if applied is not None and latest is not None:
+                samples.append(max(0.0, float(latest.time - applied.time)))
+
+
+def live_steady(
+    meter: Meter,
+    *,
+    source_uri: str,
+    target_uri: str,
+    db: str,
+    sync_id: str,
+    target_db_prefix: str,
+    batch_docs: int,
+    partition_docs: int,
+    seconds: float,
+    round_seconds: float,
+    sample_seconds: float,
+    drain_quiet_seconds: float,
+) -> dict[str, Any]:
+    """``catch_up`` in rounds of ``round_seconds`` for ``seconds`` while a writer runs; the lag is sampled.
+
+    Two kinds of samples: the lag each round's ``catch_up`` saw when it stopped (``CatchUpResult``), and,
+    from a thread every ``sample_seconds``, the lag of the saved position as ``lag()`` computes it. Both
+    are whole seconds: cluster times have one-second resolution. Afterwards, outside the section, the
+    stream is drained until it has been quiet for ``drain_quiet_seconds`` (the writer has stopped), so a
+    backlog measured next starts clean.
+    """
+    with _client(source_uri) as source, _client(target_uri) as target:
+        sync = _live_sync(source, target, sync_id=sync_id, db=db, target_db_prefix=target_db_prefix,
+                          batch_docs=batch_docs, partition_docs=partition_docs)
+        result_lags: list[float] = []
+        saved_lags: list[float] = []
+        rounds = events = 0
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_saved_lag, name="lag-sampler", daemon=True,
+                                   args=(source_uri, target_uri, sync_id, sample_seconds, stop, saved_lags))
+        with meter.section("live steady-state catch-up") as section:
+            sampler.start()
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                left = seconds - (time.perf_counter() - started)
+                result = sync.catch_up(max_seconds=max(0.1, min(round_seconds, left)))
+                rounds += 1
+                events += result.events_applied
+                if result.lag_seconds is not None:
+                    result_lags.append(result.lag_seconds)
+            stop.set()
+        sampler.join()
+        drained = sync.catch_up(quiet_seconds=drain_quiet_seconds, max_seconds=120.0)
+        if drained.stopped_because != "quiet":
+            raise RuntimeError(f"live steady state: the stream did not go quiet after the writer ({drained})")
+        final = sync.lag()
+    samples = saved_lags + result_lags
+    if not samples:
+        raise RuntimeError("live steady state: no lag sample")
+    section.documents = events
+    section.extra = {
+        "rounds": rounds, "events_after_section": drained.events_applied,
+        "lag_samples": len(samples), "lag_median_s": statistics.median(samples),
+        "lag_p95_s": _percentile(samples, 0.95), "lag_max_s": max(samples),
+        "lag_samples_saved": saved_lags, "lag_samples_catch_up": result_lags,
+        "lag_after_drain": final.to_dict(),
+    }
+    return section.extra
+
+
+def live_role(meter: Meter, *, role: str, **kwargs: Any) -> dict[str, Any]:
+    """One function for a group whose children do different work: ``role`` is "writer" or "steady"."""
+    work = {"writer": live_writer, "steady": live_steady}[role]
+    return work(meter, **kwargs)
+
+
+def live_backlog_catch_up(
+    meter: Meter,
+    *,
+    source_uri: str,
+    target_uri: str,
+    db: str,
+    sync_id: str,
+    target_db_prefix: str,
+    batch_docs: int,
+    partition_docs: int,
+    expected_events: int,
+) -> dict[str, Any]:
+    """``catch_up`` (no stop condition: until the stream is drained) over a backlog written while stopped."""
+    with _client(source_uri) as source, _client(target_uri) as target:
+        sync = _live_sync(source, target, sync_id=sync_id, db=db, target_db_prefix=target_db_prefix,
+                          batch_docs=batch_docs, partition_docs=partition_docs)
+        before = sync.lag()
+        with meter.section("live catch-up of a backlog") as section:
+            result = sync.catch_up()
+            events, calls = result.events_applied, 1
+            # "Drained" is the first empty getMore; should one come early, go on until every event is in.
+            while events < expected_events and calls < 100:
+                more = sync.catch_up()
+                events += more.events_applied
+                calls += 1
+        section.documents = events
+        section.extra = {"calls": calls, "lag_before_s": before.lag_seconds,
+                         "pending_estimate_before": before.pending_estimate, "lag_after_s": result.lag_seconds}
+    if events != expected_events:
+        raise RuntimeError(f"live catch-up applied {events} events where {expected_events} were written")
+    return section.extra
+
+
+def live_cutover(
+    meter: Meter,
+    *,
+    source_uri: str,
+    target_uri: str,
+    db: str,
+    sync_id: str,
+    target_db_prefix: str,
+    batch_docs: int,
+    partition_docs: int,
+    quiet_seconds: float,
+) -> dict[str, Any]:
+    """``cutover`` with writes stopped, then every collection's document count on both sides."""
+    with _client(source_uri) as source, _client(target_uri) as target:
+        sync = _live_sync(source, target, sync_id=sync_id, db=db, target_db_prefix=target_db_prefix,
+                          batch_docs=batch_docs, partition_docs=partition_docs)
+        with meter.section("live cutover") as section:
+            result = sync.cutover(quiet_seconds=quiet_seconds, timeout=300.0)
+        names = sorted(source[db].list_collection_names())
+        counts = {name: (source[db][name].count_documents({}),
+                         target[f"{target_db_prefix}{db}"][name].count_documents({})) for name in names}
+    section.documents = sum(t for _, t in counts.values())
+    section.extra = {"events_applied": result.events_applied}
+    return {"events_applied": result.events_applied, "counts": counts}
+
+
+__all__ = ["copy", "dump", "insert_ceiling", "live_backlog_catch_up", "live_cutover", "live_initial_copy",
+           "live_role", "live_steady", "live_writer", "read_ceiling", "restore", "tools_copy", "validate"]

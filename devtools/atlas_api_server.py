@@ -133,12 +133,11 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from devtools.http_service import LoopbackHttpService
+from devtools.http_service import DispatchingHandler, LoopbackHttpService
 
 REALM = "MMS Public API"
 ATLAS_PREFIX = "/api/atlas/v2"
@@ -1451,34 +1450,14 @@ def parse_auth_params(text: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(DispatchingHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the real service
-    disable_nagle_algorithm = True  # headers and body go out in separate writes: avoid 40 ms stalls
     server_version = "mdbws"
     sys_version = ""
     state: AtlasApiState  # set on the subclass built per server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
-        return  # the request log (GET /__test__/requests) replaces stderr chatter
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
     def _dispatch(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        body = self.read_body()
         parts = urlsplit(self.path)
         req = Request(self.command, parts.path, parse_qs(parts.query), self.headers, body)
         auth_scheme = (self.headers.get("Authorization") or "").split(" ", 1)[0] or None

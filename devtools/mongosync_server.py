@@ -108,12 +108,11 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from devtools.http_service import LoopbackHttpService
+from devtools.http_service import DispatchingHandler, LoopbackHttpService
 
 # ``python -m devtools.mongosync_server`` from the repository root: the package lives in include/ (on
 # PYTHONPATH for Airflow and pytest, not necessarily here).
@@ -945,34 +944,14 @@ def _password(uri: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(DispatchingHandler):
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out in separate writes: avoid 40 ms stalls
     server_version = "mongosync"
     sys_version = ""
     core: MongosyncCore
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
-        return  # GET /__test__/requests replaces stderr chatter
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
     def _dispatch(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self.read_body()
         path = urlsplit(self.path).path
         if path.startswith(ADMIN_PREFIX):
             status, body = self._admin(path[len(ADMIN_PREFIX):], raw)

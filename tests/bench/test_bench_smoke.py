@@ -23,6 +23,7 @@ ENGINE_FIGURES = {
     *(f"validation.{mode}.{size}x" for mode in ("counts", "full") for size in (1, 2, 4)),
     *(f"scaling.{n}" for n in (1, 2, 4)),
     *(f"memory.{kind}.{size}x" for kind in ("dump", "restore") for size in (1, 4)),
+    "live.initial_copy", "live.steady", "live.catch_up",
 }
 TOOL_FIGURES = {"tools.mongodump", "tools.mongorestore", "tools.copy"}
 TARGETS = {"target.copy", "target.dump", "target.validation", "target.memory"}
@@ -46,6 +47,16 @@ def test_smallest_configuration_measures_every_figure(tmp_path, capsys):
             assert figure[field] and figure[field] > 0, f"{key}: {field} is {figure[field]!r}"
         if figure["ratio_to"]:
             assert figure["ratio"] > 0, f"{key}: no ratio to {figure['ratio_to']}"
+
+    # The live phase's own figures: partitions, lag samples (whole seconds, so 0 is a valid lag), the
+    # writer's rate, the backlog and the cutover's per-collection counts (equal, or the run had failed).
+    assert measured["live.initial_copy"]["details"]["partitions"] > 1
+    steady = measured["live.steady"]["details"]
+    assert steady["lag_samples"] > 0 and steady["rounds"] > 0 and steady["writer_ops_per_s"] > 0
+    assert 0 <= steady["lag_median_s"] <= steady["lag_p95_s"] <= steady["lag_max_s"]
+    caught = measured["live.catch_up"]["details"]
+    assert caught["backlog_ops"] > 0 and caught["cutover_seconds"] > 0
+    assert caught["counts"] and all(source == target > 0 for source, target in caught["counts"].values()), caught
 
     targets = {target["key"]: target for target in results["targets"]}
     assert set(targets) == TARGETS

@@ -1717,12 +1717,7 @@ def main(argv: list[str] | None = None) -> None:
         scenario.speed = args.speed
     server = AtlasApiServer(scenario, host=args.host, port=args.port, state_file=args.state_file)
     print(f"listening on {server.url}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.httpd.server_close()
+    server.serve_until_interrupted()
 
 
 if __name__ == "__main__":

@@ -71,6 +71,16 @@ class LoopbackHttpService:
     def serve_forever(self) -> None:
         self.httpd.serve_forever(poll_interval=POLL_INTERVAL)
 
+    def serve_until_interrupted(self) -> None:
+        """Serve in-line (``python -m``) until Ctrl-C or SIGTERM, then release everything."""
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.httpd.server_close()
+            self.close()
+
     def close(self) -> None:
         """What a subclass must release after the server stops (background engines, files)."""
 

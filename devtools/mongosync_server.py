@@ -1093,13 +1093,7 @@ def main(argv: list[str] | None = None) -> None:
         settings.update(json.loads(args.settings))
     server = MongosyncServer(args.cluster0, args.cluster1, host=args.host, port=args.port, settings=settings)
     print(f"listening on {server.url}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.httpd.server_close()
-        server.core.close()
+    server.serve_until_interrupted()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ the hook uses ``http://localhost:27182/api/v1``.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from urllib.parse import urlsplit
 import requests
 from airflow.sdk import BaseHook
 
+from atlas_migration.atlas_api import RetryPolicy
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.namespaces import (
     INTERNAL_DATABASE_PREFIX,
@@ -377,22 +377,11 @@ def namespace_filters(include_patterns: Sequence[str] | None,
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries for calls that are safe to repeat.
-
-    ``GET /progress`` is retried on network errors and 5xx (mongosync documents that /progress may fail for
-    a while after a resume or restart, and that retrying is safe); a POST only when it never left this
-    machine (connection refused or connect timeout), since repeating a state change could act twice.
-    """
-
-    max_retries: int = 5
-    backoff_base: float = 1.0
-    backoff_max: float = 30.0
-
-    def backoff(self, attempt: int) -> float:
-        delay = min(self.backoff_max, self.backoff_base * (2 ** attempt))
-        return delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not cryptography
+# What mongosync calls are retried (shared backoff: ``atlas_api.RetryPolicy``, base 1 s here): ``GET
+# /progress`` on network errors and 5xx (mongosync documents that /progress may fail for a while after a
+# resume or restart, and that retrying is safe); a POST only when it never left this machine (connection
+# refused or connect timeout), since repeating a state change could act twice.
+DEFAULT_RETRY = RetryPolicy(backoff_base=1.0)
 
 
 def normalize_base_url(url: str) -> str:
@@ -443,7 +432,7 @@ class MongosyncHook(BaseHook):
         self.mongosync_conn_id = mongosync_conn_id
         self._base_url = normalize_base_url(base_url) if base_url else None
         self.timeout = timeout
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DEFAULT_RETRY
         self._session: requests.Session | None = None
         self.sleep: Callable[[float], None] = time.sleep  # replaceable in tests
 

@@ -19,10 +19,9 @@ from atlas_migration.compose import (
     choose_path,
     compose_sources,
     read_topology,
-    tls_endpoint,
     topology_from,
 )
-from atlas_migration.errors import ConfigurationError
+from atlas_migration.hooks import endpoint_from_connection
 
 # ---------------------------------------------------------------- pure
 
@@ -143,7 +142,7 @@ def test_oplog_endpoint_over_tls_with_the_ca_as_pem_text(tls_server, monkeypatch
     server, certs = tls_server
     pem = open(certs["ca"]).read()
     _conn(monkeypatch, "compose_oplog", server.port, {"tls": True, "migration": {"tls_ca_pem": pem}})
-    endpoint = tls_endpoint("compose_oplog")
+    endpoint = endpoint_from_connection("compose_oplog", "source")
     ca_file = endpoint.client_options["tlsCAFile"]
     assert open(ca_file).read().strip() == pem.strip()
     assert stat.S_IMODE(os.stat(ca_file).st_mode) == 0o600
@@ -161,9 +160,3 @@ def test_without_the_ca_the_endpoint_is_unreachable_and_the_path_falls_back(tls_
     check = check_oplog("compose_oplog")
     assert check.configured and not check.reachable and "cannot reach source" in check.detail
     assert choose_path(check).path == "restore"
-
-
-def test_pem_that_is_not_a_certificate_is_refused(monkeypatch) -> None:
-    _conn(monkeypatch, "compose_bad", 1, {"migration": {"tls_ca_pem": "not a pem"}})
-    with pytest.raises(ConfigurationError, match="does not hold a PEM certificate"):
-        tls_endpoint("compose_bad")

@@ -93,3 +93,32 @@ def test_redact_forms():
     cleaned = redact(text, [SECRET])
     assert SECRET not in cleaned and "pa%3Ass%2Fw%40rd-Zq9" not in cleaned
     assert "mongodb://user:***@h/" in cleaned
+
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----"
+
+
+def test_ca_given_as_pem_text_becomes_one_private_file_for_every_client_and_tool(monkeypatch):
+    import os
+    import stat
+
+    set_conn(monkeypatch, "pemca", {"conn_type": "mongo", "host": "db.example.com", "port": 27017,
+                                    "extra": {"migration": {"tls_ca_pem": PEM}}})
+    first = endpoint_from_connection("pemca", "source")
+    second = endpoint_from_connection("pemca", "target")
+    path = first.client_options["tlsCAFile"]
+    assert second.client_options["tlsCAFile"] == path  # written once per process, not once per task call
+    assert first.client_options["tls"] is True
+    assert open(path).read().strip() == PEM and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert "tlsCAFile=" in first.tool_uri()  # mongodump/mongorestore get the same CA
+
+
+def test_ca_given_twice_or_not_as_a_certificate_is_refused(monkeypatch):
+    set_conn(monkeypatch, "twoca", {"conn_type": "mongo", "host": "h", "port": 1,
+                                    "extra": {"tlsCAFile": "/etc/ca.pem", "migration": {"tls_ca_pem": PEM}}})
+    with pytest.raises(ConfigurationError, match="both tlsCAFile and migration.tls_ca_pem"):
+        endpoint_from_connection("twoca", "source")
+    set_conn(monkeypatch, "notpem", {"conn_type": "mongo", "host": "h", "port": 1,
+                                     "extra": {"migration": {"tls_ca_pem": "not a pem"}}})
+    with pytest.raises(ConfigurationError, match="does not hold a PEM certificate"):
+        endpoint_from_connection("notpem", "source")

@@ -20,15 +20,13 @@ records the balancer state, and ``recheck_topology`` confirms it is still one sh
 before validation.
 
 The CA certificate: the connection's ``tlsCAFile`` extra (a path on the workers), or the PEM text in its
-``migration.tls_ca_pem`` extra, written here to a 0600 temporary file (``tls_endpoint``).
+``migration.tls_ca_pem`` extra, which ``hooks.endpoint_from_connection`` writes to a 0600 file for every task
+(inspection, copy, stream, dump, validation) alike.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
@@ -37,7 +35,7 @@ from typing import Any
 from airflow.sdk import TriggerRule, task, task_group
 
 from atlas_migration import tasks as steps
-from atlas_migration.errors import ConfigurationError, ImpossibleStrategy
+from atlas_migration.errors import ImpossibleStrategy
 from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
 from atlas_migration.live_pull import PullSources, add_pull_tasks
 from atlas_migration.params import MigrationParams
@@ -46,7 +44,6 @@ log = logging.getLogger("atlas_migration")
 
 GROUP_ID = "compose"
 SECTION = "Compose"
-CA_PEM_FACT = "tls_ca_pem"
 
 
 def compose_params() -> dict[str, Any]:
@@ -71,46 +68,6 @@ def compose_params() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- TLS with the Compose CA
-
-
-_CA_FILES: list[str] = []
-
-
-def _remove_ca_files() -> None:
-    for path in _CA_FILES:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-atexit.register(_remove_ca_files)
-
-
-def write_ca_file(pem: str) -> str:
-    """Write PEM text to a new 0600 file (removed when the process exits); returns its path."""
-    text = pem.strip()
-    if "-----BEGIN CERTIFICATE-----" not in text:
-        raise ConfigurationError(f"extra migration.{CA_PEM_FACT} does not hold a PEM certificate "
-                                 "(-----BEGIN CERTIFICATE----- ...)")
-    fd, path = tempfile.mkstemp(prefix="compose-ca-", suffix=".pem")  # mkstemp creates it 0600
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
-    _CA_FILES.append(path)
-    return path
-
-
-def tls_endpoint(conn_id: str, role: str = "source") -> MongoEndpoint:
-    """``endpoint_from_connection`` plus the Compose CA: PEM text in the extras becomes a 0600 ``tlsCAFile``."""
-    endpoint = endpoint_from_connection(conn_id, role)
-    pem = endpoint.deployment_facts.get(CA_PEM_FACT)
-    if pem:
-        if endpoint.client_options.get("tlsCAFile"):
-            raise ConfigurationError(f"connection '{conn_id}' gives both tlsCAFile and migration.{CA_PEM_FACT}: "
-                                     "keep one")
-        endpoint.client_options["tlsCAFile"] = write_ca_file(str(pem))
-        endpoint.client_options.setdefault("tls", True)
-    return endpoint
 
 
 def tls_summary(endpoint: MongoEndpoint) -> str:
@@ -208,7 +165,7 @@ def _connection_defined(conn_id: str) -> bool:
         return False
 
 
-def check_oplog(conn_id: str, endpoint_factory=tls_endpoint) -> OplogCheck:
+def check_oplog(conn_id: str, endpoint_factory=endpoint_from_connection) -> OplogCheck:
     """Connect to the Oplog Access endpoint, read the newest oplog entry, open (and close) a change stream."""
     from pymongo.errors import PyMongoError
 
@@ -265,7 +222,7 @@ def read_topology(client) -> ComposeTopology:
 def preflight(params: Mapping[str, Any]) -> dict[str, Any]:
     """Everything the Compose path needs to know before it touches Atlas; fails on a wrong topology."""
     p = MigrationParams.parse(dict(params))
-    endpoint = tls_endpoint(p.source_conn_id, "source")
+    endpoint = endpoint_from_connection(p.source_conn_id, "source")
     with closing(endpoint.connect()) as client:
         topology = read_topology(client)
     problems = topology.problems()
@@ -297,7 +254,7 @@ def preflight(params: Mapping[str, Any]) -> dict[str, Any]:
 def recheck_topology(params: Mapping[str, Any]) -> dict[str, Any]:
     """After the cutover: still one shard, so the one shard's change stream saw every write."""
     p = MigrationParams.parse(dict(params))
-    with closing(tls_endpoint(p.source_conn_id, "source").connect()) as client:
+    with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as client:
         topology = read_topology(client)
     problems = topology.problems()
     if problems:
@@ -309,7 +266,7 @@ def recheck_topology(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def compose_sources() -> PullSources:
     """Copy through mongos (``source_conn_id``), change stream from the Oplog Access endpoint."""
-    return PullSources(copy_conn_param="source_conn_id", stream_conn_param="oplog_conn_id", endpoint=tls_endpoint)
+    return PullSources(copy_conn_param="source_conn_id", stream_conn_param="oplog_conn_id")
 
 
 # ---------------------------------------------------------------- task groups

@@ -5,11 +5,19 @@ server itself (who manages it, where it is hosted) may be declared in the connec
 ``migration`` key, e.g. ``{"migration": {"managed_by": "cloud_manager", "hosting": "aws"}}``; this hook removes
 that key before the remaining extras are handed to ``MongoClient`` as the provider does.
 
+TLS with a private CA (Compose issues its own): give the CA either as a ``tlsCAFile`` extra (a path that
+exists on every worker) or as PEM text in ``migration.tls_ca_pem``; the text is written once per process to
+a 0600 file that is removed at exit, and every client and tool of the endpoint uses it.
+
 pymongo and the provider are imported lazily: this module is imported by DAG files at parse time.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -24,6 +32,7 @@ if TYPE_CHECKING:
 _TOOL_OPTION_NAMES = {"ssl": "tls", "allow_insecure": "tlsInsecure"}
 _PROVIDER_ONLY_EXTRAS = {"srv"}
 DEFAULT_TIMEOUT_MS = 10_000
+CA_PEM_FACT = "tls_ca_pem"  # key under the connection's "migration" extra
 
 
 @dataclass
@@ -103,6 +112,35 @@ class MongoEndpoint:
         return f"{scheme}://{netloc}/{'?' + query if query else ''}"
 
 
+_CA_FILES: dict[str, str] = {}  # sha256 of the PEM text -> its file
+
+
+@atexit.register
+def _remove_ca_files() -> None:
+    for path in _CA_FILES.values():
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def write_ca_file(pem: str) -> str:
+    """Write PEM text to a 0600 file (once per process per certificate, removed at exit); returns its path."""
+    text = pem.strip()
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ConfigurationError(f"extra migration.{CA_PEM_FACT} does not hold a PEM certificate "
+                                 "(-----BEGIN CERTIFICATE----- ...)")
+    key = hashlib.sha256(text.encode()).hexdigest()
+    path = _CA_FILES.get(key)
+    if path and os.path.exists(path):
+        return path
+    fd, path = tempfile.mkstemp(prefix="mongo-ca-", suffix=".pem")  # mkstemp creates it 0600
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text + "\n")
+    _CA_FILES[key] = path
+    return path
+
+
 def endpoint_from_connection(conn_id: str, role: str) -> MongoEndpoint:
     """Read an Airflow ``mongo`` connection into a ``MongoEndpoint``; clear errors for missing/wrong ones."""
     if not conn_id:
@@ -130,6 +168,13 @@ def endpoint_from_connection(conn_id: str, role: str) -> MongoEndpoint:
         raise ConfigurationError(f"connection '{conn_id}': extra 'migration' must be a JSON object")
     if hook.allow_insecure:
         extras["tlsAllowInvalidCertificates"] = True
+    pem = facts.get(CA_PEM_FACT)
+    if pem:
+        if extras.get("tlsCAFile"):
+            raise ConfigurationError(f"connection '{conn_id}' gives both tlsCAFile and migration.{CA_PEM_FACT}: "
+                                     "keep one")
+        extras["tlsCAFile"] = write_ca_file(str(pem))
+        extras.setdefault("tls", True)
     host = conn.host or ""
     if not host:
         raise ConfigurationError(f"Airflow connection '{conn_id}' ({role}) has no host")

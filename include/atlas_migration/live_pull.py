@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -38,7 +38,7 @@ from airflow.sdk import task, task_group
 
 from atlas_migration.approval import approval_sensor
 from atlas_migration.errors import ConfigurationError, MigrationError
-from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
+from atlas_migration.hooks import endpoint_from_connection
 from atlas_migration.params import MigrationParams
 from atlas_migration.planning import build_copy_plan, find_occupied_targets, refuse_occupied_targets
 from atlas_migration.profile import SourceProfile
@@ -172,13 +172,10 @@ def choose_engine(params: Mapping[str, Any], group_id: str = GROUP_ID) -> str:
 class PullSources:
     """Where the native engine reads: ``copy_conn_param`` names the param holding the connection the initial
     copy (and indexes, views) reads; ``stream_conn_param`` the one whose change stream gives the start point,
-    catch-up and cutover drain. Both may be the same. ``endpoint`` opens a connection id as a
-    ``MongoEndpoint`` (role "source"); strategies that need more than the plain connection (a CA
-    certificate given as PEM text) pass their own."""
+    catch-up and cutover drain. Both may be the same."""
 
     copy_conn_param: str = "source_conn_id"
     stream_conn_param: str = "source_conn_id"
-    endpoint: Callable[[str, str], MongoEndpoint] = field(default=endpoint_from_connection, compare=False)
 
     def conn_id(self, params: Mapping[str, Any], phase: str) -> str:
         key = self.stream_conn_param if phase == "stream" else self.copy_conn_param
@@ -205,7 +202,7 @@ def _open_sync(params: Mapping[str, Any], dag_id: str, run_id: str, sources: Pul
 
     p = MigrationParams.parse(params)
     lp = LivePullParams.parse(params)
-    source = sources.endpoint(sources.conn_id(params, phase), "source").connect()
+    source = endpoint_from_connection(sources.conn_id(params, phase), "source").connect()
     try:
         target = endpoint_from_connection(p.target_conn_id, "target").connect()
     except Exception:

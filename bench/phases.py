@@ -297,7 +297,7 @@ def run_restore(ctx: BenchContext) -> list[Figure]:
 
 
 def run_copy(ctx: BenchContext) -> list[Figure]:
-    """End to end in one process: dump every collection, then restore every one (wall time)."""
+    """End to end in one process, dump and restore pipelined per collection as the DAG does (wall time)."""
     cfg, spec = ctx.config, ctx.dataset.spec
     root, target_db = ctx.scratch("copy"), f"{ctx.db}_copy"
     outcome = ctx.child(
@@ -310,9 +310,9 @@ def run_copy(ctx: BenchContext) -> list[Figure]:
     section = outcome.sections[0]
     _check_documents("the end-to-end copy", section.documents, spec.documents)
     return [figure_from(
-        "copy.native", "copy", "end-to-end copy: dump all, then restore all", [section], [outcome],
+        "copy.native", "copy", "end-to-end copy: dump -> restore pipelined per collection", [section], [outcome],
         ratio_to=INSERT_CEILING,
-        note=f"dump {section.extra['dump_seconds']:.1f}s + restore {section.extra['restore_seconds']:.1f}s",
+        note=f"dump {section.extra['dump_seconds']:.1f}s, restore {section.extra['restore_seconds']:.1f}s, overlapped",
     )]
 
 

@@ -201,22 +201,41 @@ def copy(
     workers: int,
     batch_docs: int,
 ) -> None:
-    """End to end: dump every collection, then restore every one, as the DAG does (restores map over dumps).
+    """End to end as the DAG runs it with two worker slots: collection i is restored as soon as its dump is
+    done, while collection i+1 is being dumped (the DAG's per-collection mapped ``dump -> restore`` group).
 
-    One section over the whole copy; the dump and restore shares of it go into the section's ``extra``.
+    A dumping thread hands finished collections to the restoring (calling) thread. One section over the
+    whole copy; the dump and restore shares of it go into the section's ``extra``.
     """
+    import queue
+
+    dumped: list[native.DumpResult] = []
+    ready: queue.Queue[str | None] = queue.Queue()
+    failure: list[BaseException] = []
+
+    def dump_all(source: pymongo.MongoClient) -> None:
+        try:
+            for name in collections:
+                dumped.append(native.dump_collection(source, db, name, dump_root, batch_size=batch_docs,
+                                                     progress=_progress("dump", db, name)))
+                ready.put(name)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the restoring thread
+            failure.append(exc)
+        finally:
+            ready.put(None)
+
+    restored: list[native.RestoreResult] = []
     with _client(source_uri) as source, _client(target_uri) as target, meter.section("copy") as section:
-        dumped = [
-            native.dump_collection(source, db, name, dump_root, batch_size=batch_docs, progress=_progress("dump", db, name))
-            for name in collections
-        ]
-        restored = [
-            native.restore_collection(
+        dumper = threading.Thread(target=dump_all, args=(source,), name="bench-dump", daemon=True)
+        dumper.start()
+        while (name := ready.get()) is not None:
+            restored.append(native.restore_collection(
                 target, dump_root, db, name, target_db=target_db, drop=True, insert_batch_docs=batch_docs,
                 workers=workers, progress=_progress("restore", db, name),
-            )
-            for name in collections
-        ]
+            ))
+        dumper.join()
+        if failure:
+            raise failure[0]
     section.documents = sum(r.documents for r in restored)
     section.bytes = sum(r.bytes for r in restored)
     section.extra = {

@@ -34,7 +34,7 @@ from typing import Any
 
 from airflow.sdk import TriggerRule, task, task_group
 
-from atlas_migration import tasks as steps
+from atlas_migration.dump_restore import add_restore_tasks
 from atlas_migration.errors import ImpossibleStrategy
 from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
 from atlas_migration.live_pull import PullSources, add_pull_tasks
@@ -270,34 +270,6 @@ def compose_sources() -> PullSources:
 
 
 # ---------------------------------------------------------------- task groups
-
-
-def add_restore_tasks(profile) -> None:
-    """The mongorestore path's tasks (``prepare`` -> mapped ``dump`` -> mapped ``restore`` -> ``restore_views``)
-    added to the task group being built, with the bodies in ``tasks``. The flow's ``mongorestore`` group can
-    call this too."""
-
-    def paths(params, dag, run_id) -> steps.RunPaths:
-        return steps.run_paths(params, dag.dag_id, run_id)
-
-    @task
-    def prepare(profile: dict, params=None, dag=None, run_id=None) -> list[dict]:
-        return steps.prepare_restore(params, profile, paths(params, dag, run_id))
-
-    @task(retries=2)
-    def dump(item: dict, params=None, dag=None, run_id=None) -> dict:
-        return steps.dump_namespace(params, item, paths(params, dag, run_id))
-
-    @task(retries=2)
-    def restore(dumped: dict, params=None, dag=None, run_id=None) -> dict:
-        return steps.restore_namespace(params, dumped, paths(params, dag, run_id))
-
-    @task(retries=2)
-    def restore_views(profile: dict, params=None, dag=None, run_id=None) -> list[str]:
-        return steps.restore_views(params, profile, paths(params, dag, run_id))
-
-    restored = restore.expand(dumped=dump.expand(item=prepare(profile)))
-    restored >> restore_views(profile)
 
 
 @task_group(group_id=GROUP_ID)

@@ -11,11 +11,12 @@ are imported here: DAG files are parsed often.
 
 from __future__ import annotations
 
-from airflow.sdk import TriggerRule, get_current_context, setup, task, task_group, teardown
+from airflow.sdk import TriggerRule, get_current_context, setup, task, teardown
 
 from atlas_migration import tasks as steps
 from atlas_migration.aws_replica_set import aws_replica_set_group
 from atlas_migration.compose import compose_group
+from atlas_migration.dump_restore import mongorestore_group
 from atlas_migration.live_pull import live_pull_group
 from atlas_migration.live_push import live_push_group
 
@@ -25,30 +26,6 @@ AVAILABLE_STRATEGIES = frozenset({"mongorestore", "live_pull", "live_push", "com
 
 def _paths(params, dag, run_id) -> steps.RunPaths:
     return steps.run_paths(params, dag.dag_id, run_id)
-
-
-@task_group(group_id="mongorestore")
-def mongorestore_group(profile) -> None:
-    """mongodump -> (S3) -> mongorestore, one mapped task per collection, views last."""
-
-    @task
-    def prepare(profile: dict, params=None, dag=None, run_id=None) -> list[dict]:
-        return steps.prepare_restore(params, profile, _paths(params, dag, run_id))
-
-    @task(retries=2)
-    def dump(item: dict, params=None, dag=None, run_id=None) -> dict:
-        return steps.dump_namespace(params, item, _paths(params, dag, run_id))
-
-    @task(retries=2)
-    def restore(dumped: dict, params=None, dag=None, run_id=None) -> dict:
-        return steps.restore_namespace(params, dumped, _paths(params, dag, run_id))
-
-    @task(retries=2)
-    def restore_views(profile: dict, params=None, dag=None, run_id=None) -> list[str]:
-        return steps.restore_views(params, profile, _paths(params, dag, run_id))
-
-    restored = restore.expand(dumped=dump.expand(item=prepare(profile)))
-    restored >> restore_views(profile)
 
 
 def migration_flow(*, rehearsal: bool = False) -> None:

@@ -363,7 +363,7 @@ def record_rehearsal(params: dict[str, Any], paths: RunPaths, ti, dag_run) -> di
         started_at=getattr(dag_run, "start_date", None),
         profile=pull("inspect_source"),
         decision=decision,
-        restored=[r for r in (pull("mongorestore.restore") or []) if r],
+        restored=[r for r in (pull("mongorestore.copy.restore") or []) if r],
         validation_report=_read_json(paths.report_dir / "validation.json"),
     )
     history_dir = p.work_dir / paths.dag_id

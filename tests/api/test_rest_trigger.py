@@ -83,7 +83,7 @@ def test_migration_triggered_through_the_api_succeeds(services, standalone, targ
     output = output_of(result)
     assert result.returncode == 0, output + "\n" + services.logs_tail()
     assert f"unpaused {DAG_ID}" in output
-    assert re.search(r"\] inspect_source: success", output) and re.search(r"\] mongorestore\.restore\[\d\]", output)
+    assert re.search(r"\] inspect_source: success", output) and re.search(r"\] mongorestore\.copy\.restore\[\d\]", output)
     assert "final state: success" in output
     assert "verdict: PASS over 10 namespaces" in output
     reports = dict(re.findall(r"^report \((\w+)\): (.+)$", output, re.MULTILINE))

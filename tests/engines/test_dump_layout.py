@@ -17,6 +17,7 @@ from atlas_migration.engines.dump_layout import (
     CollectionMetadata,
     bson_path,
     collection_file_stem,
+    count_bson_documents,
     find_bson_file,
     iter_bson_file,
     list_dumped_namespaces,
@@ -239,6 +240,57 @@ def test_writer_interrupted_leaves_no_file_that_looks_complete(tmp_path):
 def test_writer_rejects_bytes_that_are_not_one_document(tmp_path):
     with BsonFileWriter(tmp_path / "c.bson") as writer, pytest.raises(DumpFormatError, match="malformed"):
         writer.write(_docs(1)[0] + b"\x00")
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_whole_batches_and_single_documents_interleave_in_order(tmp_path, background):
+    docs = _docs(3_000, pad=400)
+    path = bson_path(tmp_path, "db", "c")
+    with BsonFileWriter(path, background=background) as writer:
+        assert writer.write_batch(b"".join(docs[:1_000])) == 1_000
+        for doc in docs[1_000:1_010]:
+            writer.write(doc)  # buffered: must land after the batch above and before the next one
+        assert writer.write_batch(b"".join(docs[1_010:])) == 1_990
+    assert (writer.documents, writer.bytes) == (3_000, sum(map(len, docs)))
+    assert list(iter_bson_file(path)) == docs
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_batch_with_a_torn_document_is_refused_and_nothing_is_left(tmp_path, background):
+    docs = _docs(10)
+    path = bson_path(tmp_path, "db", "c")
+    with pytest.raises(DumpFormatError, match="malformed BSON document"), \
+            BsonFileWriter(path, background=background) as writer:
+        writer.write_batch(docs[0])
+        writer.write_batch(b"".join(docs[1:])[:-3])
+    assert not path.exists() and list(path.parent.iterdir()) == []
+
+
+def test_background_write_failure_reaches_the_caller(tmp_path):
+    writer = BsonFileWriter(tmp_path / "c.bson.gz", background=True)
+
+    class Broken:
+        def write(self, chunk):
+            raise OSError("disk full")
+
+        def close(self):
+            pass
+
+    writer._out = Broken()
+    with pytest.raises(OSError, match="disk full"):
+        for _ in range(20):  # the error surfaces on a later write or, at the latest, at close
+            writer.write_batch(_docs(1)[0])
+        writer.close()
+    assert not (tmp_path / "c.bson.gz").exists()
+
+
+def test_count_bson_documents_checks_framing():
+    docs = _docs(4)
+    assert count_bson_documents(b"".join(docs)) == 4 and count_bson_documents(b"") == 0
+    with pytest.raises(DumpFormatError, match="stray byte"):
+        count_bson_documents(b"".join(docs) + b"\x05\x00")
+    with pytest.raises(DumpFormatError, match="at offset 0"):
+        count_bson_documents(b"\xff\x00\x00\x00\x00")
 
 
 def test_raw_bson_document_bytes_can_be_written(tmp_path):

@@ -27,7 +27,9 @@ import gzip as gzip_module
 import hashlib
 import io
 import os
+import queue
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -321,14 +323,44 @@ def read_metadata(root: Path | str, db: str, coll: str) -> CollectionMetadata:
 
 
 # ---------------------------------------------------------------------------------------------- BSON data
+# Small documents are gathered into chunks of about this size before they reach gzip: one compressor call
+# per document costs more than the compression itself.
+WRITE_CHUNK_BYTES = 1 << 20
+# Chunks waiting for the background writer; bounds its memory to a few cursor batches.
+BACKGROUND_QUEUE_CHUNKS = 2
+
+
+def count_bson_documents(data: bytes | bytearray | memoryview, where: object = "a BSON batch") -> int:
+    """Check that ``data`` is a sequence of whole BSON documents (length prefixes and terminators) and
+    return how many there are. Raises ``DumpFormatError`` naming ``where`` and the byte offset."""
+    view = memoryview(data)
+    end = len(view)
+    offset = count = 0
+    while offset < end:
+        if end - offset < MIN_BSON_DOCUMENT_SIZE:
+            raise DumpFormatError(f"{where}: {end - offset} stray byte(s) at offset {offset}")
+        (length,) = _INT32.unpack_from(view, offset)
+        if length < MIN_BSON_DOCUMENT_SIZE or offset + length > end or view[offset + length - 1] != 0:
+            raise DumpFormatError(f"{where}: malformed BSON document ({length} bytes declared) at offset {offset}")
+        offset += length
+        count += 1
+    return count
+
+
 class BsonFileWriter:
     """Streams raw BSON documents into ``path`` (gzip when it ends with ``.gz``).
 
-    Bytes go to a hidden ``.<digest>.<pid>.partial`` file beside ``path`` and are renamed to ``path`` by ``close()``; leaving the ``with``
-    block on an exception (or calling ``abort()``) deletes the partial file instead.
+    Bytes go to a hidden ``.<digest>.<pid>.partial`` file beside ``path`` and are renamed to ``path`` by
+    ``close()``; leaving the ``with`` block on an exception (or calling ``abort()``) deletes the partial
+    file instead.
+
+    ``background=True`` moves compression and file writes to a thread fed through a short queue: zlib
+    releases the GIL while it deflates, so a dump reads its next cursor batch while the previous one is
+    compressed. Feed it whole batches (``write_batch``) so the queue carries megabytes, not documents.
     """
 
-    def __init__(self, path: Path | str, *, compresslevel: int = DEFAULT_COMPRESSLEVEL) -> None:
+    def __init__(self, path: Path | str, *, compresslevel: int = DEFAULT_COMPRESSLEVEL,
+                 background: bool = False) -> None:
         self.path = Path(path)
         self.gzip = self.path.name.endswith(GZIP_SUFFIX)
         self.documents = 0
@@ -341,24 +373,84 @@ class BsonFileWriter:
             if self.gzip
             else self._raw
         )
+        self._pending = bytearray()
         self._closed = False
+        self._queue: queue.Queue[bytes | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=BACKGROUND_QUEUE_CHUNKS)
+            self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
+            self._thread.start()
+
+    # -- the background writer
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            if self._error is None:  # after a failure keep consuming, so producers never block forever
+                try:
+                    self._out.write(chunk)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the producer's thread
+                    self._error = exc
+
+    def _emit(self, chunk: bytes) -> None:
+        if self._queue is None:
+            self._out.write(chunk)
+            return
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            chunk, self._pending = bytes(self._pending), bytearray()
+            self._emit(chunk)
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+
+    # -- writing
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self.path} is already closed")
 
     def write(self, document: bytes | bytearray | memoryview) -> None:
         """Append one BSON document, given as its raw bytes."""
-        if self._closed:
-            raise ValueError(f"{self.path} is already closed")
+        self._check_open()
         size = len(document)
         if size < MIN_BSON_DOCUMENT_SIZE or _INT32.unpack_from(document, 0)[0] != size:
             raise DumpFormatError(f"refusing to write a malformed BSON document ({size} bytes) to {self.path}")
-        self._out.write(document)
+        self._pending += document
         self.documents += 1
         self.bytes += size
+        if len(self._pending) >= WRITE_CHUNK_BYTES:
+            self._flush_pending()
+
+    def write_batch(self, data: bytes) -> int:
+        """Append a run of whole BSON documents (a raw cursor batch) in one write; returns how many."""
+        self._check_open()
+        count = count_bson_documents(data, f"refusing to write to {self.path}")
+        self._flush_pending()
+        self._emit(bytes(data))
+        self.documents += count
+        self.bytes += len(data)
+        return count
 
     def close(self) -> Path:
         """Flush, fsync and rename into place; returns the final path."""
         if self._closed:
             return self.path
         try:
+            self._flush_pending()
+            self._stop_thread()
             if self._out is not self._raw:
                 self._out.close()
             assert self._raw is not None
@@ -376,6 +468,11 @@ class BsonFileWriter:
     def abort(self) -> None:
         """Discard everything written; the final path is left untouched."""
         self._closed = True
+        self._pending = bytearray()
+        try:
+            self._stop_thread()
+        except BaseException:  # noqa: BLE001, S110 - aborting already; the file is discarded
+            pass
         for stream in (self._out, self._raw):
             try:
                 if stream is not None:
@@ -466,6 +563,7 @@ __all__ = [
     "CollectionMetadata",
     "bson_path",
     "collection_file_stem",
+    "count_bson_documents",
     "find_bson_file",
     "find_metadata_file",
     "find_timeseries_buckets_file",

@@ -234,6 +234,7 @@ def run_dump(ctx: BenchContext) -> list[Figure]:
         outcomes[coll.name] = ctx.child(
             "dump", workers.dump, name=f"dump-{coll.name}", source_uri=ctx.source_uri, db=ctx.db,
             collections=[coll.name], out_root=str(root), gzip=True, batch_size=cfg.batch_docs,
+            average_document_bytes=spec.doc_bytes,
         )
         _check_documents(f"the dump of {coll.name}", outcomes[coll.name].sections[0].documents, coll.documents)
     ctx.artefacts["dump_root"] = root
@@ -247,7 +248,7 @@ def run_dump(ctx: BenchContext) -> list[Figure]:
     plain_root = ctx.scratch("dump-plain")
     plain = ctx.child(
         "dump", workers.dump, name="dump-plain", source_uri=ctx.source_uri, db=ctx.db, collections=spec.names,
-        out_root=str(plain_root), gzip=False, batch_size=cfg.batch_docs,
+        out_root=str(plain_root), gzip=False, batch_size=cfg.batch_docs, average_document_bytes=spec.doc_bytes,
     )
     shutil.rmtree(plain_root, ignore_errors=True)
     figures.append(figure_from(
@@ -303,7 +304,7 @@ def run_copy(ctx: BenchContext) -> list[Figure]:
     outcome = ctx.child(
         "copy", workers.copy, name="copy", source_uri=ctx.source_uri, target_uri=ctx.target_uri, db=ctx.db,
         collections=spec.names, dump_root=str(root), target_db=target_db, workers=cfg.restore_workers,
-        batch_docs=cfg.batch_docs,
+        batch_docs=cfg.batch_docs, average_document_bytes=spec.doc_bytes,
     )
     ctx.drop_target_databases([target_db])
     shutil.rmtree(root, ignore_errors=True)
@@ -386,7 +387,8 @@ def run_scaling(ctx: BenchContext) -> list[Figure]:
         plan = [(units[i % len(units)].name, f"{ctx.db}_scale{n}_{i}", ctx.scratch(f"scale{n}-{i}")) for i in range(n)]
         group = ctx.children("scaling", workers.copy, [
             dict(source_uri=ctx.source_uri, target_uri=ctx.target_uri, db=ctx.db, collections=[coll],
-                 dump_root=str(root), target_db=target_db, workers=cfg.restore_workers, batch_docs=cfg.batch_docs)
+                 dump_root=str(root), target_db=target_db, workers=cfg.restore_workers, batch_docs=cfg.batch_docs,
+                 average_document_bytes=spec.doc_bytes)
             for coll, target_db, root in plan
         ], name=f"scale{n}")
         ctx.drop_target_databases([target_db for _, target_db, _ in plan])

@@ -148,14 +148,17 @@ def dump(
     out_root: str,
     gzip: bool,
     batch_size: int,
+    average_document_bytes: int | None = None,
 ) -> list[dict[str, Any]]:
-    """``native.dump_collection`` for each collection, one section each."""
+    """``native.dump_collection`` for each collection, one section each. ``average_document_bytes`` is
+    what the DAG passes from its inventory (it sizes cursor batches without a sampling query)."""
     results = []
     with _client(source_uri) as client:
         for name in collections:
             with meter.section(f"dump {name}") as section:
                 result = native.dump_collection(
-                    client, db, name, out_root, batch_size=batch_size, gzip=gzip, progress=_progress("dump", db, name),
+                    client, db, name, out_root, batch_size=batch_size, gzip=gzip,
+                    average_document_bytes=average_document_bytes, progress=_progress("dump", db, name),
                 )
             section.documents, section.bytes = result.documents, result.bytes
             section.extra = {"file_bytes": result.file_bytes}
@@ -200,6 +203,7 @@ def copy(
     target_db: str,
     workers: int,
     batch_docs: int,
+    average_document_bytes: int | None = None,
 ) -> None:
     """End to end as the DAG runs it with two worker slots: collection i is restored as soon as its dump is
     done, while collection i+1 is being dumped (the DAG's per-collection mapped ``dump -> restore`` group).
@@ -217,6 +221,7 @@ def copy(
         try:
             for name in collections:
                 dumped.append(native.dump_collection(source, db, name, dump_root, batch_size=batch_docs,
+                                                     average_document_bytes=average_document_bytes,
                                                      progress=_progress("dump", db, name)))
                 ready.put(name)
         except BaseException as exc:  # noqa: BLE001 - re-raised by the restoring thread

@@ -59,6 +59,10 @@ DEFAULT_BATCH_SIZE = 1_000
 # aim batches at 4 MiB rather than the server's 16 MiB cap to keep a dump's footprint near 20 MB.
 DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_INSERT_BATCH_DOCS = 1_000
+# gzip level of dumped data. A dump is a transient copy on its way into Atlas, so speed beats size: level 1
+# compressed sample data about 1.6x faster than mongodump's level 6 for files about 7% larger, and the
+# dump's compression thread is otherwise its bottleneck. mongorestore reads any level.
+DUMP_COMPRESSLEVEL = 1
 # Under the 16 MiB BSON limit so that one batch is one OP_MSG with room for the command envelope.
 DEFAULT_INSERT_BATCH_BYTES = 16 * 1024 * 1024 - 64 * 1024
 # listIndexes fields that createIndexes must not be given back: the server derives them.
@@ -129,19 +133,23 @@ def _collection_info(database: Database, name: str) -> dict[str, Any] | None:
 _SIZE_SAMPLE_DOCS = 16
 
 
-def _cursor_batch_size(collection: Collection, batch_size: int, batch_bytes: int) -> int:
-    """Documents per cursor batch so that one batch is about ``batch_bytes``, from the first documents' sizes.
+def _cursor_batch_size(collection: Collection, batch_size: int, batch_bytes: int,
+                       average_document_bytes: int | None = None) -> int:
+    """Documents per cursor batch so that one batch is about ``batch_bytes``.
 
-    Not ``collStats``' ``avgObjSize``: it needs its own privilege, and some servers compute it by reading the
-    whole collection, which doubled the cost of a dump. A few documents are enough: the byte target only
-    keeps memory in check, and the server caps every batch at 16 MiB anyway.
+    The average document size comes from the caller (the DAG has it from the inventory) or else from the
+    first few documents. Not ``collStats`` here: it needs its own privilege, and some servers compute it by
+    reading the whole collection, which doubled the cost of a dump. An estimate is enough: the byte target
+    only keeps memory in check, and the server caps every batch at 16 MiB anyway.
     """
-    sizes = [len(document.raw) for document in collection.find({}, limit=_SIZE_SAMPLE_DOCS,
-                                                                 batch_size=_SIZE_SAMPLE_DOCS)]
-    if not sizes:
-        return batch_size
-    average = max(1, sum(sizes) // len(sizes))
-    return max(1, min(batch_size, batch_bytes // average))
+    average = average_document_bytes or 0
+    if average <= 0:
+        sizes = [len(document.raw) for document in collection.find({}, limit=_SIZE_SAMPLE_DOCS,
+                                                                     batch_size=_SIZE_SAMPLE_DOCS)]
+        if not sizes:
+            return batch_size
+        average = sum(sizes) // len(sizes)
+    return max(1, min(batch_size, batch_bytes // max(1, average)))
 
 
 def dump_collection(
@@ -153,9 +161,13 @@ def dump_collection(
     batch_size: int = DEFAULT_BATCH_SIZE,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     gzip: bool = True,
+    compresslevel: int = DUMP_COMPRESSLEVEL,
+    average_document_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> DumpResult:
     """Dump one collection, view or time-series collection into ``out_root`` in mongodump's layout.
+
+    ``average_document_bytes`` (from an inventory) sizes the cursor batches without a sampling query.
 
     The data file is written first and the metadata last, each atomically, so a dump interrupted at any
     point has no metadata file for the collection and is recognisably incomplete.
@@ -177,12 +189,13 @@ def dump_collection(
     paths: list[str] = []
     if not is_view:
         raw = database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS)
-        effective_batch = _cursor_batch_size(raw, batch_size, batch_bytes)
+        effective_batch = _cursor_batch_size(raw, batch_size, batch_bytes, average_document_bytes)
         # Capped collections are restored in insertion order, which is what "oldest first" means to them.
         sort = [("$natural", 1)] if meta.options.get("capped") else None
         # Raw batches are already mongodump's file format (BSON documents back to back): they go to the file
         # whole, compressed in a background thread while the next batch arrives; no document is split out.
-        with BsonFileWriter(bson_path(out_root, db, coll, gzip=gzip), background=True) as writer:
+        with BsonFileWriter(bson_path(out_root, db, coll, gzip=gzip), compresslevel=compresslevel,
+                            background=True) as writer:
             # A time-series collection is read through the collection itself: its measurements, not buckets.
             with raw.find_raw_batches({}, batch_size=effective_batch, sort=sort) as cursor:
                 for batch in cursor:

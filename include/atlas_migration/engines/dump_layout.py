@@ -326,8 +326,9 @@ def read_metadata(root: Path | str, db: str, coll: str) -> CollectionMetadata:
 # Small documents are gathered into chunks of about this size before they reach gzip: one compressor call
 # per document costs more than the compression itself.
 WRITE_CHUNK_BYTES = 1 << 20
-# Chunks waiting for the background writer; bounds its memory to a few cursor batches.
-BACKGROUND_QUEUE_CHUNKS = 2
+# Chunks waiting for the background writer: one is enough to overlap reading and compressing, and each
+# one more costs a cursor batch of memory.
+BACKGROUND_QUEUE_CHUNKS = 1
 
 
 def count_bson_documents(data: bytes | bytearray | memoryview, where: object = "a BSON batch") -> int:

@@ -1,6 +1,7 @@
 """The Compose path: pure decisions (one shard behind mongos, pull or fall back to restore, allow-list
-reminder) and a real TLS server (SecantusDB with a CA and server certificate made here) reached with the CA
-given as PEM text in the connection's extras."""
+reminder), the group's wiring, a real TLS server (SecantusDB with a CA and server certificate made here)
+reached with the CA given as PEM text in the connection's extras, and the mongos stand-in
+(``devtools.mongos_proxy``) in front of it that the DAG tests (tests/dags/test_compose.py) migrate from."""
 
 from __future__ import annotations
 
@@ -261,3 +262,15 @@ def test_the_proxy_refuses_clients_without_its_ca(mongos) -> None:
     with pymongo.MongoClient(f"mongodb://{proxy.host}/", tls=True, serverSelectionTimeoutMS=1_500) as client:
         with pytest.raises(ServerSelectionTimeoutError):
             client.admin.command("ping")
+
+
+def test_the_topology_recheck_waits_for_whichever_pull_engine_ran() -> None:
+    """The pull group always has one engine's path skipped: the recheck must not be skipped with it (under
+    all_success it was, so ``done`` let a failed pull through to validation and a good one skip the check)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder="dags").dags["mongo_to_atlas"]
+    recheck = dag.get_task("compose.recheck_topology")
+    assert recheck.trigger_rule == "none_failed_min_one_success"
+    assert {"compose.pull.cutover", "compose.pull.wait_committed"} <= recheck.upstream_task_ids
+    assert dag.get_task("compose.done").upstream_task_ids >= {"compose.recheck_topology", "compose.restore.restore_views"}

@@ -1,6 +1,7 @@
 """The Compose path: pure decisions (one shard behind mongos, pull or fall back to restore, allow-list
-reminder) and a real TLS server (SecantusDB with a CA and server certificate made here) reached with the CA
-given as PEM text in the connection's extras."""
+reminder), the group's wiring, a real TLS server (SecantusDB with a CA and server certificate made here)
+reached with the CA given as PEM text in the connection's extras, and the mongos stand-in
+(``devtools.mongos_proxy``) in front of it that the DAG tests (tests/dags/test_compose.py) migrate from."""
 
 from __future__ import annotations
 
@@ -160,3 +161,109 @@ def test_without_the_ca_the_endpoint_is_unreachable_and_the_path_falls_back(tls_
     check = check_oplog("compose_oplog")
     assert check.configured and not check.reachable and "cannot reach source" in check.detail
     assert choose_path(check).path == "restore"
+
+
+# ---------------------------------------------------------------- the mongos stand-in (devtools.mongos_proxy)
+
+
+def test_op_msg_sections_survive_and_a_checksum_is_dropped() -> None:
+    import struct
+
+    import bson
+
+    from devtools.mongos_proxy import CHECKSUM_PRESENT, OpMsg
+
+    body = bson.encode({"insert": "orders", "$db": "shop"})
+    docs = bson.encode({"_id": 1}) + bson.encode({"_id": 2})
+    sequence = struct.pack("<i", 4 + len(b"documents\x00") + len(docs)) + b"documents\x00" + docs
+    payload = struct.pack("<I", CHECKSUM_PRESENT) + b"\x00" + body + b"\x01" + sequence + b"\xde\xad\xbe\xef"
+    msg = OpMsg.parse(payload)
+    assert msg.body == body and msg.sequences == [sequence]
+    again = OpMsg.parse(msg.encode())
+    assert again.flags == 0 and again.body == body and again.sequences == [sequence]
+
+
+@pytest.fixture(scope="module")
+def mongos(tls_server):
+    """The proxy in front of the TLS server: TLS on both sides, with the same (Compose-like) CA."""
+    from devtools.mongos_proxy import MongosProxy
+
+    server, certs = tls_server
+    with MongosProxy(server.port, tls_cert=certs["cert"], tls_key=certs["key"], backend_ca=certs["ca"]) as proxy:
+        yield proxy, server, certs
+
+
+def test_the_proxy_looks_like_the_mongos_of_one_shard(mongos) -> None:
+    import pymongo
+    from pymongo.server_type import SERVER_TYPE
+    from pymongo.topology_description import TOPOLOGY_TYPE
+
+    proxy, server, certs = mongos
+    # No directConnection: the driver discovers what the seed is, as it would for a Compose mongos.
+    with pymongo.MongoClient(f"mongodb://{proxy.host}/", tls=True, tlsCAFile=certs["ca"], compressors="zlib",
+                             serverSelectionTimeoutMS=10_000) as client:
+        hello = client.admin.command("hello")
+        description = client.topology_description
+        assert description.topology_type == TOPOLOGY_TYPE.Sharded
+        assert [s.server_type for s in description.server_descriptions().values()] == [SERVER_TYPE.Mongos]
+        assert hello["msg"] == "isdbgrid" and hello["isWritablePrimary"] is True and hello["ok"] == 1
+        assert not {"setName", "hosts", "primary", "me", "topologyVersion", "compression"} & set(hello)
+        assert {"maxWireVersion", "maxBsonObjectSize", "logicalSessionTimeoutMinutes", "$clusterTime"} <= set(hello)
+        shards = client.admin.command("listShards")["shards"]
+        assert shards == [{"_id": "secantus", "host": f"secantus/127.0.0.1:{server.port}", "state": 1}]
+        balancer = client.admin.command("balancerStatus")
+        assert balancer["mode"] == "full" and balancer["inBalancerRound"] is False
+        assert read_topology(client).problems() == []
+    # The handshake came as OP_QUERY or OP_MSG; no OP_COMPRESSED although the client offered zlib.
+    assert set(proxy.op_codes) <= {2004, 2013} and proxy.op_codes[2013] > 0
+
+
+def test_crud_and_change_streams_pass_through_local_is_refused(mongos) -> None:
+    import pymongo
+    from pymongo.errors import OperationFailure
+
+    proxy, server, certs = mongos
+    with pymongo.MongoClient(f"mongodb://{proxy.host}/", tls=True, tlsCAFile=certs["ca"],
+                             serverSelectionTimeoutMS=10_000) as client:
+        coll = client.proxied.items
+        coll.drop()
+        coll.insert_many([{"_id": i, "v": i} for i in range(500)])  # one OP_MSG with a document sequence
+        coll.create_index("v")
+        assert len(list(coll.find(batch_size=50))) == 500  # getMore through the proxy
+        with coll.watch(max_await_time_ms=200) as stream:
+            coll.update_one({"_id": 1}, {"$set": {"v": -1}})
+            coll.delete_one({"_id": 2})
+            events = [stream.next()["operationType"] for _ in range(2)]
+        assert events == ["update", "delete"]
+        assert coll.count_documents({}) == 499 and "v_1" in coll.index_information()
+        for read in (lambda: client.local["oplog.rs"].find_one(), lambda: client.local.list_collection_names()):
+            with pytest.raises(OperationFailure) as refused:
+                read()
+            assert refused.value.code == 13
+        # The same server read directly (the Oplog Access endpoint) does give the oplog.
+        with pymongo.MongoClient(f"mongodb://127.0.0.1:{server.port}/?directConnection=true", tls=True,
+                                 tlsCAFile=certs["ca"]) as direct:
+            assert direct.local["oplog.rs"].find_one() is not None
+        client.drop_database("proxied")
+
+
+def test_the_proxy_refuses_clients_without_its_ca(mongos) -> None:
+    import pymongo
+    from pymongo.errors import ServerSelectionTimeoutError
+
+    proxy, _, _ = mongos
+    with pymongo.MongoClient(f"mongodb://{proxy.host}/", tls=True, serverSelectionTimeoutMS=1_500) as client:
+        with pytest.raises(ServerSelectionTimeoutError):
+            client.admin.command("ping")
+
+
+def test_the_topology_recheck_waits_for_whichever_pull_engine_ran() -> None:
+    """The pull group always has one engine's path skipped: the recheck must not be skipped with it (under
+    all_success it was, so ``done`` let a failed pull through to validation and a good one skip the check)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder="dags").dags["mongo_to_atlas"]
+    recheck = dag.get_task("compose.recheck_topology")
+    assert recheck.trigger_rule == "none_failed_min_one_success"
+    assert {"compose.pull.cutover", "compose.pull.wait_committed"} <= recheck.upstream_task_ids
+    assert dag.get_task("compose.done").upstream_task_ids >= {"compose.recheck_topology", "compose.restore.restore_views"}

@@ -292,7 +292,9 @@ def compose_group(profile) -> None:
     def restore(profile) -> None:
         add_restore_tasks(profile)
 
-    @task(task_id="recheck_topology")
+    # The pull group always ends with one engine's path skipped (native or mongosync): under the default
+    # all_success rule that skip would skip the recheck too, and ``done`` would pass a failed pull on.
+    @task(task_id="recheck_topology", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def recheck(params=None) -> dict:
         return recheck_topology(params)
 

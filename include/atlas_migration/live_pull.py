@@ -38,7 +38,7 @@ from airflow.sdk import task, task_group
 
 from atlas_migration.approval import approval_sensor
 from atlas_migration.errors import ConfigurationError, MigrationError
-from atlas_migration.hooks import endpoint_from_connection
+from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
 from atlas_migration.params import MigrationParams
 from atlas_migration.planning import build_copy_plan, find_occupied_targets, refuse_occupied_targets
 from atlas_migration.profile import SourceProfile
@@ -229,6 +229,23 @@ class _Session:
         self._target.close()
 
 
+def _oplog_window_hours(endpoint: MongoEndpoint) -> float | None:
+    """Hours between the oldest and newest entry of the endpoint's ``local.oplog.rs``; None when unreadable."""
+    from pymongo.errors import PyMongoError
+
+    with closing(endpoint.connect()) as client:
+        try:
+            oplog = client.local["oplog.rs"]
+            first = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", 1)])
+            last = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", -1)])
+        except PyMongoError as exc:
+            log.warning("cannot read the oplog of '%s': %s", endpoint.conn_id, endpoint.redact(exc))
+            return None
+    if not first or not last:
+        return None
+    return max(0.0, (last["ts"].time - first["ts"].time) / 3600)
+
+
 def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, run_id: str,
           sources: PullSources = DEFAULT_SOURCES) -> list[dict[str, Any]]:
     """Refuse what cannot work before writing anything; then record the resume point and plan partitions."""
@@ -239,8 +256,15 @@ def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, 
     profile = SourceProfile.from_dict(profile_data)
     plan = build_copy_plan(profile, p.namespaces, p.target_db_prefix)
     estimated = profile.total_documents / lp.expected_copy_docs_per_second
-    ok, message = check_oplog_window(profile.oplog_window_hours, estimated)
-    log.info("oplog window check: %s", message)
+    window, whose = profile.oplog_window_hours, "the source"
+    if sources.stream_conn_param != sources.copy_conn_param:
+        # The change stream reads another deployment's oplog (Compose's Oplog Access endpoint behind a
+        # mongos): that oplog must keep the copy's writes. The profiled source has no window of its own
+        # (a mongos reports none), so measure the stream source's.
+        stream_conn = sources.conn_id(params, "stream")
+        window, whose = _oplog_window_hours(endpoint_from_connection(stream_conn, "source")), f"'{stream_conn}'"
+    ok, message = check_oplog_window(window, estimated)
+    log.info("oplog window check (oplog of %s): %s", whose, message)
     if not ok:
         raise ConfigurationError(f"live pull refused before writing anything: {message}")
     with closing(endpoint_from_connection(p.target_conn_id, "target").connect()) as target:

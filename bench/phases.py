@@ -220,7 +220,7 @@ def run_ceilings(ctx: BenchContext) -> list[Figure]:
         ),
         figure_from(
             "ceiling.read_sorted", "ceiling", f"ceiling: source raw find sorted by _id ({sorted_coll})",
-            [sorted_read], [read], ratio_to=READ_CEILING, note="diagnostic: the read full validation does",
+            [sorted_read], [read], ratio_to=READ_CEILING, note="diagnostic: the read of the _id merge, when full validation's digests differ",
         ),
     ]
 

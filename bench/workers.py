@@ -120,7 +120,8 @@ def read_ceiling(
     """The source's raw read throughput: every collection read whole as ``RawBSONDocument``.
 
     One section per cursor batch size (0 is the server's default), each reading every collection; then one
-    section reading ``sorted_collection`` sorted by ``_id``, which is what full validation asks for.
+    section reading ``sorted_collection`` sorted by ``_id``, which is what full validation's ``_id`` merge asks
+    for when digests differ (the digest itself reads in natural order).
     """
     with _client(source_uri) as client:
         database = client.get_database(db, codec_options=RAW_CODEC_OPTIONS)

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import math
 
+import bson
 import pytest
 from bson import Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
 from bson.binary import Binary
@@ -16,6 +17,7 @@ from bson.son import SON
 
 from atlas_migration.errors import ConfigurationError, ValidationFailed
 from atlas_migration.validation import (
+    DIGEST_ALGORITHM,
     DocumentDifference,
     NamespaceResult,
     NamespaceSnapshot,
@@ -23,6 +25,8 @@ from atlas_migration.validation import (
     bson_sort_key,
     collection_type,
     compare_namespace,
+    digest_algorithm,
+    multiset_digest,
     normalize_collection_options,
     normalize_index,
     normalize_indexes,
@@ -35,6 +39,8 @@ from atlas_migration.validation import (
 )
 
 ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
+# Digests in the format snapshot_namespace produces ("<algorithm>:<64 hex digits>").
+DIGEST_A, DIGEST_B, DIGEST_C = (f"{DIGEST_ALGORITHM}:{c * 64}" for c in "abc")
 
 
 def snap(db: str = "shop", coll: str = "orders", **kwargs) -> NamespaceSnapshot:
@@ -213,22 +219,42 @@ def test_missing_in_target_and_missing_in_source():
 
 
 def test_digest_difference_and_mapped_target_namespace():
-    source = snap(mode="full", digest="a" * 64)
-    target = snap(db="rehearsal_shop", mode="full", digest="b" * 64)
+    source = snap(mode="full", digest=DIGEST_A)
+    target = snap(db="rehearsal_shop", mode="full", digest=DIGEST_B)
     result = compare_namespace(source, target)
     assert result.namespace == "shop.orders" and result.target_namespace == "rehearsal_shop.orders"
     assert result.digest_differs
-    assert result.differences == [f"content digest differs (sha256 source {'a' * 12}…, target {'b' * 12}…)"]
-    assert compare_namespace(snap(mode="full", digest="c" * 64), snap(mode="full", digest="c" * 64)).ok
+    assert result.differences == [f"content digest differs (sum-sha256 source {'a' * 12}…, target {'b' * 12}…)"]
+    assert compare_namespace(snap(mode="full", digest=DIGEST_C), snap(mode="full", digest=DIGEST_C)).ok
+
+
+def test_digests_of_different_algorithms_never_match():
+    # An unprefixed digest is the ordered sha256 of earlier versions: even equal hex digits prove nothing.
+    old = snap(mode="full", digest="a" * 64)
+    result = compare_namespace(old, snap(mode="full", digest=DIGEST_A))
+    assert result.status == "mismatch" and result.digest_differs
+    assert result.differences == [
+        "content digests use different algorithms (source sha256, target sum-sha256): "
+        "snapshot both sides with the same version"
+    ]
+    assert (digest_algorithm(DIGEST_A), digest_algorithm("a" * 64)) == ("sum-sha256", "sha256")
+
+
+def test_snapshot_with_a_digest_round_trips():
+    snapshot = snap(mode="full", digest=DIGEST_A, count=3)
+    data = json.loads(json.dumps(snapshot.to_dict()))
+    assert data["digest"] == DIGEST_A
+    assert NamespaceSnapshot.from_dict(data) == snapshot
+    assert NamespaceSnapshot.from_dict(snap().to_dict()).digest is None
 
 
 def test_snapshots_of_different_modes_are_not_compared():
     with pytest.raises(ValueError, match="counts snapshot with a full snapshot"):
-        compare_namespace(snap(), snap(mode="full", digest="a" * 64))
+        compare_namespace(snap(), snap(mode="full", digest=DIGEST_A))
 
 
 def test_document_differences_are_appended_with_a_note_when_capped():
-    base = compare_namespace(snap(mode="full", digest="a" * 64), snap(mode="full", digest="b" * 64))
+    base = compare_namespace(snap(mode="full", digest=DIGEST_A), snap(mode="full", digest=DIGEST_B))
     found = [DocumentDifference("missing_in_target", "7"), DocumentDifference("different", '{"$oid": "' + "1" * 24 + '"}')]
     result = base.with_document_differences(found, limit=2)
     assert result.differences[1:] == [
@@ -238,6 +264,76 @@ def test_document_differences_are_appended_with_a_note_when_capped():
     ]
     unexplained = base.with_document_differences([], limit=10)
     assert "no differing document found" in unexplained.differences[-1]
+
+
+# ---------------------------------------------------------------------------------------------- the digest
+
+
+def _documents(n: int = 6) -> list[bytes]:
+    return [bson.encode({"_id": i, "name": f"customer {i}", "balance": Decimal128(f"{i}.5")}) for i in range(n)]
+
+
+def test_digest_format_names_its_algorithm():
+    count, digest = multiset_digest(_documents())
+    algorithm, _, digits = digest.partition(":")
+    assert (count, algorithm, len(digits)) == (6, "sum-sha256", 64)
+    assert int(digits, 16) >= 0  # plain lower-case hex
+    assert digits == digits.lower()
+    assert multiset_digest([]) == (0, "sum-sha256:" + "0" * 64)
+
+
+def test_digest_does_not_depend_on_document_order():
+    documents = _documents()
+    expected = multiset_digest(documents)
+    assert multiset_digest(reversed(documents)) == expected
+    assert multiset_digest(documents[3:] + documents[:3]) == expected
+    assert multiset_digest(iter(sorted(documents))) == expected  # any iterable, read once
+
+
+def test_a_single_changed_byte_changes_the_digest():
+    documents = _documents()
+    _, expected = multiset_digest(documents)
+    # The digest hashes bytes without parsing them: a flipped bit in a field name, in the middle of a value
+    # or in the last value byte must all show.
+    for position in (5, len(documents[2]) // 2, len(documents[2]) - 2):
+        damaged = bytearray(documents[2])
+        damaged[position] ^= 0x01
+        count, digest = multiset_digest([*documents[:2], bytes(damaged), *documents[3:]])
+        assert count == 6 and digest != expected, position
+
+
+def test_same_value_with_another_bson_type_changes_the_digest():
+    # 2 and 2.0 are equal values but different bytes: full mode is a byte-identical check.
+    assert multiset_digest([bson.encode({"_id": 1, "n": 2})]) != multiset_digest([bson.encode({"_id": 1, "n": 2.0})])
+
+
+def test_missing_extra_and_duplicated_documents_change_the_digest():
+    documents = _documents()
+    count, expected = multiset_digest(documents)
+    extra = bson.encode({"_id": 99, "name": "customer 99"})
+    cases = {
+        "missing": documents[:-1],
+        "extra": [*documents, extra],
+        "duplicated": [*documents, documents[0]],
+        "replaced by a duplicate": [*documents[:-1], documents[0]],  # same count
+    }
+    for name, variant in cases.items():
+        assert multiset_digest(variant)[1] != expected, name
+    assert multiset_digest(cases["replaced by a duplicate"])[0] == count
+
+
+def test_pairs_do_not_cancel_out():
+    # The case XOR would miss: {A, B, B} and {A, C, C} have the same count and the same XOR of hashes.
+    a, b, c = _documents(3)
+    assert multiset_digest([a, b, b]) != multiset_digest([a, c, c])
+    assert multiset_digest([a, b, b]) != multiset_digest([a])
+
+
+def test_field_order_inside_a_document_changes_the_digest():
+    ordered = bson.encode(SON([("_id", 1), ("a", 1), ("b", 2)]))
+    reordered = bson.encode(SON([("_id", 1), ("b", 2), ("a", 1)]))
+    assert bson.decode(ordered) == bson.decode(reordered)  # the same document as a mapping...
+    assert multiset_digest([ordered]) != multiset_digest([reordered])  # ...but not the same bytes
 
 
 # ---------------------------------------------------------------------------------------------- BSON order
@@ -323,7 +419,7 @@ def test_markdown_has_verdict_first_a_row_per_namespace_and_every_difference():
 
 
 def test_markdown_for_a_pass_and_a_mapped_target():
-    result = compare_namespace(snap(mode="full", digest="d" * 64), snap(db="rehearsal_shop", mode="full", digest="d" * 64))
+    result = compare_namespace(snap(mode="full", digest=DIGEST_C), snap(db="rehearsal_shop", mode="full", digest=DIGEST_C))
     text = render_markdown(report_of(result, mode="full"))
     assert "**Validation PASS: the 1 namespace matches (full mode" in text
     assert "| shop.orders → rehearsal_shop.orders | collection | 10 | 10 | ok (1) | ok | match |" in text

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 from collections.abc import Iterator
 
+import bson
 import pytest
 from bson import Decimal128, Int64, MaxKey, MinKey, ObjectId
 from bson.binary import Binary
@@ -19,6 +20,7 @@ from atlas_migration.errors import ValidationFailed
 from atlas_migration.validation import (
     DocumentDifference,
     find_document_differences,
+    multiset_digest,
     raise_if_failed,
     render_markdown,
     snapshot_namespace,
@@ -88,7 +90,11 @@ def test_identical_data_passes(clients, mode):
         3, 3, N + 200, N + 200
     )
     digest = results["shop.customers"].source.digest
-    assert (digest is not None and len(digest) == 64) if mode == "full" else digest is None
+    if mode == "full":
+        assert digest is not None and digest.startswith("sum-sha256:") and len(digest) == len("sum-sha256:") + 64
+        assert results["shop.customers"].target.digest == digest
+    else:
+        assert digest is None
     assert results["shop.pro_customers"].source.digest is None  # views are validated by count and definition
     assert (report.run_id, report.strategy, report.mode) == ("r1", "raw", mode)
     assert report.started_at.endswith("Z") and report.seconds > 0
@@ -178,6 +184,50 @@ def test_document_merge_with_mixed_id_types(clients):
         DocumentDifference("different", "3"),
     ], key=lambda d: d.id)
     assert len(find_document_differences(source_client, target_client, "mixed", "things", limit=2)) == 2
+
+
+def _natural_ids(client, db: str, coll: str) -> list:
+    return [document["_id"] for document in client[db][coll].find({}, {"_id": 1})]
+
+
+def test_digest_does_not_depend_on_insertion_order(clients):
+    """The same documents inserted in different orders: equal digests, and a damaged one is still named."""
+    source_client, target_client = clients
+    documents = [_customer(i) for i in range(N)]
+    source_client.shop.orders.insert_many(documents)
+    # The target gets them in reverse, then in two halves swapped: its natural order differs from the source's.
+    reordered = list(reversed(documents))
+    target_client.shop.orders.insert_many(reordered[N // 2:] + reordered[: N // 2])
+    assert _natural_ids(source_client, "shop", "orders") != _natural_ids(target_client, "shop", "orders")
+
+    source = snapshot_namespace(source_client, "shop", "orders", mode="full")
+    target = snapshot_namespace(target_client, "shop", "orders", mode="full", batch_size=7)
+    assert (source.count, target.count) == (N, N)
+    assert source.digest == target.digest
+    # The digest is the pure function over each document's exact bytes, whatever the read order.
+    assert source.digest == multiset_digest(bson.encode(document) for document in documents)[1]
+    report = validate_namespaces(source_client, target_client, [("shop", "orders")], mode="full")
+    assert report.verdict == "PASS", render_markdown(report)
+
+    # Same count, one value changed: only the digest sees it, and the _id merge names the document.
+    target_client.shop.orders.update_one({"_id": 321}, {"$set": {"tier": "pro "}})
+    result = validate_namespaces(
+        source_client, target_client, [("shop", "orders")], mode="full", batch_size=50
+    ).results[0]
+    assert result.status == "mismatch" and result.source.count == result.target.count == N
+    assert result.differences[0].startswith("content digest differs (sum-sha256 source ")
+    assert result.document_differences == [DocumentDifference("different", "321")]
+
+
+def test_field_order_change_is_a_difference(clients):
+    """A copy that reorders a document's fields has not preserved it: full mode says which one."""
+    source_client, target_client = clients
+    for client in clients:
+        client.shop.orders.insert_many([{"_id": i, "a": i, "b": -i} for i in range(100)])
+    target_client.shop.orders.replace_one({"_id": 42}, {"b": -42, "a": 42})
+    assert list(target_client.shop.orders.find_one({"_id": 42})) == ["_id", "b", "a"]  # stored reordered
+    result = validate_namespaces(source_client, target_client, [("shop", "orders")], mode="full").results[0]
+    assert result.document_differences == [DocumentDifference("different", "42")]
 
 
 def test_index_differences(clients):

@@ -98,8 +98,9 @@ def dag_params() -> dict[str, Any]:
         **section(
             "Validation",
             validation_mode=Param("counts", type="string", enum=["counts", "full"], title="Validation mode",
-                                  description="'counts': exact counts, indexes and options. 'full': also every document's "
-                                              "raw BSON, compared in _id order."),
+                                  description="'counts': exact counts, indexes and options. 'full': also a digest of "
+                                              "every document's raw BSON (read unsorted; the _ids of differing "
+                                              "documents are named when digests differ)."),
         ),
     }
 

@@ -5,6 +5,7 @@ No server is involved: snapshots are built by hand exactly as ``snapshot_namespa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -485,3 +486,11 @@ def test_bad_arguments_are_configuration_errors():
         validate_namespaces(None, None, [("shop", "orders")], mode="fast")
     with pytest.raises(ConfigurationError, match="must be a \\(database, collection\\) pair"):
         validate_namespaces(None, None, ["shop.orders"])
+
+
+def test_notes_are_kept_and_shown_in_both_renderings():
+    report = dataclasses.replace(_mixed_report(), notes=["Compose path: restore",
+                                                          "FALLBACK: writes after the dump are NOT migrated"])
+    assert ValidationReport.from_dict(json.loads(json.dumps(report.to_dict()))).notes == report.notes
+    assert "- Note: FALLBACK: writes after the dump are NOT migrated" in render_markdown(report).splitlines()
+    assert "  note: Compose path: restore" in render_summary(report).splitlines()

@@ -144,6 +144,14 @@ def choose_path(oplog: OplogCheck) -> ComposePath:
         "after the dump starts are NOT migrated: stop application writes first (or add Compose's Oplog Access)"])
 
 
+def report_notes(checked: Mapping[str, Any] | None) -> list[str]:
+    """The validation report's lines on the path preflight chose (from its XCom), so that a fallback to dump
+    and restore, and what it means for writes, stays on record beside the verdict."""
+    if not checked or not checked.get("path"):
+        return []
+    return [f"Compose path: {checked['path']}", *[str(r) for r in checked.get("reasons") or []]]
+
+
 def allow_list_reminder(hosts: list[str]) -> list[str]:
     if not hosts:
         return ["no atlas_migration_hosts given: look them up in the Atlas UI (Migrate from Compose) and allow-list "

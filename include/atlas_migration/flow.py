@@ -42,8 +42,9 @@ def migration_flow(*, rehearsal: bool = False) -> None:
         return steps.branch(decision)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def validate(profile: dict, decision: dict, params=None, dag=None, run_id=None) -> dict:
-        return steps.validate(params, profile, decision, _paths(params, dag, run_id))
+    def validate(profile: dict, decision: dict, params=None, dag=None, run_id=None, ti=None) -> dict:
+        return steps.validate(params, profile, decision, _paths(params, dag, run_id),
+                              notes=steps.strategy_notes(decision, ti))
 
     @task
     def report(profile: dict, decision: dict, result: dict) -> dict:

@@ -10,7 +10,7 @@ import logging
 import re
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -280,8 +280,17 @@ def restore_views(params: dict[str, Any], profile_data: dict[str, Any], paths: R
 # ---------------------------------------------------------------- validate and report
 
 
+def strategy_notes(decision: dict[str, Any], ti) -> list[str]:
+    """Lines the strategy's group left for the report (read from its XCom)."""
+    if decision.get("strategy") == "compose":
+        from atlas_migration.compose import report_notes
+
+        return report_notes(ti.xcom_pull(task_ids="compose.preflight", default=None))
+    return []
+
+
 def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dict[str, Any],
-             paths: RunPaths) -> dict[str, Any]:
+             paths: RunPaths, notes: list[str] | None = None) -> dict[str, Any]:
     from atlas_migration import validation
 
     if decision.get("dry_run"):
@@ -297,7 +306,9 @@ def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dic
     with closing(source.connect()) as src, closing(target.connect()) as dst:
         report = validation.validate_namespaces(src, dst, namespaces, mode=p.validation_mode,
                                                 target_db_map=target_db_map or None, run_id=paths.run_id,
-                                                strategy=decision.get("strategy", ""))
+                                                strategy=decision.get("strategy", ""),
+                                                batch_size=p.batch_size)
+    report = replace(report, notes=list(notes or []))
     files = validation.write_report(report, paths.report_dir)
     stager = _stager(p, paths)
     if stager:

@@ -680,6 +680,8 @@ class ValidationReport:
     finished_at: str
     seconds: float
     results: list[NamespaceResult]
+    # What the strategy wants the reader to know about how the data got there (e.g. a fallback taken).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def totals(self) -> ValidationTotals:
@@ -712,6 +714,7 @@ class ValidationReport:
             "verdict": self.verdict,
             "totals": self.totals.to_dict(),
             "namespaces": [r.to_dict() for r in self.results],
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -720,6 +723,7 @@ class ValidationReport:
             run_id=data["run_id"], strategy=data["strategy"], mode=data["mode"], started_at=data["started_at"],
             finished_at=data["finished_at"], seconds=data["seconds"],
             results=[NamespaceResult.from_dict(item) for item in data["namespaces"]],
+            notes=list(data.get("notes") or []),
         )
 
 
@@ -854,6 +858,7 @@ def render_markdown(report: ValidationReport) -> str:
         f"- Namespaces: {totals.namespaces} ({totals.matched} matched, {totals.mismatched} mismatched)",
         f"- Documents (collections, views excluded): source {totals.source_documents:,}, "
         f"target {totals.target_documents:,}",
+        *[f"- Note: {note}" for note in report.notes],
         "",
         "| namespace | type | source count | target count | indexes | options | verdict |",
         "|---|---|---:|---:|---|---|---|",
@@ -893,6 +898,7 @@ def render_summary(report: ValidationReport, max_namespaces: int = 20) -> str:
         _headline(report),
         f"  documents: source {totals.source_documents:,}, target {totals.target_documents:,}; "
         f"{report.seconds:.1f} s",
+        *[f"  note: {note}" for note in report.notes],
     ]
     mismatches = report.mismatches
     lines += [f"  {r.namespace}: {r.status}: {_quoted(r)}" for r in mismatches[:max_namespaces]]

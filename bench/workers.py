@@ -188,7 +188,7 @@ def restore(
                     workers=workers, progress=_progress("restore", db, name),
                 )
             section.documents, section.bytes = result.documents, result.bytes
-            section.extra = {"indexes_created": result.indexes_created}
+            section.extra = {"indexes_created": result.indexes_created, "index_seconds": result.index_seconds}
             results.append(result.to_dict())
     return results
 
@@ -247,6 +247,7 @@ def copy(
     section.extra = {
         "dump_seconds": round(sum(d.seconds for d in dumped), 3),
         "restore_seconds": round(sum(r.seconds for r in restored), 3),
+        "index_seconds": round(sum(r.index_seconds for r in restored), 3),
         "dumped_documents": sum(d.documents for d in dumped),
     }
 

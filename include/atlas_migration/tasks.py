@@ -154,7 +154,7 @@ def prepare_restore(params: dict[str, Any], profile_data: dict[str, Any], paths:
              len(plan.collections), len(plan.views), engine, paths.dump_dir,
              f" staged through {p.staging_s3_uri}" if stager else "")
     return [
-        {**item.to_dict(), "engine": engine,
+        {**item.to_dict(), "engine": engine, "gzip": p.dump_gzip,
          # Replace (drop) a namespace we create or the operator allowed us to drop; fill a pre-existing empty
          # one in place, keeping options/indexes/sharding the operator set up in Atlas.
          "replace": p.drop_target or item.target_namespace not in existing}
@@ -184,7 +184,8 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
             # The inventory's average size sizes the cursor batches (no extra query per collection).
             average = item["size_bytes"] // item["documents"] if item.get("documents") and item.get("size_bytes") else None
             dumped = native.dump_collection(client, item["db"], item["collection"], paths.dump_dir,
-                                            batch_size=p.batch_size, average_document_bytes=average,
+                                            batch_size=p.batch_size, gzip=item.get("gzip", True),
+                                            average_document_bytes=average,
                                             progress=progress).to_dict()
         files = dumped["paths"]
         result = {"documents": dumped["documents"], "bytes": dumped["bytes"]}
@@ -203,7 +204,8 @@ def _dump_with_tools(source: MongoEndpoint, item: dict[str, Any], paths: RunPath
     from atlas_migration.engines import mongotools
 
     with mongotools.tool_config_file(source.tool_uri()) as config:
-        argv = mongotools.mongodump_argv(config, paths.dump_dir, item["db"], item["collection"])
+        argv = mongotools.mongodump_argv(config, paths.dump_dir, item["db"], item["collection"],
+                                         gzip=item.get("gzip", True))
         mongotools.run_tool(argv, secrets=source.secrets, log=log)
     folder = paths.dump_dir / item["db"]
     return sorted(str(f.relative_to(paths.dump_dir)) for f in folder.glob(f"{_glob_escape(item['collection'])}.*")
@@ -233,7 +235,8 @@ def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: Run
             with mongotools.tool_config_file(target.tool_uri()) as config:
                 argv = mongotools.mongorestore_argv(
                     config, paths.dump_dir, [f"{dumped['db']}.{dumped['collection']}"], drop=dumped["replace"],
-                    workers=p.restore_workers, target_db=dumped.get("target_db") or None)
+                    workers=p.restore_workers, target_db=dumped.get("target_db") or None,
+                    gzip=dumped.get("gzip", True))
                 mongotools.run_tool(argv, secrets=target.secrets, log=log)
             result = {"documents": client[target_db][dumped["collection"]].estimated_document_count()}
         else:
@@ -270,7 +273,7 @@ def restore_views(params: dict[str, Any], profile_data: dict[str, Any], paths: R
     target = endpoint_from_connection(p.target_conn_id, "target")
     with closing(source.connect()) as src, closing(target.connect()) as dst:
         for view in plan.views:
-            native.dump_collection(src, view.db, view.collection, paths.dump_dir)
+            native.dump_collection(src, view.db, view.collection, paths.dump_dir, gzip=p.dump_gzip)
             native.restore_view(dst, paths.dump_dir, view.db, view.collection, target_db=view.target_db or None,
                                 drop=True)
             log.info("restored view %s", view.target_namespace)

@@ -65,10 +65,14 @@ def test_include_exclude_and_forced_strategy(airflow_home, source, target):
     with source.client() as src:
         seed_sample_dataset(src, scale=0.02)
     conf = {"strategy": "mongorestore", "include_namespaces": ["shop.*", "analytics.daily.*"],
-            "exclude_namespaces": ["shop.customers"]}
+            "exclude_namespaces": ["shop.customers"], "dump_gzip": False}
     run = airflow_home.dags_test(DAG_ID, conf, env=conns(source.uri, target.uri))
     assert run.succeeded, failure_text(run)
     assert "rule 'override'" in run.output and "stop application writes" in run.output
+    # dump_gzip=false: plain mongodump files (the other tests dump with gzip, the default).
+    run_dir = max((airflow_home.path / "migration-work" / DAG_ID).glob("*/dump"), key=lambda p: p.stat().st_mtime)
+    dumped = sorted(p.name for p in (run_dir / "shop").iterdir())
+    assert "orders.bson" in dumped and "orders.metadata.json" in dumped and not any(n.endswith(".gz") for n in dumped)
     with source.client() as src, target.client() as dst:
         expected = [("analytics", "daily.rollups"), ("shop", "events_log"), ("shop", "orders"), ("shop", "paid_orders")]
         assert user_namespaces(dst) == expected

@@ -173,17 +173,18 @@ def _connection_defined(conn_id: str) -> bool:
         return False
 
 
-def check_oplog(conn_id: str, endpoint_factory=endpoint_from_connection) -> OplogCheck:
+def check_oplog(conn_id: str) -> OplogCheck:
     """Connect to the Oplog Access endpoint, read the newest oplog entry, open (and close) a change stream."""
     from pymongo.errors import PyMongoError
 
     from atlas_migration.errors import MigrationError
+    from atlas_migration.inspection import read_oplog_window_hours
 
     check = OplogCheck(conn_id, configured=bool(conn_id) and _connection_defined(conn_id))
     if not check.configured:
         return check
     try:
-        endpoint = endpoint_factory(conn_id, "source")
+        endpoint = endpoint_from_connection(conn_id, "source")
         client = endpoint.connect()
     except MigrationError as exc:
         check.detail = str(exc)
@@ -191,12 +192,8 @@ def check_oplog(conn_id: str, endpoint_factory=endpoint_from_connection) -> Oplo
     check.reachable = True
     with closing(client):
         try:
-            oplog = client.local["oplog.rs"]
-            first = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", 1)])
-            last = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", -1)])
-            check.readable = last is not None
-            if first and last:
-                check.window_hours = max(0.0, (last["ts"].time - first["ts"].time) / 3600)
+            check.window_hours = read_oplog_window_hours(client)
+            check.readable = check.window_hours is not None
             if not check.readable:
                 check.detail = "local.oplog.rs is empty or missing (is this a replica-set member?)"
                 return check

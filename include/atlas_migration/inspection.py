@@ -52,6 +52,17 @@ class DeploymentHints:
         )
 
 
+def read_oplog_window_hours(client) -> float | None:
+    """Hours between the oldest and newest entries of the deployment's ``local.oplog.rs``; None when it is
+    empty or missing. Lets ``PyMongoError`` through: each caller says in its own terms why it was unreadable."""
+    oplog = client.local["oplog.rs"]
+    first = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", 1)])
+    last = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", -1)])
+    if not first or not last:
+        return None
+    return max(0.0, (last["ts"].time - first["ts"].time) / 3600)
+
+
 def _jsonable(value: Any) -> Any:
     """BSON values (dates, regexes, Int64 ...) as relaxed Extended JSON, safe for XCom."""
     from bson import json_util
@@ -152,13 +163,11 @@ def _read_oplog(client, profile: SourceProfile, probe) -> None:
         return
 
     def window() -> float | None:
-        oplog = client.local["oplog.rs"]
-        first = oplog.find_one({}, {"ts": 1}, sort=[("$natural", 1)])
-        last = oplog.find_one({}, {"ts": 1}, sort=[("$natural", -1)])
-        if not first or not last:
+        hours = read_oplog_window_hours(client)
+        if hours is None:
             profile.unknown["oplog_window_hours"] = "local.oplog.rs is empty"
             return None
-        return round((last["ts"].time - first["ts"].time) / 3600, 3)
+        return round(hours, 3)
 
     profile.oplog_window_hours = probe("oplog_window_hours", window)
 

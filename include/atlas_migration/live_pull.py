@@ -233,17 +233,14 @@ def _oplog_window_hours(endpoint: MongoEndpoint) -> float | None:
     """Hours between the oldest and newest entry of the endpoint's ``local.oplog.rs``; None when unreadable."""
     from pymongo.errors import PyMongoError
 
+    from atlas_migration.inspection import read_oplog_window_hours
+
     with closing(endpoint.connect()) as client:
         try:
-            oplog = client.local["oplog.rs"]
-            first = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", 1)])
-            last = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", -1)])
+            return read_oplog_window_hours(client)
         except PyMongoError as exc:
             log.warning("cannot read the oplog of '%s': %s", endpoint.conn_id, endpoint.redact(exc))
             return None
-    if not first or not last:
-        return None
-    return max(0.0, (last["ts"].time - first["ts"].time) / 3600)
 
 
 def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, run_id: str,

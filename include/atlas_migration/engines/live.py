@@ -1162,15 +1162,12 @@ class LiveSync:
         """Hours between the oldest and newest entries of the source's oplog (None when unreadable)."""
         from pymongo.errors import PyMongoError
 
+        from atlas_migration.inspection import read_oplog_window_hours
+
         try:
-            oplog = self.source.local["oplog.rs"]
-            first = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", 1)])
-            last = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", -1)])
+            return read_oplog_window_hours(self.source)
         except PyMongoError:
             return None
-        if not first or not last:
-            return None
-        return max(0.0, (last["ts"].time - first["ts"].time) / 3600)
 
     def estimate_copy_seconds(self, docs_per_second: float) -> float:
         """Seconds the initial copy should take at ``docs_per_second`` (from the plan, or from counts)."""

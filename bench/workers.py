@@ -545,7 +545,10 @@ def live_cutover(
         sync = _live_sync(source, target, sync_id=sync_id, db=db, target_db_prefix=target_db_prefix,
                           batch_docs=batch_docs, partition_docs=partition_docs)
         with meter.section("live cutover") as section:
-            result = sync.cutover(quiet_seconds=quiet_seconds, timeout=300.0)
+            from atlas_migration.fence import take_fence
+
+            # The bench's writer has stopped: the statement the operator would make, then the fence.
+            result = sync.cutover(take_fence(source, block=False), grace_seconds=quiet_seconds, timeout=300.0)
         names = sorted(source[db].list_collection_names())
         counts = {name: (source[db][name].count_documents({}),
                          target[f"{target_db_prefix}{db}"][name].count_documents({})) for name in names}

@@ -825,7 +825,13 @@ class MongosyncCore:
 
     def _commit(self, engine: Any) -> None:
         settings = self.settings
-        result = engine.cutover(quiet_seconds=settings.cutover_quiet_seconds, timeout=settings.cutover_timeout_seconds)
+        # Real mongosync's commit takes a commit point on the source and applies events up to it, then stops:
+        # it does not wait for application writes to stop, so a write after the commit point is not copied.
+        from atlas_migration.fence import take_fence
+
+        commit_point = take_fence(engine.source, block=False)
+        result = engine.cutover(commit_point, grace_seconds=0.0, timeout=settings.cutover_timeout_seconds,
+                                apply_after_fence=False)
         with self._lock:
             self.events_applied += result.events_applied
             self.lag_seconds = 0.0

@@ -35,7 +35,6 @@ from atlas_migration.live_push import (
     LivePushParams,
     cutover_decision,
     cutover_window,
-    first_application_write,
     live_push_params,
     preflight_problems,
     visibility_problems,
@@ -408,35 +407,42 @@ def test_operator_fails_without_retries_on_a_failed_event(server):
     assert done["outcome"] == "complete"
 
 
-def test_poke_cutover_waits_for_quiet_and_readiness_then_cuts_over(server, monkeypatch):
+def test_poke_cutover_fences_the_source_then_cuts_over(server, monkeypatch):
     from atlas_migration import live_push
 
     migration_id = create_migration(server)
     params = {"atlas_conn_id": "atlas_api", "target_cluster_name": "Cluster0", "cutover": "auto",
               "max_cutover_lag_seconds": 10, "quiet_period_seconds": 1, "cutover_timeout_seconds": 60}
     started = {"migration_id": migration_id, "group_id": server.scenario.atlas_project_id}
-    checked, approval, synced = {"source_watchable": True}, {"approved": True}, {"ready_since": None}
-    writes: list[str | None] = []
-    monkeypatch.setattr(live_push, "_source_writes", lambda p: writes.pop(0))
+    checked, approval, synced = {"write_block": True}, {"approved": True}, {"ready_since": None}
+    fence = {"op_time": [100, 1], "blocked": True, "how": "write_block", "taken_at": "t", "late_writes": {}}
+    outcomes: list = []
+
+    def fence_source_writes(p, checked_arg):
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(live_push, "fence_source_writes", fence_source_writes)
 
     def poke(waited: float = 0.0):
         return live_push.poke_cutover(params, checked, started, synced, approval, waited)
 
-    assert poke().done is False  # NEW: not ready, the source is not even looked at
+    assert poke().done is False  # NEW: not ready, the source is not fenced yet
     server.advance(200)  # ready, lag at the floor
-    writes.append("shop.orders")
-    assert poke().done is False and server.requests("/cutover") == []  # writes still arriving: wait
-    writes.append("shop.orders")
-    with pytest.raises(LiveMigrationFailed, match="application writes did not stop within cutover_timeout_seconds"):
-        poke(waited=61)
+    outcomes.append(LiveMigrationFailed("3 application write(s) reached the source after the cutover fence"))
+    with pytest.raises(LiveMigrationFailed, match="after the cutover fence"):
+        poke()
+    assert server.requests("/cutover") == []  # late writes: Atlas is never asked to cut over
     server.add_fault(400, method="PUT", path_regex="/cutover$", error_code="LIVE_MIGRATION_NOT_READY_FOR_CUTOVER")
-    writes.append(None)
+    outcomes.append(fence)
     assert poke().done is False  # refused by Atlas: re-check at the next poke
-    writes.append(None)
+    outcomes.append(fence)
     result = poke()
-    assert result.done and result.value["cutover_requested_at"]
+    assert result.done and result.value["cutover_requested_at"] and result.value["fence"] == fence
     assert [r["status"] for r in server.requests("/cutover")] == [400, 202]
-    assert poke().done and not writes  # under way: done without looking at the source again
+    assert poke().done and not outcomes  # under way: done without fencing again
 
 
 # ---------------------------------------------------------------- approvals
@@ -483,30 +489,6 @@ def test_approval_sensor_is_a_reschedule_sensor():
         approval_sensor(task_id="approve", poke_interval=7, timeout=100)()
     task = dag.get_task("approve")
     assert task.mode == "reschedule" and task.poke_interval == 7 and task.timeout == 100
-
-
-# ---------------------------------------------------------------- the quiet-period check
-
-
-def test_first_application_write_sees_writes_and_ignores_internal_ones(source):
-    import threading
-
-    with source.client() as client:
-        client.shop.orders.insert_one({"_id": "before"})  # before the watch opens: does not count
-        assert first_application_write(client, 0.6) is None
-
-        def write() -> None:
-            time.sleep(0.3)
-            client["__atlas_migration"].state.insert_one({"_id": 1})  # the project's own bookkeeping
-            client.mongosync_reserved_for_internal_use.x.insert_one({"_id": 1})
-            client.shop.orders.insert_one({"_id": "during"})
-
-        writer = threading.Thread(target=write)
-        writer.start()
-        try:
-            assert first_application_write(client, 5) == "shop.orders"
-        finally:
-            writer.join()
 
 
 # ---------------------------------------------------------------- the stand-in moves data at cutover

@@ -66,7 +66,7 @@ POKE_INTERVAL_ENV = "MIGRATION_POKE_INTERVAL_SECONDS"
 DEFAULT_POKE_INTERVAL = 60.0
 # Read by this group, defined once for the live strategies (``live_pull.live_pull_params``, section "Cutover").
 SHARED_CUTOVER_PARAMS = ("cutover", "max_cutover_lag_seconds", "quiet_period_seconds", "cutover_timeout_seconds",
-                         "approval_timeout_seconds")
+                         "approval_timeout_seconds", "source_write_block")
 # Databases whose writes do not count as application writes in the quiet-period check (mongosync's own).
 _INTERNAL_WRITE_DATABASES = ("mongosync_reserved_for_internal_use",)
 _HEX24 = re.compile(r"^[a-f0-9]{24}$")
@@ -168,6 +168,7 @@ class LivePushParams:
     private_link_id: str = ""
     drop_destination_data: bool = False
     cutover: str = "manual"
+    source_write_block: str = "auto"
     max_cutover_lag_seconds: float = 10
     quiet_period_seconds: float = 5
     cutover_timeout_seconds: float = 600
@@ -216,6 +217,7 @@ class LivePushParams:
             private_link_id=text("private_link_id"),
             drop_destination_data=bool(params.get("drop_destination_data", False)),
             cutover=text("cutover") or defaults.cutover,
+            source_write_block=text("source_write_block") or defaults.source_write_block,
             rehearsal="rehearsal_db_prefix" in params,
             **{key: number(key) for key in (
                 "max_cutover_lag_seconds", "quiet_period_seconds", "cutover_timeout_seconds",
@@ -499,6 +501,11 @@ def run_preflight(params: Mapping[str, Any], profile_data: dict[str, Any]) -> di
         atlas.close()
         cloud_manager.close()
     problems = preflight_problems(profile, cluster, available, p, group_id)
+    block, block_reason = False, "no cutover fence checked (pre-flight problems)"
+    try:
+        block, block_reason = push_write_block_decision(p)
+    except ConfigurationError as exc:
+        problems.append(str(exc))
     if problems:
         raise PreflightFailed("live push pre-flight failed; nothing was changed in Atlas or Cloud Manager:\n"
                               + "\n".join(f"  - {problem}" for problem in problems))
@@ -511,14 +518,13 @@ def run_preflight(params: Mapping[str, Any], profile_data: dict[str, Any]) -> di
         f"organization link : {link_status}"
         + ("; the source is listed under availableProjects" if available is not None
            else "; the source's visibility is checked once linked"),
-        f"cutover           : {p.cutover}, at a lag of at most {p.max_cutover_lag_seconds:g} s, after "
-        + (f"{p.quiet_period_seconds:g} s without writes on the source" if profile.oplog_readable is True
-           else "the operator's approval (the source's change stream is not readable: no quiet-period check)"),
+        f"cutover           : {p.cutover}, at a lag of at most {p.max_cutover_lag_seconds:g} s, at a fence "
+        f"({block_reason}), then {p.quiet_period_seconds:g} s watching for late writes",
     ])
     return {"group_id": group_id, "destination_cluster": p.target_cluster_name,
             "destination_version": destination_version, "source_version": profile.version,
             "link_status": link_status, "source_visible": True if available is not None else None,
-            "source_watchable": profile.oplog_readable is True}
+            "source_watchable": profile.oplog_readable is True, "write_block": block}
 
 
 def create_link(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -697,30 +703,52 @@ def check_while_awaiting_approval(context: Mapping[str, Any]) -> None:
              cutover_window(synced.get("ready_since"), time.time()).note)
 
 
-def first_application_write(client, seconds: float) -> str | None:
-    """Watch the whole source deployment for ``seconds``: the namespace of the first application write seen,
-    or None when it stayed quiet (system, internal and mongosync databases do not count)."""
-    from atlas_migration.namespaces import is_never_migrated
-
-    deadline = time.monotonic() + seconds
-    with client.watch(max_await_time_ms=min(1000, max(50, int(seconds * 1000)))) as stream:
-        while time.monotonic() < deadline:
-            change = stream.try_next()
-            ns = (change or {}).get("ns") or {}
-            db, coll = ns.get("db"), ns.get("coll")
-            if not db or db in _INTERNAL_WRITE_DATABASES or is_never_migrated(db, coll):
-                continue
-            return f"{db}.{coll}" if coll else db
-    return None
-
-
-def _source_writes(p: LivePushParams) -> str | None:
+def push_write_block_decision(p: LivePushParams) -> tuple[bool, str]:
+    """Whether the cutover blocks user writes on the source (``fence.decide_write_block`` on the source
+    connection); raises ``ConfigurationError`` for ``require`` without support and for ``cutover=auto``
+    without write blocking (only an operator can then say writes stopped)."""
     from contextlib import closing
 
+    from atlas_migration.fence import cutover_problems, decide_write_block, read_write_block_support
     from atlas_migration.hooks import endpoint_from_connection
 
     with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as client:
-        return first_application_write(client, p.quiet_period_seconds)
+        support = read_write_block_support(client)
+    block, why = decide_write_block(p.source_write_block, support)
+    problems = cutover_problems(p.cutover, block)
+    if problems:
+        raise ConfigurationError(f"{' '.join(problems)} ({why})")
+    return block, why
+
+
+def fence_source_writes(p: LivePushParams, checked: Mapping[str, Any]) -> dict[str, Any]:
+    """The cutover fence on the source before Atlas is asked to cut over: block user writes (when decided at
+    pre-flight) or take the approval as the statement that they stopped; wait until the fence is
+    majority-committed; watch ``quiet_period_seconds`` for late writes and fail with their count (Atlas keeps
+    syncing, so nothing is lost). Returns the fence (JSON-safe) for the report."""
+    from contextlib import closing
+
+    from atlas_migration.fence import (
+        count_late_writes,
+        late_writes_message,
+        take_fence,
+        wait_majority_committed,
+    )
+    from atlas_migration.hooks import endpoint_from_connection
+    from atlas_migration.namespaces import is_never_migrated
+
+    with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as client:
+        fence = take_fence(client, block=bool(checked.get("write_block")))
+        wait_majority_committed(client, fence, timeout=p.cutover_timeout_seconds)
+        late = count_late_writes(client, fence, p.quiet_period_seconds,
+                                 selected=lambda db, coll: not is_never_migrated(db, coll),
+                                 ignore_databases=frozenset(_INTERNAL_WRITE_DATABASES))
+    if late:
+        fence.late_writes = dict(late)
+        raise LiveMigrationFailed(late_writes_message(late, fence, what="the Atlas cutover"))
+    log.info("no application write on the source after the fence for %g s: %s", p.quiet_period_seconds,
+             fence.describe())
+    return fence.to_dict()
 
 
 def poke_cutover(params: Mapping[str, Any], checked: dict[str, Any], started: dict[str, Any],
@@ -747,22 +775,7 @@ def poke_cutover(params: Mapping[str, Any], checked: dict[str, Any], started: di
         if decision.action == "done":
             log.info("%s", decision.reason)
             return Poke(True, {"cutover_requested_at": None, "migration": summarise(migration)})
-        if checked.get("source_watchable"):
-            written = _source_writes(p)
-            if written:
-                if waited > p.cutover_timeout_seconds:
-                    raise LiveMigrationFailed(
-                        f"application writes did not stop within cutover_timeout_seconds "
-                        f"({format_duration(p.cutover_timeout_seconds)}; the last one seen went to {written}): stop "
-                        "them, then re-run this task (the migration keeps syncing until its window ends)")
-                log.warning("not cutting over: writes still reach the source (%s) within the %g s quiet period; "
-                            "stop application writes (%s of %s allowed so far)", written, p.quiet_period_seconds,
-                            format_duration(waited), format_duration(p.cutover_timeout_seconds))
-                return Poke(False)
-            log.info("no application write on the source for %g s: writes have stopped", p.quiet_period_seconds)
-        else:
-            log.warning("the source's change stream is not readable with connection '%s': cutting over on the "
-                        "operator's word that application writes have stopped", p.source_conn_id)
+        fence = fence_source_writes(p, checked)
         try:
             atlas.cutover_live_migration(started["migration_id"], group_id=started["group_id"])
         except AtlasApiError as exc:
@@ -774,7 +787,7 @@ def poke_cutover(params: Mapping[str, Any], checked: dict[str, Any], started: di
         atlas.close()
     log.info("cutover requested for live migration %s: %s. Once it is COMPLETE, repoint applications to Atlas",
              started["migration_id"], decision.reason)
-    return Poke(True, {"cutover_requested_at": now, "migration": summarise(migration)})
+    return Poke(True, {"cutover_requested_at": now, "migration": summarise(migration), "fence": fence})
 
 
 def cleanup_link(params: Mapping[str, Any], started: dict[str, Any] | None) -> dict[str, Any]:

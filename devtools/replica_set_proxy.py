@@ -335,6 +335,13 @@ class _ChangeCursor:
     split: bool
     db: str
     collection: str  # for killCursors
+    # $changeStream options that reopen the stream just before the next event not yet fully delivered
+    # (None: not known yet, e.g. a stream opened at "now" before its first postBatchResumeToken).
+    before: dict[str, Any] | None = None
+    skip_until: tuple[str, int] | None = None  # (event token, fragment): drop what a resumed stream re-sends
+
+
+FRAGMENT_MARK = "2f70726f78792f"  # "/proxy/" in hex: tokens the proxy gives to non-final fragments
 
 
 class ReplicaSetProxy(WireProxy):
@@ -357,6 +364,7 @@ class ReplicaSetProxy(WireProxy):
         self._write_block = False
         self._change_cursors: dict[int, _ChangeCursor] = {}
         self._aborted_txns: set[tuple[bytes, int]] = set()
+        self._fragment_tokens: dict[str, tuple[dict[str, Any] | None, str, int]] = {}
         self._state_lock = threading.Lock()
 
     @property
@@ -647,12 +655,26 @@ class ReplicaSetProxy(WireProxy):
             return command_error(40324, "Location40324", f"Unrecognized pipeline stage name: '{SPLIT_STAGE}'"), \
                 False, None
         changed = False
-        if (pipeline[0]["$changeStream"] or {}).get("allChangesForCluster"):
+        spec = pipeline[0]["$changeStream"] = dict(pipeline[0]["$changeStream"] or {})
+        cursor = _ChangeCursor(split, db, body["aggregate"] if isinstance(body["aggregate"], str) else "$cmd.aggregate")
+        for key in ("resumeAfter", "startAfter"):
+            token = spec.get(key)
+            known = self._fragment_tokens.get(token.get("_data")) if isinstance(token, dict) else None
+            if known is not None:
+                # A fragment's own token (SecantusDB gives all fragments the event's token): reopen just
+                # before the event and drop what precedes the fragment after this one, as mongod resumes.
+                before, event_token, fragment = known
+                del spec[key]
+                spec.update(before or {key: {"_data": event_token}})
+                cursor.skip_until = (event_token, fragment) if before else None
+                changed = True
+        starts = {k: spec[k] for k in ("resumeAfter", "startAfter", "startAtOperationTime") if k in spec}
+        cursor.before = starts or None
+        if spec.get("allChangesForCluster"):
             # mongod's cluster-wide streams never show the internal databases; SecantusDB's do.
             pipeline.insert(1, {"$match": {"ns.db": {"$nin": sorted(INTERNAL_DBS)}}})
             changed = True
-        collection = body["aggregate"] if isinstance(body["aggregate"], str) else "$cmd.aggregate"
-        return None, changed, self._event_check(conn, _ChangeCursor(split, db, collection), None, getmore=False)
+        return None, changed, self._event_check(conn, cursor, None, getmore=False)
 
     def _event_check(self, conn: Connection, cursor: _ChangeCursor, cursor_id: int | None,
                      getmore: bool) -> Callable[[Message], Message]:
@@ -672,7 +694,13 @@ class ReplicaSetProxy(WireProxy):
                 else:
                     self._change_cursors.pop(returned_id or (cursor_id or 0), None)
             if bad is None:
-                return reply
+                if not cursor.split:
+                    return reply
+                with self._state_lock:
+                    body_bytes = self._retoken(cursor, body, "nextBatch" if getmore else "firstBatch")
+                if body_bytes is None:
+                    return reply
+                return Message(reply.request_id, reply.response_to, OP_MSG, OpMsg(0, body_bytes, []).encode())
             size, raw = bad
             if returned_id:  # mongod's cursor dies with the error; do not leave the backend's open
                 try:
@@ -690,6 +718,48 @@ class ReplicaSetProxy(WireProxy):
             return Message(reply.request_id, reply.response_to, OP_MSG, payload)
 
         return check
+
+
+    def _retoken(self, cursor: _ChangeCursor, body: RawBSONDocument, batch_key: str) -> bytes | None:
+        """Give each non-final fragment its own resume token (mongod does; SecantusDB repeats the event's).
+
+        The last fragment keeps the event's token: resuming from it continues with the next event, as on
+        mongod. Returns the re-encoded reply body, or None when nothing changed.
+        """
+        result = body["cursor"]
+        batch, changed, last_token = [], False, None
+        for event in result.get(batch_key) or []:
+            data = event["_id"]["_data"]
+            split = event.get("splitEvent")
+            fragment = int(split["fragment"]) if split else 0
+            if cursor.skip_until is not None:
+                event_token, skip_to = cursor.skip_until
+                if data != event_token or fragment <= skip_to:  # re-sent by the reopened stream: delivered before
+                    if data == event_token and fragment == skip_to:
+                        cursor.skip_until = None
+                        last_token = {"_data": f"{data}{FRAGMENT_MARK}{fragment:04x}"}
+                    changed = True
+                    continue
+                cursor.skip_until = None
+            if split and fragment < int(split["of"]):
+                token = f"{data}{FRAGMENT_MARK}{fragment:04x}"
+                self._fragment_tokens[token] = (dict(cursor.before) if cursor.before else None, data, fragment)
+                doc = bson.decode(event.raw)
+                doc["_id"] = last_token = {"_data": token}
+                batch.append(doc)
+                changed = True
+            else:
+                batch.append(event)
+                cursor.before, last_token = {"resumeAfter": bson.decode(event.raw)["_id"]}, None
+        if last_token is None and "postBatchResumeToken" in result:  # the batch ends between events
+            cursor.before = {"resumeAfter": bson.decode(result.raw)["postBatchResumeToken"]}
+        if not changed:
+            return None
+        out = bson.decode(body.raw)
+        out["cursor"][batch_key] = batch
+        if last_token is not None:
+            out["cursor"]["postBatchResumeToken"] = last_token  # the batch ends inside an event
+        return bson.encode(out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -233,5 +233,30 @@ def test_large_events_are_refused_without_the_split_stage_and_split_with_it(prox
             fragments = [_next(split), _next(split)]
             assert [f["splitEvent"] for f in fragments] == [{"fragment": 1, "of": 2}, {"fragment": 2, "of": 2}]
             assert all(len(bson.encode(f)) <= 16 << 20 for f in fragments)
-            assert fragments[0]["_id"] != fragments[1]["_id"]
+            assert fragments[0]["_id"] != fragments[1]["_id"]  # each fragment has its own resume token
             assert {"fullDocument", "updateDescription"} <= set(fragments[0]) | set(fragments[1])
+            big.insert_one({"_id": 1})
+            assert _next(split)["documentKey"] == {"_id": 1}
+        # Resuming from the first fragment gives the second, from the last one the next event (as on mongod).
+        pipeline = [{"$changeStreamSplitLargeEvent": {}}]
+        with big.watch(pipeline, resume_after=fragments[0]["_id"], **kwargs) as resumed:
+            again = _next(resumed)
+            assert again["splitEvent"] == {"fragment": 2, "of": 2} and again["_id"] == fragments[1]["_id"]
+        with big.watch(pipeline, resume_after=fragments[1]["_id"], **kwargs) as resumed:
+            assert _next(resumed)["documentKey"] == {"_id": 1}
+
+
+def test_command_line_prints_its_address_and_serves(source_server, set_name) -> None:
+    argv = [sys.executable, "-m", "devtools.replica_set_proxy", "--backend-port", str(source_server.local.port),
+            "--bypass-app-name", FENCE_APP]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("listening on 127.0.0.1:")
+        host = line.removeprefix("listening on ")
+        with pymongo.MongoClient(f"mongodb://{host}/?replicaSet={set_name}", serverSelectionTimeoutMS=10_000) as c:
+            assert c.admin.command("hello")["me"] == host
+            assert c.admin.command("serverStatus")["repl"]["userWriteBlockMode"] == 1
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0

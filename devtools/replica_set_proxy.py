@@ -62,8 +62,12 @@ Large change events (https://www.mongodb.com/docs/manual/reference/operator/aggr
     cursor is killed, as mongod kills it. The limit is mongod's: it serializes events with the default size
     trait, BSONObjMaxInternalSize = 16 MiB + 16 KiB = 16793600 bytes (``PlanExecutorPipeline::_trySerializeToBson``),
     so an event between 16 MiB and that still arrives whole, on mongod as here. With the stage present:
-    SecantusDB does split (fragments carry ``splitEvent: {fragment: n, of: m}`` and their own ``_id``
-    resume tokens), so those replies are forwarded as they are, except that where mongod cannot split an
+    SecantusDB does split (fragments carry ``splitEvent: {fragment: n, of: m}``), but every fragment carries
+    the whole event's resume token, where mongod gives each fragment its own (resuming from fragment k gives
+    fragment k+1; from the last, the next event). The proxy therefore gives fragments 1..m-1 tokens of its
+    own (the event's ``_data`` plus a marker), sets ``postBatchResumeToken`` to the last fragment's token
+    when a batch ends inside an event, and translates such a token in ``resumeAfter``/``startAfter`` into
+    the point just before the event plus dropping the fragments already delivered. Where mongod cannot split an
     event into fragments of at most 16 MiB (one top-level field too big) it fails with code 7182500
     ("Splitting change event failed: fragment size ... is greater than maximum allowed fragment size
     16777216") and SecantusDB instead returns an over-size "1 of 1" fragment: the proxy refuses such a
@@ -86,7 +90,11 @@ What it does NOT imitate:
   (readers of raw ``local.oplog.rs`` see that; change-stream readers see what they would on mongod);
 - ``$changeStream`` on the admin database (refused by mongod) and other topology details of a real
   replica set (secondaries, elections, ``setVersion`` changes);
-- ``userWriteBlockReason`` (newer servers), write blocking's effect on index builds already running.
+- ``userWriteBlockReason`` (newer servers), write blocking's effect on index builds already running;
+- fragment layout: mongod orders a fragment's fields ``_id``, ``splitEvent``, then by size; SecantusDB's
+  order is kept. Fragment tokens live in the proxy's memory (another proxy, or the server directly, does
+  not know them), and one minted before the stream has any start point (opened at "now", the large event
+  in its very first batch) resumes after the whole event.
 
 Use::
 

@@ -352,7 +352,8 @@ class LiveVerifier:
         self.parallel = parallel  # run a partition's source and target passes side by side
         self.log = log or logging.getLogger(__name__)
         # Test seam: called as fault_hook(stage, n) after batch n of a pass ("verify_source"/"verify_target")
-        # has recorded its mismatches and BEFORE its checkpoint is saved. Raising simulates a killed task.
+        # has recorded its mismatches and BEFORE its checkpoint is saved, and as fault_hook("recheck", n) once a
+        # recheck batch has read both sides and before the queue is updated. Raising simulates a killed task.
         self.fault_hook: Callable[[str, int], None] | None = None
         self.max_documents_held = 0  # most documents one pass held at once (a batch plus its counterpart)
         self._indexes_ready = False
@@ -686,6 +687,8 @@ class LiveVerifier:
                         found.append(mismatch)
                         queue_ops.append(UpdateOne(guard, {"$set": {"checked_gen": generation,
                                                                     "reason": "mismatch"}}))
+            if self.fault_hook is not None:
+                self.fault_hook("recheck", compared + len(entries))  # documents read, queue not yet updated
             if found:
                 self._record_recheck_mismatches(found)
             if resolved:

@@ -26,6 +26,7 @@ a mongos and a separately reachable oplog for Compose.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -229,12 +230,25 @@ def _open_sync(params: Mapping[str, Any], dag_id: str, run_id: str, sources: Pul
     return sync, source, target
 
 
+def _verifier_for(sync):
+    """The document verifier of this live pull (state beside the sync's, on the target)."""
+    from atlas_migration.engines.verifier import LiveVerifier
+
+    return LiveVerifier(sync.source, sync.target, sync_id=sync.sync_id, state_db=sync.state_db,
+                        target_db_prefix=sync.target_db_prefix, batch_size=sync.batch_size, log=log)
+
+
 class _Session:
-    """``with _Session(params, dag_id, run_id, sources, phase) as sync:`` closes both clients whatever happens."""
+    """``with _Session(params, dag_id, run_id, sources, phase) as sync:`` closes both clients whatever happens.
+
+    Every applied change event is queued for the verifier's recheck (``LiveSync.changed_listener``)."""
 
     def __init__(self, params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES,
                  phase: str = "copy") -> None:
         self.sync, self._source, self._target = _open_sync(params, dag_id, run_id, sources, phase)
+        self.verifier = _verifier_for(self.sync)
+        self.sync.changed_listener = self.verifier.note_changed
+        self.sync.rename_listener = self.verifier.rename_namespace
 
     def __enter__(self):
         return self.sync
@@ -343,6 +357,24 @@ def copy_partition(params: Mapping[str, Any], partition: dict[str, Any], dag_id:
     return result.to_dict()
 
 
+def verify_partition(params: Mapping[str, Any], partition: dict[str, Any], dag_id: str, run_id: str,
+                     sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
+    """Compare every document of one copied partition, source against target (resumable); mismatches are
+    kept on the target, logged by _id and field, and rechecked until cutover."""
+    from atlas_migration.engines.live import Partition
+
+    session = _Session(params, dag_id, run_id, sources, "copy")
+    with session:
+        result = session.verifier.compare_partition(Partition.from_dict(partition))
+        first = session.verifier.open_mismatches(5)
+    log.info("verified partition %s: %s", partition.get("db", "") and Partition.from_dict(partition).id,
+             {k: v for k, v in result.items() if k != "mismatches_found"} if isinstance(result, dict) else result)
+    for mismatch in first:
+        log.warning("verifier: %s _id %s differs (field %s, missing on %s); it is rechecked until cutover",
+                    mismatch["ns"], json.dumps(mismatch["_id"]), mismatch["field"], mismatch["missing"] or "neither side")
+    return result
+
+
 def finish_copy(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES) -> None:
     with _Session(params, dag_id, run_id, sources, "copy") as sync:
         sync.finish_initial_copy()
@@ -391,12 +423,18 @@ def cutover(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSo
             log.info("cutover: resuming at the fence placed earlier (%s)", fence.describe())
         log.info("cutover: draining every write up to the fence, then watching %d s for late writes",
                  lp.quiet_period_seconds)
-        result = sync.cutover(fence, grace_seconds=lp.quiet_period_seconds, timeout=lp.cutover_timeout_seconds)
+        verifier = _verifier_for(sync)
+        result = sync.cutover(fence, grace_seconds=lp.quiet_period_seconds, timeout=lp.cutover_timeout_seconds,
+                              verifier=verifier)
+        verification = verifier.summary()
     log.info("cutover complete: %s final events applied; %s; the target is in sync. Repoint applications to Atlas%s.",
              f"{result.events_applied:,}", fence.describe(),
              " (writes stay blocked on the source; to roll back: db.adminCommand({setUserWriteBlockMode: 1, "
              "global: false}))" if fence.blocked else "")
-    return result.to_dict()
+    log.info("verification at cutover: %s documents compared, %s mismatch(es) found and resolved, %s open",
+             f"{verification['documents_compared']:,}", verification["mismatches"]["resolved"],
+             verification["mismatches"]["open"])
+    return {**result.to_dict(), "verification": verification}
 
 
 # ---------------------------------------------------------------- mongosync engine
@@ -487,6 +525,11 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
             return copy_partition(params, partition, dag.dag_id, run_id, sources)
 
     @task(retries=3)
+    def verify(partition: dict, params=None, dag=None, run_id=None) -> dict:
+        with certain_failures_fail_at_once():
+            return verify_partition(params, partition, dag.dag_id, run_id, sources)
+
+    @task(retries=3)
     def finish_initial_copy(params=None, dag=None, run_id=None) -> None:
         with certain_failures_fail_at_once():
             finish_copy(params, dag.dag_id, run_id, sources)
@@ -525,7 +568,13 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
 
     partitions = start_sync(profile)
     copied = copy.expand(partition=partitions)
-    copied >> finish_initial_copy() >> catch_up_to_lag() >> await_native() >> cutover_native()
+    finished = finish_initial_copy()
+    copied >> finished
+    # The verifier compares every copied partition while catch-up runs; cutover waits for both.
+    verified = verify.expand(partition=partitions)
+    finished >> verified
+    approved = finished >> catch_up_to_lag() >> await_native()
+    [approved, verified] >> cutover_native()
     started = start_mongosync(profile)
     started >> wait_can_commit >> await_mongosync() >> commit_mongosync() >> wait_committed
     choose_pull_engine() >> [partitions, started]

@@ -618,3 +618,26 @@ def test_trimmed_oplog_raises_history_lost(tmp_path, target):
             assert sync.estimate_copy_seconds(10.0) == 2.0  # the plan's 20 documents at 10 docs/s
     finally:
         server.destroy()
+
+
+def test_a_target_document_changed_behind_the_engines_back_is_reported_and_repaired_at_cutover(source, target):
+    from atlas_migration.engines.verifier import LiveVerifier
+
+    with source.client() as src, target.client() as dst:
+        src.vf.c.insert_many([{"_id": i, "v": i, "doc": {"a": 1, "b": [1, 2]}} for i in range(50)])
+        sync = make_sync(src, dst, ["vf.*"])
+        verifier = LiveVerifier(src, dst, sync_id=sync.sync_id, state_db=STATE_DB)
+        sync.changed_listener, sync.rename_listener = verifier.note_changed, verifier.rename_namespace
+        partitions = initial_copy(sync)
+        dst.vf.c.update_one({"_id": 7}, {"$set": {"doc.b.1": 3}})  # behind the engine's back
+        src.vf.c.update_one({"_id": 8}, {"$set": {"v": -8}})  # a real change, replayed
+        sync.catch_up()
+        for partition in partitions:
+            verifier.compare_partition(partition)
+        (mismatch,) = verifier.open_mismatches()
+        assert mismatch["ns"] == "vf.c" and mismatch["_id"] == 7 and mismatch["field"] == "doc.b.1"
+        assert verifier.recheck().clean is False  # still different: it would block the cutover
+        final = sync.cutover(fence_now(src), grace_seconds=0.5, timeout=30, verifier=verifier)
+        assert final.rechecked >= 1 and verifier.summary()["clean"]
+        assert verifier.summary()["mismatches"]["resolved"] == 1
+        assert_namespaces_identical(src, dst, [("vf", "c")])

@@ -655,6 +655,8 @@ class LiveSync:
         # Called after every applied batch with the (source db, collection, _id) of the documents the batch
         # changed: the verifier queues them for recheck.
         self.changed_listener: Callable[[list[tuple[str, str, Any]]], None] | None = None
+        # Called when a rename is replayed (source db, coll, new db, new coll): the verifier moves its queue.
+        self.rename_listener: Callable[[str, str, str, str], Any] | None = None
 
     # ------------------------------------------------------------------------------------------ state
     @property
@@ -1339,8 +1341,8 @@ class LiveSync:
 
     # ----------------------------------------------------------------------------------------- cutover
     def cutover(self, fence: Fence, *, grace_seconds: float = 5.0, timeout: float = 300.0,
-                apply_after_fence: bool = True) -> CatchUpResult:
-        """Application writes are fenced (``fence``: blocked on the source, or stated stopped by an
+                apply_after_fence: bool = True, verifier: Any = None) -> CatchUpResult:
+        r"""Application writes are fenced (``fence``: blocked on the source, or stated stopped by an
         operator): prove every write acknowledged before the fence is on the target, then mark the sync
         complete.
 
@@ -1354,7 +1356,11 @@ class LiveSync:
            write it (or delete it) on the target;
         5. build the deferred unique indexes and align indexes and views, then check once more that nothing
            arrived after the fence;
-        6. mark the sync complete, with the fence.
+        6. with a ``verifier`` (``engines.verifier.LiveVerifier``): recheck every queued ``_id`` until source
+           and target agree; a document still unequal after the fence (changed on the target behind the
+           engine's back, say) is re-read from the source and written, then rechecked; what stays unequal
+           fails the cutover with the namespaces, ``_id``\ s and fields;
+        7. mark the sync complete, with the fence.
 
         ``apply_after_fence=False`` (a commit point, as mongosync's /commit has) stops at the fence without
         applying anything after it and without a grace period.
@@ -1406,6 +1412,8 @@ class LiveSync:
             self._update_sync({"$set": {"fence": fence.to_dict()}})
             raise LateWrites(late_writes_message(tail.late_writes, fence,
                                                  what=f"cutover of live pull '{self.sync_id}'"), tail.late_writes)
+        if verifier is not None:
+            rechecked += self._verify_at_fence(verifier)
         self._update_sync({"$set": {"completed_at": _utc_now(), "status": "complete", "fence": fence.to_dict(),
                                     "rechecks_applied": rechecked}})
         self.log.info("live pull %s: cut over at the fence (%s); every write acknowledged before it is on the "
@@ -1418,6 +1426,40 @@ class LiveSync:
         """The fence an earlier cutover attempt of this sync placed (None: none yet)."""
         doc = self._require_sync()
         return Fence.from_dict(doc["fence"]) if doc.get("fence") else None
+
+    def _verify_at_fence(self, verifier: Any, max_repairs: int = 3) -> int:
+        """Recheck until clean; repair what stays unequal from the source (at most ``max_repairs`` rounds).
+        Returns the number of documents repaired."""
+        from pymongo import UpdateOne
+
+        repaired = 0
+        for round_ in range(max_repairs + 1):
+            result = verifier.recheck()
+            self.log.info("verifier at the fence: generation %d compared %d, %d unequal, %d open, %d pending",
+                          result.generation, result.compared, result.mismatches, result.open_mismatches,
+                          result.pending)
+            if result.clean:
+                return repaired
+            keys = list(verifier.open_mismatch_keys())
+            if round_ == max_repairs or (not keys and not result.pending):
+                break
+            if keys:
+                self.log.warning("verifier at the fence: %d document(s) differ on the target (%s); re-reading them "
+                                 "from the source", len(keys), ", ".join(
+                                     f"{m['ns']} _id {json.dumps(m['_id'])} field {m['field']}"
+                                     for m in verifier.open_mismatches(5)))
+                for start in range(0, len(keys), self.batch_size):
+                    self._recheck.bulk_write([
+                        UpdateOne({"_id": self.recheck_key(db, coll, doc_id)},
+                                  {"$set": {"reason": "verifier_mismatch", "at": _utc_now()}}, upsert=True)
+                        for db, coll, doc_id in keys[start:start + self.batch_size]], ordered=False)
+                repaired += self.apply_rechecks()
+        first = verifier.open_mismatches(10)
+        raise MigrationError(
+            f"cutover of live pull '{self.sync_id}': the verifier still finds source and target different after the "
+            f"fence: " + "; ".join(f"{m['ns']} _id {json.dumps(m['_id'])} (field {m['field']}, missing on "
+                                  f"{m['missing'] or 'neither side'})" for m in first)
+            + ". The sync was not marked complete")
 
     # ------------------------------------------------------------------------------------- recheck set
     @property
@@ -1743,6 +1785,8 @@ class _EventApplier:
             if exc.code != _NAMESPACE_NOT_FOUND:
                 raise MigrationError(f"cannot rename {source_db.name}.{coll} on the target: {exc}") from None
         sync.move_rechecks(db, coll, to_db, to_coll)
+        if sync.rename_listener is not None:
+            sync.rename_listener(db, coll, to_db, to_coll)
         return True
 
 

@@ -733,6 +733,14 @@ class LiveVerifier:
             {"sync_id": self.sync_id, "resolved": False}, sort=[("first_seen_at", 1)], limit=max(0, int(limit)))
         return [self._mismatch_dict(doc) for doc in docs] if limit > 0 else []
 
+    def open_mismatch_keys(self) -> Iterator[tuple[str, str, Any]]:
+        """``(source db, collection, _id)`` of every open mismatch, the ``_id`` as its BSON value (for a repair
+        that re-reads the documents from the source). Streams; nothing is collected in memory here."""
+        for doc in self._state(MISMATCH_COLLECTION).find({"sync_id": self.sync_id, "resolved": False},
+                                                          projection={"_id": 1, "ns": 1}):
+            db, _, coll = doc["ns"].partition(".")
+            yield db, coll, doc["_id"]["id"]
+
     @staticmethod
     def _mismatch_dict(doc: Mapping[str, Any]) -> dict[str, Any]:
         return {"ns": doc["ns"], "_id": json.loads(doc["id"]), "field": doc.get("field"),

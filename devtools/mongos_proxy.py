@@ -21,6 +21,11 @@ routing to secondaries, mongos-only admin commands other than the two above (``a
 ``enableSharding``, ``shardCollection``, ``getShardMap`` ... are forwarded and fail as the replica set
 fails them), and the privilege checks of the commands it answers itself (``listShards`` answers any client).
 
+It also implements, through ``devtools.replica_set_proxy.ReplicaSetProxy`` which it extends, the commands a
+mongos shares with mongod and the test server lacks: ``setUserWriteBlockMode`` (user writes through this
+proxy are refused with UserWritesBlocked; the bypass and privileges are imitated by application names, as
+documented there), ``appendOplogNote`` and mongod's refusal of change events over its size limit.
+
 The wire format and the relay are ``devtools.wire_proxy``.
 
 Use::
@@ -35,10 +40,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import bson
 
+from devtools.replica_set_proxy import ReplicaSetProxy
 from devtools.wire_proxy import (  # noqa: F401 - re-exported: tests and older callers import them from here
     CHECKSUM_PRESENT,
     HELLO_COMMANDS,
@@ -91,54 +98,44 @@ def unauthorized(command: str, db: str) -> dict[str, Any]:
             "code": UNAUTHORIZED, "codeName": "Unauthorized"}
 
 
-class MongosProxy(WireProxy):
-    """The mongos look-alike; ``start()``/``stop()`` or a ``with`` block (see ``WireProxy``)."""
+class MongosProxy(ReplicaSetProxy):
+    """The mongos look-alike; ``start()``/``stop()`` or a ``with`` block (see ``WireProxy``).
+
+    It builds on ``ReplicaSetProxy``, so it also has what a mongos shares with mongod and the test server
+    lacks: ``setUserWriteBlockMode`` (run on a mongos, it blocks user writes across the cluster: here, on the
+    one shard behind it, for clients of this proxy), ``appendOplogNote`` and the large change-event refusal;
+    the hello reply is a mongos's instead of a replica-set member's."""
 
     thread_name = "mongos-proxy"
 
     def __init__(self, backend_port: int, *, backend_host: str = "127.0.0.1", port: int = 0,
                  tls_cert: str | None = None, tls_key: str | None = None, backend_ca: str | None = None,
-                 backend_tls: bool | None = None) -> None:
+                 backend_tls: bool | None = None, bypass_app_names: Iterable[str] = (),
+                 privileged_app_names: Iterable[str] | None = None) -> None:
         super().__init__(backend_port, backend_host=backend_host, port=port, tls_cert=tls_cert, tls_key=tls_key,
-                         backend_ca=backend_ca, backend_tls=backend_tls)
+                         backend_ca=backend_ca, backend_tls=backend_tls, bypass_app_names=bypass_app_names,
+                         privileged_app_names=privileged_app_names)
         self._set_name: str | None = None
         self.balancer_rounds = 0
 
     def handle_request(self, conn: Connection, request: Message) -> Decision:
         if request.op_code == OP_MSG:
-            msg = OpMsg.parse(request.payload)
-            body = bson.decode(msg.body)
+            body = bson.decode(OpMsg.parse(request.payload).body)
             local = self._local_reply(command_name(body), str(body.get("$db", "")))
             if local is not None:
                 return op_msg_answer(request, self, local)
-            hello = command_name(body).lower() in HELLO_COMMANDS
-            if hello and "compression" in body:
-                body.pop("compression")
-                msg.body = bson.encode(body)
-                request = Message(request.request_id, 0, OP_MSG, msg.encode())
-            elif msg.flags & CHECKSUM_PRESENT:
-                request = Message(request.request_id, 0, OP_MSG, msg.encode())  # drops the checksum
-            return Decision(forward=request, expect_reply=not msg.flags & MORE_TO_COME,
-                            rewrite=self._rewrite_hello_reply if hello else None)
-        if request.op_code == OP_QUERY:
+        elif request.op_code == OP_QUERY:
             query = OpQuery.parse(request.payload)
             spec = bson.decode(query.query)
             command = spec.get("$query", spec) if isinstance(spec.get("$query"), dict) else spec
             db = query.collection.split(".", 1)[0]
-            is_command = query.collection.endswith(".$cmd")
-            local = self._local_reply(command_name(command), db) if is_command else (
+            local = self._local_reply(command_name(command), db) if query.collection.endswith(".$cmd") else (
                 unauthorized("find", db) if db == "local" else None)
             if local is not None:
                 return op_reply_answer(request, self, local)
-            hello = is_command and command_name(command).lower() in HELLO_COMMANDS
-            if hello and "compression" in command:
-                command.pop("compression")
-                query.query = bson.encode(spec)
-                request = Message(request.request_id, 0, OP_QUERY, query.encode())
-            return Decision(forward=request, rewrite=self._rewrite_hello_reply if hello else None)
         return super().handle_request(conn, request)
 
-    def _rewrite_hello_reply(self, reply: Message) -> Message:
+    def _rewrite_hello(self, reply: Message) -> Message:
         def rewrite(hello: dict[str, Any]) -> dict[str, Any]:
             self._remember_set_name(hello)
             return mongos_hello(hello)

@@ -10,14 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 
 from devtools.airflow_env import REPO, conn_env_name
 from devtools.mongo_servers import free_port
 from tests.dags.test_mongo_to_atlas import airflow_home, conns, failure_text, reports_of  # noqa: F401 - shared fixture
-from tests.helpers import assert_namespaces_identical, user_namespaces
+from tests.helpers import assert_namespaces_identical, user_namespaces, write_blocking_source
 
 pytestmark = pytest.mark.integration
 DAG_ID = "mongo_to_atlas"
@@ -91,19 +90,6 @@ def stop_writer_later(writer: Writer, seconds: float) -> threading.Timer:
     timer = threading.Timer(seconds, writer.stop_event.set)
     timer.start()
     return timer
-
-
-@contextmanager
-def write_blocking_source(source):
-    """A URI of the source on which setUserWriteBlockMode works: a genuine mongod (6.0+) as it is, the local
-    test server behind ``devtools.replica_set_proxy``, which implements the command as mongod documents it."""
-    if source.local is None:
-        yield source.uri
-        return
-    from devtools.replica_set_proxy import ReplicaSetProxy
-
-    with ReplicaSetProxy(source.local.port) as proxy:
-        yield f"mongodb://{proxy.host}/?directConnection=true"
 
 
 def test_native_pull_with_write_blocking_keeps_every_acknowledged_write(airflow_home, source, target):  # noqa: F811

@@ -363,12 +363,12 @@ def verify_partition(params: Mapping[str, Any], partition: dict[str, Any], dag_i
     kept on the target, logged by _id and field, and rechecked until cutover."""
     from atlas_migration.engines.live import Partition
 
+    part = Partition.from_dict(partition)
     session = _Session(params, dag_id, run_id, sources, "copy")
     with session:
-        result = session.verifier.compare_partition(Partition.from_dict(partition))
+        result = session.verifier.compare_partition(part)
         first = session.verifier.open_mismatches(5)
-    log.info("verified partition %s: %s", partition.get("db", "") and Partition.from_dict(partition).id,
-             {k: v for k, v in result.items() if k != "mismatches_found"} if isinstance(result, dict) else result)
+    log.info("verified partition %s: %s", part.id, result)
     for mismatch in first:
         log.warning("verifier: %s _id %s differs (field %s, missing on %s); it is rechecked until cutover",
                     mismatch["ns"], json.dumps(mismatch["_id"]), mismatch["field"], mismatch["missing"] or "neither side")

@@ -1184,7 +1184,7 @@ class LiveSync:
             raise MigrationError(
                 f"cannot resume the source's change stream (code {exc.code}): {_server_message(exc)}") from None
         with stream:
-            saved_token = stream.resume_token
+            saved_token = token_before = stream.resume_token
             while reason is None:
                 if time.monotonic() >= next_probe:
                     # Observed BEFORE the next getMore: an empty batch afterwards proves that every majority-
@@ -1193,7 +1193,8 @@ class LiveSync:
                     next_probe = time.monotonic() + 1.0
                     if latest is not None and follow.last_cluster_time is not None:
                         lag = max(0.0, float(latest.time - follow.last_cluster_time.time))
-                token_before = stream.resume_token
+                if not fragments:  # the token before a whole event, not before its last fragment
+                    token_before = stream.resume_token
                 try:
                     change = self._next_event(stream, fragments)
                 except OperationFailure as exc:

@@ -103,6 +103,11 @@ _STATE_CODEC = CodecOptions(
     unicode_decode_error_handler="surrogateescape",
 )
 DEFAULT_REPORT_LIMIT = 20
+# Most _ids in one {_id: {$in: [...]}} lookup: a batch is looked up in chunks of this many. On mongod each
+# chunk is one index-bounded read either way; SecantusDB's $in cost grows faster than linearly with the
+# list (1,000 ids about 2.5 s, 100 ids about 0.09 s, measured), and a few extra round trips per batch cost
+# little on mongod.
+LOOKUP_IDS = 200
 _MISMATCH_LOG_LIMIT = 20  # per call: the rest are counted, and all of them are in the mismatch collection
 
 
@@ -502,6 +507,13 @@ class LiveVerifier:
         upper = None if partition.upper is None else id_from_json(partition.upper)
         return id_range_filter(lower, upper, lower_inclusive=inclusive)
 
+    def _lookup(self, collection: Collection, ids: list[Any], projection: Mapping[str, Any] | None = None
+                ) -> Iterator[RawBSONDocument]:
+        """The documents with these ``_id``\\ s (those that exist), read by ``$in`` in chunks of ``LOOKUP_IDS``."""
+        for start in range(0, len(ids), LOOKUP_IDS):
+            chunk = ids[start:start + LOOKUP_IDS]
+            yield from collection.find({"_id": {"$in": chunk}}, projection=projection, batch_size=len(chunk))
+
     def _batches(self, cursor: Iterable[RawBSONDocument], stop: threading.Event) -> Iterator[list[RawBSONDocument]]:
         batch: list[RawBSONDocument] = []
         size = 0
@@ -531,13 +543,11 @@ class LiveVerifier:
             for batch in self._batches(cursor, stop):
                 ids = [doc["_id"] for doc in batch]
                 if side == "source":
-                    found = {raw_id_key(d.raw): d.raw for d in target.find({"_id": {"$in": ids}},
-                                                                            batch_size=self.batch_size)}
+                    found = {raw_id_key(d.raw): d.raw for d in self._lookup(target, ids)}
                     mismatches = [m for doc, id_value in zip(batch, ids, strict=True) if (m := compare_documents(
                         partition.db, partition.collection, id_value, doc.raw, found.get(raw_id_key(doc.raw))))]
                 else:
-                    found = {raw_id_key(d.raw): None for d in source.find(
-                        {"_id": {"$in": ids}}, projection={"_id": 1}, batch_size=self.batch_size)}
+                    found = {raw_id_key(d.raw): None for d in self._lookup(source, ids, projection={"_id": 1})}
                     mismatches = [
                         Mismatch(partition.db, partition.collection, id_value, "source", None, "document_missing",
                                  None, None)
@@ -672,8 +682,8 @@ class LiveVerifier:
             for (db, coll), group in by_ns.items():
                 source, target = self._sides(db, coll)
                 ids = [e["_id"]["id"] for e in group]
-                src = {raw_id_key(d.raw): d.raw for d in source.find({"_id": {"$in": ids}}, batch_size=len(ids))}
-                tgt = {raw_id_key(d.raw): d.raw for d in target.find({"_id": {"$in": ids}}, batch_size=len(ids))}
+                src = {raw_id_key(d.raw): d.raw for d in self._lookup(source, ids)}
+                tgt = {raw_id_key(d.raw): d.raw for d in self._lookup(target, ids)}
                 with self._lock:
                     self.max_documents_held = max(self.max_documents_held, len(src) + len(tgt))
                 for entry, id_value in zip(group, ids, strict=True):

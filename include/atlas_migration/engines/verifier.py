@@ -46,9 +46,9 @@ State, on the target under ``<state_db>`` (majority writes; every collection is 
     mismatches: int (found by this partition's compare), seconds: float (compare wall time, all attempts),
     created_at, updated_at
 
-``verifier_recheck``, ``_id: {s: <sync_id>, ns: "<db>.<coll>", id: <the _id's BSON value>}``::
+``verifier_recheck``, ``_id: BinData(BSON of {s: <sync_id>, ns: "<db>.<coll>", id: <the _id's value>})``::
 
-    sync_id, ns, db, coll (source namespace),
+    sync_id, ns, db, coll (source namespace), id: <the _id's BSON value> (what the $in lookups use),
     touch: ObjectId (new at every note_changed/mismatch: an entry is removed or marked checked only if its
                      touch is still the one read, so a change after the recheck read is never lost),
     touches: int, checked_gen: int (the last generation that found it unequal; 0 = not checked since its
@@ -76,7 +76,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from bson import SON, ObjectId, encode
-from bson.binary import UuidRepresentation
+from bson.binary import Binary, UuidRepresentation
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.raw_bson import RawBSONDocument
 
@@ -386,8 +386,10 @@ class LiveVerifier:
         self._state(PARTITIONS_COLLECTION).create_index([("sync_id", 1)], name="sync_id")
         self._indexes_ready = True
 
-    def _key(self, ns: str, id_value: Any) -> SON:
-        return SON([("s", self.sync_id), ("ns", ns), ("id", id_value)])
+    def _key(self, ns: str, id_value: Any) -> Binary:
+        # A flat binary key (the BSON of {s, ns, id}) rather than an embedded document: equality on it is a
+        # plain _id index lookup on every server, and it is the same bytes for the same (sync, ns, _id).
+        return Binary(encode(SON([("s", self.sync_id), ("ns", ns), ("id", id_value)]), codec_options=RAW_CODEC))
 
     def _partition_key(self, partition: Partition) -> SON:
         return SON([("s", self.sync_id), ("partition", partition.id)])
@@ -616,7 +618,7 @@ class LiveVerifier:
             {"_id": self._key(f"{db}.{coll}", id_value)},
             {"$set": {"touch": ObjectId(), "touched_at": now, "checked_gen": 0, "reason": reason},
              "$setOnInsert": {"sync_id": self.sync_id, "ns": f"{db}.{coll}", "db": db, "coll": coll,
-                              "first_touched_at": now},
+                              "id": id_value, "first_touched_at": now},
              "$inc": {"touches": 1}},
             upsert=True) for db, coll, id_value in unique.values()]
         for start in range(0, len(ops), self.batch_size):
@@ -636,7 +638,7 @@ class LiveVerifier:
             if not entries:
                 break
             # New entries first: a crash in between leaves a duplicate recheck, never a lost one.
-            self._touch([(new_db, new_coll, e["_id"]["id"]) for e in entries], reason="changed")
+            self._touch([(new_db, new_coll, e["id"]) for e in entries], reason="changed")
             queue.bulk_write([DeleteOne({"_id": e["_id"]}) for e in entries], ordered=False)
             moved += len(entries)
         self._state(MISMATCH_COLLECTION).update_many(
@@ -681,7 +683,7 @@ class LiveVerifier:
             found: list[Mismatch] = []
             for (db, coll), group in by_ns.items():
                 source, target = self._sides(db, coll)
-                ids = [e["_id"]["id"] for e in group]
+                ids = [e["id"] for e in group]
                 src = {raw_id_key(d.raw): d.raw for d in self._lookup(source, ids)}
                 tgt = {raw_id_key(d.raw): d.raw for d in self._lookup(target, ids)}
                 with self._lock:

@@ -582,8 +582,8 @@ def live_verify_recheck(
                 result = verifier.recheck(max_seconds=round_seconds * 4)
                 rounds += 1
                 pending_max = max(pending_max, result.pending)
-                still = {doc["_id"]["id"] for doc in target[LIVE_STATE_DB]["verifier_recheck"].find(
-                    {"sync_id": sync_id}, {"_id": 1})}
+                still = {doc["id"] for doc in target[LIVE_STATE_DB]["verifier_recheck"].find(
+                    {"sync_id": sync_id}, {"id": 1})}
                 wall = time.time()
                 for key in [k for k in waiting if k not in still]:
                     lags.append(max(0.0, wall - waiting.pop(key)))

@@ -269,7 +269,7 @@ def test_rename_moves_queued_rechecks(clients):
     tgt.admin.command("renameCollection", f"{PREFIX}db.items", to=f"{PREFIX}db.renamed")
     assert verifier.rename_namespace("db", "items", "db", "renamed") == 1
     queued = list(tgt[STATE_DB][RECHECK_COLLECTION].find({"sync_id": "v1"}))
-    assert [(q["ns"], q["_id"]["id"]) for q in queued] == [("db.renamed", 1)]
+    assert [(q["ns"], q["id"]) for q in queued] == [("db.renamed", 1)]
     result = verifier.recheck()
     assert (result.mismatches, result.open_mismatches) == (1, 1)
     assert verifier.open_mismatches()[0]["ns"] == "db.renamed"

@@ -751,7 +751,7 @@ class LiveVerifier:
         for doc in self._state(MISMATCH_COLLECTION).find({"sync_id": self.sync_id, "resolved": False},
                                                           projection={"_id": 1, "ns": 1}):
             db, _, coll = doc["ns"].partition(".")
-            yield db, coll, doc["_id"]["id"]
+            yield db, coll, RawBSONDocument(bytes(doc["_id"]), RAW_CODEC)["id"]  # the key is the BSON of {s, ns, id}
 
     @staticmethod
     def _mismatch_dict(doc: Mapping[str, Any]) -> dict[str, Any]:

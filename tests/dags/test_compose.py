@@ -152,7 +152,7 @@ def test_auto_routes_to_compose_and_pulls_live_through_mongos(airflow_home, comp
     # The application keeps writing THROUGH MONGOS during the copy and the catch-up until the automatic
     # cutover blocks user writes (setUserWriteBlockMode through the mongos); the fence is drained on the Oplog
     # Access endpoint's change stream.
-    writer = Writer(compose.mongos_uri)
+    writer = Writer(compose.mongos_uri, pause=0.05)
     writer.start()
     conf = {"strategy": "auto", "oplog_conn_id": "compose_oplog", "atlas_migration_hosts": MIGRATION_HOSTS,
             "pull_engine": "native", "cutover": "auto", "source_write_block": "require", "quiet_period_seconds": 2,

@@ -31,9 +31,10 @@ class Writer(threading.Thread):
     writes are refused because the source blocks user writes, which is when a real application would be
     repointed. Counts what the source acknowledged and what it refused."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, pause: float = 0.01) -> None:
         super().__init__(daemon=True)
         self.uri = uri
+        self.pause = pause  # between operations: a writer that never stops must not outrun catch-up here
         self.stop_event = threading.Event()
         self.counts = {"insert": 0, "update": 0, "delete": 0}
         self.refused = 0
@@ -67,7 +68,7 @@ class Writer(threading.Thread):
                             raise
                         self.refused += 1
                         return  # the source refuses writes: the application moves to Atlas
-                    time.sleep(0.01)
+                    time.sleep(self.pause)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
@@ -96,7 +97,7 @@ def test_native_pull_with_write_blocking_keeps_every_acknowledged_write(airflow_
     with source.client() as src:
         seed(src)
     with write_blocking_source(source) as source_uri:
-        writer = Writer(source_uri)
+        writer = Writer(source_uri, pause=0.05)
         writer.start()
         # The writer never stops by itself: it writes through the copy and the catch-up until the automatic
         # cutover blocks user writes on the source; every write acknowledged before that must be on the target.
@@ -161,7 +162,7 @@ def test_manual_cutover_waits_for_the_operator(airflow_home, source, target):  #
 def test_writes_after_the_operators_statement_fail_the_cutover(airflow_home, source, target):  # noqa: F811
     with source.client() as src:
         seed(src)
-    writer = Writer(source.uri)
+    writer = Writer(source.uri, pause=0.05)
     writer.start()
     env = {**conns(source.uri, target.uri), **FAST_POKES}
     conf = {"strategy": "live_pull", "pull_engine": "native", "cutover": "manual", "quiet_period_seconds": 2,

@@ -287,7 +287,7 @@ def test_trigger_serializes_to_its_classpath_and_round_trips_without_secrets():
     classpath, kwargs = trigger.serialize()
     assert classpath == TRIGGER_CLASSPATH == "atlas_migration.triggers.LiveMigrationTrigger"
     assert set(kwargs) == {"atlas_conn_id", "group_id", "migration_id", "wait_for", "max_lag_seconds",
-                           "poll_interval", "deadline", "ready_since"}
+                           "poll_interval", "deadline", "ready_since", "outage_tolerance", "outage_since"}
     json.dumps(kwargs)  # plain JSON: nothing but ids and numbers
     again = import_string(classpath)(**kwargs)
     assert again.serialize() == (classpath, kwargs)

@@ -272,10 +272,10 @@ class WaitForLiveMigrationOperator(BaseOperator):
         return WatchSettings.parse(lag, self.poll_interval, self.timeout_seconds, self.outage_tolerance_seconds)
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from atlas_migration.atlas_api import AtlasAdminHook
+        from atlas_migration.atlas_api import AtlasAdminHook, RetryPolicy
 
         settings = self._settings()
-        hook = AtlasAdminHook(self.atlas_conn_id)
+        hook = AtlasAdminHook(self.atlas_conn_id, retry=RetryPolicy(max_retries=1))  # the trigger waits longer
         outage_since = None
         call_started = time.time()
         try:

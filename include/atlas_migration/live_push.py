@@ -3,7 +3,8 @@
     preflight -> link_organizations (setup) -> wait_for_link -> validate_request -> wait_for_validation
       -> start_migration -> wait_for_sync (deferrable) -> approve_cutover -> cutover
       -> wait_for_completion (deferrable) -> [the flow's validate]
-    cleanup: teardown of link_organizations; removes the migration link and the link-tokens whatever happened
+    cleanup: teardown of link_organizations; removes the migration link and the link-tokens once the migration
+             is over (or was never created), or on an operator's abandon; keeps them while it still runs
 
 1. ``preflight`` changes nothing: source and destination on 6.0.17+ / 7.0.13+ (8.0+), the destination cluster
    exists, the parameters are complete, both API connections authenticate; when the Cloud Manager org is
@@ -15,9 +16,13 @@
    still before anything is migrated).
 3. ``validate_request`` / ``wait_for_validation``: Atlas validates the request; FAILED ends the run with Atlas's
    ``errorMessage``.
-4. ``start_migration`` creates the migration (never retried: a repeated POST could start a second one);
-   ``wait_for_sync`` defers to ``LiveMigrationTrigger`` until ``readyForCutover`` with the lag at or under
-   ``max_cutover_lag_seconds``.
+4. ``start_migration`` creates the migration and records its id in the run's Variable
+   ``atlas_migration_live_push__<dag_id>__<run_id>`` (``RunRecord``: ``creating`` before the POST, the id
+   after). Atlas's API cannot list live migrations, so this record is how a retried or cleared task finds the
+   run's migration: it reconnects to it instead of starting a second one, starts a new one only once the
+   earlier one is FAILED / EXPIRED, and stops with instructions when an earlier POST's outcome is unknown
+   (``start_decision``). ``wait_for_sync`` defers to ``LiveMigrationTrigger`` until ``readyForCutover`` with the
+   lag at or under ``max_cutover_lag_seconds``.
 5. Cutover. ``manual``: ``approve_cutover`` waits (reschedule mode) for the run's approval Variable
    (``atlas_migration.approval``), re-checking the migration on every poke and warning as the 120-hour
    window runs down; ``auto``: no approval. ``cutover`` then asks Atlas to cut over once the decision
@@ -25,6 +30,16 @@
    writes have stopped (``auto`` requires that evidence; ``manual`` uses it when the source connection can
    read change streams, else relies on the operator); FAILED and EXPIRED end the run.
 6. ``wait_for_completion`` (deferred) until COMPLETE; the flow's ``validate`` compares source and Atlas.
+
+An API outage does not end a migration (``atlas_migration.api_outage``): every read of the watching tasks
+(the two triggers, the approval's ``check_while_awaiting_approval``, the ``cutover`` sensor's reads) retries
+unreachable / timeout / 5xx / 429 with backoff for ``api_outage_tolerance_seconds``, logging each retry; past
+that the task fails saying the migration still runs and to clear the task to resume watching. ``cleanup``
+(``cleanup_decision``) removes the link and the link-tokens only when no migration was created, once it is
+COMPLETE / FAILED / EXPIRED, or when an operator abandons it (param ``on_failure=abandon``, or the Variable
+``atlas_migration_abandon__<dag_id>__<run_id>`` = ``abandon`` and a clear of ``cleanup``); otherwise it keeps
+them, logs why and how to go on, and succeeds. Clearing a task re-runs ``link_organizations`` (Airflow clears
+a task's setup with it), which keeps the run's SYNCED link instead of adding a new link-token.
 
 Params: the push's own (``live_push_params``, section "Live push"; ``atlas_conn_id``, ``target_project_id`` and
 ``target_cluster_name`` are the same params as the AWS replica-set path's), and the "Cutover" section the live

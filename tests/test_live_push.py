@@ -289,7 +289,7 @@ def test_trigger_serializes_to_its_classpath_and_round_trips_without_secrets():
     classpath, kwargs = trigger.serialize()
     assert classpath == TRIGGER_CLASSPATH == "atlas_migration.triggers.LiveMigrationTrigger"
     assert set(kwargs) == {"atlas_conn_id", "group_id", "migration_id", "wait_for", "max_lag_seconds",
-                           "poll_interval", "deadline", "ready_since", "outage_tolerance", "outage_since"}
+                           "poll_interval", "deadline", "ready_since", "outage_tolerance"}
     json.dumps(kwargs)  # plain JSON: nothing but ids and numbers
     again = import_string(classpath)(**kwargs)
     assert again.serialize() == (classpath, kwargs)
@@ -658,12 +658,14 @@ def test_operator_defers_through_an_outage_at_its_first_read(server):
 
     migration_id = create_migration(server)
     server.start_outage(30)
-    before = time.time()
     with pytest.raises(TaskDeferred) as deferred:
         operator(server, migration_id).execute(context={})
     _, kwargs = deferred.value.trigger.serialize()
-    assert kwargs["outage_since"] is not None and kwargs["outage_since"] >= before - 1
-    assert kwargs["outage_tolerance"] == 900.0
+    assert kwargs["migration_id"] == migration_id and kwargs["outage_tolerance"] == 900.0
+    server.state.outage = None
+    server.add_fault(404, method="GET", path_regex="/liveMigrations/")  # not transient: no deferral
+    with pytest.raises(LiveMigrationFailed, match=f"HTTP 404.*The live migration {migration_id} is still running"):
+        operator(server, migration_id).execute(context={})
 
 
 class DictVariables:

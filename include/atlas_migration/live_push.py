@@ -892,6 +892,7 @@ def start_migration(params: Mapping[str, Any], checked: dict[str, Any], facts: d
         log.info("%s", decision.reason)
         ended = [*(earlier or {}).get("ended", []), *([earlier["migration_id"]] if status in TERMINAL_STATUSES else [])]
         request = build_request(p, facts, checked["group_id"])
+        atlas.config  # noqa: B018 - a connection problem shows here, before the record says "creating"
         record.write({"state": CREATING, "group_id": checked["group_id"], "requested_at": time.time(), "ended": ended})
         try:
             migration = atlas.create_live_migration(request, group_id=checked["group_id"])

@@ -107,8 +107,8 @@ def outcome_message(outcome: str, migration: dict[str, Any] | None, *, wait_for:
 def resume_hint(migration_id: str) -> str:
     """What an operator reads when watching stopped because of the API (not because of the migration)."""
     return (f"The live migration {migration_id} is still running in Atlas: this run did not stop it and keeps the "
-            "organization link. Once the API answers again, clear this task (with its downstream tasks) to resume "
-            "watching; the cleared tasks reconnect to the same migration")
+            "organization link. Once the API answers again (or the error above is fixed), clear this task (with its "
+            "downstream tasks) to resume watching; the cleared tasks reconnect to the same migration")
 
 
 class LiveMigrationTrigger(BaseTrigger):
@@ -116,8 +116,7 @@ class LiveMigrationTrigger(BaseTrigger):
 
     def __init__(self, *, atlas_conn_id: str, group_id: str, migration_id: str, wait_for: str = "ready",
                  max_lag_seconds: float | None = None, poll_interval: float = 60.0, deadline: float | None = None,
-                 ready_since: float | None = None, outage_tolerance: float = DEFAULT_TOLERANCE_SECONDS,
-                 outage_since: float | None = None) -> None:
+                 ready_since: float | None = None, outage_tolerance: float = DEFAULT_TOLERANCE_SECONDS) -> None:
         super().__init__()
         if wait_for not in WAIT_FOR:
             raise ValueError(f"wait_for must be one of {', '.join(WAIT_FOR)}, got {wait_for!r}")
@@ -130,14 +129,12 @@ class LiveMigrationTrigger(BaseTrigger):
         self.deadline = deadline
         self.ready_since = ready_since
         self.outage_tolerance = max(0.0, float(outage_tolerance))
-        self.outage_since = outage_since  # an outage the operator already saw before deferring
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return TRIGGER_CLASSPATH, {
             "atlas_conn_id": self.atlas_conn_id, "group_id": self.group_id, "migration_id": self.migration_id,
             "wait_for": self.wait_for, "max_lag_seconds": self.max_lag_seconds, "poll_interval": self.poll_interval,
             "deadline": self.deadline, "ready_since": self.ready_since, "outage_tolerance": self.outage_tolerance,
-            "outage_since": self.outage_since,
         }
 
     def _hook(self):
@@ -162,7 +159,9 @@ class LiveMigrationTrigger(BaseTrigger):
         hook = await asyncio.to_thread(self._hook)
         last_log = 0.0
         policy = OutagePolicy(tolerance_seconds=self.outage_tolerance)
-        outage = Outage(since=self.outage_since) if self.outage_since is not None else None
+        # Counted from this trigger's first failure: its kwargs are fixed at deferral, so an outage start kept
+        # there would be stale after a triggerer restart days later.
+        outage: Outage | None = None
         last_seen: dict[str, Any] | None = None
         what = "the Atlas API"
         try:
@@ -276,8 +275,6 @@ class WaitForLiveMigrationOperator(BaseOperator):
 
         settings = self._settings()
         hook = AtlasAdminHook(self.atlas_conn_id, retry=RetryPolicy(max_retries=1))  # the trigger waits longer
-        outage_since = None
-        call_started = time.time()
         try:
             migration = hook.get_live_migration(str(self.migration_id), group_id=str(self.group_id))
         except MigrationError as exc:
@@ -285,10 +282,10 @@ class WaitForLiveMigrationOperator(BaseOperator):
                 raise LiveMigrationFailed(outcome_message("error", None, wait_for=self.wait_for,
                                                           migration_id=str(self.migration_id),
                                                           error=str(exc))) from None
-            # The API is down: the trigger waits the outage out (and logs it) from where this read left off.
+            # The API is down: the trigger waits the outage out (and logs it).
             self.log.warning("reading live migration %s failed (%s); deferring to the trigger, which retries for "
                              "up to %.0f s", self.migration_id, exc, settings.outage_tolerance)
-            migration, outage_since = {}, call_started
+            migration = {}
         finally:
             hook.close()
         now = time.time()
@@ -308,7 +305,7 @@ class WaitForLiveMigrationOperator(BaseOperator):
             atlas_conn_id=self.atlas_conn_id, group_id=str(self.group_id), migration_id=str(self.migration_id),
             wait_for=self.wait_for, max_lag_seconds=settings.max_lag_seconds, poll_interval=settings.poll_interval,
             deadline=now + settings.timeout_seconds, ready_since=ready_since,
-            outage_tolerance=settings.outage_tolerance, outage_since=outage_since)
+            outage_tolerance=settings.outage_tolerance)
         # Airflow's own deferral timeout is a backstop a little after the trigger's deadline, which reports
         # the last status it saw (an outage near the deadline may hold the last read up to the tolerance).
         backstop = settings.timeout_seconds + max(60.0, 3 * settings.poll_interval) + settings.outage_tolerance

@@ -776,3 +776,28 @@ def test_cleanup_keeps_the_link_of_a_running_migration_unless_abandoned(server, 
     else:
         assert result["link_removed"] is True and "an operator abandoned" in result["reason"]
         assert state["migration_links"] == {} and all(t["revoked"] for t in state["link_tokens"])
+
+
+def test_poke_cutover_reads_through_an_outage_and_stops_past_the_tolerance(server, monkeypatch):
+    from atlas_migration.api_outage import WatchInterrupted
+    from atlas_migration.atlas_api import RetryPolicy
+
+    monkeypatch.setattr(RetryPolicy, "backoff", lambda self, attempt: 0.0)  # the hook's own retries: instant
+    monkeypatch.setattr(live_push, "_source_writes", lambda p: None)
+    migration_id = create_migration(server)
+    server.advance(200)
+    started = {"migration_id": migration_id, "group_id": server.scenario.atlas_project_id}
+    params = {"atlas_conn_id": "atlas_api", "target_cluster_name": "Cluster0", "cutover": "auto",
+              "quiet_period_seconds": 1, "api_outage_tolerance_seconds": 30}
+
+    def poke(**changes):
+        return live_push.poke_cutover({**params, **changes}, {"source_watchable": True}, started,
+                                      {"ready_since": None}, {"approved": True}, 0.0)
+
+    server.start_outage(1.5)  # longer than the hook's own (instant) retries: the outage layer waits it out
+    assert poke().done and [r["status"] for r in server.requests("/cutover")][-1] == 202
+    assert len([r for r in server.requests("/liveMigrations/", method="GET") if r.get("outage")]) >= 6
+    server.start_outage(60, mode="reset")
+    with pytest.raises(WatchInterrupted, match=f"longer than api_outage_tolerance_seconds .*The live migration "
+                                               f"{migration_id} is still running in Atlas"):
+        poke(api_outage_tolerance_seconds=1)

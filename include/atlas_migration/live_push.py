@@ -57,7 +57,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -617,8 +617,8 @@ class RunRecord:
     Variable calls in tests."""
 
     key: str
-    get: Any  # Callable[[str], Any]
-    put: Any  # Callable[[str, str], None]
+    get: Callable[[str], Any]
+    put: Callable[[str, str], None]
 
     def read(self) -> dict[str, Any] | None:
         raw = self.get(self.key)

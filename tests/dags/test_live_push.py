@@ -188,8 +188,9 @@ def test_auto_routes_to_push_defers_and_migrates_everything(airflow_home, stand_
     assert_no_secrets(airflow_home, run.output, [ATLAS_PRIVATE, CM_PRIVATE, *tokens])
 
 
-def watch_and_approve(home: AirflowHome, stand_in: StandIn, seen: dict) -> None:
-    """While the run waits for approval: note whether a cutover was requested already, then approve."""
+def watch_and_approve(home: AirflowHome, stand_in: StandIn, seen: dict, answer: str = "approved") -> None:
+    """While the run waits for approval: note whether a cutover was requested already, then approve (or
+    set another ``answer``, such as ``rejected``)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         time.sleep(1)
@@ -206,7 +207,7 @@ def watch_and_approve(home: AirflowHome, stand_in: StandIn, seen: dict) -> None:
             seen["cutover_calls_before_approval"] = stand_in.calls("PUT", "/cutover")
             seen["migration_before_approval"] = next(iter(stand_in.get("state")["migrations"].values()), None)
             key = approval_key(DAG_ID, row[0])
-            result = home.airflow("variables", "set", key, "approved")
+            result = home.airflow("variables", "set", key, answer)
             seen["key"], seen["set"] = key, result.returncode
             return
 
@@ -290,3 +291,104 @@ def test_bad_credentials_fail_the_preflight_before_any_change(airflow_home, stan
     state = stand_in.get("state")
     assert state["link_tokens"] == [] and state["migrations"] == {} and state["validations"] == {}
     assert wrong not in run.output
+
+
+def start_outage_once_started(stand_in: StandIn, seconds: float, seen: dict) -> None:
+    """As soon as the migration exists (wait_for_sync is about to watch it): every API call fails for
+    ``seconds`` (503), while the migration goes on in the stand-in."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if stand_in.get("state")["migrations"]:
+            requests.post(f"{stand_in.url}/__test__/outage", json={"seconds": seconds}, timeout=5).raise_for_status()
+            seen["outage_started"] = time.monotonic()
+            return
+        time.sleep(0.2)
+
+
+def run_variables(home: AirflowHome, prefix: str) -> dict[str, str]:
+    """The module's run Variables with ``prefix``, read through the CLI (values are stored encrypted)."""
+    with sqlite3.connect(home.path / "airflow.db") as db:
+        keys = [k for (k,) in db.execute("SELECT key FROM variable WHERE key LIKE ?", (f"{prefix}__{DAG_ID}__%",))]
+    return {key: home.airflow("variables", "get", key).stdout.strip() for key in keys}
+
+
+def task_states(home: AirflowHome, run_id_like: str = "%") -> dict[str, str]:
+    with sqlite3.connect(home.path / "airflow.db") as db:
+        rows = db.execute("SELECT ti.task_id, ti.state FROM task_instance ti JOIN dag_run dr ON dr.dag_id = ti.dag_id "
+                          "AND dr.run_id = ti.run_id WHERE ti.dag_id = ? AND dr.run_id LIKE ? "
+                          "ORDER BY dr.id", (DAG_ID, run_id_like)).fetchall()
+    return dict(rows)  # the module's last run wins
+
+
+def test_a_30_second_api_outage_during_wait_for_sync_does_not_end_the_migration(airflow_home, stand_in_factory,
+                                                                               source, target):
+    """Issue 11.7: every Atlas / Cloud Manager call fails (503) for 30 s while wait_for_sync watches; the
+    trigger rides it out (the hook alone gives up after a few seconds), the link stays, one migration only,
+    and the run completes."""
+    with source.client() as src:
+        src.shop.orders.insert_many([{"_id": i, "v": i} for i in range(200)])
+    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
+    seen: dict = {}
+    outage = threading.Thread(target=start_outage_once_started, args=(stand_in, 30, seen), daemon=True)
+    outage.start()
+
+    run = airflow_home.dags_test(DAG_ID, conf(api_outage_tolerance_seconds=120),
+                                 env=env_for(stand_in, source.uri, target.uri))
+    outage.join(timeout=5)
+
+    assert run.succeeded, failure_text(run)
+    assert "outage_started" in seen, "the outage never started"
+    log = [r for r in stand_in.get("requests") if r.get("outage")]
+    assert log and all(r["status"] == 503 for r in log), "no call met the outage"
+    assert any("/liveMigrations/" in r["path"] for r in log), "wait_for_sync never polled during the outage"
+    assert "the Atlas API failed: " in run.output and "the API has been failing for" in run.output
+    assert "the Atlas API answers again after" in run.output
+    calls = stand_in.get("requests")
+    creates = [r for r in calls if r["method"] == "POST" and r["path"].endswith("/liveMigrations")
+               and r["status"] == 201]
+    assert len(creates) == 1, "a second live migration was created"
+    order = [(r["method"], r["path"].rsplit("/", 1)[-1]) for r in calls if r["status"] < 400]
+    assert order.index(("PUT", "cutover")) < order.index(("DELETE", "migrationLink")), \
+        "the link was removed before the cutover"
+    stand_in.assert_cleaned_up()  # COMPLETE: now the link goes
+    (migration_id,) = stand_in.get("state")["migrations"]
+    records = [json.loads(v) for v in run_variables(airflow_home, "atlas_migration_live_push").values()]
+    assert {"state": "created", "migration_id": migration_id}.items() <= records[-1].items()
+    with target.client() as dst:
+        assert dst.shop.orders.count_documents({}) == 200
+
+
+@pytest.mark.parametrize("on_failure", ["keep_migration"])  # "abandon" works too; tests/test_live_push.py has it
+def test_an_upstream_failure_keeps_the_running_migration_unless_abandoned(airflow_home, stand_in_factory, source,
+                                                                          target, on_failure):
+    """The operator rejects the cutover (a task of the run fails) while the migration is WORKING: the
+    teardown keeps the link and says how to go on (and does not fail itself); with on_failure=abandon it
+    removes the link and the link-tokens (measured passing as a DAG run too; the cheaper
+    ``test_cleanup_keeps_the_link_of_a_running_migration_unless_abandoned`` covers it in the suite)."""
+    with source.client() as src:
+        src.shop.orders.insert_one({"_id": 1})
+    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
+    seen: dict = {}
+    rejecter = threading.Thread(target=watch_and_approve, args=(airflow_home, stand_in, seen, "rejected"),
+                                daemon=True)
+    rejecter.start()
+
+    run = airflow_home.dags_test(DAG_ID, conf(cutover="manual", on_failure=on_failure),
+                                 env=env_for(stand_in, source.uri, target.uri))
+    rejecter.join(timeout=30)
+
+    assert run.state == "failed", failure_text(run)
+    assert "the cutover was rejected by an operator" in run.output
+    state = stand_in.get("state")
+    (migration,) = state["migrations"].values()
+    assert migration["cutover_at"] is None and stand_in.calls("PUT", "/cutover") == []
+    states = task_states(airflow_home)
+    assert states["live_push.cleanup"] == "success", states
+    if on_failure == "keep_migration":
+        assert state["migration_links"], "the link of a running migration was removed"
+        assert not any(t["revoked"] for t in state["link_tokens"]), "the link-tokens were revoked"
+        assert f"live migration {migration['id']} is still WORKING in Atlas" in run.output
+        assert "to abandon the migration instead: airflow variables set 'atlas_migration_abandon__" in run.output
+    else:
+        stand_in.assert_cleaned_up()
+        assert "an operator abandoned live migration" in run.output and "param on_failure=abandon" in run.output

@@ -178,7 +178,7 @@ def test_auto_routes_to_push_defers_and_migrates_everything(airflow_home, stand_
     assert "deferring to LiveMigrationTrigger until it is ready for cutover" in run.output
     assert "[DAG TEST] running trigger in line" in run.output
     assert "is ready for cutover" in run.output and "is COMPLETE" in run.output
-    assert "no application write on the source for 1 s: writes have stopped" in run.output
+    assert "no application write on the source after the fence for 1 s" in run.output
     state = stand_in.get("state")
     (migration,) = state["migrations"].values()
     assert migration["copy_status"] == "done", migration

@@ -1053,6 +1053,81 @@ class LiveSync:
 
         return self._follow(stop_reason)
 
+    def drain_to(self, cluster_time: Timestamp | list[int], *, timeout: float = 300.0) -> CatchUpResult:
+        """Apply every change event at or before ``cluster_time`` and none after it; save the resume token.
+
+        ``catch_up(until_cluster_time=...)`` checks its stop condition per flushed batch, so it may apply
+        events past the point that arrived in the same batch. This stops at the first event after the point
+        without applying it, and saves the resume token of the last event at or before it, so that a later
+        catch-up would deliver that event again rather than skip it. The point is reached when such an event
+        arrives, or when an empty batch follows a majority-committed op time at or past the point (nothing at
+        or before it is still to come). Raises ``MigrationError`` when the point is not reached in ``timeout``
+        seconds (a point in the future, or a source whose majority point does not advance).
+        """
+        from pymongo.errors import OperationFailure
+
+        point = _ts_from(cluster_time)
+        if point is None:
+            raise ConfigurationError("drain_to needs a cluster time ([seconds, increment] or a Timestamp)")
+        sync = self._require_sync("copy_finished")
+        if sync.get("completed_at"):
+            raise ConfigurationError(f"live pull '{self.sync_id}' was cut over at {sync['completed_at']}: nothing "
+                                     "is replayed onto it any more")
+        applier = _EventApplier(self, sync)
+        applied_to: Timestamp | None = sync.get("last_applied_cluster_time")
+        token: Any = None
+        events = 0
+        deadline = time.monotonic() + timeout
+        next_probe = 0.0
+        majority: Timestamp | None = None
+        reached = False
+        try:
+            stream = self._open_stream(expanded=bool(sync.get("expanded_events")), resume_after=sync["resume_token"])
+        except OperationFailure as exc:
+            if exc.code in HISTORY_LOST_CODES:
+                raise self._history_lost(exc, _ts_list(applied_to)) from None
+            raise MigrationError(
+                f"cannot resume the source's change stream (code {exc.code}): {_server_message(exc)}") from None
+        with stream:
+            while not reached:
+                if time.monotonic() >= deadline:
+                    applier.flush()
+                    self._save_position(token, applied_to, applier.take_count())
+                    raise MigrationError(
+                        f"live pull '{self.sync_id}': the change stream did not reach cluster time "
+                        f"{_ts_list(point)} within {timeout:.0f} s (last applied {_ts_list(applied_to)}, source "
+                        f"majority point {_ts_list(majority)}); events up to there are applied, none after the point")
+                if time.monotonic() >= next_probe:
+                    _, majority = self._source_times()  # before the getMore, as in _follow
+                    next_probe = time.monotonic() + 0.5
+                try:
+                    change = stream.try_next()
+                except OperationFailure as exc:
+                    if exc.code in HISTORY_LOST_CODES:
+                        raise self._history_lost(exc, _ts_list(applied_to)) from None
+                    raise MigrationError(f"the source's change stream failed (code {exc.code}): "
+                                         f"{_server_message(exc)}. The saved resume token is unchanged") from None
+                if change is None:
+                    if majority is not None and majority >= point:
+                        # Nothing at or before the point is still to come: the empty batch's resume token
+                        # is safe to keep (no event between the last one and it was skipped).
+                        reached, token, applied_to = True, stream.resume_token, point
+                    continue
+                if change["clusterTime"] > point:
+                    reached = True  # not applied; the token stays at the previous event
+                    break
+                applied, _ = applier.add(change)
+                events += int(applied)
+                token, applied_to = change["_id"], change["clusterTime"]
+                if applier.pending >= self.batch_size:
+                    applier.flush()
+                    self._save_position(token, applied_to, applier.take_count())
+        applier.flush()
+        self._save_position(token, applied_to, applier.take_count())
+        self.log.info("live pull %s: drained to cluster time %s (%d events applied, none after it)", self.sync_id,
+                      _ts_list(point), events)
+        return CatchUpResult(events, _ts_list(applied_to), 0.0, _token_to_json(token), "until")
+
     def _follow(self, stop_reason: Callable[[_Follow, float | None, float], str | None]) -> CatchUpResult:
         from pymongo.errors import OperationFailure
 

@@ -68,7 +68,7 @@ FAST_RETRY = RetryPolicy(max_retries=3, backoff_base=0.01, backoff_max=0.02)
 # Small partitions and short rounds: several partitions per collection (pause/resume lands between
 # them) and a change-stream round short enough that pause and commit take effect at once.
 FAST = {"partition_docs": 150, "batch_size": 100, "round_seconds": 0.2, "max_await_ms": 100,
-        "cutover_quiet_seconds": 0.3, "lag_probe_seconds": 1.0}
+        "lag_probe_seconds": 1.0}
 
 
 def progress_of(state: str = RUNNING, *, can_commit: bool = True, lag: float | None = 2, info: str | None = None,

@@ -38,9 +38,11 @@ from urllib.parse import urlsplit
 
 import requests
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowFailException
 
 from atlas_migration.atlas_api import RetryPolicy
 from atlas_migration.errors import ConfigurationError, MigrationError
+from atlas_migration.fence import LateWrites
 from atlas_migration.namespaces import (
     INTERNAL_DATABASE_PREFIX,
     SYSTEM_DATABASES,
@@ -810,6 +812,15 @@ class MongosyncHook(BaseHook):
 # The live pull's mongosync steps (called from live_pull; clients and hook passed in)
 # --------------------------------------------------------------------------------------------------
 
+class CutoverRefused(LateWrites, AirflowFailException):
+    """``fence.LateWrites`` that Airflow does not retry: the operator must stop the writers and state it again
+    (a retry minutes later would commit on a statement that was not true)."""
+
+
+def _late_writes_error(message: str, late: Any) -> CutoverRefused:
+    return CutoverRefused(message, late)
+
+
 FENCE_DB = INTERNAL_DATABASE_PREFIX  # this package's bookkeeping database on the target (never synced)
 FENCE_COLLECTION = "mongosync_fence"
 AFTER_COMMIT_WATCH_SECONDS = 2.0
@@ -878,7 +889,6 @@ def commit_with_fence(hook: MongosyncHook, source_client: Any, *, source_blocked
     """
     from atlas_migration.fence import (
         Fence,
-        LateWrites,
         count_late_writes,
         fence_op_time,
         late_writes_message,
@@ -906,7 +916,7 @@ def commit_with_fence(hook: MongosyncHook, source_client: Any, *, source_blocked
     if late:
         fence.late_writes = dict(late)
         keep(fence)
-        raise LateWrites(late_writes_message(late, fence, what="mongosync commit"), late)
+        raise _late_writes_error(late_writes_message(late, fence, what="mongosync commit"), late)
     hook.commit()
     return {"committed": False, "reason": decision.reason, "fence": fence.to_dict()}
 
@@ -916,7 +926,7 @@ def check_after_commit(source_client: Any, fence: Any, *, selected: Callable[[st
     """After COMMITTED: no application write may have reached the source after the fence. mongosync applies
     nothing after its commit point, so such a write may be missing from the destination: raise
     ``LateWrites`` with the count and the namespaces."""
-    from atlas_migration.fence import LateWrites, count_late_writes
+    from atlas_migration.fence import count_late_writes
 
     late = count_late_writes(source_client, fence, seconds, selected=selected,
                              ignore_databases=MONGOSYNC_INTERNAL_DATABASES)
@@ -924,7 +934,7 @@ def check_after_commit(source_client: Any, fence: Any, *, selected: Callable[[st
     if late:
         total = sum(late.values())
         listing = ", ".join(f"{ns} ({n})" for ns, n in sorted(late.items(), key=lambda kv: (-kv[1], kv[0]))[:20])
-        raise LateWrites(
+        raise _late_writes_error(
             f"mongosync committed, but {total} application write(s) reached the source after the cutover fence "
             f"(op time {fence.op_time}, {fence.how.replace('_', ' ')}): {listing}. mongosync applies nothing after "
             "its commit point, so these writes MAY BE MISSING from Atlas. Do not move applications yet: compare "

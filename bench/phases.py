@@ -41,6 +41,7 @@ LIVE_STREAMS = (2_000, 2_001)  # DocumentFactory streams of the steady-state and
 LIVE_ROUND_SECONDS = 1.0
 LIVE_SAMPLE_SECONDS = 0.5
 LIVE_QUIET_SECONDS = 2.0
+VERIFY_SETTLE_SECONDS = 30.0  # after the writer stops, how long rechecks may take to verify the last writes
 
 
 @dataclass(frozen=True)
@@ -459,14 +460,30 @@ def _live_figures(ctx: BenchContext, common: dict[str, Any], writer: dict[str, A
         details={"partitions": partitions, "partition_docs": partition_docs},
     )]
 
-    # Steady state: a writer at a fixed rate and catch-up in short rounds, released together.
+    # The verifier's generation 0: every partition of the copy compared (nothing writing).
+    compared = ctx.child("live", workers.live_verify_compare, name="live-verify-compare", **common)
+    verify = compared.sections[0]
+    _check_documents("the verifier's compare", verify.documents, spec.documents)
+    figures.append(figure_from(
+        "live.verify_compare", "live", "live: verifier compare of every partition", [verify], [compared],
+        ratio_to=READ_CEILING,
+        note=f"{verify.extra['partitions']} partitions; source pass (docs + target $in) beside target pass "
+             f"(_ids + source $in); <= {verify.extra['max_documents_held']} docs held; _id-range reads (a "
+             "collection scan each on SecantusDB)",
+        details=verify.extra,
+    ))
+
+    # Steady state: a writer at a fixed rate, catch-up in short rounds and the verifier's rechecks, together.
     seconds, rate = cfg.live_duration, cfg.live_write_rate
+    verify_common = {k: v for k, v in common.items() if k != "partition_docs"}
     group = ctx.children("live", workers.live_role, [
         dict(role="writer", **writer, stream=LIVE_STREAMS[0], ops=max(1, round(rate * seconds)), rate=rate),
         dict(role="steady", **common, seconds=seconds, round_seconds=LIVE_ROUND_SECONDS,
              sample_seconds=LIVE_SAMPLE_SECONDS, drain_quiet_seconds=LIVE_QUIET_SECONDS),
+        dict(role="verify", **verify_common, seconds=seconds, round_seconds=LIVE_ROUND_SECONDS,
+             settle_seconds=VERIFY_SETTLE_SECONDS),
     ], name="live-steady")
-    wrote, followed = group.children
+    wrote, followed, verifying = group.children
     written, steady = wrote.sections[0], followed.sections[0]
     applied_total = steady.documents + steady.extra["events_after_section"]
     if applied_total != written.documents:
@@ -484,6 +501,19 @@ def _live_figures(ctx: BenchContext, common: dict[str, Any], writer: dict[str, A
         | {"writer_ops": written.documents, "writer_ops_per_s": round(written.documents / written.seconds, 1),
            "writer_peak_rss_mb": round(wrote.peak_rss_mb, 1)},
     ))
+
+    rechecked = verifying.sections[0]
+    vx = rechecked.extra
+    kept_up = vx["unverified_at_end"] == 0 and vx["pending_end"] == 0
+    figures.append(figure_from(
+        "live.verify_recheck", "live", f"live: verifier rechecks, writer at {rate:g} ops/s", [rechecked], [verifying],
+        note=f"event -> verified equal: median {vx['lag_median_s']:.1f}s, p95 {vx['lag_p95_s']:.1f}s (cluster times: "
+             f"1 s resolution); pending max {vx['pending_max']}, at end {vx['pending_end']}; "
+             + ("kept up with the writer" if kept_up else f"DID NOT keep up: {vx['unverified_at_end']} unverified"),
+        details=vx,
+    ))
+    if vx["open_mismatches_end"]:
+        raise BenchError(f"verifier rechecks: {vx['open_mismatches_end']} mismatch(es) open after the writer stopped")
 
     # Catch-up rate: a backlog written while nothing follows the stream, then catch_up until drained.
     backlog = ctx.child("live", workers.live_writer, name="live-backlog-writer", **writer, stream=LIVE_STREAMS[1],

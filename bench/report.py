@@ -128,6 +128,8 @@ TARGETS: list[tuple[Target, Callable[[list[Figure]], tuple[float | None, str]]]]
     (Target("target.copy", "end-to-end copy >= 0.85 x insert ceiling", 0.85, True), _ratio_of("copy.native")),
     (Target("target.dump", "dump >= 0.9 x source read ceiling", 0.9, True), _ratio_of("dump.native")),
     (Target("target.validation", "full validation >= 0.8 x raw read ceiling", 0.8, True), _worst_full_validation),
+    (Target("target.verify", "verifier compare >= 0.5 x source read ceiling", 0.5, True),
+     _ratio_of("live.verify_compare")),
     (Target("target.memory", f"peak RSS of any copy task < {MEMORY_LIMIT_MB:.0f} MB", MEMORY_LIMIT_MB, False),
      _largest_copy_task_rss),
 ]

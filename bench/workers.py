@@ -23,6 +23,7 @@ from bson.raw_bson import RawBSONDocument
 
 from atlas_migration.engines import mongotools, native
 from atlas_migration.engines.live import STATE_COLLECTION, LiveSync
+from atlas_migration.engines.verifier import LiveVerifier
 from atlas_migration.namespaces import NamespaceFilter
 from atlas_migration.progress import Progress
 from atlas_migration.validation import render_summary, validate_namespaces
@@ -489,9 +490,119 @@ def live_steady(
     return section.extra
 
 
+def _verifier(source: pymongo.MongoClient, target: pymongo.MongoClient, *, sync_id: str, target_db_prefix: str,
+              batch_docs: int) -> LiveVerifier:
+    return LiveVerifier(source, target, sync_id=sync_id, state_db=LIVE_STATE_DB, target_db_prefix=target_db_prefix,
+                        batch_size=batch_docs, log=log)
+
+
+def live_verify_compare(
+    meter: Meter,
+    *,
+    source_uri: str,
+    target_uri: str,
+    db: str,
+    sync_id: str,
+    target_db_prefix: str,
+    batch_docs: int,
+    partition_docs: int,
+) -> dict[str, Any]:
+    """``LiveVerifier.compare_partition`` of every partition of the live copy (nothing writing): one section.
+
+    Fails when a mismatch is found: the copy was exact (the copy phase checked its counts, catch-up drained).
+    """
+    with _client(source_uri) as source, _client(target_uri) as target:
+        sync = _live_sync(source, target, sync_id=sync_id, db=db, target_db_prefix=target_db_prefix,
+                          batch_docs=batch_docs, partition_docs=partition_docs)
+        partitions = sync.plan_partitions()  # the stored plan
+        verifier = _verifier(source, target, sync_id=sync_id, target_db_prefix=target_db_prefix,
+                             batch_docs=batch_docs)
+        verifier.reset()
+        verifier.register_partitions(partitions)
+        total_bytes = sum(source[db].command("collStats", name).get("size", 0)
+                          for name in {p.collection for p in partitions})
+        with meter.section("verify: compare every partition") as section:
+            results = [verifier.compare_partition(partition) for partition in partitions]
+        summary = verifier.summary(limit=5)
+    section.documents = sum(r["documents"] for r in results)
+    section.bytes = total_bytes
+    section.extra = {"partitions": len(partitions), "max_documents_held": verifier.max_documents_held,
+                     "mismatches": summary["mismatches"]}
+    if summary["mismatches"]["open"]:
+        raise RuntimeError(f"verifier compare found mismatches in an exact copy: {summary['mismatches']}")
+    return section.extra
+
+
+def live_verify_recheck(
+    meter: Meter,
+    *,
+    source_uri: str,
+    target_uri: str,
+    db: str,
+    sync_id: str,
+    target_db_prefix: str,
+    batch_docs: int,
+    seconds: float,
+    round_seconds: float,
+    settle_seconds: float,
+) -> dict[str, Any]:
+    """Rechecks while a writer and catch-up run: the change stream's ``_id``s queued, one recheck per round.
+
+    The engine is to call ``note_changed`` with the ids of the events it applied; here a change stream of
+    the verifier's own stands in (it sees events before catch-up applies them, so an entry may stay pending
+    for a round: the figure is an upper bound). Lag of an event: from its cluster time (whole seconds) to the
+    end of the recheck that found its ``_id`` equal on both sides. After the writer stops, rounds go on until
+    nothing is pending (at most ``settle_seconds``).
+    """
+    with _client(source_uri) as source, _client(target_uri) as target:
+        verifier = _verifier(source, target, sync_id=sync_id, target_db_prefix=target_db_prefix,
+                             batch_docs=batch_docs)
+        lags: list[float] = []
+        pending_max = rounds = noted = 0
+        waiting: dict[Any, float] = {}  # _id -> cluster time (s) of its oldest unverified event
+        with source[db].watch(max_await_time_ms=200) as stream, \
+                meter.section("verify: rechecks during the writer") as section:
+            started = last_event = time.perf_counter()
+            while True:
+                now = time.perf_counter()
+                if now - started > seconds + settle_seconds or (
+                        now - started > seconds and not waiting and now - last_event > 2.0):
+                    break
+                round_end = now + round_seconds
+                items = []
+                while time.perf_counter() < round_end:
+                    event = stream.try_next()
+                    if event is None or "documentKey" not in event:
+                        continue
+                    items.append((event["ns"]["db"], event["ns"]["coll"], event["documentKey"]["_id"]))
+                    waiting.setdefault(event["documentKey"]["_id"], float(event["clusterTime"].time))
+                if items:
+                    last_event = time.perf_counter()
+                noted += verifier.note_changed(items)
+                result = verifier.recheck(max_seconds=round_seconds * 4)
+                rounds += 1
+                pending_max = max(pending_max, result.pending)
+                still = {doc["id"] for doc in target[LIVE_STATE_DB]["verifier_recheck"].find(
+                    {"sync_id": sync_id}, {"id": 1})}
+                wall = time.time()
+                for key in [k for k in waiting if k not in still]:
+                    lags.append(max(0.0, wall - waiting.pop(key)))
+        final = verifier.summary(limit=5)
+    if not lags:
+        raise RuntimeError("verifier recheck: no change was rechecked")
+    section.documents = len(lags)
+    section.extra = {
+        "rounds": rounds, "noted": noted, "verified": len(lags), "unverified_at_end": len(waiting),
+        "lag_median_s": statistics.median(lags), "lag_p95_s": _percentile(lags, 0.95), "lag_max_s": max(lags),
+        "pending_max": pending_max, "pending_end": final["rechecks_pending"],
+        "open_mismatches_end": final["mismatches"]["open"], "rechecked_total": final["rechecked"],
+    }
+    return section.extra
+
+
 def live_role(meter: Meter, *, role: str, **kwargs: Any) -> dict[str, Any]:
-    """One function for a group whose children do different work: ``role`` is "writer" or "steady"."""
-    work = {"writer": live_writer, "steady": live_steady}[role]
+    """One function for a group whose children do different work: "writer", "steady" or "verify"."""
+    work = {"writer": live_writer, "steady": live_steady, "verify": live_verify_recheck}[role]
     return work(meter, **kwargs)
 
 
@@ -545,7 +656,10 @@ def live_cutover(
         sync = _live_sync(source, target, sync_id=sync_id, db=db, target_db_prefix=target_db_prefix,
                           batch_docs=batch_docs, partition_docs=partition_docs)
         with meter.section("live cutover") as section:
-            result = sync.cutover(quiet_seconds=quiet_seconds, timeout=300.0)
+            from atlas_migration.fence import take_fence
+
+            # The bench's writer has stopped: the statement the operator would make, then the fence.
+            result = sync.cutover(take_fence(source, block=False), grace_seconds=quiet_seconds, timeout=300.0)
         names = sorted(source[db].list_collection_names())
         counts = {name: (source[db][name].count_documents({}),
                          target[f"{target_db_prefix}{db}"][name].count_documents({})) for name in names}
@@ -555,4 +669,5 @@ def live_cutover(
 
 
 __all__ = ["copy", "dump", "insert_ceiling", "live_backlog_catch_up", "live_cutover", "live_initial_copy",
-           "live_role", "live_steady", "live_writer", "read_ceiling", "restore", "tools_copy", "validate"]
+           "live_role", "live_steady", "live_verify_compare", "live_verify_recheck", "live_writer", "read_ceiling",
+           "restore", "tools_copy", "validate"]

@@ -112,6 +112,8 @@ Admin endpoints (no auth; under ``/__test__``, which the real API never uses)
 scheme, accept); ``GET|PATCH /__test__/scenario``; ``POST /__test__/clock`` ``{"advance_seconds": s}`` and/or
 ``{"speed": x}``; ``POST|DELETE /__test__/faults`` (``{"status", "count", "method", "path_regex",
 "error_code", "detail", "retry_after"}``: the next matching authenticated calls fail that way);
+``POST|DELETE /__test__/outage`` (``{"seconds", "mode": "503" | "reset"}``: for that many real seconds every
+API call fails before authentication, answered 503 or with the connection closed; migrations carry on);
 ``POST /__test__/peers/{peerId or pcx-id}/accept|reject``; ``POST /__test__/reset`` (drop every object).
 """
 
@@ -380,6 +382,30 @@ class Fault:
         if self.method and self.method.upper() != method:
             return False
         return not (self.path_regex and not re.search(self.path_regex, path))
+
+
+@dataclass
+class Outage:
+    """For ``seconds`` of real time from ``started`` (``time.monotonic``), every API call (Atlas, Cloud Manager,
+    the token endpoint; not ``/__test__``) fails before it is authenticated or routed, as when the service or
+    its gateway is down: ``mode`` "503" answers ``503 SERVICE_UNAVAILABLE`` in the error shape, "reset" closes
+    the connection without an answer. Nothing else changes: migrations go on along the simulated clock (a
+    live migration runs on the migration host whether or not the API answers)."""
+
+    seconds: float
+    mode: str = "503"
+    started: float = field(default_factory=time.monotonic)
+
+    MODES = ("503", "reset")
+
+    def __post_init__(self) -> None:
+        self.seconds = float(self.seconds)
+        self.mode = str(self.mode)
+        if self.mode not in self.MODES or self.seconds < 0:
+            raise ValueError(f"an outage needs seconds >= 0 and mode one of {', '.join(self.MODES)}")
+
+    def remaining(self) -> float:
+        return max(0.0, self.started + self.seconds - time.monotonic())
 
 
 _DEFAULT_FAULT_CODES = {
@@ -771,6 +797,7 @@ class AtlasApiState:
         self.nonces: dict[str, tuple[float, set[str]]] = {}  # nonce -> (issued real time, seen nc values)
         self.buckets: dict[str, TokenBucket] = {}
         self.faults: list[Fault] = []
+        self.outage: Outage | None = None
         self.requests: deque[dict[str, Any]] = deque(maxlen=2000)
         if state_file and state_file.exists():
             self._load(json.loads(state_file.read_text()))
@@ -784,7 +811,9 @@ class AtlasApiState:
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
+            remaining = self.outage.remaining() if self.outage else 0.0
             data: dict[str, Any] = {"scenario": asdict(self.scenario), "sim_now": self.clock.now(),
+                                    "outage_remaining_seconds": remaining,
                                     "link_tokens": [asdict(t) for t in self.link_tokens],
                                     "access_list": [asdict(a) for a in self.access_list]}
             for name in self._OBJECTS:
@@ -1461,6 +1490,17 @@ class _Handler(DispatchingHandler):
         parts = urlsplit(self.path)
         req = Request(self.command, parts.path, parse_qs(parts.query), self.headers, body)
         auth_scheme = (self.headers.get("Authorization") or "").split(" ", 1)[0] or None
+        outage = self.state.outage
+        if outage is not None and outage.remaining() > 0 and not req.path.startswith(ADMIN_PREFIX):
+            self.state.requests.append({"method": req.method, "path": req.path, "query": parts.query,
+                                        "status": 503 if outage.mode == "503" else 0, "auth": auth_scheme,
+                                        "accept": self.headers.get("Accept"), "principal": None, "outage": True})
+            if outage.mode == "reset":
+                self.close_connection = True  # no status line: the client sees the connection dropped
+                return
+            error = ApiError(503, "SERVICE_UNAVAILABLE", "The service is temporarily unavailable.")
+            self._send(Reply(503, error.body()))
+            return
         try:
             reply = self._handle(req, parts)
         except ApiError as exc:
@@ -1617,6 +1657,16 @@ class _Handler(DispatchingHandler):
                 except TypeError as exc:
                     raise ApiError(400, "INVALID_ATTRIBUTE", str(exc)) from None
                 return Reply(200, [asdict(f) for f in state.faults])
+            if sub == "/outage":
+                if req.method == "DELETE":
+                    state.outage = None
+                    return Reply(204)
+                if req.method == "POST":
+                    try:
+                        state.outage = Outage(seconds=body.get("seconds", 0), mode=body.get("mode", "503"))
+                    except (TypeError, ValueError) as exc:
+                        raise ApiError(400, "INVALID_ATTRIBUTE", str(exc)) from None
+                    return Reply(200, {"seconds": state.outage.seconds, "mode": state.outage.mode})
             if sub == "/reset" and req.method == "POST":
                 state.reset()
                 state.save()
@@ -1667,6 +1717,10 @@ class AtlasApiServer(LoopbackHttpService):
             self.state.scenario.update(changes)
             if "speed" in changes:
                 self.state.clock.set_speed(self.state.scenario.speed)
+
+    def start_outage(self, seconds: float, mode: str = "503") -> None:
+        """Every API call fails for ``seconds`` of real time from now (``Outage``)."""
+        self.state.outage = Outage(seconds=seconds, mode=mode)
 
     def add_fault(self, status: int, count: int = 1, **kwargs: Any) -> None:
         with self.state.lock:

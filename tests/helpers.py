@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 
@@ -47,3 +49,16 @@ def user_namespaces(client) -> list[tuple[str, str]]:
         for db in client.list_database_names() if db not in ("admin", "local", "config")
         for name in client[db].list_collection_names() if not name.startswith("system.")
     )
+
+
+@contextmanager
+def write_blocking_source(source):
+    """A URI of the source on which setUserWriteBlockMode works: a genuine mongod (6.0+) as it is, the local
+    test server behind ``devtools.replica_set_proxy``, which implements the command as mongod documents it."""
+    if source.local is None:
+        yield source.uri
+        return
+    from devtools.replica_set_proxy import ReplicaSetProxy
+
+    with ReplicaSetProxy(source.local.port) as proxy:
+        yield f"mongodb://{proxy.host}/?directConnection=true"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 
+from atlas_migration import live_push
 from atlas_migration.approval import (
     APPROVED,
     ApprovalRejected,
@@ -35,7 +37,6 @@ from atlas_migration.live_push import (
     LivePushParams,
     cutover_decision,
     cutover_window,
-    first_application_write,
     live_push_params,
     preflight_problems,
     visibility_problems,
@@ -287,7 +288,7 @@ def test_trigger_serializes_to_its_classpath_and_round_trips_without_secrets():
     classpath, kwargs = trigger.serialize()
     assert classpath == TRIGGER_CLASSPATH == "atlas_migration.triggers.LiveMigrationTrigger"
     assert set(kwargs) == {"atlas_conn_id", "group_id", "migration_id", "wait_for", "max_lag_seconds",
-                           "poll_interval", "deadline", "ready_since"}
+                           "poll_interval", "deadline", "ready_since", "outage_tolerance"}
     json.dumps(kwargs)  # plain JSON: nothing but ids and numbers
     again = import_string(classpath)(**kwargs)
     assert again.serialize() == (classpath, kwargs)
@@ -408,35 +409,42 @@ def test_operator_fails_without_retries_on_a_failed_event(server):
     assert done["outcome"] == "complete"
 
 
-def test_poke_cutover_waits_for_quiet_and_readiness_then_cuts_over(server, monkeypatch):
+def test_poke_cutover_fences_the_source_then_cuts_over(server, monkeypatch):
     from atlas_migration import live_push
 
     migration_id = create_migration(server)
     params = {"atlas_conn_id": "atlas_api", "target_cluster_name": "Cluster0", "cutover": "auto",
               "max_cutover_lag_seconds": 10, "quiet_period_seconds": 1, "cutover_timeout_seconds": 60}
     started = {"migration_id": migration_id, "group_id": server.scenario.atlas_project_id}
-    checked, approval, synced = {"source_watchable": True}, {"approved": True}, {"ready_since": None}
-    writes: list[str | None] = []
-    monkeypatch.setattr(live_push, "_source_writes", lambda p: writes.pop(0))
+    checked, approval, synced = {"write_block": True}, {"approved": True}, {"ready_since": None}
+    fence = {"op_time": [100, 1], "blocked": True, "how": "write_block", "taken_at": "t", "late_writes": {}}
+    outcomes: list = []
+
+    def fence_source_writes(p, checked_arg):
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(live_push, "fence_source_writes", fence_source_writes)
 
     def poke(waited: float = 0.0):
         return live_push.poke_cutover(params, checked, started, synced, approval, waited)
 
-    assert poke().done is False  # NEW: not ready, the source is not even looked at
+    assert poke().done is False  # NEW: not ready, the source is not fenced yet
     server.advance(200)  # ready, lag at the floor
-    writes.append("shop.orders")
-    assert poke().done is False and server.requests("/cutover") == []  # writes still arriving: wait
-    writes.append("shop.orders")
-    with pytest.raises(LiveMigrationFailed, match="application writes did not stop within cutover_timeout_seconds"):
-        poke(waited=61)
+    outcomes.append(LiveMigrationFailed("3 application write(s) reached the source after the cutover fence"))
+    with pytest.raises(LiveMigrationFailed, match="after the cutover fence"):
+        poke()
+    assert server.requests("/cutover") == []  # late writes: Atlas is never asked to cut over
     server.add_fault(400, method="PUT", path_regex="/cutover$", error_code="LIVE_MIGRATION_NOT_READY_FOR_CUTOVER")
-    writes.append(None)
+    outcomes.append(fence)
     assert poke().done is False  # refused by Atlas: re-check at the next poke
-    writes.append(None)
+    outcomes.append(fence)
     result = poke()
-    assert result.done and result.value["cutover_requested_at"]
+    assert result.done and result.value["cutover_requested_at"] and result.value["fence"] == fence
     assert [r["status"] for r in server.requests("/cutover")] == [400, 202]
-    assert poke().done and not writes  # under way: done without looking at the source again
+    assert poke().done and not outcomes  # under way: done without fencing again
 
 
 # ---------------------------------------------------------------- approvals
@@ -483,30 +491,6 @@ def test_approval_sensor_is_a_reschedule_sensor():
         approval_sensor(task_id="approve", poke_interval=7, timeout=100)()
     task = dag.get_task("approve")
     assert task.mode == "reschedule" and task.poke_interval == 7 and task.timeout == 100
-
-
-# ---------------------------------------------------------------- the quiet-period check
-
-
-def test_first_application_write_sees_writes_and_ignores_internal_ones(source):
-    import threading
-
-    with source.client() as client:
-        client.shop.orders.insert_one({"_id": "before"})  # before the watch opens: does not count
-        assert first_application_write(client, 0.6) is None
-
-        def write() -> None:
-            time.sleep(0.3)
-            client["__atlas_migration"].state.insert_one({"_id": 1})  # the project's own bookkeeping
-            client.mongosync_reserved_for_internal_use.x.insert_one({"_id": 1})
-            client.shop.orders.insert_one({"_id": "during"})
-
-        writer = threading.Thread(target=write)
-        writer.start()
-        try:
-            assert first_application_write(client, 5) == "shop.orders"
-        finally:
-            writer.join()
 
 
 # ---------------------------------------------------------------- the stand-in moves data at cutover
@@ -561,3 +545,241 @@ def test_stand_in_migration_completes_only_after_the_copy(source, target):
         assert record["copy_status"] == "done" and record["copy_detail"].startswith("copied 1 namespace(s), 50")
     with target.client() as dst:
         assert dst.shop.orders.count_documents({}) == 50
+
+
+# ---------------------------------------------------------------- keeping a running migration alive (issue 11.7)
+
+RECORD_KEY = "atlas_migration_live_push__mongo_to_atlas__manual__1"
+
+
+def created(mid: str = "65aa00000000000000000001") -> dict:
+    return {"state": "created", "migration_id": mid, "group_id": TARGET_PROJECT, "created_at": NOW}
+
+
+@pytest.mark.parametrize("record, status, action, reason", [
+    (None, None, "create", "no live migration has been created for this run yet"),
+    ({"state": "not_created"}, None, "create", "no live migration"),
+    (created(), "WORKING", "reuse", "reconnecting to live migration 65aa00000000000000000001"),
+    (created(), "NEW", "reuse", "reconnecting"),
+    (created(), "COMPLETE", "reuse", "reconnecting"),
+    (created(), "FAILED", "create", "earlier live migration 65aa00000000000000000001 is FAILED: starting a new one"),
+    (created(), "EXPIRED", "create", "is EXPIRED: starting a new one"),
+    (created(), "MISSING", "refuse", "Atlas does not know live migration 65aa00000000000000000001"),
+    ({"state": "creating", "requested_at": NOW}, None, "refuse", "did not learn whether Atlas created it"),
+    ({"state": "created"}, None, "refuse", "holds no usable live-push record"),
+])
+def test_start_decision_never_runs_two_migrations(record, status, action, reason):
+    decision = live_push.start_decision(record, status, RECORD_KEY)
+    assert decision.action == action and reason in decision.reason
+    if action == "refuse":
+        assert f"airflow variables set '{RECORD_KEY}'" in decision.reason  # the way out, with the exact key
+
+
+@pytest.mark.parametrize("status, never_sent, unknown", [
+    (None, True, False), (None, False, True), (429, False, False), (400, False, False), (409, False, False),
+    (502, False, False), (503, False, False), (504, False, False), (500, False, True), (200, False, True),
+])
+def test_post_outcome_unknown(status, never_sent, unknown):
+    assert live_push.post_outcome_unknown(status, never_sent) is unknown
+
+
+@pytest.mark.parametrize("record, status, abandon_by, remove, reason", [
+    (None, None, None, True, "no live migration was created"),
+    ({"state": "not_created"}, None, None, True, "no live migration was created"),
+    (created(), "COMPLETE", None, True, "is COMPLETE"),
+    (created(), "FAILED", None, True, "is FAILED"),
+    (created(), "EXPIRED", None, True, "is EXPIRED"),
+    (created(), "WORKING", None, False, "is still WORKING in Atlas; removing the link would stop it"),
+    (created(), "NEW", None, False, "is still NEW"),
+    (created(), None, None, False, "could not be read; it may still be running"),
+    ({"state": "creating"}, None, None, False, "may have reached Atlas"),
+    (created(), "WORKING", "param on_failure=abandon", True, "an operator abandoned live migration"),
+    ({"state": "creating"}, None, "Variable 'k' = abandon", True, "abandoned the live migration this run may have"),
+])
+def test_cleanup_decision_keeps_a_running_migration(record, status, abandon_by, remove, reason):
+    decision = live_push.cleanup_decision(record, status, abandon_by)
+    assert decision.remove_link is remove and reason in decision.reason
+
+
+def test_abandon_comes_from_the_param_or_the_runs_variable():
+    lp = live_push
+    assert lp.abandon_requested(good_params(), None, "k") is None
+    assert lp.abandon_requested(good_params(), "approved", "k") is None
+    assert lp.abandon_requested(good_params(), " Abandon ", "k") == "Variable 'k' = abandon"
+    assert lp.abandon_requested(good_params(on_failure="abandon"), None, "k") == "param on_failure=abandon"
+    assert lp.param_problems(good_params(on_failure="drop")) == [
+        "on_failure 'drop' is not one of keep_migration, abandon"]
+    params = live_push_params()
+    assert params["on_failure"].value == "keep_migration"
+    assert params["api_outage_tolerance_seconds"].value == 900
+    parsed = LivePushParams.parse({"api_outage_tolerance_seconds": 30, "on_failure": "abandon"})
+    assert parsed.api_outage_tolerance_seconds == 30 and parsed.on_failure == "abandon"
+
+
+def test_trigger_rides_out_an_outage_and_gives_up_past_the_tolerance(server):
+    migration_id = create_migration(server)
+    server.advance(200)  # ready
+    server.start_outage(1.5)
+    started = time.monotonic()
+    event = asyncio.run(anext(trigger_for(server, migration_id, outage_tolerance=60).run())).payload
+    assert event["outcome"] == "ready", event
+    assert time.monotonic() - started >= 1.5
+    during = [r for r in server.requests("/liveMigrations/") if r.get("outage")]
+    assert during and all(r["status"] == 503 for r in during)
+
+    server.start_outage(30, mode="reset")  # connections dropped without an answer
+    event = asyncio.run(anext(trigger_for(server, migration_id, outage_tolerance=1).run())).payload
+    assert event["outcome"] == "error"
+    assert "longer than api_outage_tolerance_seconds (1 s)" in event["message"]
+    assert f"The live migration {migration_id} is still running in Atlas" in event["message"]
+    assert "clear this task" in event["message"]
+
+
+def test_operator_defers_through_an_outage_at_its_first_read(server):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    migration_id = create_migration(server)
+    server.start_outage(30)
+    with pytest.raises(TaskDeferred) as deferred:
+        operator(server, migration_id).execute(context={})
+    _, kwargs = deferred.value.trigger.serialize()
+    assert kwargs["migration_id"] == migration_id and kwargs["outage_tolerance"] == 900.0
+    server.state.outage = None
+    server.add_fault(404, method="GET", path_regex="/liveMigrations/")  # not transient: no deferral
+    with pytest.raises(LiveMigrationFailed, match=f"HTTP 404.*The live migration {migration_id} is still running"):
+        operator(server, migration_id).execute(context={})
+
+
+class DictVariables:
+    """Stands in for Airflow Variables (``RunRecord``'s get/put)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def record(self, key: str = RECORD_KEY):
+        return live_push.RunRecord(key, self.values.get, self.values.__setitem__)
+
+
+def push_params(server: AtlasApiServer, **changes) -> dict:
+    return {"atlas_conn_id": "atlas_api", "cloud_manager_conn_id": "cloud_manager_api",
+            "source_project_id": server.scenario.source_projects[0].project_id, "source_cluster_name": "rs0",
+            "target_cluster_name": "Cluster0", "migration_host": MIGRATION_HOST, "api_outage_tolerance_seconds": 5,
+            **changes}
+
+
+@pytest.fixture
+def cloud_manager_conn(server, monkeypatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_CLOUD_MANAGER_API", json.dumps({
+        "conn_type": "mongodb_cloud_manager", "host": server.url, "login": PUBLIC_KEY, "password": PRIVATE_KEY,
+        "extra": {"org_id": server.scenario.cloud_manager_org_id}}))
+
+
+def test_start_migration_reconnects_instead_of_starting_a_second_one(server):
+    lp, variables = live_push, DictVariables()
+    params, checked, facts = push_params(server), {"group_id": server.scenario.atlas_project_id}, {"managed": True}
+
+    first = lp.start_migration(params, checked, facts, variables.record())
+    again = lp.start_migration(params, checked, facts, variables.record())
+    assert first["reconnected"] is False and again["reconnected"] is True
+    assert again["migration_id"] == first["migration_id"] and again["group_id"] == checked["group_id"]
+    assert created_posts(server) == [201]
+    assert json.loads(variables.values[RECORD_KEY])["migration_id"] == first["migration_id"]
+
+    server.update_scenario(migration_outcome="FAILED", migration_fail_after_seconds=0)
+    server.state.migrations[first["migration_id"]].fail_after = 0  # the first one fails in Atlas
+    third = lp.start_migration(params, checked, facts, variables.record())
+    assert third["migration_id"] != first["migration_id"]
+    assert json.loads(variables.values[RECORD_KEY])["ended"] == [first["migration_id"]]
+
+
+def test_start_migration_after_an_uncertain_post_refuses_to_post_again(server, monkeypatch):
+    from atlas_migration.atlas_api import RetryPolicy
+
+    monkeypatch.setattr(RetryPolicy, "backoff", lambda self, attempt: 0.0)  # the hook's retries, without the waits
+    lp, variables = live_push, DictVariables()
+    params, checked, facts = push_params(server), {"group_id": server.scenario.atlas_project_id}, {"managed": True}
+
+    # 503 x6: the hook's retries run out; the gateway answered, so nothing was created: a retry may POST.
+    server.add_fault(503, count=6, method="POST", path_regex="/liveMigrations$")
+    with pytest.raises(Exception, match="HTTP 503"):
+        lp.start_migration(params, checked, facts, variables.record())
+    assert json.loads(variables.values[RECORD_KEY])["state"] == "not_created"
+    # 500 on a POST: Atlas may have created it. The record stays "creating" and the next attempt refuses.
+    server.add_fault(500, method="POST", path_regex="/liveMigrations$")
+    with pytest.raises(LiveMigrationFailed, match="possibly after Atlas created it"):
+        lp.start_migration(params, checked, facts, variables.record())
+    with pytest.raises(LiveMigrationFailed, match="did not learn whether Atlas created it"):
+        lp.start_migration(params, checked, facts, variables.record())
+    assert created_posts(server)[-1] == 500  # no POST after the refusal
+
+
+def created_posts(server: AtlasApiServer) -> list[int]:
+    """Statuses of the create-migration POSTs (not counting the Digest challenge each first call gets)."""
+    return [r["status"] for r in server.requests("/liveMigrations", method="POST")
+            if r["path"].endswith("/liveMigrations") and r["status"] != 401]
+
+
+def link(server: AtlasApiServer) -> None:
+    from atlas_migration.atlas_api import CloudManagerHook
+
+    atlas, cloud_manager = AtlasAdminHook("atlas_api"), CloudManagerHook("cloud_manager_api")
+    try:
+        cloud_manager.create_migration_link(atlas.create_link_token())
+    finally:
+        atlas.close()
+        cloud_manager.close()
+
+
+@pytest.mark.parametrize("abandon", [None, "param", "variable"])
+def test_cleanup_keeps_the_link_of_a_running_migration_unless_abandoned(server, cloud_manager_conn, abandon, caplog):
+    lp, variables = live_push, DictVariables()
+    params = push_params(server, on_failure="abandon" if abandon == "param" else "keep_migration")
+    link(server)
+    started = lp.start_migration(params, {"group_id": server.scenario.atlas_project_id}, {"managed": True},
+                                 variables.record())
+    server.advance(200)  # WORKING, ready for cutover; then a task of the run fails (the caller's business)
+
+    with caplog.at_level(logging.INFO, logger="atlas_migration"):
+        result = lp.cleanup_link(params, variables.record(), None,
+                                 abandon_value="abandon" if abandon == "variable" else None,
+                                 abandon_variable="atlas_migration_abandon__mongo_to_atlas__manual__1")
+    state = server.state.snapshot()
+    if abandon is None:
+        assert result["link_removed"] is False and result["migration_status"] == "WORKING"
+        assert state["migration_links"] and not any(t["revoked"] for t in state["link_tokens"])
+        text = caplog.text
+        assert f"live migration {started['migration_id']} is still WORKING in Atlas" in text
+        assert "airflow variables set 'atlas_migration_abandon__mongo_to_atlas__manual__1' abandon" in text
+        # The setup re-runs when a task is cleared: it keeps the SYNCED link instead of making a new one.
+        tokens_before = len(state["link_tokens"])
+        server.advance(60)
+        relinked = lp.create_link(params, variables.record())
+        assert relinked["reused"] is True and len(server.state.snapshot()["link_tokens"]) == tokens_before
+    else:
+        assert result["link_removed"] is True and "an operator abandoned" in result["reason"]
+        assert state["migration_links"] == {} and all(t["revoked"] for t in state["link_tokens"])
+
+
+def test_poke_cutover_reads_through_an_outage_and_stops_past_the_tolerance(server, monkeypatch):
+    from atlas_migration.api_outage import WatchInterrupted
+    from atlas_migration.atlas_api import RetryPolicy
+
+    monkeypatch.setattr(RetryPolicy, "backoff", lambda self, attempt: 0.0)  # the hook's own retries: instant
+    monkeypatch.setattr(live_push, "_source_writes", lambda p: None)
+    migration_id = create_migration(server)
+    server.advance(200)
+    started = {"migration_id": migration_id, "group_id": server.scenario.atlas_project_id}
+    params = {"atlas_conn_id": "atlas_api", "target_cluster_name": "Cluster0", "cutover": "auto",
+              "quiet_period_seconds": 1, "api_outage_tolerance_seconds": 30}
+
+    def poke(**changes):
+        return live_push.poke_cutover({**params, **changes}, {"source_watchable": True}, started,
+                                      {"ready_since": None}, {"approved": True}, 0.0)
+
+    server.start_outage(1.5)  # longer than the hook's own (instant) retries: the outage layer waits it out
+    assert poke().done and [r["status"] for r in server.requests("/cutover")][-1] == 202
+    assert len([r for r in server.requests("/liveMigrations/", method="GET") if r.get("outage")]) >= 6
+    server.start_outage(60, mode="reset")
+    with pytest.raises(WatchInterrupted, match=f"longer than api_outage_tolerance_seconds .*The live migration "
+                                               f"{migration_id} is still running in Atlas"):
+        poke(api_outage_tolerance_seconds=1)

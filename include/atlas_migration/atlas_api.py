@@ -88,11 +88,14 @@ log = logging.getLogger(__name__)
 
 
 class AtlasApiError(MigrationError):
-    """An Atlas or Cloud Manager API call failed. ``status`` is None when the service could not be reached."""
+    """An Atlas or Cloud Manager API call failed. ``status`` is None when the service could not be reached;
+    ``never_sent`` is then True when the request provably never left (refused or timed-out connect), False
+    when it may have reached the service (a reset or a read timeout)."""
 
     def __init__(self, message: str, *, status: int | None = None, error_code: str | None = None,
                  detail: str | None = None, method: str = "", path: str = "", reason: str | None = None,
-                 parameters: list[Any] | None = None, retry_after: float | None = None) -> None:
+                 parameters: list[Any] | None = None, retry_after: float | None = None,
+                 never_sent: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.error_code = error_code
@@ -102,6 +105,7 @@ class AtlasApiError(MigrationError):
         self.reason = reason
         self.parameters = parameters or []
         self.retry_after = retry_after
+        self.never_sent = never_sent
 
     def __repr__(self) -> str:
         return f"AtlasApiError(status={self.status!r}, error_code={self.error_code!r}, detail={self.detail!r})"
@@ -497,7 +501,8 @@ class _MongoCloudApiHook(BaseHook):
                 raise AtlasApiError(
                     f"cannot reach {self.service_name} at {self.config.base_url} ({method} {path}): "
                     f"{type(exc).__name__}: {self._redact(str(exc), secrets)}",
-                    status=None, error_code=None, detail=None, method=method, path=path) from None
+                    status=None, error_code=None, detail=None, method=method, path=path,
+                    never_sent=_never_sent(exc)) from None
 
             status = response.status_code
             retry_after = _retry_after(response.headers.get("Retry-After"))

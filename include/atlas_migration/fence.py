@@ -240,11 +240,12 @@ def fence_op_time(client):
     return latest
 
 
-def take_fence(client, *, block: bool) -> Fence:
+def take_fence(client, *, block: bool, block_client=None) -> Fence:
     """Place the fence now: block user writes first when ``block``, then read the op time that every
-    acknowledged write precedes."""
+    acknowledged write precedes. ``block_client`` is where applications write, when that is not where the
+    change stream is read (a mongos in front of the shard whose oplog the stream follows)."""
     if block:
-        set_user_write_block(client, True)
+        set_user_write_block(block_client if block_client is not None else client, True)
         log.info("cutover fence: user writes are now BLOCKED on the source (setUserWriteBlockMode). To roll back, "
                  "run db.adminCommand({setUserWriteBlockMode: 1, global: false}) on the source")
     ts = fence_op_time(client)

@@ -33,10 +33,11 @@ a mongos and a separately reachable oplog for Compose.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -45,6 +46,7 @@ from airflow.sdk import task, task_group
 
 from atlas_migration.approval import approval_sensor
 from atlas_migration.errors import ConfigurationError, MigrationError
+from atlas_migration.fence import WRITE_BLOCK_MODES
 from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
 from atlas_migration.params import MigrationParams
 from atlas_migration.planning import build_copy_plan, find_occupied_targets, refuse_occupied_targets
@@ -90,16 +92,25 @@ def live_pull_params() -> dict[str, Any]:
                                           description="Fail when the target has not caught up "
                                                       "(lag under the cutover threshold) by then."),
         "cutover": Param("auto", type="string", enum=["auto", "manual"], title="Cutover", section="Cutover",
-                         description="'auto': cut over once the lag is under max_cutover_lag_seconds and writes have "
-                                     "stopped. 'manual': wait for the operator's approval (Airflow Variable "
-                                     "atlas_migration_cutover__<dag_id>__<run_id> = approved)."),
+                         description="'auto': once the lag is under max_cutover_lag_seconds, block user writes on the "
+                                     "source (needs source write blocking) and cut over at that fence. 'manual': wait "
+                                     "for the operator's approval (Airflow Variable "
+                                     "atlas_migration_cutover__<dag_id>__<run_id> = approved), which also states that "
+                                     "application writes have stopped when writes are not blocked."),
+        "source_write_block": Param("auto", type="string", enum=list(WRITE_BLOCK_MODES), section="Cutover",
+                                    title="Block writes on the source at cutover",
+                                    description="'auto': block user writes with setUserWriteBlockMode (MongoDB 6.0+, "
+                                                "privilege setUserWriteBlockMode) when possible; 'require': refuse the "
+                                                "run before writing anything when it is not possible; 'off': never "
+                                                "block (the operator states writes stopped; cutover=auto is refused)."),
         "max_cutover_lag_seconds": Param(10, type="integer", minimum=1, maximum=3_600, section="Cutover",
                                          title="Largest lag at cutover (s)",
                                          description="The target must be at most this far behind the source."),
         "quiet_period_seconds": Param(5, type="integer", minimum=1, maximum=600, section="Cutover",
-                                      title="Quiet period (s)",
-                                      description="At cutover, no new source event for this long confirms that "
-                                                  "application writes have stopped."),
+                                      title="Late-write grace period (s)",
+                                      description="After the cutover fence is drained, keep watching the source this "
+                                                  "long: any write to a migrated namespace after the fence fails the "
+                                                  "cutover with the late-write count (the sync keeps running)."),
         "cutover_timeout_seconds": Param(600, type="integer", minimum=10, section="Cutover",
                                          title="Cutover drain timeout (s)",
                                          description="Fail the cutover when writes do not stop within this time."),
@@ -120,6 +131,7 @@ class LivePullParams:
     max_cutover_lag_seconds: int
     quiet_period_seconds: int
     cutover_timeout_seconds: int
+    source_write_block: str = "auto"
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]) -> LivePullParams:
@@ -135,6 +147,9 @@ class LivePullParams:
         cutover = params.get("cutover") or "auto"
         if cutover not in ("auto", "manual"):
             raise ConfigurationError(f"cutover={cutover!r} is not one of auto, manual")
+        write_block = params.get("source_write_block") or "auto"
+        if write_block not in WRITE_BLOCK_MODES:
+            raise ConfigurationError(f"source_write_block={write_block!r} is not one of {', '.join(WRITE_BLOCK_MODES)}")
         return cls(
             engine=engine,
             mongosync_conn_id=str(params.get("mongosync_conn_id") or "mongosync_api"),
@@ -145,6 +160,7 @@ class LivePullParams:
             max_cutover_lag_seconds=integer("max_cutover_lag_seconds", 10, 1),
             quiet_period_seconds=integer("quiet_period_seconds", 5, 1),
             cutover_timeout_seconds=integer("cutover_timeout_seconds", 600, 10),
+            source_write_block=write_block,
         )
 
 
@@ -221,12 +237,25 @@ def _open_sync(params: Mapping[str, Any], dag_id: str, run_id: str, sources: Pul
     return sync, source, target
 
 
+def _verifier_for(sync):
+    """The document verifier of this live pull (state beside the sync's, on the target)."""
+    from atlas_migration.engines.verifier import LiveVerifier
+
+    return LiveVerifier(sync.source, sync.target, sync_id=sync.sync_id, state_db=sync.state_db,
+                        target_db_prefix=sync.target_db_prefix, batch_size=sync.batch_size, log=log)
+
+
 class _Session:
-    """``with _Session(params, dag_id, run_id, sources, phase) as sync:`` closes both clients whatever happens."""
+    """``with _Session(params, dag_id, run_id, sources, phase) as sync:`` closes both clients whatever happens.
+
+    Every applied change event is queued for the verifier's recheck (``LiveSync.changed_listener``)."""
 
     def __init__(self, params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES,
                  phase: str = "copy") -> None:
         self.sync, self._source, self._target = _open_sync(params, dag_id, run_id, sources, phase)
+        self.verifier = _verifier_for(self.sync)
+        self.sync.changed_listener = self.verifier.note_changed
+        self.sync.rename_listener = self.verifier.rename_namespace
 
     def __enter__(self):
         return self.sync
@@ -250,6 +279,42 @@ def _oplog_window_hours(endpoint: MongoEndpoint) -> float | None:
             return None
 
 
+@contextmanager
+def certain_failures_fail_at_once():
+    """Failures no retry can fix end the task at once instead of after its retries (a lost oplog history, an
+    event too large for the source to deliver, late writes that need an operator, bad configuration)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from atlas_migration.engines.live import EventTooLarge, HistoryLost, UnsafeDDL
+    from atlas_migration.errors import ImpossibleStrategy, TargetNotEmpty
+    from atlas_migration.fence import LateWrites
+
+    try:
+        yield
+    except (HistoryLost, EventTooLarge, UnsafeDDL, LateWrites, ConfigurationError, ImpossibleStrategy,
+            TargetNotEmpty) as exc:
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from None
+
+
+def write_block_decision(params: Mapping[str, Any], sources: PullSources = DEFAULT_SOURCES) -> tuple[bool, str]:
+    """Whether cutover blocks user writes on the source, and why; raises ``ConfigurationError`` (before
+    anything is written, when called from ``start``) for ``source_write_block=require`` on a source that
+    cannot, and for ``cutover=auto`` without write blocking."""
+    from atlas_migration.fence import cutover_problems, decide_write_block, read_write_block_support
+
+    p = MigrationParams.parse(params)
+    lp = LivePullParams.parse(params)
+    if p.rehearsal:
+        return False, "a rehearsal never blocks writes on the source: its cutover only ends the scratch copy"
+    with closing(endpoint_from_connection(sources.conn_id(params, "copy"), "source").connect()) as client:
+        support = read_write_block_support(client)
+    block, why = decide_write_block(lp.source_write_block, support)
+    problems = cutover_problems(lp.cutover, block)
+    if problems:
+        raise ConfigurationError(f"{' '.join(problems)} ({why}). Nothing was written")
+    return block, why
+
+
 def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, run_id: str,
           sources: PullSources = DEFAULT_SOURCES) -> list[dict[str, Any]]:
     """Refuse what cannot work before writing anything; then record the resume point and plan partitions."""
@@ -271,6 +336,8 @@ def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, 
     log.info("oplog window check (oplog of %s): %s", whose, message)
     if not ok:
         raise ConfigurationError(f"live pull refused before writing anything: {message}")
+    _, why = write_block_decision(params, sources)
+    log.info("cutover fence: %s", why)
     with closing(endpoint_from_connection(p.target_conn_id, "target").connect()) as target:
         occupied = find_occupied_targets(target, plan.all_items)
     if not p.drop_target:
@@ -295,6 +362,24 @@ def copy_partition(params: Mapping[str, Any], partition: dict[str, Any], dag_id:
     log.info("copied partition %s: %s documents in %.1fs%s", result.partition, f"{result.documents:,}",
              result.seconds, f" (resumed after {result.resumed_from})" if result.resumed_from else "")
     return result.to_dict()
+
+
+def verify_partition(params: Mapping[str, Any], partition: dict[str, Any], dag_id: str, run_id: str,
+                     sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
+    """Compare every document of one copied partition, source against target (resumable); mismatches are
+    kept on the target, logged by _id and field, and rechecked until cutover."""
+    from atlas_migration.engines.live import Partition
+
+    part = Partition.from_dict(partition)
+    session = _Session(params, dag_id, run_id, sources, "copy")
+    with session:
+        result = session.verifier.compare_partition(part)
+        first = session.verifier.open_mismatches(5)
+    log.info("verified partition %s: %s", part.id, result)
+    for mismatch in first:
+        log.warning("verifier: %s _id %s differs (field %s, missing on %s); it is rechecked until cutover",
+                    mismatch["ns"], json.dumps(mismatch["_id"]), mismatch["field"], mismatch["missing"] or "neither side")
+    return result
 
 
 def finish_copy(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES) -> None:
@@ -328,28 +413,38 @@ def keep_caught_up(context: Mapping[str, Any], sources: PullSources = DEFAULT_SO
 
 
 def cutover(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
-    """Writes to the source must be stopped now: confirm it (a quiet period), drain, mark the sync complete."""
+    """Fence application writes (block them on the source, or take the operator's approval as the statement
+    that they stopped), drain to the fence, watch for late writes, then mark the sync complete."""
+    from atlas_migration.fence import take_fence
+
     lp = LivePullParams.parse(params)
-    log.info("cutover: waiting for %d s without new source events (application writes must be stopped), then "
-             "draining", lp.quiet_period_seconds)
-    with _Session(params, dag_id, run_id, sources, "stream") as sync:
-        result = sync.cutover(quiet_seconds=lp.quiet_period_seconds, timeout=lp.cutover_timeout_seconds)
-    log.info("cutover complete: %s final events applied; the target is in sync. Repoint applications to Atlas.",
-             f"{result.events_applied:,}")
-    return result.to_dict()
+    block, why = write_block_decision(params, sources)
+    log.info("cutover: %s", why)
+    writes_to = endpoint_from_connection(sources.conn_id(params, "copy"), "source")
+    with closing(writes_to.connect()) as writes_client, _Session(params, dag_id, run_id, sources, "stream") as sync:
+        fence = sync.stored_fence()
+        if fence is None or fence.late_writes or (block and not fence.blocked):
+            # A fence after late writes is stale: the operator stopped the writers and cleared this task.
+            fence = take_fence(sync.source, block=block, block_client=writes_client)
+        else:
+            log.info("cutover: resuming at the fence placed earlier (%s)", fence.describe())
+        log.info("cutover: draining every write up to the fence, then watching %d s for late writes",
+                 lp.quiet_period_seconds)
+        verifier = _verifier_for(sync)
+        result = sync.cutover(fence, grace_seconds=lp.quiet_period_seconds, timeout=lp.cutover_timeout_seconds,
+                              verifier=verifier)
+        verification = verifier.summary()
+    log.info("cutover complete: %s final events applied; %s; the target is in sync. Repoint applications to Atlas%s.",
+             f"{result.events_applied:,}", fence.describe(),
+             " (writes stay blocked on the source; to roll back: db.adminCommand({setUserWriteBlockMode: 1, "
+             "global: false}))" if fence.blocked else "")
+    log.info("verification at cutover: %s documents compared, %s mismatch(es) found and resolved, %s open",
+             f"{verification['documents_compared']:,}", verification["mismatches"]["resolved"],
+             verification["mismatches"]["open"])
+    return {**result.to_dict(), "verification": verification}
 
 
 # ---------------------------------------------------------------- mongosync engine
-
-
-def _source_write_block_mode(params: Mapping[str, Any]) -> str:
-    """``source_write_block`` (auto | require | off; the shared live param, default auto)."""
-    from atlas_migration.fence import WRITE_BLOCK_MODES
-
-    mode = params.get("source_write_block") or "auto"
-    if mode not in WRITE_BLOCK_MODES:
-        raise ConfigurationError(f"source_write_block={mode!r} is not one of {', '.join(WRITE_BLOCK_MODES)}")
-    return mode
 
 
 def _fence_key(dag_id: str, run_id: str) -> str:
@@ -365,7 +460,7 @@ def mongosync_start(params: Mapping[str, Any], profile_data: dict[str, Any]) -> 
 
     p = MigrationParams.parse(params)
     lp = LivePullParams.parse(params)
-    mode = _source_write_block_mode(params)
+    mode = lp.source_write_block
     if p.target_db_prefix:
         raise ConfigurationError("mongosync cannot rename databases: rehearse with pull_engine=native")
     plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces)
@@ -476,23 +571,33 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
 
     @task(task_id="start")
     def start_sync(profile: dict, params=None, dag=None, run_id=None) -> list[dict]:
-        return start(params, profile, dag.dag_id, run_id, sources)
+        with certain_failures_fail_at_once():
+            return start(params, profile, dag.dag_id, run_id, sources)
 
     @task(retries=3)
     def copy(partition: dict, params=None, dag=None, run_id=None) -> dict:
-        return copy_partition(params, partition, dag.dag_id, run_id, sources)
+        with certain_failures_fail_at_once():
+            return copy_partition(params, partition, dag.dag_id, run_id, sources)
+
+    @task(retries=3)
+    def verify(partition: dict, params=None, dag=None, run_id=None) -> dict:
+        with certain_failures_fail_at_once():
+            return verify_partition(params, partition, dag.dag_id, run_id, sources)
 
     @task(retries=3)
     def finish_initial_copy(params=None, dag=None, run_id=None) -> None:
-        finish_copy(params, dag.dag_id, run_id, sources)
+        with certain_failures_fail_at_once():
+            finish_copy(params, dag.dag_id, run_id, sources)
 
     @task(task_id="catch_up", retries=3)
     def catch_up_to_lag(params=None, dag=None, run_id=None) -> dict:
-        return catch_up(params, dag.dag_id, run_id, sources)
+        with certain_failures_fail_at_once():
+            return catch_up(params, dag.dag_id, run_id, sources)
 
     @task(task_id="cutover", retries=3)
     def cutover_native(params=None, dag=None, run_id=None) -> dict:
-        return cutover(params, dag.dag_id, run_id, sources)
+        with certain_failures_fail_at_once():
+            return cutover(params, dag.dag_id, run_id, sources)
 
     @task(task_id="mongosync_start", retries=2)
     def start_mongosync(profile: dict, params=None) -> dict:
@@ -522,7 +627,13 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
 
     partitions = start_sync(profile)
     copied = copy.expand(partition=partitions)
-    copied >> finish_initial_copy() >> catch_up_to_lag() >> await_native() >> cutover_native()
+    finished = finish_initial_copy()
+    copied >> finished
+    # The verifier compares every copied partition while catch-up runs; cutover waits for both.
+    verified = verify.expand(partition=partitions)
+    finished >> verified
+    approved = finished >> catch_up_to_lag() >> await_native()
+    [approved, verified] >> cutover_native()
     started = start_mongosync(profile)
     started >> wait_can_commit >> await_mongosync() >> commit_mongosync(started) >> wait_committed
     wait_committed >> check_mongosync_fence()

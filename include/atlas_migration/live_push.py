@@ -3,7 +3,8 @@
     preflight -> link_organizations (setup) -> wait_for_link -> validate_request -> wait_for_validation
       -> start_migration -> wait_for_sync (deferrable) -> approve_cutover -> cutover
       -> wait_for_completion (deferrable) -> [the flow's validate]
-    cleanup: teardown of link_organizations; removes the migration link and the link-tokens whatever happened
+    cleanup: teardown of link_organizations; removes the migration link and the link-tokens once the migration
+             is over (or was never created), or on an operator's abandon; keeps them while it still runs
 
 1. ``preflight`` changes nothing: source and destination on 6.0.17+ / 7.0.13+ (8.0+), the destination cluster
    exists, the parameters are complete, both API connections authenticate; when the Cloud Manager org is
@@ -15,9 +16,13 @@
    still before anything is migrated).
 3. ``validate_request`` / ``wait_for_validation``: Atlas validates the request; FAILED ends the run with Atlas's
    ``errorMessage``.
-4. ``start_migration`` creates the migration (never retried: a repeated POST could start a second one);
-   ``wait_for_sync`` defers to ``LiveMigrationTrigger`` until ``readyForCutover`` with the lag at or under
-   ``max_cutover_lag_seconds``.
+4. ``start_migration`` creates the migration and records its id in the run's Variable
+   ``atlas_migration_live_push__<dag_id>__<run_id>`` (``RunRecord``: ``creating`` before the POST, the id
+   after). Atlas's API cannot list live migrations, so this record is how a retried or cleared task finds the
+   run's migration: it reconnects to it instead of starting a second one, starts a new one only once the
+   earlier one is FAILED / EXPIRED, and stops with instructions when an earlier POST's outcome is unknown
+   (``start_decision``). ``wait_for_sync`` defers to ``LiveMigrationTrigger`` until ``readyForCutover`` with the
+   lag at or under ``max_cutover_lag_seconds``.
 5. Cutover. ``manual``: ``approve_cutover`` waits (reschedule mode) for the run's approval Variable
    (``atlas_migration.approval``), re-checking the migration on every poke and warning as the 120-hour
    window runs down; ``auto``: no approval. ``cutover`` then asks Atlas to cut over once the decision
@@ -25,6 +30,16 @@
    writes have stopped (``auto`` requires that evidence; ``manual`` uses it when the source connection can
    read change streams, else relies on the operator); FAILED and EXPIRED end the run.
 6. ``wait_for_completion`` (deferred) until COMPLETE; the flow's ``validate`` compares source and Atlas.
+
+An API outage does not end a migration (``atlas_migration.api_outage``): every read of the watching tasks
+(the two triggers, the approval's ``check_while_awaiting_approval``, the ``cutover`` sensor's reads) retries
+unreachable / timeout / 5xx / 429 with backoff for ``api_outage_tolerance_seconds``, logging each retry; past
+that the task fails saying the migration still runs and to clear the task to resume watching. ``cleanup``
+(``cleanup_decision``) removes the link and the link-tokens only when no migration was created, once it is
+COMPLETE / FAILED / EXPIRED, or when an operator abandons it (param ``on_failure=abandon``, or the Variable
+``atlas_migration_abandon__<dag_id>__<run_id>`` = ``abandon`` and a clear of ``cleanup``); otherwise it keeps
+them, logs why and how to go on, and succeeds. Clearing a task re-runs ``link_organizations`` (Airflow clears
+a task's setup with it), which keeps the run's SYNCED link instead of adding a new link-token.
 
 Params: the push's own (``live_push_params``, section "Live push"; ``atlas_conn_id``, ``target_project_id`` and
 ``target_cluster_name`` are the same params as the AWS replica-set path's), and the "Cutover" section the live
@@ -37,21 +52,29 @@ intervals are).
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from airflow.sdk import get_current_context, setup, task, task_group, teardown
 
-from atlas_migration.approval import approval_sensor, waited_seconds
+from atlas_migration.api_outage import DEFAULT_TOLERANCE_SECONDS, OutagePolicy, call_through_outage
+from atlas_migration.approval import approval_key, approval_sensor, waited_seconds
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.profile import SourceProfile, parse_version
 from atlas_migration.routing import PUSH_MINIMUMS, meets_minimum
-from atlas_migration.triggers import LiveMigrationFailed, WaitForLiveMigrationOperator, describe, summarise
+from atlas_migration.triggers import (
+    LiveMigrationFailed,
+    WaitForLiveMigrationOperator,
+    describe,
+    resume_hint,
+    summarise,
+)
 
 log = logging.getLogger("atlas_migration")
 
@@ -62,11 +85,17 @@ CUTOVER_WINDOW_SECONDS = 120 * 3600
 WINDOW_WARNING_SECONDS = (24 * 3600, 6 * 3600, 3600)
 HOSTNAME_SCHEMA_TYPES = ("PUBLIC", "PRIVATE_LINK", "VPC_PEERING")
 CUTOVER_MODES = ("manual", "auto")
+ON_FAILURE_MODES = ("keep_migration", "abandon")
+TERMINAL_STATUSES = ("COMPLETE", "FAILED", "EXPIRED")
+# Per-run Airflow Variables (``approval_key`` layout): the migration record, and an operator's abandon decision.
+RECORD_PREFIX = "atlas_migration_live_push"
+ABANDON_PREFIX = "atlas_migration_abandon"
+ABANDON = "abandon"
 POKE_INTERVAL_ENV = "MIGRATION_POKE_INTERVAL_SECONDS"
 DEFAULT_POKE_INTERVAL = 60.0
 # Read by this group, defined once for the live strategies (``live_pull.live_pull_params``, section "Cutover").
 SHARED_CUTOVER_PARAMS = ("cutover", "max_cutover_lag_seconds", "quiet_period_seconds", "cutover_timeout_seconds",
-                         "approval_timeout_seconds")
+                         "approval_timeout_seconds", "source_write_block")
 # Databases whose writes do not count as application writes in the quiet-period check (mongosync's own).
 _INTERNAL_WRITE_DATABASES = ("mongosync_reserved_for_internal_use",)
 _HEX24 = re.compile(r"^[a-f0-9]{24}$")
@@ -147,6 +176,20 @@ def live_push_params() -> dict[str, Any]:
         "completion_timeout_seconds": param(
             6 * 3600, "Completion wait timeout (s)", "Give up when the cutover has not COMPLETED by then.",
             type="integer", minimum=10, maximum=int(7 * _DAY)),
+        "api_outage_tolerance_seconds": param(
+            int(DEFAULT_TOLERANCE_SECONDS), "API outage tolerance (s)",
+            "While the run watches the migration (wait_for_sync, the approval wait, cutover, wait_for_completion), "
+            "Atlas API failures that can pass (unreachable, timeouts, 5xx, 429) are retried with backoff for this "
+            "long, each retry logged; 401/403/404 are not retried. Past it the task fails, but the migration keeps "
+            "running in Atlas: clear the task to resume watching it.", type="integer", minimum=0,
+            maximum=int(_DAY)),
+        "on_failure": param(
+            "keep_migration", "When the run fails",
+            "keep_migration: clean-up keeps the organization link (and so the running Atlas migration) unless the "
+            "migration is COMPLETE, FAILED or EXPIRED, so that clearing the failed task resumes it. abandon: "
+            "clean-up removes the link and the link-tokens even while the migration runs, which stops it (a new "
+            "run starts over). Decide later for a run in progress with the Variable "
+            f"{ABANDON_PREFIX}__<dag_id>__<run_id> = {ABANDON}.", type="string", enum=list(ON_FAILURE_MODES)),
     }
 
 
@@ -168,6 +211,7 @@ class LivePushParams:
     private_link_id: str = ""
     drop_destination_data: bool = False
     cutover: str = "manual"
+    source_write_block: str = "auto"
     max_cutover_lag_seconds: float = 10
     quiet_period_seconds: float = 5
     cutover_timeout_seconds: float = 600
@@ -177,6 +221,8 @@ class LivePushParams:
     sync_timeout_seconds: float = 7 * 24 * 3600
     approval_timeout_seconds: float = CUTOVER_WINDOW_SECONDS
     completion_timeout_seconds: float = 6 * 3600
+    api_outage_tolerance_seconds: float = DEFAULT_TOLERANCE_SECONDS
+    on_failure: str = "keep_migration"
     rehearsal: bool = False  # the run belongs to the rehearsal DAG (it has a scratch-database prefix)
 
     @classmethod
@@ -216,12 +262,14 @@ class LivePushParams:
             private_link_id=text("private_link_id"),
             drop_destination_data=bool(params.get("drop_destination_data", False)),
             cutover=text("cutover") or defaults.cutover,
+            source_write_block=text("source_write_block") or defaults.source_write_block,
+            on_failure=text("on_failure") or defaults.on_failure,
             rehearsal="rehearsal_db_prefix" in params,
             **{key: number(key) for key in (
                 "max_cutover_lag_seconds", "quiet_period_seconds", "cutover_timeout_seconds",
                 "poll_interval_seconds", "link_timeout_seconds",
                 "validation_timeout_seconds", "sync_timeout_seconds", "approval_timeout_seconds",
-                "completion_timeout_seconds")},
+                "completion_timeout_seconds", "api_outage_tolerance_seconds")},
         )
 
 
@@ -266,6 +314,8 @@ def param_problems(p: LivePushParams) -> list[str]:
             problems.append(f"access_list_ips: {ip!r} is not an IP address or CIDR block")
     if p.cutover not in CUTOVER_MODES:
         problems.append(f"cutover {p.cutover!r} is not one of {', '.join(CUTOVER_MODES)}")
+    if p.on_failure not in ON_FAILURE_MODES:
+        problems.append(f"on_failure {p.on_failure!r} is not one of {', '.join(ON_FAILURE_MODES)}")
     if p.max_cutover_lag_seconds < 1:
         problems.append("max_cutover_lag_seconds must be at least 1")
     return problems
@@ -458,7 +508,158 @@ def cutover_decision(migration: Mapping[str, Any], params: LivePushParams, now: 
                                       f"(<= {params.max_cutover_lag_seconds:g} s), {how}", warnings)
 
 
+# ---------------------------------------------------------------- pure decisions: the run's migration record
+
+# Record states. ``creating`` is written before the POST, so a task that dies mid-request leaves a trace.
+CREATING, CREATED, NOT_CREATED = "creating", "created", "not_created"
+
+
+@dataclass(frozen=True)
+class StartDecision:
+    action: str  # create | reuse | refuse
+    reason: str
+
+
+def _record_help(key: str) -> str:
+    return (f"Atlas's API has no call that lists live migrations, so the run cannot look it up: check the destination "
+            f"project's Live Migration page in Atlas. If a migration from this run is there, reconnect to it: "
+            f"airflow variables set '{key}' '{{\"state\": \"{CREATED}\", \"migration_id\": \"<its id>\", "
+            f"\"group_id\": \"<project id>\"}}' and clear start_migration. If there is none, delete the Variable "
+            "and clear start_migration to start one")
+
+
+def start_decision(record: Mapping[str, Any] | None, status: str | None, key: str) -> StartDecision:
+    """Whether ``start_migration`` creates a migration, reconnects to the run's earlier one, or stops (pure).
+
+    ``record`` is the run's Variable (None: none yet); ``status`` what Atlas reports now for the recorded
+    migration (``MISSING`` for a 404; None when there is no id to read). A run never has two migrations
+    going: a second POST happens only when the earlier one has ended (FAILED, EXPIRED) or was never created.
+    """
+    state = (record or {}).get("state")
+    if record is None or state == NOT_CREATED:
+        return StartDecision("create", "no live migration has been created for this run yet")
+    if state == CREATING:
+        return StartDecision("refuse", f"an earlier attempt of start_migration sent the request to create a live "
+                                       f"migration (at {_utc(float(record.get('requested_at') or 0))}) and did not "
+                                       f"learn whether Atlas created it; starting another could run two migrations "
+                                       f"into one cluster. {_record_help(key)}")
+    if state != CREATED or not record.get("migration_id"):
+        return StartDecision("refuse", f"Variable '{key}' holds no usable live-push record ({dict(record)!r}). "
+                                       f"{_record_help(key)}")
+    mid = record["migration_id"]
+    if status == "MISSING":
+        return StartDecision("refuse", f"Atlas does not know live migration {mid}, which this run recorded, in "
+                                       f"project {record.get('group_id')}. {_record_help(key)}")
+    if status in ("FAILED", "EXPIRED"):
+        return StartDecision("create", f"this run's earlier live migration {mid} is {status}: starting a new one")
+    return StartDecision("reuse", f"reconnecting to live migration {mid}, started by an earlier attempt of this "
+                                  f"run ({status})")
+
+
+def post_outcome_unknown(status: int | None, never_sent: bool) -> bool:
+    """After a failed POST: might Atlas have applied it? (pure). Unreachable before sending, 429, 502/503/504
+    (the gateway answered) and 4xx: no. A lost connection mid-request, 500 and other 5xx, a 2xx whose body
+    broke the contract: possibly."""
+    if status is None:
+        return not never_sent
+    if status == 429 or 400 <= status < 500 or status in (502, 503, 504):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class CleanupDecision:
+    remove_link: bool
+    reason: str
+
+
+def cleanup_decision(record: Mapping[str, Any] | None, status: str | None, abandon_by: str | None
+                     ) -> CleanupDecision:
+    """Whether the teardown removes the organization link and the link-tokens (pure).
+
+    Removing them stops a running migration, so they go only when no migration was created, once it is
+    COMPLETE / FAILED / EXPIRED, or on an operator's explicit ``abandon`` (``abandon_by`` says where it came
+    from); never merely because a task of the run failed. ``status`` None: the migration could not be read.
+    """
+    state = (record or {}).get("state")
+    mid = (record or {}).get("migration_id")
+    if record is None or state == NOT_CREATED:
+        return CleanupDecision(True, "no live migration was created in this run")
+    if state == CREATED and status in TERMINAL_STATUSES:
+        return CleanupDecision(True, f"live migration {mid} is {status}")
+    if abandon_by:
+        what = f"live migration {mid}" if mid else "the live migration this run may have created"
+        return CleanupDecision(True, f"an operator abandoned {what} ({abandon_by}); removing the link stops it")
+    if state == CREATING:
+        return CleanupDecision(False, "a request to create a live migration may have reached Atlas without the run "
+                                      "learning its outcome; the link stays so that such a migration keeps running")
+    if status is None:
+        return CleanupDecision(False, f"the status of live migration {mid} could not be read; it may still be "
+                                      "running")
+    return CleanupDecision(False, f"live migration {mid} is still {status} in Atlas; removing the link would "
+                                  "stop it")
+
+
+def abandon_requested(p: LivePushParams, variable_value: Any, key: str) -> str | None:
+    """Where an abandon decision came from (the param or the run's Variable), or None (pure)."""
+    if p.on_failure == "abandon":
+        return "param on_failure=abandon"
+    if variable_value is not None and str(variable_value).strip().lower() == ABANDON:
+        return f"Variable '{key}' = {ABANDON}"
+    return None
+
+
 # ---------------------------------------------------------------- task bodies
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The run's live-migration record: an Airflow Variable holding JSON ids and times (no secrets), so a
+    retried or cleared task finds the migration an earlier attempt created. ``get``/``put`` replace the
+    Variable calls in tests."""
+
+    key: str
+    get: Callable[[str], Any]
+    put: Callable[[str, str], None]
+
+    def read(self) -> dict[str, Any] | None:
+        raw = self.get(self.key)
+        if raw is None or raw == "":
+            return None
+        try:
+            value = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise LiveMigrationFailed(f"Variable '{self.key}' does not hold a live-push record (JSON object): "
+                                      f"{_record_help(self.key)}")
+        return value
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self.put(self.key, json.dumps(dict(record), sort_keys=True))
+
+
+def run_record(context: Mapping[str, Any]) -> RunRecord:
+    from airflow.sdk import Variable
+
+    key = approval_key(context["dag"].dag_id, context["run_id"], prefix=RECORD_PREFIX)
+    return RunRecord(key, lambda k: Variable.get(k, default=None),
+                     lambda k, v: Variable.set(k, v, description="live_push: this run's Atlas live migration"))
+
+
+def abandon_key(context: Mapping[str, Any]) -> str:
+    return approval_key(context["dag"].dag_id, context["run_id"], prefix=ABANDON_PREFIX)
+
+
+def _outage_policy(p: LivePushParams) -> OutagePolicy:
+    return OutagePolicy(tolerance_seconds=p.api_outage_tolerance_seconds)
+
+
+def read_migration(atlas, started: Mapping[str, Any], p: LivePushParams) -> dict[str, Any]:
+    """GET the migration, riding out a transient API outage for up to ``api_outage_tolerance_seconds``."""
+    return call_through_outage(
+        lambda: atlas.get_live_migration(started["migration_id"], group_id=started["group_id"]),
+        policy=_outage_policy(p), what="the Atlas API", still_running=resume_hint(started["migration_id"]), log=log)
 
 
 def _hooks(p: LivePushParams):
@@ -499,6 +700,11 @@ def run_preflight(params: Mapping[str, Any], profile_data: dict[str, Any]) -> di
         atlas.close()
         cloud_manager.close()
     problems = preflight_problems(profile, cluster, available, p, group_id)
+    block, block_reason = False, "no cutover fence checked (pre-flight problems)"
+    try:
+        block, block_reason = push_write_block_decision(p)
+    except ConfigurationError as exc:
+        problems.append(str(exc))
     if problems:
         raise PreflightFailed("live push pre-flight failed; nothing was changed in Atlas or Cloud Manager:\n"
                               + "\n".join(f"  - {problem}" for problem in problems))
@@ -511,21 +717,31 @@ def run_preflight(params: Mapping[str, Any], profile_data: dict[str, Any]) -> di
         f"organization link : {link_status}"
         + ("; the source is listed under availableProjects" if available is not None
            else "; the source's visibility is checked once linked"),
-        f"cutover           : {p.cutover}, at a lag of at most {p.max_cutover_lag_seconds:g} s, after "
-        + (f"{p.quiet_period_seconds:g} s without writes on the source" if profile.oplog_readable is True
-           else "the operator's approval (the source's change stream is not readable: no quiet-period check)"),
+        f"cutover           : {p.cutover}, at a lag of at most {p.max_cutover_lag_seconds:g} s, at a fence "
+        f"({block_reason}), then {p.quiet_period_seconds:g} s watching for late writes",
     ])
     return {"group_id": group_id, "destination_cluster": p.target_cluster_name,
             "destination_version": destination_version, "source_version": profile.version,
             "link_status": link_status, "source_visible": True if available is not None else None,
-            "source_watchable": profile.oplog_readable is True}
+            "source_watchable": profile.oplog_readable is True, "write_block": block}
 
 
-def create_link(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Step 2: Atlas link-token -> Cloud Manager. The token never leaves this function."""
+def create_link(params: Mapping[str, Any], record: RunRecord | None = None) -> dict[str, Any]:
+    """Step 2: Atlas link-token -> Cloud Manager. The token never leaves this function.
+
+    When the run already has a live migration (this setup re-runs when a task of the group is cleared) and the
+    link is still SYNCED, the link is kept as it is: a new link-token is not needed and would only add one."""
     p = LivePushParams.parse(params)
+    existing = record.read() if record is not None else None
     atlas, cloud_manager = _hooks(p)
     try:
+        if existing and existing.get("state") in (CREATED, CREATING):
+            status = cloud_manager.get_migration_link_status()
+            if status == "SYNCED":
+                log.info("this run's live migration %s already has a SYNCED organization link: keeping it (no new "
+                         "link-token)", existing.get("migration_id") or "(outcome of its creation unknown)")
+                return {"linked_at": time.time(), "status": status, "access_list_ips": list(p.access_list_ips),
+                        "reused": True}
         token = atlas.create_link_token(list(p.access_list_ips))
         try:
             link = cloud_manager.create_migration_link(token)
@@ -657,13 +873,44 @@ def poke_validation(params: Mapping[str, Any], checked: dict[str, Any], validati
     return Poke(False)
 
 
-def start_migration(params: Mapping[str, Any], checked: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
-    """Step 4: create the live migration (one POST, never repeated automatically)."""
+def start_migration(params: Mapping[str, Any], checked: dict[str, Any], facts: dict[str, Any],
+                    record: RunRecord) -> dict[str, Any]:
+    """Step 4: create the live migration, or reconnect to the one an earlier attempt of this run created.
+
+    The run's record (``RunRecord``) says ``creating`` before the POST and holds the id after it, so a
+    retried or cleared task never starts a second migration (``start_decision``)."""
+    from atlas_migration.atlas_api import AtlasApiError
+
     p = LivePushParams.parse(params)
+    earlier = record.read()
     atlas, _ = _hooks(p)
     try:
-        migration = atlas.create_live_migration(build_request(p, facts, checked["group_id"]),
-                                                group_id=checked["group_id"])
+        status = None
+        if earlier and earlier.get("state") == CREATED and earlier.get("migration_id"):
+            status = _recorded_status(atlas, earlier, p)
+        decision = start_decision(earlier, status, record.key)
+        if decision.action == "refuse":
+            raise LiveMigrationFailed(decision.reason)
+        if decision.action == "reuse":
+            log.info("%s", decision.reason)
+            return {"migration_id": earlier["migration_id"], "group_id": earlier["group_id"], "status": status,
+                    "started_at": earlier.get("created_at") or time.time(), "reconnected": True}
+        log.info("%s", decision.reason)
+        ended = [*(earlier or {}).get("ended", []), *([earlier["migration_id"]] if status in TERMINAL_STATUSES else [])]
+        request = build_request(p, facts, checked["group_id"])
+        atlas.config  # noqa: B018 - a connection problem shows here, before the record says "creating"
+        record.write({"state": CREATING, "group_id": checked["group_id"], "requested_at": time.time(), "ended": ended})
+        try:
+            migration = atlas.create_live_migration(request, group_id=checked["group_id"])
+        except AtlasApiError as exc:
+            if post_outcome_unknown(exc.status, exc.never_sent):
+                raise LiveMigrationFailed(f"creating the live migration failed ({exc}), possibly after Atlas "
+                                          f"created it. {_record_help(record.key)}") from None
+            record.write({"state": NOT_CREATED, "group_id": checked["group_id"], "ended": ended})
+            raise
+        log.info("live migration %s created; recorded in Variable '%s'", migration["_id"], record.key)
+        record.write({"state": CREATED, "migration_id": migration["_id"], "group_id": checked["group_id"],
+                      "created_at": time.time(), "ended": ended})
     finally:
         atlas.close()
     log.info("started live migration %s (%s) from '%s' to cluster '%s'", migration["_id"], describe(migration),
@@ -672,7 +919,23 @@ def start_migration(params: Mapping[str, Any], checked: dict[str, Any], facts: d
         log.warning("cutover=auto: the run cuts over as soon as Atlas is ready; writes made to the source after "
                     "that are not migrated, so application writes must already be stopped")
     return {"migration_id": migration["_id"], "group_id": checked["group_id"], "status": migration.get("status"),
-            "started_at": time.time()}
+            "started_at": time.time(), "reconnected": False}
+
+
+def _recorded_status(atlas, record: Mapping[str, Any], p: LivePushParams) -> str:
+    """The recorded migration's status now (``MISSING`` on a 404), through a transient outage."""
+    from atlas_migration.atlas_api import AtlasApiError
+
+    def read() -> str:
+        try:
+            return str(atlas.get_live_migration(record["migration_id"], group_id=record["group_id"]).get("status"))
+        except AtlasApiError as exc:
+            if exc.status == 404:
+                return "MISSING"
+            raise
+
+    return call_through_outage(read, policy=_outage_policy(p), what="the Atlas API",
+                               still_running=resume_hint(record["migration_id"]), log=log)
 
 
 def _pull(context: Mapping[str, Any], task_id: str) -> Any:
@@ -685,7 +948,7 @@ def check_while_awaiting_approval(context: Mapping[str, Any]) -> None:
     started, synced = _pull(context, "start_migration"), _pull(context, "wait_for_sync") or {}
     atlas, _ = _hooks(p)
     try:
-        migration = atlas.get_live_migration(started["migration_id"], group_id=started["group_id"])
+        migration = read_migration(atlas, started, p)
     finally:
         atlas.close()
     decision = cutover_decision(migration, p, time.time(), approved=False, ready_since=synced.get("ready_since"))
@@ -697,30 +960,52 @@ def check_while_awaiting_approval(context: Mapping[str, Any]) -> None:
              cutover_window(synced.get("ready_since"), time.time()).note)
 
 
-def first_application_write(client, seconds: float) -> str | None:
-    """Watch the whole source deployment for ``seconds``: the namespace of the first application write seen,
-    or None when it stayed quiet (system, internal and mongosync databases do not count)."""
-    from atlas_migration.namespaces import is_never_migrated
-
-    deadline = time.monotonic() + seconds
-    with client.watch(max_await_time_ms=min(1000, max(50, int(seconds * 1000)))) as stream:
-        while time.monotonic() < deadline:
-            change = stream.try_next()
-            ns = (change or {}).get("ns") or {}
-            db, coll = ns.get("db"), ns.get("coll")
-            if not db or db in _INTERNAL_WRITE_DATABASES or is_never_migrated(db, coll):
-                continue
-            return f"{db}.{coll}" if coll else db
-    return None
-
-
-def _source_writes(p: LivePushParams) -> str | None:
+def push_write_block_decision(p: LivePushParams) -> tuple[bool, str]:
+    """Whether the cutover blocks user writes on the source (``fence.decide_write_block`` on the source
+    connection); raises ``ConfigurationError`` for ``require`` without support and for ``cutover=auto``
+    without write blocking (only an operator can then say writes stopped)."""
     from contextlib import closing
 
+    from atlas_migration.fence import cutover_problems, decide_write_block, read_write_block_support
     from atlas_migration.hooks import endpoint_from_connection
 
     with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as client:
-        return first_application_write(client, p.quiet_period_seconds)
+        support = read_write_block_support(client)
+    block, why = decide_write_block(p.source_write_block, support)
+    problems = cutover_problems(p.cutover, block)
+    if problems:
+        raise ConfigurationError(f"{' '.join(problems)} ({why})")
+    return block, why
+
+
+def fence_source_writes(p: LivePushParams, checked: Mapping[str, Any]) -> dict[str, Any]:
+    """The cutover fence on the source before Atlas is asked to cut over: block user writes (when decided at
+    pre-flight) or take the approval as the statement that they stopped; wait until the fence is
+    majority-committed; watch ``quiet_period_seconds`` for late writes and fail with their count (Atlas keeps
+    syncing, so nothing is lost). Returns the fence (JSON-safe) for the report."""
+    from contextlib import closing
+
+    from atlas_migration.fence import (
+        count_late_writes,
+        late_writes_message,
+        take_fence,
+        wait_majority_committed,
+    )
+    from atlas_migration.hooks import endpoint_from_connection
+    from atlas_migration.namespaces import is_never_migrated
+
+    with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as client:
+        fence = take_fence(client, block=bool(checked.get("write_block")))
+        wait_majority_committed(client, fence, timeout=p.cutover_timeout_seconds)
+        late = count_late_writes(client, fence, p.quiet_period_seconds,
+                                 selected=lambda db, coll: not is_never_migrated(db, coll),
+                                 ignore_databases=frozenset(_INTERNAL_WRITE_DATABASES))
+    if late:
+        fence.late_writes = dict(late)
+        raise LiveMigrationFailed(late_writes_message(late, fence, what="the Atlas cutover"))
+    log.info("no application write on the source after the fence for %g s: %s", p.quiet_period_seconds,
+             fence.describe())
+    return fence.to_dict()
 
 
 def poke_cutover(params: Mapping[str, Any], checked: dict[str, Any], started: dict[str, Any],
@@ -733,7 +1018,7 @@ def poke_cutover(params: Mapping[str, Any], checked: dict[str, Any], started: di
     p = LivePushParams.parse(params)
     atlas, _ = _hooks(p)
     try:
-        migration = atlas.get_live_migration(started["migration_id"], group_id=started["group_id"])
+        migration = read_migration(atlas, started, p)
         now = time.time()
         decision = cutover_decision(migration, p, now, approved=bool(approval.get("approved")),
                                     ready_since=synced.get("ready_since"))
@@ -747,22 +1032,7 @@ def poke_cutover(params: Mapping[str, Any], checked: dict[str, Any], started: di
         if decision.action == "done":
             log.info("%s", decision.reason)
             return Poke(True, {"cutover_requested_at": None, "migration": summarise(migration)})
-        if checked.get("source_watchable"):
-            written = _source_writes(p)
-            if written:
-                if waited > p.cutover_timeout_seconds:
-                    raise LiveMigrationFailed(
-                        f"application writes did not stop within cutover_timeout_seconds "
-                        f"({format_duration(p.cutover_timeout_seconds)}; the last one seen went to {written}): stop "
-                        "them, then re-run this task (the migration keeps syncing until its window ends)")
-                log.warning("not cutting over: writes still reach the source (%s) within the %g s quiet period; "
-                            "stop application writes (%s of %s allowed so far)", written, p.quiet_period_seconds,
-                            format_duration(waited), format_duration(p.cutover_timeout_seconds))
-                return Poke(False)
-            log.info("no application write on the source for %g s: writes have stopped", p.quiet_period_seconds)
-        else:
-            log.warning("the source's change stream is not readable with connection '%s': cutting over on the "
-                        "operator's word that application writes have stopped", p.source_conn_id)
+        fence = fence_source_writes(p, checked)
         try:
             atlas.cutover_live_migration(started["migration_id"], group_id=started["group_id"])
         except AtlasApiError as exc:
@@ -774,26 +1044,40 @@ def poke_cutover(params: Mapping[str, Any], checked: dict[str, Any], started: di
         atlas.close()
     log.info("cutover requested for live migration %s: %s. Once it is COMPLETE, repoint applications to Atlas",
              started["migration_id"], decision.reason)
-    return Poke(True, {"cutover_requested_at": now, "migration": summarise(migration)})
+    return Poke(True, {"cutover_requested_at": now, "migration": summarise(migration), "fence": fence})
 
 
-def cleanup_link(params: Mapping[str, Any], started: dict[str, Any] | None) -> dict[str, Any]:
-    """Teardown: remove the Cloud Manager migration link and the Atlas link-tokens, whatever happened."""
+def cleanup_link(params: Mapping[str, Any], record: RunRecord | None, started: dict[str, Any] | None = None, *,
+                 abandon_value: Any = None, abandon_variable: str = "") -> dict[str, Any]:
+    """Teardown: remove the Cloud Manager migration link and the Atlas link-tokens when ``cleanup_decision``
+    allows it (no migration, a finished one, or an operator's abandon). Otherwise keep them, say why and how
+    to go on, and succeed: keeping a running migration alive is not a failure of the clean-up."""
     from atlas_migration.atlas_api import AtlasApiError
 
     p = LivePushParams.parse(params)
+    known = record.read() if record is not None else None
+    if known is None and started:  # no Variable (e.g. a run from before the record existed): the XCom says it
+        known = {"state": CREATED, "migration_id": started["migration_id"], "group_id": started["group_id"]}
     atlas, cloud_manager = _hooks(p)
     status = None
     errors: list[str] = []
     try:
-        if started:
+        if known and known.get("state") == CREATED:
             try:
-                status = atlas.get_live_migration(started["migration_id"], group_id=started["group_id"]).get("status")
+                status = atlas.get_live_migration(known["migration_id"], group_id=known["group_id"]).get("status")
             except AtlasApiError as exc:
-                log.warning("could not read live migration %s before clean-up: %s", started["migration_id"], exc)
-            if status not in ("COMPLETE", "FAILED", "EXPIRED"):
-                log.warning("live migration %s is %s, not finished: removing the link stops it; a new run starts "
-                            "over", started["migration_id"], status or "in an unknown state")
+                log.warning("could not read live migration %s before clean-up: %s", known["migration_id"], exc)
+        decision = cleanup_decision(known, status, abandon_requested(p, abandon_value, abandon_variable))
+        if not decision.remove_link:
+            log.warning("keeping the Cloud Manager migration link and the Atlas link-tokens: %s.\n"
+                        "    to go on: clear the failed task (with its downstream tasks); the cleared tasks "
+                        "reconnect to the migration%s\n"
+                        "    to abandon the migration instead: airflow variables set '%s' %s, then clear task "
+                        "%s.cleanup (removing the link stops the migration; a new run starts over)",
+                        decision.reason, f" ({known.get('migration_id')})" if known.get("migration_id") else "",
+                        abandon_variable or f"{ABANDON_PREFIX}__<dag_id>__<run_id>", ABANDON, GROUP_ID)
+            return {"migration_status": status, "link_removed": False, "reason": decision.reason}
+        log.info("removing the organization link: %s", decision.reason)
         for what, call in (("Cloud Manager migration link", cloud_manager.delete_migration_link),
                            ("Atlas link-tokens", atlas.delete_link_tokens)):
             try:
@@ -807,7 +1091,7 @@ def cleanup_link(params: Mapping[str, Any], started: dict[str, Any] | None) -> d
     if errors:
         raise MigrationError("clean-up incomplete; remove these by hand (Atlas and Cloud Manager: Organization > "
                              "Live Migration):\n" + "\n".join(f"  - {e}" for e in errors))
-    return {"migration_status": status, "link_removed": True}
+    return {"migration_status": status, "link_removed": True, "reason": decision.reason}
 
 
 # ---------------------------------------------------------------- the task group
@@ -850,7 +1134,7 @@ def live_push_group(profile) -> None:
 
     @setup
     def link_organizations(checked: dict, params=None) -> dict:
-        return create_link(params)
+        return create_link(params, run_record(get_current_context()))
 
     @task.sensor(mode="reschedule", poke_interval=interval, timeout=short_wait)
     def wait_for_link(linked: dict, params=None) -> PokeReturnValue:
@@ -866,7 +1150,7 @@ def live_push_group(profile) -> None:
 
     @task(retries=0, multiple_outputs=True)
     def start(checked: dict, facts: dict, params=None) -> dict:
-        return start_migration(params, checked, facts)
+        return start_migration(params, checked, facts, run_record(get_current_context()))
 
     @task.sensor(mode="reschedule", poke_interval=interval, timeout=long_wait)
     def cutover(checked: dict, started: dict, synced: dict, approval: dict, params=None) -> PokeReturnValue:
@@ -875,7 +1159,12 @@ def live_push_group(profile) -> None:
 
     @teardown(on_failure_fail_dagrun=True)
     def cleanup(params=None) -> dict:
-        return cleanup_link(params, _pull(get_current_context(), "start_migration"))
+        from airflow.sdk import Variable
+
+        context = get_current_context()
+        key = abandon_key(context)
+        return cleanup_link(params, run_record(context), _pull(context, "start_migration"),
+                            abandon_value=Variable.get(key, default=None), abandon_variable=key)
 
     checked = preflight(profile)
     linked = link_organizations(checked)
@@ -887,7 +1176,8 @@ def live_push_group(profile) -> None:
         task_id="wait_for_sync", wait_for="ready", atlas_conn_id="{{ params.atlas_conn_id }}",
         group_id=started["group_id"], migration_id=started["migration_id"],
         max_lag_seconds="{{ params.max_cutover_lag_seconds }}", poll_interval="{{ params.poll_interval_seconds }}",
-        timeout_seconds="{{ params.sync_timeout_seconds }}")
+        timeout_seconds="{{ params.sync_timeout_seconds }}",
+        outage_tolerance_seconds="{{ params.api_outage_tolerance_seconds }}")
     approve = approval_sensor(task_id="approve_cutover", what="cutover", poke_interval=interval, timeout=long_wait,
                               required_if=_approval_needed, timeout_from_params=_approval_limit,
                               while_waiting=check_while_awaiting_approval)()
@@ -896,7 +1186,8 @@ def live_push_group(profile) -> None:
     completed = WaitForLiveMigrationOperator(
         task_id="wait_for_completion", wait_for="complete", atlas_conn_id="{{ params.atlas_conn_id }}",
         group_id=started["group_id"], migration_id=started["migration_id"],
-        poll_interval="{{ params.poll_interval_seconds }}", timeout_seconds="{{ params.completion_timeout_seconds }}")
+        poll_interval="{{ params.poll_interval_seconds }}", timeout_seconds="{{ params.completion_timeout_seconds }}",
+        outage_tolerance_seconds="{{ params.api_outage_tolerance_seconds }}")
     requested >> completed
     clean = cleanup()
     completed >> clean

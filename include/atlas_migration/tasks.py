@@ -282,14 +282,51 @@ def restore_views(params: dict[str, Any], profile_data: dict[str, Any], paths: R
 
 # ---------------------------------------------------------------- validate and report
 
+# Strategies that keep the source live until a cutover fence: their validation follows the source at the fence.
+LIVE_STRATEGIES = frozenset({"live_pull", "live_push", "compose", "aws_replica_set"})
+
+
+
+# Where each live strategy's cutover task leaves its result (with the fence) in XCom.
+CUTOVER_TASKS = {
+    "live_pull": ("live_pull.cutover", "live_pull.mongosync_commit"),
+    "compose": ("compose.pull.cutover", "compose.pull.mongosync_commit"),
+    "aws_replica_set": ("aws_replica_set.pull.cutover", "aws_replica_set.pull.mongosync_commit"),
+    "live_push": ("live_push.cutover",),
+}
+
+
+def fence_notes(result: dict[str, Any] | None) -> list[str]:
+    """Report lines about the cutover fence a live strategy's cutover returned (pure)."""
+    fence = (result or {}).get("fence")
+    if not fence:
+        return []
+    from atlas_migration.fence import Fence
+
+    parsed = Fence.from_dict(fence)
+    lines = [f"Cutover fence: {parsed.describe()} (placed {parsed.taken_at})",
+             "Writes were BLOCKED on the source at cutover; to roll back, unblock them with "
+             "db.adminCommand({setUserWriteBlockMode: 1, global: false})" if parsed.blocked else
+             "Writes were NOT blocked on the source: an operator stated that they had stopped"]
+    late = parsed.late_writes
+    lines.append("Late writes after the fence: none" if not late else
+                 "Late writes after the fence: " + ", ".join(f"{ns} ({n})" for ns, n in sorted(late.items())))
+    if result.get("rechecked"):
+        lines.append(f"Recheck set: {result['rechecked']} document(s) re-read from the source at cutover")
+    return lines
+
 
 def strategy_notes(decision: dict[str, Any], ti) -> list[str]:
     """Lines the strategy's group left for the report (read from its XCom)."""
-    if decision.get("strategy") == "compose":
+    notes: list[str] = []
+    strategy = decision.get("strategy")
+    if strategy == "compose":
         from atlas_migration.compose import report_notes
 
-        return report_notes(ti.xcom_pull(task_ids="compose.preflight", default=None))
-    return []
+        notes += report_notes(ti.xcom_pull(task_ids="compose.preflight", default=None))
+    for task_id in CUTOVER_TASKS.get(strategy or "", ()):
+        notes += fence_notes(ti.xcom_pull(task_ids=task_id, default=None))
+    return notes
 
 
 def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dict[str, Any],
@@ -306,7 +343,20 @@ def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dic
     target = endpoint_from_connection(p.target_conn_id, "target")
     namespaces = [(i.db, i.collection) for i in plan.all_items]
     target_db_map = {i.db: i.target_db for i in plan.all_items if i.target_db}
+    live = decision.get("strategy") in LIVE_STRATEGIES
     with closing(source.connect()) as src, closing(target.connect()) as dst:
+        if live:
+            # The source is fenced now: validate what it holds at the fence, not what inspection saw before
+            # the sync (collections created or dropped meanwhile), and what only the target holds.
+            inspected = set(namespaces)
+            namespaces = validation.scope_at_fence(validation.list_namespaces(src), validation.list_namespaces(dst),
+                                                   p.namespaces.matches, p.target_db_prefix)
+            target_db_map = {db: f"{p.target_db_prefix}{db}" for db, _ in namespaces} if p.target_db_prefix else {}
+            changed = sorted(set(namespaces) ^ inspected)
+            if changed:
+                log.info("validation scope follows the source at the fence: %s differ from the inventory taken at "
+                         "inspection (created, dropped or renamed during the sync, or only on the target)",
+                         ", ".join(f"{db}.{coll}" for db, coll in changed))
         report = validation.validate_namespaces(src, dst, namespaces, mode=p.validation_mode,
                                                 target_db_map=target_db_map or None, run_id=paths.run_id,
                                                 strategy=decision.get("strategy", ""),

@@ -30,7 +30,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -741,6 +741,41 @@ def _checked_namespaces(namespaces: Iterable[tuple[str, str]]) -> list[tuple[str
             raise ConfigurationError(f"namespace {item!r} must be a (database, collection) pair of names")
         checked.add((item[0], item[1]))
     return sorted(checked)
+
+
+# Databases that tools keep on the target for themselves, never migrated data.
+TOOL_DATABASES = frozenset({"mongosync_reserved_for_internal_use"})
+
+
+def scope_at_fence(
+    source_namespaces: Iterable[tuple[str, str]],
+    target_namespaces: Iterable[tuple[str, str]],
+    selected: Callable[[str, str], bool],
+    target_db_prefix: str = "",
+) -> list[tuple[str, str]]:
+    """What a live migration validates: the selected namespaces as the source has them now (after the
+    cutover fence, when no write can change them), so a collection created during the sync is checked and
+    one dropped during it is not; plus every selected namespace present only on the target (named by its
+    source namespace), which ``compare_namespace`` reports as a mismatch. Pure: plain lists in, sorted list out.
+    """
+    from atlas_migration.namespaces import is_never_migrated
+
+    scope = {(db, coll) for db, coll in source_namespaces if not is_never_migrated(db, coll) and selected(db, coll)}
+    for target_db, coll in target_namespaces:
+        if target_db in TOOL_DATABASES or not target_db.startswith(target_db_prefix):
+            continue
+        db = target_db[len(target_db_prefix):]
+        if db and not is_never_migrated(db, coll) and selected(db, coll):
+            scope.add((db, coll))
+    return sorted(scope)
+
+
+def list_namespaces(client: MongoClient) -> list[tuple[str, str]]:
+    """Every ``(db, collection)`` of a deployment (views included), system databases skipped."""
+    from atlas_migration.namespaces import SYSTEM_DATABASES
+
+    return [(db, name) for db in client.list_database_names() if db not in SYSTEM_DATABASES
+            for name in client[db].list_collection_names()]
 
 
 def validate_namespaces(

@@ -16,7 +16,7 @@ import pytest
 
 from devtools.airflow_env import REPO, conn_env_name
 from tests.dags.test_mongo_to_atlas import airflow_home, conns, failure_text  # noqa: F401 - shared fixture
-from tests.helpers import assert_namespaces_identical, user_namespaces
+from tests.helpers import assert_namespaces_identical, user_namespaces, write_blocking_source
 
 pytestmark = pytest.mark.integration
 DAG_ID = "mongo_to_atlas"
@@ -84,11 +84,16 @@ def test_aws_group_prepares_the_network_and_pulls(airflow_home, source, target, 
         src.shop.orders.create_index("total")
     process, url = _stand_in(tmp_path, moto_endpoint, "EU_WEST_1")
     try:
-        run = airflow_home.dags_test(DAG_ID, CONF, env=_env(source.uri, target.uri, moto_endpoint, url))
+        # The automatic cutover blocks user writes on the source (through the proxy that implements
+        # setUserWriteBlockMode in front of the test server).
+        with write_blocking_source(source) as source_uri:
+            run = airflow_home.dags_test(DAG_ID, {**CONF, "source_write_block": "require"},
+                                         env=_env(source_uri, target.uri, moto_endpoint, url))
     finally:
         process.terminate()
         process.wait(timeout=30)
     assert run.succeeded, failure_text(run)
+    assert "user writes are now BLOCKED on the source" in run.output
     assert "strategy: aws_replica_set (chosen automatically; rule 'aws_replica_set')" in run.output
     assert "member 127.0.0.1:" in run.output and "network: added aws_accept" in run.output
     peering = ec2.describe_vpc_peering_connections(Filters=[

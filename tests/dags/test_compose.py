@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,26 +128,6 @@ def _env(compose: ComposeDeployment, target_uri: str, oplog_port: int | None) ->
     return env
 
 
-def stop_writer_after_copy(writer: Writer, target, seconds: float) -> threading.Thread:
-    """Stop the writer ``seconds`` after the live pull records its initial copy as finished, so that writes
-    land before, during and after the copy (the catch-up applies them); the run's own time to start up does
-    not matter."""
-
-    def watch() -> None:
-        with target.client() as dst:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline and not writer.stop_event.is_set():
-                if dst["__atlas_migration"].live_sync.find_one({"kind": "sync", "copy_finished": True}):
-                    time.sleep(seconds)
-                    break
-                time.sleep(0.5)
-        writer.stop_event.set()
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def _assert_no_secret_leaked(home, run_output: str, compose: ComposeDeployment) -> None:
     pem_lines = [line for line in compose.ca_pem.splitlines() if line and not line.startswith("-----")]
     secrets = [PASSWORD, quote_plus(PASSWORD), *pem_lines]
@@ -171,19 +149,18 @@ def test_auto_routes_to_compose_and_pulls_live_through_mongos(airflow_home, comp
 
     with pymongo.MongoClient(compose.mongos_uri) as src:
         seed(src)
-    # The application keeps writing THROUGH MONGOS during the copy and the catch-up, then stops; the
-    # automatic cutover waits for the quiet period and drains the Oplog Access endpoint's change stream.
-    writer = Writer(compose.mongos_uri)
+    # The application keeps writing THROUGH MONGOS during the copy and the catch-up until the automatic
+    # cutover blocks user writes (setUserWriteBlockMode through the mongos); the fence is drained on the Oplog
+    # Access endpoint's change stream.
+    writer = Writer(compose.mongos_uri, pause=0.05)
     writer.start()
-    stopper = stop_writer_after_copy(writer, target, seconds=4)
     conf = {"strategy": "auto", "oplog_conn_id": "compose_oplog", "atlas_migration_hosts": MIGRATION_HOSTS,
-            "pull_engine": "native", "cutover": "auto", "quiet_period_seconds": 3, "partition_docs": 1_000,
-            "validation_mode": "full", "cutover_timeout_seconds": 300}
+            "pull_engine": "native", "cutover": "auto", "source_write_block": "require", "quiet_period_seconds": 2,
+            "partition_docs": 1_000, "validation_mode": "full", "cutover_timeout_seconds": 300}
     run = airflow_home.dags_test(DAG_ID, conf, env=_env(compose, target.uri, compose.shard.port))
     counts = writer.stop()
-    stopper.join(timeout=10)
     assert run.succeeded, failure_text(run)
-    assert all(counts.values()), counts
+    assert all(counts.values()) and writer.refused == 1, (counts, writer.refused)
     # Writes were made after the resume point and reached the target through the change stream.
     applied = [int(n.replace(",", "")) for n in re.findall(r"catch-up: ([\d,]+) events applied", run.output)]
     applied += [int(n.replace(",", "")) for n in re.findall(r"cutover complete: ([\d,]+) final events", run.output)]

@@ -16,26 +16,34 @@ import requests
 
 from devtools.airflow_env import REPO, conn_env_name
 from devtools.mongo_servers import free_port
-from tests.dags.test_mongo_to_atlas import airflow_home, conns, failure_text  # noqa: F401 - shared fixture
-from tests.helpers import assert_namespaces_identical, user_namespaces
+from tests.dags.test_mongo_to_atlas import airflow_home, conns, failure_text, reports_of  # noqa: F401 - shared fixture
+from tests.helpers import assert_namespaces_identical, user_namespaces, write_blocking_source
 
 pytestmark = pytest.mark.integration
 DAG_ID = "mongo_to_atlas"
 FAST_POKES = {"MIGRATION_POKE_INTERVAL_SECONDS": "2"}
 
 
-class Writer(threading.Thread):
-    """Inserts, updates and deletes on the source until stopped; counts what it did."""
+USER_WRITES_BLOCKED = 371  # mongod's UserWritesBlocked
 
-    def __init__(self, uri: str) -> None:
+
+class Writer(threading.Thread):
+    """The application: inserts, updates and deletes on the source until it is "moved" (``stop``) or its
+    writes are refused because the source blocks user writes, which is when a real application would be
+    repointed. Counts what the source acknowledged and what it refused."""
+
+    def __init__(self, uri: str, pause: float = 0.01) -> None:
         super().__init__(daemon=True)
         self.uri = uri
+        self.pause = pause  # between operations: a writer that never stops must not outrun catch-up here
         self.stop_event = threading.Event()
         self.counts = {"insert": 0, "update": 0, "delete": 0}
+        self.refused = 0
         self.error: BaseException | None = None
 
     def run(self) -> None:
         import pymongo
+        from pymongo.errors import OperationFailure
 
         rng = random.Random(3)
         try:
@@ -44,17 +52,24 @@ class Writer(threading.Thread):
                 next_id = 10_000
                 while not self.stop_event.is_set():
                     op = rng.random()
-                    if op < 0.5:
-                        coll.insert_one({"_id": next_id, "total": rng.randint(1, 100), "tags": ["live"]})
-                        next_id += 1
-                        self.counts["insert"] += 1
-                    elif op < 0.8:
-                        coll.update_one({"_id": rng.randint(0, next_id)}, {"$inc": {"total": 1}, "$set": {"seen": True}})
-                        self.counts["update"] += 1
-                    else:
-                        coll.delete_one({"_id": rng.randint(0, next_id)})
-                        self.counts["delete"] += 1
-                    time.sleep(0.01)
+                    try:
+                        if op < 0.5:
+                            coll.insert_one({"_id": next_id, "total": rng.randint(1, 100), "tags": ["live"]})
+                            next_id += 1
+                            self.counts["insert"] += 1
+                        elif op < 0.8:
+                            coll.update_one({"_id": rng.randint(0, next_id)},
+                                            {"$inc": {"total": 1}, "$set": {"seen": True}})
+                            self.counts["update"] += 1
+                        else:
+                            coll.delete_one({"_id": rng.randint(0, next_id)})
+                            self.counts["delete"] += 1
+                    except OperationFailure as exc:
+                        if exc.code != USER_WRITES_BLOCKED:
+                            raise
+                        self.refused += 1
+                        return  # the source refuses writes: the application moves to Atlas
+                    time.sleep(self.pause)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
@@ -79,21 +94,26 @@ def stop_writer_later(writer: Writer, seconds: float) -> threading.Timer:
     return timer
 
 
-def test_native_pull_with_concurrent_writes_and_auto_cutover(airflow_home, source, target):  # noqa: F811
+def test_native_pull_with_write_blocking_keeps_every_acknowledged_write(airflow_home, source, target):  # noqa: F811
     with source.client() as src:
         seed(src)
-    writer = Writer(source.uri)
-    writer.start()
-    # Writes go on through the copy and the catch-up, then the application "stops" them; the automatic
-    # cutover waits for the quiet period, drains, and only then hands over to validation.
-    stop_writer_later(writer, 25)
-    conf = {"strategy": "live_pull", "pull_engine": "native", "cutover": "auto", "quiet_period_seconds": 3,
-            "partition_docs": 1_000, "validation_mode": "full", "cutover_timeout_seconds": 300}
-    run = airflow_home.dags_test(DAG_ID, conf, env={**conns(source.uri, target.uri), **FAST_POKES})
-    counts = writer.stop()
+    with write_blocking_source(source) as source_uri:
+        writer = Writer(source_uri, pause=0.05)
+        writer.start()
+        # The writer never stops by itself: it writes through the copy and the catch-up until the automatic
+        # cutover blocks user writes on the source; every write acknowledged before that must be on the target.
+        conf = {"strategy": "live_pull", "pull_engine": "native", "cutover": "auto", "source_write_block": "require",
+                "quiet_period_seconds": 2, "partition_docs": 1_000, "validation_mode": "full",
+                "cutover_timeout_seconds": 300}
+        run = airflow_home.dags_test(DAG_ID, conf, env={**conns(source_uri, target.uri), **FAST_POKES})
+        counts = writer.stop()
     assert run.succeeded, failure_text(run)
-    assert all(counts.values()), counts
+    assert all(counts.values()) and writer.refused == 1, (counts, writer.refused)
     assert "change stream resume point recorded" in run.output and "cutover complete" in run.output
+    assert "user writes are now BLOCKED on the source" in run.output
+    notes = reports_of(airflow_home, run.output)["notes"]
+    assert any("Writes were BLOCKED on the source" in n for n in notes), notes
+    assert "Late writes after the fence: none" in notes, notes
     with source.client() as src, target.client() as dst:
         namespaces = user_namespaces(src)
         assert namespaces == [("shop", "customers"), ("shop", "orders"), ("shop", "recent")]
@@ -107,7 +127,8 @@ def test_manual_cutover_waits_for_the_operator(airflow_home, source, target):  #
     writer = Writer(source.uri)
     writer.start()
     env = {**conns(source.uri, target.uri), **FAST_POKES}
-    conf = {"strategy": "live_pull", "pull_engine": "native", "cutover": "manual", "quiet_period_seconds": 2}
+    conf = {"strategy": "live_pull", "pull_engine": "native", "cutover": "manual", "quiet_period_seconds": 2,
+            "source_write_block": "off"}
     outcome: dict = {}
 
     def run_dag() -> None:
@@ -137,6 +158,40 @@ def test_manual_cutover_waits_for_the_operator(airflow_home, source, target):  #
     assert "was approved" in run.output
     with source.client() as src, target.client() as dst:
         assert_namespaces_identical(src, dst, user_namespaces(src))
+
+
+def test_writes_after_the_operators_statement_fail_the_cutover(airflow_home, source, target):  # noqa: F811
+    with source.client() as src:
+        seed(src)
+    writer = Writer(source.uri, pause=0.05)
+    writer.start()
+    env = {**conns(source.uri, target.uri), **FAST_POKES}
+    conf = {"strategy": "live_pull", "pull_engine": "native", "cutover": "manual", "quiet_period_seconds": 2,
+            "source_write_block": "off", "partition_docs": 1_000}
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(run=airflow_home.dags_test(DAG_ID, conf, env=env)))
+    runner.start()
+    with target.client() as dst:
+        deadline = time.monotonic() + 300
+        doc = None
+        while time.monotonic() < deadline and not doc:
+            doc = dst["__atlas_migration"].live_sync.find_one({"kind": "sync", "copy_finished": True})
+            time.sleep(1)
+        assert doc, "the live pull never finished its initial copy"
+        run_id = doc["sync_id"].split("/", 1)[1]
+    # The operator states that writes stopped, but the application keeps writing.
+    approved = airflow_home.airflow("variables", "set", f"atlas_migration_cutover__{DAG_ID}__{run_id}", "approved",
+                                    env=env)
+    assert approved.returncode == 0, approved.stderr
+    runner.join(timeout=600)
+    counts = writer.stop()
+    run = outcome["run"]
+    assert not run.succeeded, failure_text(run)
+    match = re.search(r"LateWrites: .*?(\d+) application write\(s\) reached the source after the cutover fence", run.output)
+    assert match and int(match.group(1)) > 0, failure_text(run)
+    assert "shop.orders (" in run.output and sum(counts.values()) > 0
+    # Failed once, not retried: a retry cannot make writes stop.
+    assert run.output.count("reached the source after the cutover fence") <= 2, failure_text(run)
 
 
 @pytest.fixture

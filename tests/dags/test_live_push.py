@@ -25,7 +25,7 @@ import requests
 from atlas_migration.approval import approval_key
 from devtools.airflow_env import REPO, AirflowHome, conn_env_name, mongo_connection_json
 from devtools.sample_data import seed_sample_dataset
-from tests.helpers import assert_namespaces_identical, user_namespaces
+from tests.helpers import assert_namespaces_identical, user_namespaces, write_blocking_source
 
 pytestmark = pytest.mark.integration
 DAG_ID = "mongo_to_atlas"
@@ -120,6 +120,14 @@ def env_for(stand_in: StandIn, source_uri: str, target_uri: str, *, atlas_privat
             "MIGRATION_POKE_INTERVAL_SECONDS": "1"}
 
 
+@pytest.fixture
+def fenced_source_uri(source):
+    """The source as the run's connection reaches it: where setUserWriteBlockMode works (the cutover fence
+    blocks user writes on it), through ``devtools.replica_set_proxy`` in front of the test server."""
+    with write_blocking_source(source) as uri:
+        yield uri
+
+
 def conf(**changes) -> dict:
     return {"strategy": "live_push", "source_managed_by": "cloud_manager", "source_project_id": CM_PROJECT,
             "source_cluster_name": "rs0", "target_cluster_name": "Cluster0", "migration_host": MIGRATION_HOST,
@@ -152,7 +160,7 @@ def assert_no_secrets(home: AirflowHome, run_output: str, secrets: list[str]) ->
             assert secret not in text, f"secret leaked into {where}"
 
 
-def test_auto_routes_to_push_defers_and_migrates_everything(airflow_home, stand_in_factory, source, target):
+def test_auto_routes_to_push_defers_and_migrates_everything(airflow_home, stand_in_factory, source, fenced_source_uri, target):
     """Happy path: routing picks push, the watch defers to the trigger, a 429 is retried, the stand-in copies
     the data at cutover, validate passes, clean-up removes the link; no key or token in logs or XCom."""
     with source.client() as src:
@@ -160,7 +168,7 @@ def test_auto_routes_to_push_defers_and_migrates_everything(airflow_home, stand_
     stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
     stand_in.fault(status=429, count=2, method="GET", path_regex="availableProjects$", retry_after=1)
 
-    run = airflow_home.dags_test(DAG_ID, conf(strategy="auto"), env=env_for(stand_in, source.uri, target.uri))
+    run = airflow_home.dags_test(DAG_ID, conf(strategy="auto"), env=env_for(stand_in, fenced_source_uri, target.uri))
 
     assert run.succeeded, failure_text(run)
     assert "strategy: live_push (chosen automatically; rule 'cloud_manager')" in run.output
@@ -175,6 +183,7 @@ def test_auto_routes_to_push_defers_and_migrates_everything(airflow_home, stand_
     (migration,) = state["migrations"].values()
     assert migration["copy_status"] == "done", migration
     assert stand_in.calls("PUT", "/cutover") == [202]
+    assert "user writes are now BLOCKED on the source" in run.output  # the fence, before Atlas cuts over
     stand_in.assert_cleaned_up()
     assert state["link_tokens"][0]["access_list_ips"] == ["10.20.0.0/24"]
     with source.client() as src, target.client() as dst:
@@ -188,8 +197,9 @@ def test_auto_routes_to_push_defers_and_migrates_everything(airflow_home, stand_
     assert_no_secrets(airflow_home, run.output, [ATLAS_PRIVATE, CM_PRIVATE, *tokens])
 
 
-def watch_and_approve(home: AirflowHome, stand_in: StandIn, seen: dict) -> None:
-    """While the run waits for approval: note whether a cutover was requested already, then approve."""
+def watch_and_approve(home: AirflowHome, stand_in: StandIn, seen: dict, answer: str = "approved") -> None:
+    """While the run waits for approval: note whether a cutover was requested already, then approve (or
+    set another ``answer``, such as ``rejected``)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         time.sleep(1)
@@ -206,12 +216,12 @@ def watch_and_approve(home: AirflowHome, stand_in: StandIn, seen: dict) -> None:
             seen["cutover_calls_before_approval"] = stand_in.calls("PUT", "/cutover")
             seen["migration_before_approval"] = next(iter(stand_in.get("state")["migrations"].values()), None)
             key = approval_key(DAG_ID, row[0])
-            result = home.airflow("variables", "set", key, "approved")
+            result = home.airflow("variables", "set", key, answer)
             seen["key"], seen["set"] = key, result.returncode
             return
 
 
-def test_manual_cutover_waits_for_the_approval_variable(airflow_home, stand_in_factory, source, target):
+def test_manual_cutover_waits_for_the_approval_variable(airflow_home, stand_in_factory, source, fenced_source_uri, target):
     """cutover=manual: the run waits (reschedule sensor) until the run's Variable says 'approved'; Atlas's
     first cutover answer is a refusal (400 not ready), which the run treats as 'wait', not as a failure."""
     with source.client() as src:
@@ -223,7 +233,7 @@ def test_manual_cutover_waits_for_the_approval_variable(airflow_home, stand_in_f
     approver = threading.Thread(target=watch_and_approve, args=(airflow_home, stand_in, seen), daemon=True)
     approver.start()
 
-    run = airflow_home.dags_test(DAG_ID, conf(cutover="manual"), env=env_for(stand_in, source.uri, target.uri))
+    run = airflow_home.dags_test(DAG_ID, conf(cutover="manual"), env=env_for(stand_in, fenced_source_uri, target.uri))
     approver.join(timeout=30)
 
     assert run.succeeded, failure_text(run)
@@ -245,12 +255,12 @@ def test_manual_cutover_waits_for_the_approval_variable(airflow_home, stand_in_f
     ({"migration_outcome": "FAILED", "migration_fail_after_seconds": 80},
      "FAILED (status FAILED"),
 ])
-def test_failures_end_the_run_and_clean_up(airflow_home, stand_in_factory, source, target, changes, expected):
+def test_failures_end_the_run_and_clean_up(airflow_home, stand_in_factory, source, fenced_source_uri, target, changes, expected):
     with source.client() as src:
         src.shop.orders.insert_one({"_id": 1})
     stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source), **changes))
 
-    run = airflow_home.dags_test(DAG_ID, conf(), env=env_for(stand_in, source.uri, target.uri))
+    run = airflow_home.dags_test(DAG_ID, conf(), env=env_for(stand_in, fenced_source_uri, target.uri))
 
     assert run.state == "failed", failure_text(run)
     assert expected in run.output, failure_text(run)
@@ -260,13 +270,13 @@ def test_failures_end_the_run_and_clean_up(airflow_home, stand_in_factory, sourc
         assert user_namespaces(dst) == []
 
 
-def test_expired_window_ends_a_run_waiting_for_approval(airflow_home, stand_in_factory, source, target):
+def test_expired_window_ends_a_run_waiting_for_approval(airflow_home, stand_in_factory, source, fenced_source_uri, target):
     with source.client() as src:
         src.shop.orders.insert_one({"_id": 1})
     # A 100-second window at 20x: the migration expires about 5 s after it is ready; nobody approves.
     stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source), cutover_window_seconds=100))
 
-    run = airflow_home.dags_test(DAG_ID, conf(cutover="manual"), env=env_for(stand_in, source.uri, target.uri))
+    run = airflow_home.dags_test(DAG_ID, conf(cutover="manual"), env=env_for(stand_in, fenced_source_uri, target.uri))
 
     assert run.state == "failed", failure_text(run)
     assert "EXPIRED: the 120-hour cutover window passed without a cutover" in run.output
@@ -275,13 +285,13 @@ def test_expired_window_ends_a_run_waiting_for_approval(airflow_home, stand_in_f
     assert stand_in.calls("PUT", "/cutover") == []
 
 
-def test_bad_credentials_fail_the_preflight_before_any_change(airflow_home, stand_in_factory, source, target):
+def test_bad_credentials_fail_the_preflight_before_any_change(airflow_home, stand_in_factory, source, fenced_source_uri, target):
     with source.client() as src:
         src.shop.orders.insert_one({"_id": 1})
     stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
     wrong = "Wr0ng-private-KEY-secret"
 
-    run = airflow_home.dags_test(DAG_ID, conf(), env=env_for(stand_in, source.uri, target.uri, atlas_private=wrong))
+    run = airflow_home.dags_test(DAG_ID, conf(), env=env_for(stand_in, fenced_source_uri, target.uri, atlas_private=wrong))
 
     assert run.state == "failed", failure_text(run)
     assert "live push pre-flight could not read Atlas / Cloud Manager" in run.output
@@ -290,3 +300,104 @@ def test_bad_credentials_fail_the_preflight_before_any_change(airflow_home, stan
     state = stand_in.get("state")
     assert state["link_tokens"] == [] and state["migrations"] == {} and state["validations"] == {}
     assert wrong not in run.output
+
+
+def start_outage_once_started(stand_in: StandIn, seconds: float, seen: dict) -> None:
+    """As soon as the migration exists (wait_for_sync is about to watch it): every API call fails for
+    ``seconds`` (503), while the migration goes on in the stand-in."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if stand_in.get("state")["migrations"]:
+            requests.post(f"{stand_in.url}/__test__/outage", json={"seconds": seconds}, timeout=5).raise_for_status()
+            seen["outage_started"] = time.monotonic()
+            return
+        time.sleep(0.2)
+
+
+def run_variables(home: AirflowHome, prefix: str) -> dict[str, str]:
+    """The module's run Variables with ``prefix``, read through the CLI (values are stored encrypted)."""
+    with sqlite3.connect(home.path / "airflow.db") as db:
+        keys = [k for (k,) in db.execute("SELECT key FROM variable WHERE key LIKE ?", (f"{prefix}__{DAG_ID}__%",))]
+    return {key: home.airflow("variables", "get", key).stdout.strip() for key in keys}
+
+
+def task_states(home: AirflowHome, run_id_like: str = "%") -> dict[str, str]:
+    with sqlite3.connect(home.path / "airflow.db") as db:
+        rows = db.execute("SELECT ti.task_id, ti.state FROM task_instance ti JOIN dag_run dr ON dr.dag_id = ti.dag_id "
+                          "AND dr.run_id = ti.run_id WHERE ti.dag_id = ? AND dr.run_id LIKE ? "
+                          "ORDER BY dr.id", (DAG_ID, run_id_like)).fetchall()
+    return dict(rows)  # the module's last run wins
+
+
+def test_a_30_second_api_outage_during_wait_for_sync_does_not_end_the_migration(airflow_home, stand_in_factory, fenced_source_uri,
+                                                                               source, target):
+    """Issue 11.7: every Atlas / Cloud Manager call fails (503) for 30 s while wait_for_sync watches; the
+    trigger rides it out (the hook alone gives up after a few seconds), the link stays, one migration only,
+    and the run completes."""
+    with source.client() as src:
+        src.shop.orders.insert_many([{"_id": i, "v": i} for i in range(200)])
+    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
+    seen: dict = {}
+    outage = threading.Thread(target=start_outage_once_started, args=(stand_in, 30, seen), daemon=True)
+    outage.start()
+
+    run = airflow_home.dags_test(DAG_ID, conf(api_outage_tolerance_seconds=120),
+                                 env=env_for(stand_in, fenced_source_uri, target.uri))
+    outage.join(timeout=5)
+
+    assert run.succeeded, failure_text(run)
+    assert "outage_started" in seen, "the outage never started"
+    log = [r for r in stand_in.get("requests") if r.get("outage")]
+    assert log and all(r["status"] == 503 for r in log), "no call met the outage"
+    assert any("/liveMigrations/" in r["path"] for r in log), "wait_for_sync never polled during the outage"
+    assert "the Atlas API failed: " in run.output and "the API has been failing for" in run.output
+    assert "the Atlas API answers again after" in run.output
+    calls = stand_in.get("requests")
+    creates = [r for r in calls if r["method"] == "POST" and r["path"].endswith("/liveMigrations")
+               and r["status"] == 201]
+    assert len(creates) == 1, "a second live migration was created"
+    order = [(r["method"], r["path"].rsplit("/", 1)[-1]) for r in calls if r["status"] < 400]
+    assert order.index(("PUT", "cutover")) < order.index(("DELETE", "migrationLink")), \
+        "the link was removed before the cutover"
+    stand_in.assert_cleaned_up()  # COMPLETE: now the link goes
+    (migration_id,) = stand_in.get("state")["migrations"]
+    records = [json.loads(v) for v in run_variables(airflow_home, "atlas_migration_live_push").values()]
+    assert {"state": "created", "migration_id": migration_id}.items() <= records[-1].items()
+    with target.client() as dst:
+        assert dst.shop.orders.count_documents({}) == 200
+
+
+@pytest.mark.parametrize("on_failure", ["keep_migration"])  # "abandon" works too; tests/test_live_push.py has it
+def test_an_upstream_failure_keeps_the_running_migration_unless_abandoned(airflow_home, stand_in_factory, source, fenced_source_uri,
+                                                                          target, on_failure):
+    """The operator rejects the cutover (a task of the run fails) while the migration is WORKING: the
+    teardown keeps the link and says how to go on (and does not fail itself); with on_failure=abandon it
+    removes the link and the link-tokens (measured passing as a DAG run too; the cheaper
+    ``test_cleanup_keeps_the_link_of_a_running_migration_unless_abandoned`` covers it in the suite)."""
+    with source.client() as src:
+        src.shop.orders.insert_one({"_id": 1})
+    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
+    seen: dict = {}
+    rejecter = threading.Thread(target=watch_and_approve, args=(airflow_home, stand_in, seen, "rejected"),
+                                daemon=True)
+    rejecter.start()
+
+    run = airflow_home.dags_test(DAG_ID, conf(cutover="manual", on_failure=on_failure),
+                                 env=env_for(stand_in, fenced_source_uri, target.uri))
+    rejecter.join(timeout=30)
+
+    assert run.state == "failed", failure_text(run)
+    assert "the cutover was rejected by an operator" in run.output
+    state = stand_in.get("state")
+    (migration,) = state["migrations"].values()
+    assert migration["cutover_at"] is None and stand_in.calls("PUT", "/cutover") == []
+    states = task_states(airflow_home)
+    assert states["live_push.cleanup"] == "success", states
+    if on_failure == "keep_migration":
+        assert state["migration_links"], "the link of a running migration was removed"
+        assert not any(t["revoked"] for t in state["link_tokens"]), "the link-tokens were revoked"
+        assert f"live migration {migration['id']} is still WORKING in Atlas" in run.output
+        assert "to abandon the migration instead: airflow variables set 'atlas_migration_abandon__" in run.output
+    else:
+        stand_in.assert_cleaned_up()
+        assert "an operator abandoned live migration" in run.output and "param on_failure=abandon" in run.output

@@ -37,6 +37,7 @@ from atlas_migration.engines.live import (
     partitions_from_boundaries,
 )
 from atlas_migration.errors import ConfigurationError, ImpossibleStrategy, MigrationError, TargetNotEmpty
+from atlas_migration.fence import LateWrites, take_fence
 from atlas_migration.namespaces import NamespaceFilter
 from devtools.mongo_servers import start_server
 from tests.helpers import assert_namespaces_identical, raw_documents, user_namespaces
@@ -61,6 +62,11 @@ def initial_copy(sync: LiveSync, drop: bool = False) -> list[Partition]:
         sync.copy_partition(Partition.from_dict(json.loads(json.dumps(partition.to_dict()))))
     sync.finish_initial_copy()
     return partitions
+
+
+def fence_now(source_client):
+    """The operator's statement "writes have stopped" (no write blocking on the test server)."""
+    return take_fence(source_client, block=False)
 
 
 def state_doc(target_client, sync_id: str = "test-sync") -> dict:
@@ -266,8 +272,8 @@ def test_live_pull_under_concurrent_writes_converges_exactly(source, target):
             writer.join(10)
         assert writer.error is None, writer.error
         assert at_start > 0 and after_copy > at_start and writer.ops > after_copy  # writes in every phase
-        final = sync.cutover(quiet_seconds=1.0, timeout=60)
-        assert final.stopped_because == "quiet"
+        final = sync.cutover(fence_now(src), grace_seconds=1.0, timeout=60)
+        assert final.stopped_because == "fence" and final.fence["how"] == "operator_statement"
         assert state_doc(dst)["status"] == "complete"
         assert StartPoint.from_dict(json.loads(state_doc(dst)["start"])) == point
         compared = assert_namespaces_identical(src, dst, user_namespaces(src))
@@ -280,32 +286,85 @@ def test_live_pull_under_concurrent_writes_converges_exactly(source, target):
             sync.catch_up(max_seconds=1)
 
 
-def test_cutover_refuses_while_writes_continue(source, target):
+def test_writes_after_the_fence_fail_the_cutover_with_their_count(source, target):
     with source.client() as src, target.client() as dst:
         src.busy.c.insert_many([{"_id": i} for i in range(10)])
+        src.busy.quiet.insert_one({"_id": 1})
         sync = make_sync(src, dst, ["busy.*"])
         initial_copy(sync)
         halt = threading.Event()
+        written = Counter()
 
         def keep_writing() -> None:
             n = 0
             while not halt.is_set():
                 src.busy.c.update_one({"_id": n % 10}, {"$inc": {"n": 1}})
+                written["c"] += 1
                 n += 1
                 time.sleep(0.05)
 
         thread = threading.Thread(target=keep_writing, daemon=True)
         thread.start()
         try:
-            with pytest.raises(MigrationError, match="still arriving"):
-                sync.cutover(quiet_seconds=1.0, timeout=2.5)
+            time.sleep(0.5)
+            fence = fence_now(src)  # the operator says writes stopped; they have not
+            with pytest.raises(LateWrites, match=r"busy\.c \(\d+\)") as failure:
+                sync.cutover(fence, grace_seconds=1.5, timeout=30)
         finally:
             halt.set()
             thread.join(5)
-        assert state_doc(dst)["status"] != "complete"
-        sync.cutover(quiet_seconds=0.5, timeout=30)  # once writes have stopped
-        assert state_doc(dst)["status"] == "complete"
-        assert_namespaces_identical(src, dst, [("busy", "c")])
+        assert set(failure.value.late) == {"busy.c"} and failure.value.late["busy.c"] >= 5
+        doc = state_doc(dst)
+        assert doc["status"] != "complete" and doc["fence"]["late_writes"] == failure.value.late
+        # The late writes were applied (the sync keeps running): once writes really stop, a new statement
+        # and fence cut over cleanly.
+        final = sync.cutover(fence_now(src), grace_seconds=0.5, timeout=30)
+        assert final.late_writes == {} and state_doc(dst)["status"] == "complete"
+        assert_namespaces_identical(src, dst, [("busy", "c"), ("busy", "quiet")])
+
+
+def test_cutover_stops_at_a_commit_point_without_applying_later_writes(source, target):
+    with source.client() as src, target.client() as dst:
+        src.cp.c.insert_many([{"_id": i} for i in range(5)])
+        sync = make_sync(src, dst, ["cp.*"])
+        initial_copy(sync)
+        src.cp.c.insert_one({"_id": "before"})
+        point = fence_now(src)
+        src.cp.c.insert_one({"_id": "after"})
+        sync.cutover(point, grace_seconds=0, timeout=30, apply_after_fence=False)
+        assert dst.cp.c.find_one({"_id": "before"}) is not None
+        assert dst.cp.c.find_one({"_id": "after"}) is None
+
+
+def test_an_update_whose_lookup_finds_nothing_is_rechecked_at_cutover(source, target):
+    with source.client() as src, target.client() as dst:
+        src.nl.a.insert_many([{"_id": i, "v": 1} for i in range(20)])
+        sync = make_sync(src, dst, ["nl.*"])
+        initial_copy(sync)
+        # Deterministically: by the time catch-up looks the update up, the collection has been renamed, so
+        # updateLookup returns null although no delete follows. Skipping it would leave v=1 on the target.
+        src.nl.a.update_one({"_id": 7}, {"$set": {"v": 2, "w": "x"}})
+        src.nl.a.rename("b")
+        sync.catch_up()
+        assert dst.nl.b.find_one({"_id": 7})["v"] == 1  # the update could not be applied from the stream
+        assert sync.pending_rechecks() == 1
+        final = sync.cutover(fence_now(src), grace_seconds=0.5, timeout=30)
+        assert final.rechecked == 1 and sync.pending_rechecks() == 0
+        assert dst.nl.b.find_one({"_id": 7}) == {"_id": 7, "v": 2, "w": "x"}
+        assert_namespaces_identical(src, dst, user_namespaces(src))
+
+
+def test_a_unique_index_on_a_pre_existing_target_fails_the_copy_naming_it(source, target):
+    with source.client() as src, target.client() as dst:
+        src.uq.people.insert_many([{"_id": 1, "email": "a@x"}, {"_id": 2, "email": "a@x"}, {"_id": 3, "email": "b@x"}])
+        dst.uq.people.create_index("email", unique=True)  # pre-created in Atlas, empty
+        sync = make_sync(src, dst, ["uq.*"])
+        sync.start()
+        (partition,) = sync.plan_partitions()
+        sync.prepare_targets()
+        with pytest.raises(MigrationError, match=r"_id 2 of uq\.people violates the target's unique index email_1"):
+            sync.copy_partition(partition)
+        assert sync._state.find_one({"_id": sync._partition_key(partition.id)})["done"] is False
 
 
 def test_killed_copy_resumes_from_its_checkpoint_without_duplicates(source, target):
@@ -484,7 +543,7 @@ def test_ddl_events_are_applied(source, target):
         # index is absent until then; SecantusDB's event lacks the options, so it exists without them.)
         assert not dst.ddl.fresh.index_information().get("x_unique", {}).get("unique")
 
-        sync.cutover(quiet_seconds=0.5, timeout=30)
+        sync.cutover(fence_now(src), grace_seconds=0.5, timeout=30)
         assert dst.ddl.fresh.index_information()["x_unique"]["unique"] is True
         assert_namespaces_identical(src, dst, user_namespaces(src))
         assert {n for n in user_namespaces(dst) if n[0] == "ddl"} == set(user_namespaces(src))
@@ -559,3 +618,26 @@ def test_trimmed_oplog_raises_history_lost(tmp_path, target):
             assert sync.estimate_copy_seconds(10.0) == 2.0  # the plan's 20 documents at 10 docs/s
     finally:
         server.destroy()
+
+
+def test_a_target_document_changed_behind_the_engines_back_is_reported_and_repaired_at_cutover(source, target):
+    from atlas_migration.engines.verifier import LiveVerifier
+
+    with source.client() as src, target.client() as dst:
+        src.vf.c.insert_many([{"_id": i, "v": i, "doc": {"a": 1, "b": [1, 2]}} for i in range(50)])
+        sync = make_sync(src, dst, ["vf.*"])
+        verifier = LiveVerifier(src, dst, sync_id=sync.sync_id, state_db=STATE_DB)
+        sync.changed_listener, sync.rename_listener = verifier.note_changed, verifier.rename_namespace
+        partitions = initial_copy(sync)
+        dst.vf.c.update_one({"_id": 7}, {"$set": {"doc.b.1": 3}})  # behind the engine's back
+        src.vf.c.update_one({"_id": 8}, {"$set": {"v": -8}})  # a real change, replayed
+        sync.catch_up()
+        for partition in partitions:
+            verifier.compare_partition(partition)
+        (mismatch,) = verifier.open_mismatches()
+        assert mismatch["ns"] == "vf.c" and mismatch["_id"] == 7 and mismatch["field"] == "doc.b.1"
+        assert verifier.recheck().clean is False  # still different: it would block the cutover
+        final = sync.cutover(fence_now(src), grace_seconds=0.5, timeout=30, verifier=verifier)
+        assert final.rechecked >= 1 and verifier.summary()["clean"]
+        assert verifier.summary()["mismatches"]["resolved"] == 1
+        assert_namespaces_identical(src, dst, [("vf", "c")])

@@ -64,6 +64,7 @@ from atlas_migration.errors import (
     MigrationError,
     TargetNotEmpty,
 )
+from atlas_migration.fence import Fence
 from atlas_migration.namespaces import SYSTEM_DATABASES, NamespaceFilter, is_never_migrated
 from atlas_migration.progress import DEFAULT_INTERVAL_SECONDS, Progress
 
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_COLLECTION = "live_sync"
+RECHECK_COLLECTION = "live_recheck"
 """State collection schema (on the target, ``<state_db>.live_sync``):
 
 sync document, ``_id: <sync_id>``::
@@ -82,11 +84,18 @@ sync document, ``_id: <sync_id>``::
     kind: "sync", sync_id, status: "copying" | "catching_up" | "complete" | "history_lost",
     config: {include, exclude, target_db_prefix},      # a later run with other settings is refused
     expanded_events: bool,                             # showExpandedEvents (6.0+): DDL in the stream
+    split_events: bool,                                # $changeStreamSplitLargeEvent (6.0.9+/7.0+) in the pipeline
+    fence: {op_time, blocked, how, taken_at, late_writes} | null,   # the cutover fence (atlas_migration.fence)
+    rechecks_applied: int,                             # recheck-set documents re-read from the source at cutover
     start: "<StartPoint JSON>",                         # never changed once written
     resume_token: <BSON token>,                        # where catch_up resumes (advanced per batch)
     last_applied_cluster_time: Timestamp, events_applied: int,
     planned, targets_prepared, copy_finished: bool, planned_cluster_time, copy_finished_cluster_time,
     history_lost: str | null, completed_at, created_at, updated_at
+
+recheck documents (``<state_db>.live_recheck``), ``_id: {sync_id, db, coll, id: <the document's _id>}``::
+
+    reason: "null_lookup", at: ISO time      # an update whose updateLookup returned no document
 
 partition document, ``_id: {sync_id, partition: "<db>.<coll>#<index>"}``::
 
@@ -118,6 +127,7 @@ _DUPLICATE_KEY = 11000
 _NAMESPACE_NOT_FOUND = 26
 _INDEX_NOT_FOUND = 27
 _NAMESPACE_EXISTS = 48
+_BSON_OBJECT_TOO_LARGE = 10334
 _INDEX_CONFLICT_CODES = frozenset({68, 85, 86})  # IndexAlreadyExists, IndexOptionsConflict, IndexKeySpecsConflict
 # The copy must finish, and catch_up must start, well inside the oplog window: retries and slow partitions
 # eat into it, and the write rate during the copy decides how fast the window shrinks.
@@ -137,6 +147,10 @@ class HistoryLost(MigrationError):
 
 class UnsafeDDL(MigrationError):
     """A DDL event that cannot be replayed without risking a wrong target (e.g. a rename during the copy)."""
+
+
+class EventTooLarge(MigrationError):
+    """A change event over 16 MiB on a source without ``$changeStreamSplitLargeEvent``: no retry can help."""
 
 
 # ------------------------------------------------------------------------------------------- small values
@@ -261,7 +275,10 @@ class CatchUpResult:
     last_applied_cluster_time: list[int] | None
     lag_seconds: float | None
     resume_token: dict[str, Any] | None
-    stopped_because: str  # "lag_ok" | "max_seconds" | "quiet" | "until"
+    stopped_because: str  # "lag_ok" | "max_seconds" | "quiet" | "until" | "fence" | "complete"
+    late_writes: dict[str, int] = field(default_factory=dict)  # namespace -> writes after the cutover fence
+    fence: dict[str, Any] | None = None  # the cutover fence (atlas_migration.fence.Fence.to_dict())
+    rechecked: int = 0  # recheck-set documents re-read from the source at cutover
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -495,11 +512,41 @@ def check_oplog_window(window_hours: float | None, estimated_copy_seconds: float
 
 
 # ------------------------------------------------------------------------------------------ target writes
+def _is_id_duplicate(error: Mapping[str, Any]) -> bool:
+    """A duplicate-key write error on the ``_id`` index (the document is already there), as opposed to one
+    on a unique secondary index (another document holds the key: the document would be lost)."""
+    if error.get("code") != _DUPLICATE_KEY:
+        return False
+    pattern = error.get("keyPattern")
+    if isinstance(pattern, Mapping):
+        return list(pattern.keys()) == ["_id"]
+    # Servers before 4.4 name the index only in the message.
+    return " index: _id_ " in str(error.get("errmsg") or "")
+
+
+def _duplicate_key_message(collection: Collection, error: Mapping[str, Any], batch: list[RawBSONDocument]) -> str:
+    op = error.get("op")
+    doc_id = op.get("_id") if isinstance(op, Mapping) else None
+    if doc_id is None and isinstance(error.get("index"), int) and error["index"] < len(batch):
+        doc_id = batch[error["index"]]["_id"]
+    pattern = error.get("keyPattern")
+    match = re.search(r" index: (\S+) dup key", str(error.get("errmsg") or ""))
+    index = match.group(1) if match else (json.dumps(id_to_json(dict(pattern))) if pattern else "a unique index")
+    return (f"document _id {json.dumps(id_to_json(doc_id))} of {collection.full_name} violates the target's unique "
+            f"index {index} (key {json.dumps(id_to_json(dict(pattern))) if isinstance(pattern, Mapping) else '?'}): "
+            "another target document already holds that key, so the document cannot be copied. The target "
+            "collection existed before this run with a unique index the source does not enforce (or data the source "
+            "no longer has). Nothing was skipped: drop or fix the target collection (drop_target=true replaces it), "
+            "then run again")
+
+
 def _insert_tolerating_duplicates(collection: Collection, batch: list[RawBSONDocument], *, ordered: bool) -> int:
     """Insert a batch; documents already present (same ``_id``) are skipped. Returns how many were inserted.
 
     A copy that crashed between inserting a batch and saving its checkpoint re-inserts that batch: the
-    target's version is left alone, since any later change to the document is replayed by catch_up.
+    target's version is left alone, since any later change to the document is replayed by catch_up. A
+    duplicate key on any OTHER unique index means a document would be dropped: that fails, naming the
+    namespace, the index and the ``_id``.
     """
     from pymongo.errors import BulkWriteError
 
@@ -511,6 +558,9 @@ def _insert_tolerating_duplicates(collection: Collection, batch: list[RawBSONDoc
             return inserted + len(pending)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors") or []
+            unique = [e for e in errors if e.get("code") == _DUPLICATE_KEY and not _is_id_duplicate(e)]
+            if unique:
+                raise MigrationError(_duplicate_key_message(collection, unique[0], pending)) from None
             other = [e for e in errors if e.get("code") != _DUPLICATE_KEY]
             if other or not errors:
                 first = (other or [{}])[0]
@@ -524,6 +574,22 @@ def _insert_tolerating_duplicates(collection: Collection, batch: list[RawBSONDoc
             # Ordered (capped collections keep insertion order): continue after the duplicate.
             pending = pending[errors[0]["index"] + 1:]
     return inserted
+
+
+def _merge_fragments(fragments: list[RawBSONDocument]) -> RawBSONDocument:
+    """One event from the fragments ``$changeStreamSplitLargeEvent`` made of it: the top-level fields of
+    every fragment in order, and the LAST fragment's resume token as ``_id`` (resuming after it resumes
+    after the whole event). Values stay raw BSON, so documents keep their exact bytes."""
+    import bson
+
+    merged = SON()
+    for fragment in fragments:
+        for key, value in fragment.items():
+            if key not in ("_id", "splitEvent"):
+                merged[key] = value
+    merged["_id"] = fragments[-1]["_id"]
+    fragments.clear()
+    return RawBSONDocument(bson.encode(merged, codec_options=RAW_CODEC), RAW_CODEC)
 
 
 def _normalised_index(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -542,6 +608,7 @@ class _Follow:
     last_event_at: float = field(default_factory=time.monotonic)
     caught_up_once: bool = False
     caught_up_to: Timestamp | None = None
+    late: dict[str, int] = field(default_factory=dict)  # namespace -> events after the fence
 
 
 class LiveSync:
@@ -585,6 +652,11 @@ class LiveSync:
         # ("catch_up") has been written to the target and BEFORE its checkpoint/resume token is saved,
         # the worst moment for a crash. Raising from it simulates a killed task.
         self.fault_hook: Callable[[str, int], None] | None = None
+        # Called after every applied batch with the (source db, collection, _id) of the documents the batch
+        # changed: the verifier queues them for recheck.
+        self.changed_listener: Callable[[list[tuple[str, str, Any]]], None] | None = None
+        # Called when a rename is replayed (source db, coll, new db, new coll): the verifier moves its queue.
+        self.rename_listener: Callable[[str, str, str, str], Any] | None = None
 
     # ------------------------------------------------------------------------------------------ state
     @property
@@ -666,17 +738,29 @@ class LiveSync:
         # showExpandedEvents (DDL events such as createIndexes) exists from 6.0, wire version 17.
         return int(self.source.admin.command("hello").get("maxWireVersion") or 0) >= 17
 
-    def _pipeline(self) -> list[dict[str, Any]]:
+    def _supports_split_events(self) -> bool:
+        # $changeStreamSplitLargeEvent: MongoDB 7.0+, backported to 6.0.9.
+        version = str(self.source.admin.command("buildInfo").get("version") or "0")
+        parts = tuple(int(p) for p in re.findall(r"\d+", version)[:3]) + (0, 0, 0)
+        return parts[:2] >= (7, 0) or (parts[:2] == (6, 0) and parts[2] >= 9)
+
+    def _pipeline(self, split: bool = False) -> list[dict[str, Any]]:
         # Identical for every stream of a sync (resume tokens are only valid for the same pipeline). The
         # $match drops system and bookkeeping databases server-side; the namespace patterns are applied
         # here. updateDescription is unused (the looked-up document is applied) and can be as large as the
-        # document, so it is dropped to keep events under the 16 MiB limit.
-        return [
+        # document, so it is dropped to keep events under the 16 MiB limit. An event that is still larger
+        # (a document near 16 MiB plus the event's envelope) is split into fragments by the server where it
+        # can (the stage must come last) and reassembled here.
+        pipeline: list[dict[str, Any]] = [
             {"$match": {"ns.db": {"$nin": sorted({*SYSTEM_DATABASES, self.state_db})}}},
             {"$project": {"updateDescription": 0}},
         ]
+        if split:
+            pipeline.append({"$changeStreamSplitLargeEvent": {}})
+        return pipeline
 
-    def _open_stream(self, *, expanded: bool, resume_after: Mapping[str, Any] | None = None, session=None):
+    def _open_stream(self, *, expanded: bool, split: bool = False, resume_after: Mapping[str, Any] | None = None,
+                     session=None):
         from pymongo.change_stream import ClusterChangeStream
 
         # client.watch() decodes events with the client's document class; events here must stay raw BSON
@@ -685,7 +769,7 @@ class LiveSync:
         # what MongoClient.watch builds, with the codec changed.
         stream = ClusterChangeStream(
             self.source.get_database("admin", codec_options=RAW_CODEC),
-            self._pipeline(),
+            self._pipeline(split),
             "updateLookup",
             resume_after,
             self.max_await_ms,
@@ -742,9 +826,10 @@ class LiveSync:
                 "replica set"
             )
         expanded = self._supports_expanded_events()
+        split = self._supports_split_events()
         with self.source.start_session() as session:
             try:
-                stream = self._open_stream(expanded=expanded, session=session)
+                stream = self._open_stream(expanded=expanded, split=split, session=session)
             except OperationFailure as exc:
                 raise MigrationError(
                     f"cannot open a change stream on the source (code {exc.code}): {_server_message(exc)}") from None
@@ -759,7 +844,8 @@ class LiveSync:
         point = StartPoint(_token_to_json(token) or {}, _ts_list(cluster_time) or [0, 0], _utc_now())
         doc = {
             "_id": self.sync_id, "kind": "sync", "sync_id": self.sync_id, "status": "copying",
-            "config": self._config(), "expanded_events": expanded, "start": json.dumps(point.to_dict()),
+            "config": self._config(), "expanded_events": expanded, "split_events": split,
+            "fence": None, "rechecks_applied": 0, "start": json.dumps(point.to_dict()),
             "resume_token": _token_from_json(point.resume_token), "last_applied_cluster_time": cluster_time,
             "events_applied": 0, "planned": False, "targets_prepared": False, "copy_finished": False,
             "copy_finished_cluster_time": None, "history_lost": None, "completed_at": None,
@@ -910,7 +996,7 @@ class LiveSync:
                                    _json_or_none(state.get("last_id")), True)
 
         checkpoint = None if stored.capped else _json_or_none(state.get("last_id"))
-        source = self.source[stored.db].get_collection(stored.collection, codec_options=RAW_CODEC)
+        source = self._copy_source(stored.db, stored.collection)
         if stored.capped:
             # Insertion order is what a capped collection means: copy it whole in natural order. A resumed
             # copy starts over; documents already there are skipped (ordered, so the order is kept).
@@ -950,6 +1036,17 @@ class LiveSync:
         progress.finish()
         return PartitionResult(partition.id, done["documents"], done["bytes"], time.monotonic() - started,
                                checkpoint)
+
+    def _copy_source(self, db: str, coll: str) -> Collection:
+        """The source collection as the initial copy must read it, whatever the connection's extras say: from
+        the primary with read concern majority. The start point was taken on the primary before the copy; a
+        lagging secondary could serve a document older than the start point, whose later writes the change
+        stream then never replays, and a non-majority read could copy a write that is later rolled back."""
+        from pymongo import ReadPreference
+        from pymongo.read_concern import ReadConcern
+
+        return self.source[db].get_collection(coll, codec_options=RAW_CODEC, read_preference=ReadPreference.PRIMARY,
+                                              read_concern=ReadConcern("majority"))
 
     def _raw_batches(self, cursor: Iterable[RawBSONDocument]) -> Iterator[tuple[list[RawBSONDocument], int]]:
         batch: list[RawBSONDocument] = []
@@ -1058,77 +1155,37 @@ class LiveSync:
 
         ``catch_up(until_cluster_time=...)`` checks its stop condition per flushed batch, so it may apply
         events past the point that arrived in the same batch. This stops at the first event after the point
-        without applying it, and saves the resume token of the last event at or before it, so that a later
-        catch-up would deliver that event again rather than skip it. The point is reached when such an event
-        arrives, or when an empty batch follows a majority-committed op time at or past the point (nothing at
-        or before it is still to come). Raises ``MigrationError`` when the point is not reached in ``timeout``
-        seconds (a point in the future, or a source whose majority point does not advance).
+        without applying it (``_follow`` with ``apply_after_fence=False``: the saved resume token stays before
+        it), or once an empty batch follows a majority-committed op time at or past the point (nothing at or
+        before it is still to come). Raises ``MigrationError`` when the point is not reached in ``timeout``
+        seconds; what was applied is at or before the point either way.
         """
-        from pymongo.errors import OperationFailure
-
         point = _ts_from(cluster_time)
         if point is None:
             raise ConfigurationError("drain_to needs a cluster time ([seconds, increment] or a Timestamp)")
-        sync = self._require_sync("copy_finished")
-        if sync.get("completed_at"):
-            raise ConfigurationError(f"live pull '{self.sync_id}' was cut over at {sync['completed_at']}: nothing "
-                                     "is replayed onto it any more")
-        applier = _EventApplier(self, sync)
-        applied_to: Timestamp | None = sync.get("last_applied_cluster_time")
-        token: Any = None
-        events = 0
-        deadline = time.monotonic() + timeout
-        next_probe = 0.0
-        majority: Timestamp | None = None
-        reached = False
-        try:
-            stream = self._open_stream(expanded=bool(sync.get("expanded_events")), resume_after=sync["resume_token"])
-        except OperationFailure as exc:
-            if exc.code in HISTORY_LOST_CODES:
-                raise self._history_lost(exc, _ts_list(applied_to)) from None
-            raise MigrationError(
-                f"cannot resume the source's change stream (code {exc.code}): {_server_message(exc)}") from None
-        with stream:
-            while not reached:
-                if time.monotonic() >= deadline:
-                    applier.flush()
-                    self._save_position(token, applied_to, applier.take_count())
-                    raise MigrationError(
-                        f"live pull '{self.sync_id}': the change stream did not reach cluster time "
-                        f"{_ts_list(point)} within {timeout:.0f} s (last applied {_ts_list(applied_to)}, source "
-                        f"majority point {_ts_list(majority)}); events up to there are applied, none after the point")
-                if time.monotonic() >= next_probe:
-                    _, majority = self._source_times()  # before the getMore, as in _follow
-                    next_probe = time.monotonic() + 0.5
-                try:
-                    change = stream.try_next()
-                except OperationFailure as exc:
-                    if exc.code in HISTORY_LOST_CODES:
-                        raise self._history_lost(exc, _ts_list(applied_to)) from None
-                    raise MigrationError(f"the source's change stream failed (code {exc.code}): "
-                                         f"{_server_message(exc)}. The saved resume token is unchanged") from None
-                if change is None:
-                    if majority is not None and majority >= point:
-                        # Nothing at or before the point is still to come: the empty batch's resume token
-                        # is safe to keep (no event between the last one and it was skipped).
-                        reached, token, applied_to = True, stream.resume_token, point
-                    continue
-                if change["clusterTime"] > point:
-                    reached = True  # not applied; the token stays at the previous event
-                    break
-                applied, _ = applier.add(change)
-                events += int(applied)
-                token, applied_to = change["_id"], change["clusterTime"]
-                if applier.pending >= self.batch_size:
-                    applier.flush()
-                    self._save_position(token, applied_to, applier.take_count())
-        applier.flush()
-        self._save_position(token, applied_to, applier.take_count())
-        self.log.info("live pull %s: drained to cluster time %s (%d events applied, none after it)", self.sync_id,
-                      _ts_list(point), events)
-        return CatchUpResult(events, _ts_list(applied_to), 0.0, _token_to_json(token), "until")
 
-    def _follow(self, stop_reason: Callable[[_Follow, float | None, float], str | None]) -> CatchUpResult:
+        def reached(follow: _Follow, lag: float | None, elapsed: float) -> str | None:
+            if follow.caught_up_to is not None and follow.caught_up_to >= point:
+                return "until"
+            return "max_seconds" if elapsed >= timeout else None
+
+        result = self._follow(reached, fence=point, apply_after_fence=False)
+        if result.stopped_because == "max_seconds":
+            raise MigrationError(
+                f"live pull '{self.sync_id}': the change stream did not reach cluster time {_ts_list(point)} within "
+                f"{timeout:.0f} s (last applied {result.last_applied_cluster_time}); nothing after the point was "
+                "applied")
+        self.log.info("live pull %s: drained to cluster time %s (%d events applied, none after it)", self.sync_id,
+                      _ts_list(point), result.events_applied)
+        return result
+
+    def _follow(self, stop_reason: Callable[[_Follow, float | None, float], str | None], *,
+                fence: Timestamp | None = None, apply_after_fence: bool = True) -> CatchUpResult:
+        """Read the change stream from the saved resume token and apply it until ``stop_reason`` says stop.
+
+        With a ``fence``: every event after it on a selected namespace is counted in ``late`` (by
+        namespace); ``apply_after_fence=False`` stops at the first event after the fence without applying
+        it (the saved resume token stays before it)."""
         from pymongo.errors import OperationFailure
 
         sync = self._require_sync("copy_finished")
@@ -1146,14 +1203,17 @@ class LiveSync:
         observed_majority: Timestamp | None = None
         next_probe = 0.0
         reason: str | None = None
+        fragments: list[RawBSONDocument] = []
         try:
-            stream = self._open_stream(expanded=bool(sync.get("expanded_events")), resume_after=sync["resume_token"])
+            stream = self._open_stream(expanded=bool(sync.get("expanded_events")), split=bool(sync.get("split_events")),
+                                       resume_after=sync["resume_token"])
         except OperationFailure as exc:
             if exc.code in HISTORY_LOST_CODES:
                 raise self._history_lost(exc, _ts_list(follow.last_cluster_time)) from None
             raise MigrationError(
                 f"cannot resume the source's change stream (code {exc.code}): {_server_message(exc)}") from None
         with stream:
+            saved_token = token_before = stream.resume_token
             while reason is None:
                 if time.monotonic() >= next_probe:
                     # Observed BEFORE the next getMore: an empty batch afterwards proves that every majority-
@@ -1162,16 +1222,32 @@ class LiveSync:
                     next_probe = time.monotonic() + 1.0
                     if latest is not None and follow.last_cluster_time is not None:
                         lag = max(0.0, float(latest.time - follow.last_cluster_time.time))
+                if not fragments:  # the token before a whole event, not before its last fragment
+                    token_before = stream.resume_token
                 try:
-                    change = stream.try_next()
+                    change = self._next_event(stream, fragments)
                 except OperationFailure as exc:
                     if exc.code in HISTORY_LOST_CODES:
                         raise self._history_lost(exc, _ts_list(follow.last_cluster_time)) from None
+                    if exc.code == _BSON_OBJECT_TOO_LARGE:
+                        raise self._event_too_large(exc, follow.last_cluster_time) from None
                     raise MigrationError(
                         f"the source's change stream failed (code {exc.code}): {_server_message(exc)}. The saved "
                         "resume token is unchanged: run catch_up again once the cause is fixed"
                     ) from None
+                if change is None and fragments:
+                    continue  # part of a split event: never checkpoint in the middle of one
                 if change is not None:
+                    if fence is not None and change["clusterTime"] > fence:
+                        if not apply_after_fence:
+                            applier.flush()
+                            self._save_position(token_before, follow.last_cluster_time, applier.take_count())
+                            saved_token = token_before
+                            reason = "fence"
+                            break
+                        namespace = self._late_namespace(change)
+                        if namespace is not None:
+                            follow.late[namespace] = follow.late.get(namespace, 0) + 1
                     applied, is_ddl = applier.add(change)
                     follow.last_cluster_time = change["clusterTime"]
                     if applied:
@@ -1195,6 +1271,7 @@ class LiveSync:
                 if self.fault_hook is not None:
                     self.fault_hook("catch_up", flushes)
                 self._save_position(stream.resume_token, follow.last_cluster_time, applier.take_count())
+                saved_token = stream.resume_token
                 last_flush = time.monotonic()
                 if last_flush - last_lag_log >= self.log_interval:
                     last_lag_log = last_flush
@@ -1202,11 +1279,47 @@ class LiveSync:
                                   self.sync_id, follow.events, "?" if lag is None else f"{lag:.0f}s",
                                   _ts_list(follow.last_cluster_time))
                 reason = stop_reason(follow, lag, last_flush - started)
-            token = stream.resume_token
+            token = saved_token
         progress.finish()
         self.log.info("live catch-up %s: stopped (%s) after %d events, lag %s", self.sync_id, reason,
                       follow.events, "?" if lag is None else f"{lag:.0f}s")
-        return CatchUpResult(follow.events, _ts_list(follow.last_cluster_time), lag, _token_to_json(token), reason)
+        return CatchUpResult(follow.events, _ts_list(follow.last_cluster_time), lag, _token_to_json(token), reason,
+                             dict(follow.late))
+
+    @staticmethod
+    def _next_event(stream: Any, fragments: list[RawBSONDocument]) -> RawBSONDocument | None:
+        """The next whole event: fragments of a split event (``splitEvent: {fragment, of}``) are collected
+        in ``fragments`` across calls and returned merged once the last one arrives."""
+        change = stream.try_next()
+        if change is None:
+            return None
+        split = change.get("splitEvent")
+        if split is None or int(split.get("of") or 1) <= 1:
+            return change
+        fragments.append(change)
+        if int(split["fragment"]) < int(split["of"]):
+            return None
+        return _merge_fragments(fragments)
+
+    def _late_namespace(self, change: RawBSONDocument) -> str | None:
+        """The selected namespace an event after the fence writes to (None: not a migrated namespace)."""
+        ns = change.get("ns") or {}
+        db, coll = ns.get("db"), ns.get("coll")
+        if db is None or db == self.state_db or is_never_migrated(db):
+            return None
+        if coll is not None and not self._selected(db, coll):
+            return None
+        return f"{db}.{coll}" if coll else db
+
+    def _event_too_large(self, exc: Exception, since: Timestamp | None) -> EventTooLarge:
+        return EventTooLarge(
+            f"live pull '{self.sync_id}' cannot continue: the source's change stream refused an event larger than "
+            f"16 MiB after cluster time {_ts_list(since)} (code {_BSON_OBJECT_TOO_LARGE}: {_server_message(exc)}), and "
+            "this source has no $changeStreamSplitLargeEvent stage (MongoDB 6.0.9+ or 7.0+). Retrying cannot get "
+            "past it. Either upgrade the source to a release with the stage and restart the live pull with "
+            "drop_target=true, or exclude the collection holding documents near 16 MiB (exclude_namespaces) and "
+            "migrate it with dump/restore after cutover"
+        )
 
     def _save_position(self, token: Mapping[str, Any] | None, cluster_time: Timestamp | None, applied: int) -> None:
         if token is None:
@@ -1257,44 +1370,183 @@ class LiveSync:
         return documents / docs_per_second
 
     # ----------------------------------------------------------------------------------------- cutover
-    def cutover(self, *, quiet_seconds: float = 5.0, timeout: float = 300.0) -> CatchUpResult:
-        """Writes are stopped: drain the stream until quiet, align indexes and views, mark the sync complete.
+    def cutover(self, fence: Fence, *, grace_seconds: float = 5.0, timeout: float = 300.0,
+                apply_after_fence: bool = True, verifier: Any = None) -> CatchUpResult:
+        r"""Application writes are fenced (``fence``: blocked on the source, or stated stopped by an
+        operator): prove every write acknowledged before the fence is on the target, then mark the sync
+        complete.
 
-        Raises ``MigrationError`` (nothing marked complete) if events keep arriving for ``timeout`` seconds.
+        1. wait until the fence's op time is majority-committed on the source;
+        2. apply every event up to the fence (the stream is drained once an empty batch follows a majority
+           point at or past the fence);
+        3. keep following for ``grace_seconds``: an event after the fence on a migrated namespace is a late
+           write. Late writes are applied (the sync keeps running, nothing is lost) and the cutover fails
+           with ``LateWrites`` naming the namespaces and counts; the fence is recorded with them;
+        4. re-read every recheck-set document from the source (updates whose lookup found nothing) and
+           write it (or delete it) on the target;
+        5. build the deferred unique indexes and align indexes and views, then check once more that nothing
+           arrived after the fence;
+        6. with a ``verifier`` (``engines.verifier.LiveVerifier``): recheck every queued ``_id`` until source
+           and target agree; a document still unequal after the fence (changed on the target behind the
+           engine's back, say) is re-read from the source and written, then rechecked; what stays unequal
+           fails the cutover with the namespaces, ``_id``\ s and fields;
+        7. mark the sync complete, with the fence.
+
+        ``apply_after_fence=False`` (a commit point, as mongosync's /commit has) stops at the fence without
+        applying anything after it and without a grace period.
         """
+        from atlas_migration.fence import LateWrites, late_writes_message, wait_majority_committed
+
         sync = self._require_sync("copy_finished")
         if sync.get("completed_at"):
             self.log.info("live pull %s: already cut over at %s", self.sync_id, sync["completed_at"])
             return CatchUpResult(0, _ts_list(sync.get("last_applied_cluster_time")), 0.0,
-                                 _token_to_json(sync.get("resume_token")), "quiet")
-        _, until = self._source_times()  # every write the operator made before stopping is at or before this
+                                 _token_to_json(sync.get("resume_token")), "complete", fence=sync.get("fence"),
+                                 rechecked=int(sync.get("rechecks_applied") or 0))
+        self._update_sync({"$set": {"fence": fence.to_dict()}})
+        started = time.monotonic()
+        wait_majority_committed(self.source, fence, timeout=timeout)
+        point = fence.timestamp
+        grace = grace_seconds if apply_after_fence else 0.0
+        reached_at: list[float] = []
 
         def drained(follow: _Follow, lag: float | None, elapsed: float) -> str | None:
-            reached = until is None or (follow.caught_up_to is not None and follow.caught_up_to >= until)
-            if reached and time.monotonic() - follow.last_event_at >= quiet_seconds:
-                return "quiet"
-            if elapsed >= timeout:
+            reached = (follow.caught_up_to is not None and follow.caught_up_to >= point) or (
+                follow.last_cluster_time is not None and follow.last_cluster_time > point)
+            if reached and not reached_at:
+                reached_at.append(time.monotonic())
+            if reached_at and time.monotonic() - reached_at[0] >= grace:
+                return "fence"
+            if time.monotonic() - started >= timeout:
                 return "max_seconds"
             return None
 
-        result = self._follow(drained)
-        if result.stopped_because != "quiet":
+        result = self._follow(drained, fence=point, apply_after_fence=apply_after_fence)
+        if result.stopped_because == "max_seconds":
             raise MigrationError(
-                f"cutover of live pull '{self.sync_id}': writes to the migrated namespaces were still arriving "
-                f"after {timeout:.0f}s ({result.events_applied} events applied). Stop every application writing "
-                "to the source, then run cutover again; the sync was not marked complete"
-            )
+                f"cutover of live pull '{self.sync_id}': the change stream was not drained up to the fence (op time "
+                f"{fence.op_time}) within {timeout:.0f} s ({result.events_applied} events applied). The sync was not "
+                "marked complete; run cutover again (the fence stands)")
+        late = dict(result.late_writes)
+        if late:
+            fence.late_writes = late
+            self._update_sync({"$set": {"fence": fence.to_dict()}})
+            raise LateWrites(late_writes_message(late, fence, what=f"cutover of live pull '{self.sync_id}'"), late)
+        rechecked = self.apply_rechecks()
         self._align_with_source()
-        # Index builds take time: make sure nothing was written meanwhile, or the target is not final.
-        tail = self._follow(lambda f, lag, elapsed: "quiet" if f.caught_up_once else None)
-        if tail.events_applied:
-            raise MigrationError(
-                f"cutover of live pull '{self.sync_id}': {tail.events_applied} new write(s) arrived during the "
-                "final index build, so writes have not stopped. Stop them and run cutover again"
-            )
-        self._update_sync({"$set": {"completed_at": _utc_now(), "status": "complete"}})
-        self.log.info("live pull %s: cut over; the target matches the source", self.sync_id)
-        return CatchUpResult(result.events_applied, tail.last_applied_cluster_time, 0.0, tail.resume_token, "quiet")
+        # Index builds take time: nothing may have been written after the fence meanwhile.
+        tail = self._follow(lambda f, lag, elapsed: "quiet" if f.caught_up_once else None, fence=point,
+                            apply_after_fence=apply_after_fence)
+        if tail.late_writes:
+            fence.late_writes = dict(tail.late_writes)
+            self._update_sync({"$set": {"fence": fence.to_dict()}})
+            raise LateWrites(late_writes_message(tail.late_writes, fence,
+                                                 what=f"cutover of live pull '{self.sync_id}'"), tail.late_writes)
+        if verifier is not None:
+            rechecked += self._verify_at_fence(verifier)
+        self._update_sync({"$set": {"completed_at": _utc_now(), "status": "complete", "fence": fence.to_dict(),
+                                    "rechecks_applied": rechecked}})
+        self.log.info("live pull %s: cut over at the fence (%s); every write acknowledged before it is on the "
+                      "target%s", self.sync_id, fence.describe(),
+                      f"; {rechecked} document(s) re-read from the source" if rechecked else "")
+        return CatchUpResult(result.events_applied + tail.events_applied, tail.last_applied_cluster_time, 0.0,
+                             tail.resume_token, "fence", {}, fence.to_dict(), rechecked)
+
+    def stored_fence(self) -> Fence | None:
+        """The fence an earlier cutover attempt of this sync placed (None: none yet)."""
+        doc = self._require_sync()
+        return Fence.from_dict(doc["fence"]) if doc.get("fence") else None
+
+    def _verify_at_fence(self, verifier: Any, max_repairs: int = 3) -> int:
+        """Recheck until clean; repair what stays unequal from the source (at most ``max_repairs`` rounds).
+        Returns the number of documents repaired."""
+        from pymongo import UpdateOne
+
+        repaired = 0
+        for round_ in range(max_repairs + 1):
+            result = verifier.recheck()
+            self.log.info("verifier at the fence: generation %d compared %d, %d unequal, %d open, %d pending",
+                          result.generation, result.compared, result.mismatches, result.open_mismatches,
+                          result.pending)
+            if result.clean:
+                return repaired
+            keys = list(verifier.open_mismatch_keys())
+            if round_ == max_repairs or (not keys and not result.pending):
+                break
+            if keys:
+                self.log.warning("verifier at the fence: %d document(s) differ on the target (%s); re-reading them "
+                                 "from the source", len(keys), ", ".join(
+                                     f"{m['ns']} _id {json.dumps(m['_id'])} field {m['field']}"
+                                     for m in verifier.open_mismatches(5)))
+                for start in range(0, len(keys), self.batch_size):
+                    self._recheck.bulk_write([
+                        UpdateOne({"_id": self.recheck_key(db, coll, doc_id)},
+                                  {"$set": {"reason": "verifier_mismatch", "at": _utc_now()}}, upsert=True)
+                        for db, coll, doc_id in keys[start:start + self.batch_size]], ordered=False)
+                repaired += self.apply_rechecks()
+        first = verifier.open_mismatches(10)
+        raise MigrationError(
+            f"cutover of live pull '{self.sync_id}': the verifier still finds source and target different after the "
+            f"fence: " + "; ".join(f"{m['ns']} _id {json.dumps(m['_id'])} (field {m['field']}, missing on "
+                                  f"{m['missing'] or 'neither side'})" for m in first)
+            + ". The sync was not marked complete")
+
+    # ------------------------------------------------------------------------------------- recheck set
+    @property
+    def _recheck(self) -> Collection:
+        from pymongo import WriteConcern
+
+        return self.target[self.state_db].get_collection(RECHECK_COLLECTION, write_concern=WriteConcern("majority"))
+
+    def recheck_key(self, db: str, coll: str, doc_id: Any) -> SON:
+        return SON([("sync_id", self.sync_id), ("db", db), ("coll", coll), ("id", doc_id)])
+
+    def pending_rechecks(self) -> int:
+        return self._recheck.count_documents({"_id.sync_id": self.sync_id})
+
+    def move_rechecks(self, db: str, coll: str, to_db: str, to_coll: str) -> None:
+        """A rename was replayed: queued rechecks follow the documents to their new namespace."""
+        from pymongo import DeleteOne, UpdateOne
+
+        ops: list[Any] = []
+        for entry in self._recheck.find({"_id.sync_id": self.sync_id, "_id.db": db, "_id.coll": coll}):
+            ops.append(UpdateOne({"_id": self.recheck_key(to_db, to_coll, entry["_id"]["id"])},
+                                 {"$setOnInsert": {k: v for k, v in entry.items() if k != "_id"}}, upsert=True))
+            ops.append(DeleteOne({"_id": entry["_id"]}))
+        if ops:
+            self._recheck.bulk_write(ops, ordered=True)
+
+    def apply_rechecks(self) -> int:
+        """Re-read every recheck-set document from the source (primary, majority: the fence has passed, so the
+        source holds its final state) and write it to the target, or delete it there when the source has none.
+        Whatever made its update's lookup come back empty, the target then equals the source. Returns the
+        number of documents re-read."""
+        from pymongo import DeleteOne, ReplaceOne
+
+        done = 0
+        while True:
+            entries = list(self._recheck.find({"_id.sync_id": self.sync_id}).limit(self.batch_size))
+            if not entries:
+                break
+            by_ns: dict[tuple[str, str], list[Any]] = {}
+            for entry in entries:
+                by_ns.setdefault((entry["_id"]["db"], entry["_id"]["coll"]), []).append(entry["_id"]["id"])
+            for (db, coll), ids in by_ns.items():
+                found = {json.dumps(id_to_json(doc["_id"])): doc
+                         for doc in self._copy_source(db, coll).find({"_id": {"$in": ids}})}
+                ops = []
+                for doc_id in ids:
+                    doc = found.get(json.dumps(id_to_json(doc_id)))
+                    ops.append(ReplaceOne({"_id": doc_id}, doc, upsert=True) if doc is not None
+                               else DeleteOne({"_id": doc_id}))
+                target = self._target_collection(self._target_db(db), coll)
+                if self.target[self._target_db(db)].list_collection_names(filter={"name": coll}) or found:
+                    target.bulk_write(ops, ordered=True, bypass_document_validation=True)
+                self.log.info("recheck %s.%s: %d document(s) re-read from the source (%d present, %d gone)", db, coll,
+                              len(ids), len(found), len(ids) - len(found))
+            self._recheck.delete_many({"_id": {"$in": [entry["_id"] for entry in entries]}})
+            done += len(entries)
+        return done
 
     def _align_with_source(self) -> None:
         """Make every selected namespace's collection, view and index set on the target match the source.
@@ -1342,6 +1594,8 @@ class _EventApplier:
         self.sync = sync
         self.copy_finished_at: Timestamp | None = state.get("copy_finished_cluster_time")
         self._ops: dict[tuple[str, str], list[Any]] = {}
+        self._rechecks: list[Any] = []
+        self._changed: list[tuple[str, str, Any]] = []
         self.pending = 0
         self._applied = 0
 
@@ -1366,11 +1620,16 @@ class _EventApplier:
             else:
                 document = event.get("fullDocument")
                 if document is None:
-                    # updateLookup found nothing: the document was deleted (or its collection dropped or
-                    # renamed) after this update, and that later event follows in the stream.
+                    # updateLookup found nothing. Usually a later delete follows, but a rename, a document
+                    # moved to another shard, or a lookup racing a later write can cause it too: the update
+                    # is not skipped but queued in the recheck set, and at cutover (after the fence) the
+                    # document is re-read from the source and written as it is there.
+                    self._queue_recheck(db, coll, doc_id)
+                    self._changed.append((db, coll, doc_id))
                     self._applied += 1
                     return True, False
                 self._queue(key, ReplaceOne({"_id": doc_id}, document, upsert=True))
+            self._changed.append((db, coll, doc_id))
             self._applied += 1
             return True, False
         if op in _DDL_EVENTS:
@@ -1391,6 +1650,13 @@ class _EventApplier:
             f"unrecognised change event '{op}' on {db}.{coll}: refusing to continue rather than skip a change "
             "this version does not understand. Upgrade this package, or restart the live pull after the change"
         )
+
+    def _queue_recheck(self, db: str, coll: str, doc_id: Any) -> None:
+        from pymongo import UpdateOne
+
+        self._rechecks.append(UpdateOne({"_id": self.sync.recheck_key(db, coll, doc_id)},
+                                        {"$set": {"reason": "null_lookup", "at": _utc_now()}}, upsert=True))
+        self.pending += 1
 
     def _queue(self, key: tuple[str, str], op: Any) -> None:
         self._ops.setdefault(key, []).append(op)
@@ -1413,6 +1679,13 @@ class _EventApplier:
                     f"{str(first.get('errmsg'))[:300]}.{hint} The resume token was not advanced"
                 ) from None
         self._ops.clear()
+        if self._rechecks:
+            # Written before the resume token moves past these events (the caller saves it after flush).
+            self.sync._recheck.bulk_write(self._rechecks, ordered=False)
+            self._rechecks.clear()
+        if self._changed and self.sync.changed_listener is not None:
+            self.sync.changed_listener(self._changed)
+        self._changed = []
         self.pending = 0
 
     # -------------------------------------------------------------------------------------------- DDL
@@ -1541,6 +1814,9 @@ class _EventApplier:
         except OperationFailure as exc:
             if exc.code != _NAMESPACE_NOT_FOUND:
                 raise MigrationError(f"cannot rename {source_db.name}.{coll} on the target: {exc}") from None
+        sync.move_rechecks(db, coll, to_db, to_coll)
+        if sync.rename_listener is not None:
+            sync.rename_listener(db, coll, to_db, to_coll)
         return True
 
 

@@ -18,7 +18,17 @@ In-thread (tests)::
 As a process (demo, DAG tests)::
 
     python -m devtools.mongosync_server --port 27182 --cluster0 URI --cluster1 URI [--initializing-seconds S]
-        [--settings '{"round_seconds": 0.2}']
+        [--settings '{"round_seconds": 0.2}'] [--version 1.19|1.20|1.21|1.22]
+        [--enableUserWriteBlocking sourceAndDestination|destinationOnly|none] [--enableCappedCollectionHandling]
+
+``--version`` (default 1.22) picks the release imitated, as the contracts README lists the changes: up to
+1.19 ``/start`` takes ``enableUserWriteBlocking`` (strings or true/false); from 1.20 that field is refused
+and write blocking is the ``--enableUserWriteBlocking`` startup option (default destinationOnly), the
+INITIALIZING state appears (before 1.20 the API answers 503 until both clusters are reached), and a capped
+collection created during the sync fails the migration unless ``--enableCappedCollectionHandling`` was
+given; ``/progress`` has ``estimatedOplogTimeRemaining`` and ``warnings`` from 1.19, the ``lag`` object
+from 1.21, ``ceaStage`` from 1.22; 1.22's ``/start`` also takes ``skipDiskSpaceCheck``. From 1.19 a 4.4
+source or a 6.0 destination is refused.
 
 It prints ``listening on http://127.0.0.1:<port>`` once ready (the API is under ``/api/v1``); ``--port 0``
 picks a free port. SIGTERM stops it (the sync is left at its last checkpoint).
@@ -31,8 +41,9 @@ What is faithful
   unknown path or method, 500 when the sync itself failed).
 - States: INITIALIZING (connecting to both clusters, both must be replica sets or sharded clusters) ->
   IDLE -start-> RUNNING (info "collection copy", then "change event application") <-pause/resume-> PAUSED;
-  RUNNING -commit-> COMMITTING ("waiting for commit to complete": the engine drains the change stream,
-  builds the deferred indexes, verifies) -> COMMITTED ("commit completed", ``canWrite`` true), by itself;
+  RUNNING -commit-> COMMITTING ("waiting for commit to complete": the engine applies the change events up
+  to the commit point and none after it, builds the deferred indexes, verifies) -> COMMITTED ("commit
+  completed", ``canWrite`` true), by itself;
   COMMITTED -reverse-> REVERSING -> RUNNING in the other direction, only when started ``reversible``.
   ``canCommit`` is true only in change event application with a lag of at most 30 s.
 - ``/start`` rules from the mongosync reference: only in IDLE; ``source``/``destination`` required and
@@ -41,7 +52,20 @@ What is faithful
   ``"sourceAndDestination"`` (or ``true``) and refuses ``buildIndexes: never``; ``verification`` is
   ``{enabled: bool}`` (enabled by default); ``sharding`` is refused (it is for a replica-set source and a
   sharded destination); unknown fields are refused rather than ignored (a misspelt filter would otherwise
-  sync everything). Source versions 4.4.29+, 5.0.29+, 6.0.24+, 7.0.18+, 8.0.5+, destination 6.0+.
+  sync everything). Source versions 4.4.29+, 5.0.29+, 6.0.24+, 7.0.18+, 8.0.5+, destination 6.0+ (from
+  1.19: sources 5.0+, destinations 7.0+).
+- The commit point, as mongosync has it: ``/commit`` does NOT wait for application writes to stop. With
+  dual write blocking (``sourceAndDestination``) it first blocks user writes on the source
+  (``setUserWriteBlockMode {global: true}`` through the source client), then reads the source's op time;
+  without it the commit point is the source's op time when ``/commit`` is answered. The worker is parked
+  between two change-stream rounds before the point is read and then applies every event at or before the
+  point and none after it (``LiveSync.drain_to``): a write the source acknowledges after the commit point
+  never reaches the destination, exactly the loss the contract warns about.
+- Dual write blocking requested (in ``/start`` up to 1.19, at startup from 1.20) against a source that
+  cannot block writes (older than 6.0, no ``setUserWriteBlockMode`` command, or a user without the
+  privilege) is refused at ``/start`` (``WriteBlockingUnsupported``), as the reference says it cannot be
+  set for such sources. The probe sends the command without its required ``global`` field, which changes
+  nothing on a server that has the command.
 - Filters: ``[{database | databaseRegex, collections? | collectionsRegex?}]``, regexes ``{pattern,
   options}`` with options from ``imsx`` evaluated like ``$regex`` (unanchored search); the include filters
   apply first, then the exclude filters remove what they match. They become the engine's namespace filter.
@@ -62,15 +86,29 @@ Where it differs (the engine is not mongosync)
 - Verification compares document counts and index names per namespace at commit (mongosync hashes
   documents); a mismatch fails the migration. Its ``phase`` values are this server's own: "disabled",
   "waiting for commit", "verifying", "completed", "failed".
-- ``buildIndexes`` and ``enableUserWriteBlocking`` are validated and reported in ``/__test__/state`` but
-  do not change what the engine does (it builds every index; the test servers have no write blocking).
+- ``buildIndexes`` is validated and reported in ``/__test__/state`` but does not change what the engine
+  does (it builds every index).
+- Destination write blocking during the sync (the default ``destinationOnly``, and ``sourceAndDestination``)
+  is not imitated: writes to the destination are not refused before ``canWrite``, because the engine has
+  no ``bypassWriteBlockingMode`` user to write through a block (and SecantusDB has no
+  ``setUserWriteBlockMode``). Only the source block at ``/commit`` is sent. A reverse after a dual-blocked
+  commit leaves the old source blocked, as this server never unblocks it.
+- The 1.22 disk-space check (``InsufficientDestinationDiskSpace``) is not made; ``skipDiskSpaceCheck`` is
+  only validated. ``ceaStage`` values ("draining backlog", "applying new events") and the
+  ``estimatedOplogTimeRemaining`` format (a Go duration string from the source's oplog window minus the
+  lag) are this server's own; the reference names the fields only.
+- Verification compares counts as they are when it runs, not at the commit point: without source write
+  blocking, a write after the commit point makes it fail (``VerificationFailed``). The reference does not
+  say the real verifier looks past the commit point (the contract says such writes are lost), so this is
+  stricter, never kinder; tests of lost writes disable verification (``verification: {enabled: false}``).
 - ``info`` is null in INITIALIZING, IDLE and REVERSING, where none of the four documented values applies.
 
 Error names: the mongosync reference documents the ``error``/``errorDescription`` fields but not the
 names, so these are this server's (``ERRORS`` below): ``InvalidStateTransition`` (call not allowed in the
 current state), ``CommitNotReady`` (``/commit`` while ``canCommit`` is false), ``NotReversible``
 (``/reverse`` of a sync not started reversible), ``InvalidRequest`` (malformed body, unknown field, bad
-filter or option), ``UnsupportedServerVersion``, ``UnsupportedClusterType``, ``SyncFailed`` (the engine
+filter or option), ``WriteBlockingUnsupported`` (dual write blocking against a source that cannot block),
+``UnsupportedServerVersion``, ``UnsupportedClusterType``, ``SyncFailed`` (the engine
 failed; the sync is over), ``VerificationFailed``, ``NotFound``, ``MethodNotAllowed``, ``InternalError``.
 
 Test knobs (``Settings`` fields; ``PATCH /__test__/settings`` or ``update_settings``)
@@ -78,7 +116,7 @@ Test knobs (``Settings`` fields; ``PATCH /__test__/settings`` or ``update_settin
 ``commit_lag_limit_seconds`` (30, mongosync's rule), ``initializing_seconds`` (time spent in INITIALIZING
 before connecting), ``forced_lag_seconds`` (None, or the lag /progress reports whatever the engine says),
 ``round_seconds`` (length of one change-stream round between safe points), ``max_await_ms`` (the engine's
-getMore wait), ``cutover_quiet_seconds`` / ``cutover_timeout_seconds`` (commit drain), ``batch_size``,
+getMore wait), ``commit_drain_timeout_seconds`` (the drain to the commit point), ``batch_size``,
 ``partition_docs``, ``pause_timeout_seconds``, ``ping_interval_seconds``, ``lag_probe_seconds`` (how
 often ``LiveSync.lag()`` is asked, in a thread beside the worker; each change-stream round also reports
 its lag).
@@ -145,15 +183,48 @@ ERR_VERIFICATION_FAILED = "VerificationFailed"
 ERR_NOT_FOUND = "NotFound"
 ERR_METHOD_NOT_ALLOWED = "MethodNotAllowed"
 ERR_INTERNAL = "InternalError"
+ERR_WRITE_BLOCKING_UNSUPPORTED = "WriteBlockingUnsupported"
 ERRORS = (ERR_INVALID_STATE, ERR_COMMIT_NOT_READY, ERR_NOT_REVERSIBLE, ERR_INVALID_REQUEST, ERR_UNSUPPORTED_VERSION,
           ERR_UNSUPPORTED_CLUSTER, ERR_SYNC_FAILED, ERR_VERIFICATION_FAILED, ERR_NOT_FOUND, ERR_METHOD_NOT_ALLOWED,
-          ERR_INTERNAL)
+          ERR_INTERNAL, ERR_WRITE_BLOCKING_UNSUPPORTED)
+
+# The mongosync releases this server imitates (``--version``); what changes between them (contracts README):
+# 1.19 adds estimatedOplogTimeRemaining and warnings to /progress; 1.20 removes enableUserWriteBlocking from
+# /start (write blocking becomes a startup option), adds the INITIALIZING state and the
+# --enableCappedCollectionHandling startup flag; 1.21 adds the lag object (lagTimeSeconds deprecated);
+# 1.22 adds skipDiskSpaceCheck to /start and ceaStage to /progress.
+VERSIONS = ("1.19", "1.20", "1.21", "1.22")
+DEFAULT_VERSION = "1.22"
+CAPPED_NOT_ENABLED = ("a capped collection was created on the source but capped collection handling is not "
+                      "enabled; restart mongosync with --enableCappedCollectionHandling")
+# setUserWriteBlockMode without its required ``global`` field: a server that has the command refuses the
+# request with a parse error and changes nothing; one that lacks it answers CommandNotFound.
+_COMMAND_NOT_FOUND, _UNAUTHORIZED = 59, 13
 
 BUILD_INDEXES_OPTIONS = ("afterDataCopy", "beforeDataCopy", "excludeHashed", "excludeHashedAfterCopy", "never")
+WRITE_BLOCKING_OPTIONS = ("sourceAndDestination", "destinationOnly", "none")
 WRITE_BLOCKING = {True: "sourceAndDestination", False: "none", "sourceAndDestination": "sourceAndDestination",
                   "destinationOnly": "destinationOnly", "none": "none"}
 START_FIELDS = frozenset({"source", "destination", "buildIndexes", "includeNamespaces", "excludeNamespaces",
                           "reversible", "enableUserWriteBlocking", "verification", "sharding"})
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    """``"1.20"`` -> ``(1, 20)``; refuses a release this server does not imitate."""
+    if version not in VERSIONS:
+        raise ValueError(f"mongosync version {version!r} is not one of {', '.join(VERSIONS)}")
+    major, minor = version.split(".")
+    return int(major), int(minor)
+
+
+def start_fields(version: str) -> frozenset[str]:
+    """The ``/start`` body fields ``version`` accepts."""
+    fields_ = set(START_FIELDS)
+    if version_tuple(version) >= (1, 20):
+        fields_.discard("enableUserWriteBlocking")
+    if version_tuple(version) >= (1, 22):
+        fields_.add("skipDiskSpaceCheck")
+    return frozenset(fields_)
 # Minimum source patch release per major.minor line, and the destination floor (contract, section 3).
 MIN_SOURCE_VERSIONS = {(4, 4): (4, 4, 29), (5, 0): (5, 0, 29), (6, 0): (6, 0, 24), (7, 0): (7, 0, 18),
                        (8, 0): (8, 0, 5)}
@@ -195,8 +266,7 @@ class Settings:
     forced_lag_seconds: float | None = None
     round_seconds: float = 0.5
     max_await_ms: int = 200
-    cutover_quiet_seconds: float = 0.5
-    cutover_timeout_seconds: float = 120.0
+    commit_drain_timeout_seconds: float = 120.0
     batch_size: int = 1000
     partition_docs: int = 50_000
     pause_timeout_seconds: float = 60.0
@@ -299,11 +369,22 @@ def validate_filters(value: Any, name: str) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
-def parse_start(body: dict[str, Any]) -> StartOptions:
-    """Validate a ``/start`` body against the mongosync reference (see the module docstring)."""
-    unknown = sorted(set(body) - START_FIELDS)
+def parse_start(body: dict[str, Any], version: str = DEFAULT_VERSION,
+                startup_write_blocking: str | None = None) -> StartOptions:
+    """Validate a ``/start`` body against the mongosync reference of ``version`` (see the module docstring).
+
+    From 1.20 write blocking is not a ``/start`` field: ``startup_write_blocking`` (the
+    ``--enableUserWriteBlocking`` startup option, default destinationOnly) stands in for it.
+    """
+    if "enableUserWriteBlocking" in body and version_tuple(version) >= (1, 20):
+        raise Refusal(ERR_INVALID_REQUEST, f"unknown /start parameter enableUserWriteBlocking: mongosync {version} "
+                                           "sets write blocking in its startup configuration "
+                                           "(--enableUserWriteBlocking), not in /start (removed in 1.20)")
+    unknown = sorted(set(body) - start_fields(version))
     if unknown:
         raise Refusal(ERR_INVALID_REQUEST, f"unknown /start parameter(s): {', '.join(unknown)}")
+    if not isinstance(body.get("skipDiskSpaceCheck", False), bool):
+        raise Refusal(ERR_INVALID_REQUEST, "skipDiskSpaceCheck must be a boolean")
     source, destination = body.get("source"), body.get("destination")
     if source is None or destination is None:
         raise Refusal(ERR_INVALID_REQUEST, "source and destination are required (\"cluster0\" / \"cluster1\")")
@@ -320,7 +401,7 @@ def parse_start(body: dict[str, Any]) -> StartOptions:
     reversible = body.get("reversible", False)
     if not isinstance(reversible, bool):
         raise Refusal(ERR_INVALID_REQUEST, "reversible must be a boolean")
-    blocking_raw = body.get("enableUserWriteBlocking", "destinationOnly")
+    blocking_raw = body.get("enableUserWriteBlocking", startup_write_blocking or "destinationOnly")
     if isinstance(blocking_raw, bool):
         blocking = WRITE_BLOCKING[blocking_raw]
     elif isinstance(blocking_raw, str) and blocking_raw in WRITE_BLOCKING:
@@ -332,7 +413,8 @@ def parse_start(body: dict[str, Any]) -> StartOptions:
         raise Refusal(ERR_INVALID_REQUEST, "reversible cannot be true when buildIndexes is \"never\"")
     if reversible and blocking != "sourceAndDestination":
         raise Refusal(ERR_INVALID_REQUEST, "a reversible sync needs enableUserWriteBlocking set to "
-                                           "\"sourceAndDestination\" (or true)")
+                                           "\"sourceAndDestination\"" + (" (or true)" if version_tuple(version) < (1, 20)
+                                                                          else " in mongosync's startup configuration"))
     verification = body.get("verification", {})
     if not isinstance(verification, dict) or set(verification) - {"enabled"} \
             or not isinstance(verification.get("enabled", True), bool):
@@ -399,11 +481,19 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
 
 
-def version_problem(version: str, role: str) -> str | None:
-    """Why ``version`` cannot be mongosync's ``role`` ("source"/"destination"), or None."""
+def version_problem(version: str, role: str, mongosync_version: str = DEFAULT_VERSION) -> str | None:
+    """Why ``version`` cannot be mongosync's ``role`` ("source"/"destination"), or None. From 1.19 on,
+    4.4 sources and 6.0 destinations are no longer supported."""
     v = _version_tuple(version)
+    dropped = version_tuple(mongosync_version) >= (1, 19)
     if role == "destination":
-        return None if v >= MIN_DESTINATION_VERSION else f"the destination runs MongoDB {version}; 6.0 or later is needed"
+        floor_dst = (7, 0, 0) if dropped else MIN_DESTINATION_VERSION
+        if v >= floor_dst:
+            return None
+        return f"the destination runs MongoDB {version}; {floor_dst[0]}.{floor_dst[1]} or later is needed"
+    if dropped and v[:2] == (4, 4):
+        return (f"the source runs MongoDB {version}; mongosync {mongosync_version} supports sources from 5.0 "
+                "(5.0.29+, 6.0.24+, 7.0.18+, 8.0.5+)")
     floor = MIN_SOURCE_VERSIONS.get(v[:2])
     if floor is None:
         if v > max(MIN_SOURCE_VERSIONS.values()):
@@ -448,9 +538,19 @@ class MongosyncCore:
     """mongosync's state machine; ``handle`` answers one API call, a worker thread moves the data."""
 
     def __init__(self, cluster0: str, cluster1: str, settings: Settings | None = None,
-                 engine_factory: Callable[..., Any] | None = None) -> None:
+                 engine_factory: Callable[..., Any] | None = None, *, version: str = DEFAULT_VERSION,
+                 write_blocking: str | None = None, capped_collection_handling: bool = False) -> None:
         import pymongo
 
+        version_tuple(version)  # refuses a release this server does not imitate
+        if version_tuple(version) < (1, 20) and (write_blocking is not None or capped_collection_handling):
+            raise ValueError(f"--enableUserWriteBlocking and --enableCappedCollectionHandling are startup options "
+                             f"from mongosync 1.20 on; {version} takes enableUserWriteBlocking in /start")
+        if write_blocking is not None and write_blocking not in WRITE_BLOCKING_OPTIONS:
+            raise ValueError(f"--enableUserWriteBlocking must be one of {', '.join(WRITE_BLOCKING_OPTIONS)}")
+        self.version = version
+        self.startup_write_blocking = write_blocking
+        self.capped_collection_handling = capped_collection_handling
         self.uris = {"cluster0": cluster0, "cluster1": cluster1}
         self.secrets = [p for p in (_password(cluster0), _password(cluster1)) if p]
         self.settings = settings or Settings()
@@ -468,6 +568,8 @@ class MongosyncCore:
         self._api_lock = threading.Lock()  # one state-changing call at a time, as mongosync serialises them
         self._pause_requested = threading.Event()
         self._commit_requested = threading.Event()
+        self._worker_parked = threading.Event()  # the worker stopped between two rounds for the commit
+        self._commit_point_ready = threading.Event()
         self._shutdown = threading.Event()
         self._worker: threading.Thread | None = None
         self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
@@ -497,6 +599,12 @@ class MongosyncCore:
         self.fatal: tuple[str, str] | None = None
         self.injected_failure: tuple[str, str] | None = None
         self.warnings: list[str] = []
+        self.commit_point: Any = None  # the source op time /commit stopped at (a bson Timestamp)
+        self.source_write_blocked = False  # setUserWriteBlockMode {global: true} sent to the source at /commit
+        self.backlog_drained = False  # change event application has caught up once (1.22 ceaStage)
+        self.oplog_window_seconds: float | None = None
+        self._capped_at_start: set[tuple[str, str]] = set()
+        self._capped_checked_at = 0.0
 
     # ---- initialisation --------------------------------------------------------------------------
 
@@ -563,13 +671,26 @@ class MongosyncCore:
         with self._api_lock:
             with self._lock:
                 self._require_state("/start")
-            options = parse_start(body)
+            options = parse_start(body, self.version, self.startup_write_blocking)
             for role, name in (("source", options.source), ("destination", options.destination)):
                 version = self.clients[name].admin.command("buildInfo").get("version", "0")
-                problem = version_problem(version, role)
+                problem = version_problem(version, role, self.version)
                 if problem:
                     raise Refusal(ERR_UNSUPPORTED_VERSION, f"{name}: {problem}")
+            if options.write_blocking == "sourceAndDestination":
+                problem = self._write_block_problem(options.source)
+                if problem:
+                    where = ("enableUserWriteBlocking is \"sourceAndDestination\" in mongosync's startup "
+                             "configuration" if version_tuple(self.version) >= (1, 20)
+                             else "/start asks for enableUserWriteBlocking \"sourceAndDestination\"")
+                    raise Refusal(ERR_WRITE_BLOCKING_UNSUPPORTED,
+                                  f"{where}, but writes cannot be blocked on the source {options.source}: {problem}. "
+                                  "Dual write blocking needs a MongoDB 6.0+ source and a user allowed to run "
+                                  "setUserWriteBlockMode; use destinationOnly (and stop writes to the source "
+                                  "yourself before /commit) otherwise")
+            capped = self._capped_namespaces(options) if self._watch_capped() else set()
             with self._lock:
+                self._capped_at_start = capped
                 self.options = options
                 self.sync_id = "sync-" + uuid.uuid4().hex[:16]
                 self.direction = (options.source, options.destination)
@@ -604,18 +725,120 @@ class MongosyncCore:
             self._spawn("forward")
 
     def commit(self, body: dict[str, Any]) -> None:
+        """RUNNING -> COMMITTING: fix the commit point, then let the worker drain exactly to it.
+
+        As mongosync does: with dual write blocking the source's user writes are blocked first, so the
+        commit point follows every write the source will ever acknowledge; without it the commit point is
+        the source's current op time, and writes after it are never applied (the application must have
+        stopped writing before /commit). The worker is parked between two change-stream rounds before the
+        point is read, so nothing it applied lies after the point.
+        """
         self._no_parameters("/commit", body)
-        with self._api_lock, self._lock:
-            self._require_state("/commit")
-            if not self.can_commit():
-                lag = self._reported_lag()
-                why = ("the initial collection copy has not finished" if self.phase == "copy"
-                       else f"lagTimeSeconds is {lag:.0f}, above {self.settings.commit_lag_limit_seconds:.0f}"
-                       if lag is not None else "the lag is not known yet")
-                raise Refusal(ERR_COMMIT_NOT_READY, f"cannot commit: canCommit is false ({why}); wait until "
-                                                    "/progress reports canCommit: true")
-            self.state, self.info = COMMITTING, INFO_COMMITTING
-            self._commit_requested.set()
+        with self._api_lock:
+            with self._lock:
+                self._require_state("/commit")
+                if not self.can_commit():
+                    lag = self._reported_lag()
+                    why = ("the initial collection copy has not finished" if self.phase == "copy"
+                           else f"lagTimeSeconds is {lag:.0f}, above {self.settings.commit_lag_limit_seconds:.0f}"
+                           if lag is not None else "the lag is not known yet")
+                    raise Refusal(ERR_COMMIT_NOT_READY, f"cannot commit: canCommit is false ({why}); wait until "
+                                                        "/progress reports canCommit: true")
+                self.state, self.info = COMMITTING, INFO_COMMITTING
+                self._commit_point_ready.clear()
+                self._commit_requested.set()
+                worker = self._worker
+            deadline = time.monotonic() + self.settings.pause_timeout_seconds
+            while not self._worker_parked.wait(0.05):
+                if worker is None or not worker.is_alive() or time.monotonic() >= deadline:
+                    self._abandon_commit()
+                    with self._lock:
+                        fatal = self.fatal
+                    if fatal is not None:
+                        raise Refusal(fatal[0], f"the migration failed while committing: {fatal[1]}", 500)
+                    raise Refusal(ERR_INTERNAL, "the sync did not reach a point to commit at; retry /commit", 500)
+            try:
+                point, blocked = self._take_commit_point()
+            except Exception as exc:  # noqa: BLE001 - the commit does not happen; the sync goes on
+                self._abandon_commit()
+                raise Refusal(ERR_INTERNAL, self._redact(f"cannot commit: the commit point could not be taken on "
+                                                         f"the source: {type(exc).__name__}: {exc}")[:1000], 500) from None
+            with self._lock:
+                self.commit_point, self.source_write_blocked = point, blocked
+            self._commit_point_ready.set()
+
+    def _abandon_commit(self) -> None:
+        with self._lock:
+            self.commit_point = None
+            if self.state == COMMITTING:
+                self.state, self.info = RUNNING, INFO_CEA
+        self._commit_requested.clear()
+        self._commit_point_ready.set()
+
+    def _take_commit_point(self) -> tuple[Any, bool]:
+        """(the source's op time to commit at, whether user writes were blocked on the source first)."""
+        assert self.options is not None
+        source = self.clients[self.direction[0]]
+        blocked = False
+        if self.options.write_blocking == "sourceAndDestination":
+            source.admin.command("setUserWriteBlockMode", 1, **{"global": True})
+            blocked = True
+        hello = source.admin.command("hello")
+        point = ((hello.get("lastWrite") or {}).get("opTime") or {}).get("ts") or hello.get("operationTime")
+        if point is None:
+            raise RuntimeError("the source reports no op time (hello has neither lastWrite nor operationTime)")
+        return point, blocked
+
+    def _write_block_problem(self, cluster: str) -> str | None:
+        """Why ``setUserWriteBlockMode`` cannot be used on ``cluster``, or None. Probed without effect: the
+        command without its required ``global`` field is refused by a server that has it (a parse error)
+        and answered CommandNotFound by one that does not."""
+        from pymongo.errors import OperationFailure, PyMongoError
+
+        client = self.clients[cluster]
+        try:
+            version = client.admin.command("buildInfo").get("version", "0")
+        except PyMongoError as exc:
+            return f"buildInfo failed ({type(exc).__name__})"
+        if _version_tuple(version)[:2] < (6, 0):
+            return f"it runs MongoDB {version}, and setUserWriteBlockMode exists from 6.0"
+        try:
+            client.admin.command("setUserWriteBlockMode", 1)
+        except OperationFailure as exc:
+            if exc.code == _COMMAND_NOT_FOUND:
+                return f"the server has no setUserWriteBlockMode command (MongoDB {version}, CommandNotFound)"
+            if exc.code == _UNAUTHORIZED:
+                return "the user lacks the setUserWriteBlockMode privilege"
+            return None
+        except PyMongoError as exc:
+            return f"setUserWriteBlockMode could not be checked ({type(exc).__name__})"
+        return None  # accepted without ``global``: present (and lenient)
+
+    def _watch_capped(self) -> bool:
+        return version_tuple(self.version) >= (1, 20) and not self.capped_collection_handling
+
+    def _capped_namespaces(self, options: StartOptions) -> set[tuple[str, str]]:
+        """The selected capped collections on the source now."""
+        source = self.clients[self.direction[0] if self.options else options.source]
+        selected = MongosyncNamespaceFilter.from_filters(options.include, options.exclude)
+        found: set[tuple[str, str]] = set()
+        for db in source.list_database_names():
+            if db in SYSTEM_DATABASES or db == STATE_DB:
+                continue
+            for info in source[db].list_collections():
+                if (info.get("options") or {}).get("capped") and selected.matches(db, info["name"]):
+                    found.add((db, info["name"]))
+        return found
+
+    def _check_capped(self) -> None:
+        """1.20+: a capped collection created during the sync fails the migration unless mongosync was
+        started with --enableCappedCollectionHandling (checked every 2 s)."""
+        if not self._watch_capped() or self.options is None or time.monotonic() - self._capped_checked_at < 2.0:
+            return
+        self._capped_checked_at = time.monotonic()
+        new = sorted(self._capped_namespaces(self.options) - self._capped_at_start)
+        if new:
+            raise Refusal(ERR_SYNC_FAILED, f"{CAPPED_NOT_ENABLED} ({', '.join(f'{d}.{c}' for d, c in new)})", 500)
 
     def reverse(self, body: dict[str, Any]) -> None:
         self._no_parameters("/reverse", body)
@@ -646,23 +869,40 @@ class MongosyncCore:
             total = max(self.total_bytes, copied)
             source, destination = self.direction
             verification = self._verification_block(lag_int)
-            return {
+            reply: dict[str, Any] = {
                 "state": self.state,
                 "canCommit": self.can_commit(),
                 "canWrite": self.can_write,
                 "info": self.info,
                 "lagTimeSeconds": lag_int,
-                "lag": {"overallLagSeconds": lag_int, "crudLagSeconds": lag_int, "ddlLagSeconds": lag_int},
                 "collectionCopy": {"estimatedTotalBytes": total, "estimatedCopiedBytes": copied},
                 "directionMapping": {"Source": f"{source}: {_hosts(self.uris[source])}",
                                      "Destination": f"{destination}: {_hosts(self.uris[destination])}"},
                 "source": {"pingLatencyMs": self._pings[source]},
                 "destination": {"pingLatencyMs": self._pings[destination]},
                 "verification": verification,
-                "warnings": list(self.warnings),
                 "mongosyncID": self.mongosync_id,
                 "coordinatorID": self.mongosync_id,
             }
+            version = version_tuple(self.version)
+            if version >= (1, 19):
+                reply["estimatedOplogTimeRemaining"] = self._oplog_time_remaining(lag)
+                reply["warnings"] = list(self.warnings)
+            if version >= (1, 21):
+                reply["lag"] = {"overallLagSeconds": lag_int, "crudLagSeconds": lag_int, "ddlLagSeconds": lag_int}
+            if version >= (1, 22):
+                reply["ceaStage"] = (None if self.info != INFO_CEA
+                                     else "applying new events" if self.backlog_drained else "draining backlog")
+            return reply
+
+    def _oplog_time_remaining(self, lag: float | None) -> str | None:
+        """How long the source's oplog still holds the oldest event not yet applied, as a Go duration."""
+        if self.oplog_window_seconds is None:
+            return None
+        remaining = max(0, int(self.oplog_window_seconds - (lag or 0)))
+        hours, rest = divmod(remaining, 3600)
+        minutes, seconds = divmod(rest, 60)
+        return f"{hours}h{minutes}m{seconds}s" if hours else f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
 
     def _verification_block(self, lag: int | None) -> dict[str, Any]:
         v = self.verification
@@ -708,6 +948,10 @@ class MongosyncCore:
                 "engineLagSeconds": self.lag_seconds, "eventsApplied": self.events_applied,
                 "verification": dict(self.verification), "fatal": list(self.fatal) if self.fatal else None,
                 "workerAlive": bool(self._worker and self._worker.is_alive()), "settings": asdict(self.settings),
+                "version": self.version, "startupWriteBlocking": self.startup_write_blocking,
+                "cappedCollectionHandling": self.capped_collection_handling,
+                "commitPoint": None if self.commit_point is None else [self.commit_point.time, self.commit_point.inc],
+                "sourceWriteBlocked": self.source_write_blocked,
             }
 
     # ---- the worker ------------------------------------------------------------------------------
@@ -776,6 +1020,10 @@ class MongosyncCore:
                 with self._lock:
                     if not stop.is_set() and self.phase in ("copy", "cea"):
                         self.lag_seconds = info.lag_seconds
+            if version_tuple(self.version) >= (1, 19):
+                window = engine.oplog_window_hours()
+                with self._lock:
+                    self.oplog_window_seconds = None if window is None else window * 3600
             stop.wait(self.settings.lag_probe_seconds)
 
     def _initial_copy(self, engine: Any, *, drop: bool) -> None:
@@ -815,26 +1063,36 @@ class MongosyncCore:
         while True:
             self._safe_point()
             if self._commit_requested.is_set():
-                self._commit(engine)
+                # Park between two rounds; /commit reads the commit point now and hands it over.
+                self._worker_parked.set()
+                try:
+                    while not self._commit_point_ready.wait(0.05):
+                        self._safe_point()
+                finally:
+                    self._worker_parked.clear()
+                with self._lock:
+                    point = self.commit_point
+                if point is None:  # the commit was abandoned: keep applying events
+                    continue
+                self._commit(engine, point)
                 return
+            self._check_capped()
             result = engine.catch_up(max_seconds=self.settings.round_seconds)
             with self._lock:
                 self.events_applied += result.events_applied
                 if result.lag_seconds is not None:
                     self.lag_seconds = result.lag_seconds
+                    self.backlog_drained = self.backlog_drained or result.lag_seconds == 0.0
 
-    def _commit(self, engine: Any) -> None:
-        settings = self.settings
-        # Real mongosync's commit takes a commit point on the source and applies events up to it, then stops:
-        # it does not wait for application writes to stop, so a write after the commit point is not copied.
-        from atlas_migration.fence import take_fence
-
-        commit_point = take_fence(engine.source, block=False)
-        result = engine.cutover(commit_point, grace_seconds=0.0, timeout=settings.cutover_timeout_seconds,
-                                apply_after_fence=False)
+    def _commit(self, engine: Any, point: Any) -> None:
+        """Apply every event up to the commit point and none after it, build the deferred indexes, verify."""
+        result = engine.drain_to(point, timeout=self.settings.commit_drain_timeout_seconds)
         with self._lock:
             self.events_applied += result.events_applied
             self.lag_seconds = 0.0
+        # mongosync builds the remaining indexes before COMMITTED (the engine's cutover step does the same,
+        # without the cutover's wait for writes to stop, which mongosync does not do).
+        engine._align_with_source()
         assert self.options is not None
         if self.options.verification_enabled:
             self._verify(engine)
@@ -906,6 +1164,11 @@ class MongosyncCore:
             expected = "GET" if endpoint == "/progress" else "POST"
             if method != expected:
                 raise Refusal(ERR_METHOD_NOT_ALLOWED, f"{endpoint} takes {expected}, not {method}", 405)
+            with self._lock:
+                starting = self.state == INITIALIZING and self.fatal is None
+            if starting and version_tuple(self.version) < (1, 20):
+                # Before 1.20 there is no INITIALIZING state: the API is not up until both clusters answer.
+                return 503, f"mongosync {self.version} is still connecting to the clusters"
             fault = self.take_fault(method, endpoint)
             if fault is not None:
                 if fault.raw is not None:
@@ -1031,8 +1294,11 @@ class MongosyncServer(LoopbackHttpService):
     thread_name = "mongosync-server"
 
     def __init__(self, cluster0: str, cluster1: str, *, host: str = "127.0.0.1", port: int = 0,
-                 settings: Settings | None = None, engine_factory: Callable[..., Any] | None = None) -> None:
-        self.core = MongosyncCore(cluster0, cluster1, settings, engine_factory)
+                 settings: Settings | None = None, engine_factory: Callable[..., Any] | None = None,
+                 version: str = DEFAULT_VERSION, write_blocking: str | None = None,
+                 capped_collection_handling: bool = False) -> None:
+        self.core = MongosyncCore(cluster0, cluster1, settings, engine_factory, version=version,
+                                  write_blocking=write_blocking, capped_collection_handling=capped_collection_handling)
         super().__init__(type("MongosyncHandler", (_Handler,), {"core": self.core}), host, port)
 
     @property
@@ -1090,6 +1356,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cluster0", required=True, help="MongoDB URI of cluster0")
     parser.add_argument("--cluster1", required=True, help="MongoDB URI of cluster1")
     parser.add_argument("--initializing-seconds", type=float, default=0.0)
+    parser.add_argument("--version", default=DEFAULT_VERSION, choices=VERSIONS,
+                        help="the mongosync release to imitate (its /start fields and /progress fields)")
+    parser.add_argument("--enableUserWriteBlocking", dest="write_blocking", choices=WRITE_BLOCKING_OPTIONS,
+                        help="1.20+: write blocking (startup configuration; default destinationOnly)")
+    parser.add_argument("--enableCappedCollectionHandling", dest="capped", action="store_true",
+                        help="1.20+: allow capped collections created during the sync")
     parser.add_argument("--settings", help="JSON object of Settings fields")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
@@ -1097,7 +1369,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(initializing_seconds=args.initializing_seconds)
     if args.settings:
         settings.update(json.loads(args.settings))
-    server = MongosyncServer(args.cluster0, args.cluster1, host=args.host, port=args.port, settings=settings)
+    try:
+        server = MongosyncServer(args.cluster0, args.cluster1, host=args.host, port=args.port, settings=settings,
+                                 version=args.version, write_blocking=args.write_blocking,
+                                 capped_collection_handling=args.capped)
+    except ValueError as exc:
+        parser.error(str(exc))
     print(f"listening on {server.url}", flush=True)
     server.serve_until_interrupted()
 

@@ -265,5 +265,5 @@ def test_the_topology_recheck_waits_for_whichever_pull_engine_ran() -> None:
     dag = DagBag(dag_folder="dags").dags["mongo_to_atlas"]
     recheck = dag.get_task("compose.recheck_topology")
     assert recheck.trigger_rule == "none_failed_min_one_success"
-    assert {"compose.pull.cutover", "compose.pull.wait_committed"} <= recheck.upstream_task_ids
+    assert {"compose.pull.cutover", "compose.pull.mongosync_check_fence"} <= recheck.upstream_task_ids
     assert dag.get_task("compose.done").upstream_task_ids >= {"compose.recheck_topology", "compose.restore.restore_views"}

@@ -12,7 +12,14 @@ with one of two engines (``pull_engine``):
 - ``mongosync``: a standalone mongosync (``mongosync_conn_id``) driven through its REST API:
 
       mongosync_start -> wait_can_commit (deferrable) -> await approval (manual only) -> mongosync_commit
-      -> wait_committed (deferrable) -> validate
+      -> wait_committed (deferrable) -> mongosync_check_fence -> validate
+
+  ``source_write_block`` and the mongosync release (declared in the connection's extras, or inferred from
+  ``/progress``) decide whether mongosync blocks source writes at ``/commit`` (``enableUserWriteBlocking``
+  in ``/start`` up to 1.19, its startup configuration from 1.20). Without that, the commit needs the
+  operator's approval (``cutover=auto`` is refused before ``/start``) and a fence check: no write may reach
+  the source for ``quiet_period_seconds`` after the fence, or ``/commit`` is not sent; after COMMITTED a
+  write after the fence fails the run (it may be missing from Atlas).
 
 ``auto`` picks mongosync when its connection exists, else native. Every task is safe to retry: the native
 engine resumes from checkpoints stored on the target (``__atlas_migration.live_sync``), and mongosync
@@ -440,50 +447,98 @@ def cutover(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSo
 # ---------------------------------------------------------------- mongosync engine
 
 
+def _fence_key(dag_id: str, run_id: str) -> str:
+    return f"mongosync/{dag_id}/{run_id}"
+
+
 def mongosync_start(params: Mapping[str, Any], profile_data: dict[str, Any]) -> dict[str, Any]:
-    from atlas_migration.mongosync import MongosyncHook, namespace_filters
+    """Refuse what cannot work, decide write blocking for the mongosync release in use, then ``/start``.
+
+    Returns the progress summary plus ``mongosync`` (release and write-blocking plan) for the commit task.
+    """
+    from atlas_migration.mongosync import MongosyncHook, decide_start, namespace_filters
 
     p = MigrationParams.parse(params)
     lp = LivePullParams.parse(params)
+    mode = lp.source_write_block
     if p.target_db_prefix:
         raise ConfigurationError("mongosync cannot rename databases: rehearse with pull_engine=native")
     plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces)
     with closing(endpoint_from_connection(p.target_conn_id, "target").connect()) as target:
         occupied = find_occupied_targets(target, plan.all_items)
-    if occupied:
-        # mongosync needs an empty destination for the synced namespaces; it has no "drop first" option.
-        raise ConfigurationError(f"mongosync needs empty target namespaces; these hold data: {', '.join(occupied)}. "
-                                 "Drop them in Atlas first, or use pull_engine=native with drop_target=true.")
     hook = MongosyncHook(lp.mongosync_conn_id)
     progress = hook.progress()
+    with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as source:
+        decision = decide_start(hook, progress, source, mode=mode, cutover=lp.cutover)
+    log.info("mongosync %s; %s", decision.version.describe(), decision.plan.reason)
     if progress.state in ("RUNNING", "PAUSED", "COMMITTING", "COMMITTED"):
         log.info("mongosync is already %s (a retried task): not starting it again", progress.state)
         if progress.state == "PAUSED":
             hook.resume()
-        return progress.summary()
+        return {**progress.summary(), "mongosync": decision.to_dict()}
+    if occupied:
+        # mongosync needs an empty destination for the synced namespaces; it has no "drop first" option.
+        raise ConfigurationError(f"mongosync needs empty target namespaces; these hold data: {', '.join(occupied)}. "
+                                 "Drop them in Atlas first, or use pull_engine=native with drop_target=true.")
     filters = namespace_filters(list(p.namespaces.include), list(p.namespaces.exclude))
     hook.start("cluster0", "cluster1", build_indexes="beforeDataCopy", reversible=False,
-               verification_enabled=True, **{
-                   "include_namespaces": filters.include_namespaces or None,
-                   "exclude_namespaces": filters.exclude_namespaces or None,
-               })
-    return hook.progress().summary()
+               verification_enabled=True, enable_user_write_blocking=decision.plan.start_field,
+               write_blocking_in_start=decision.write_blocking_in_start,
+               include_namespaces=filters.include_namespaces or None,
+               exclude_namespaces=filters.exclude_namespaces or None)
+    return {**hook.progress().summary(), "mongosync": decision.to_dict()}
 
 
-def mongosync_commit(params: Mapping[str, Any]) -> dict[str, Any]:
-    from atlas_migration.mongosync import MongosyncHook, commit_decision
+def mongosync_commit(params: Mapping[str, Any], started: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    """``/commit`` behind the cutover fence (``mongosync.commit_with_fence``). XCom: ``committed``, ``reason``,
+    ``fence`` (op time, blocked or not, late writes) and ``source_write_blocked``."""
+    from atlas_migration.mongosync import (
+        MongosyncHook,
+        commit_with_fence,
+        late_write_selector,
+        load_fence,
+        save_fence,
+    )
 
+    p = MigrationParams.parse(params)
     lp = LivePullParams.parse(params)
+    source_blocked = bool(((started or {}).get("mongosync") or {}).get("write_blocking", {}).get("source_blocked"))
     hook = MongosyncHook(lp.mongosync_conn_id)
-    decision = commit_decision(hook.progress(), lp.max_cutover_lag_seconds)
-    if decision.already_committed:
-        log.info("mongosync already committed (a retried task)")
-        return {"committed": True}
-    if not decision.commit:
-        raise MigrationError(f"mongosync cannot commit now: {decision.reason}. Retry this task once it can.")
-    hook.commit()
-    log.info("mongosync commit requested (%s); waiting for COMMITTED", decision.reason)
-    return {"committed": False, "reason": decision.reason}
+    key = _fence_key(dag_id, run_id)
+    with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as source, \
+            closing(endpoint_from_connection(p.target_conn_id, "target").connect()) as target:
+        if not source_blocked:
+            log.info("mongosync commit without source write blocking: the operator has stated that writes stopped; "
+                     "placing the fence and watching the source for %d s before /commit", lp.quiet_period_seconds)
+        result = commit_with_fence(hook, source, source_blocked=source_blocked,
+                                   max_lag_seconds=lp.max_cutover_lag_seconds, quiet_seconds=lp.quiet_period_seconds,
+                                   selected=late_write_selector(p.namespaces), keep=partial(save_fence, target, key))
+        if result.get("committed"):
+            fence = load_fence(target, key)
+            result["fence"] = None if fence is None else fence.to_dict()
+            log.info("mongosync already committed (a retried task)")
+        else:
+            log.info("mongosync commit requested (%s; fence at op time %s, %s); waiting for COMMITTED",
+                     result["reason"], result["fence"]["op_time"],
+                     "source writes blocked by mongosync" if source_blocked else "no late write in the quiet period")
+    return {**result, "source_write_blocked": source_blocked}
+
+
+def mongosync_check_fence(params: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    """After COMMITTED: no write reached the source after the fence (else fail with count and namespaces).
+    XCom: ``fence`` (with ``late_writes``) and ``late_writes_after_commit``."""
+    from atlas_migration.mongosync import check_after_commit, late_write_selector, load_fence
+
+    p = MigrationParams.parse(params)
+    with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as source, \
+            closing(endpoint_from_connection(p.target_conn_id, "target").connect()) as target:
+        fence = load_fence(target, _fence_key(dag_id, run_id))
+        if fence is None:
+            raise MigrationError("no cutover fence was recorded for this run's mongosync commit (the commit was made "
+                                 "outside this DAG?): whether writes reached the source after it cannot be checked")
+        result = check_after_commit(source, fence, selected=late_write_selector(p.namespaces))
+    log.info("after COMMITTED: no application write reached the source after the fence (%s)", fence.describe())
+    return result
 
 
 # ---------------------------------------------------------------- the task group
@@ -549,8 +604,12 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
         return mongosync_start(params, profile)
 
     @task(task_id="mongosync_commit", retries=2)
-    def commit_mongosync(params=None) -> dict:
-        return mongosync_commit(params)
+    def commit_mongosync(started: dict, params=None, dag=None, run_id=None) -> dict:
+        return mongosync_commit(params, started, dag.dag_id, run_id)
+
+    @task(task_id="mongosync_check_fence")
+    def check_mongosync_fence(params=None, dag=None, run_id=None) -> dict:
+        return mongosync_check_fence(params, dag.dag_id, run_id)
 
     await_native = approval_sensor(task_id="await_cutover_approval", what="live-pull cutover",
                                    poke_interval=poke_interval(), required_if=_manual,
@@ -576,7 +635,8 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
     approved = finished >> catch_up_to_lag() >> await_native()
     [approved, verified] >> cutover_native()
     started = start_mongosync(profile)
-    started >> wait_can_commit >> await_mongosync() >> commit_mongosync() >> wait_committed
+    started >> wait_can_commit >> await_mongosync() >> commit_mongosync(started) >> wait_committed
+    wait_committed >> check_mongosync_fence()
     choose_pull_engine() >> [partitions, started]
 
 

@@ -38,9 +38,11 @@ from urllib.parse import urlsplit
 
 import requests
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowFailException
 
 from atlas_migration.atlas_api import RetryPolicy
 from atlas_migration.errors import ConfigurationError, MigrationError
+from atlas_migration.fence import LateWrites
 from atlas_migration.namespaces import (
     INTERNAL_DATABASE_PREFIX,
     SYSTEM_DATABASES,
@@ -96,9 +98,26 @@ class MongosyncError(MigrationError):
 # --------------------------------------------------------------------------------------------------
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def reply_lag_seconds(body: dict[str, Any]) -> float | None:
+    """The sync's lag from a ``progress`` object: ``lag.overallLagSeconds`` (1.21+), else the deprecated
+    ``lagTimeSeconds``."""
+    lag = body.get("lag")
+    overall = _number(lag.get("overallLagSeconds")) if isinstance(lag, dict) else None
+    return overall if overall is not None else _number(body.get("lagTimeSeconds"))
+
+
 @dataclass(frozen=True)
 class MongosyncProgress:
-    """The fields of a ``/progress`` reply the DAG decides on; ``raw`` keeps the whole ``progress`` object."""
+    """The fields of a ``/progress`` reply the DAG decides on; ``raw`` keeps the whole ``progress`` object.
+
+    ``lag_time_seconds`` is the sync's lag whatever the version reports it in (``lag.overallLagSeconds``
+    from 1.21, ``lagTimeSeconds`` before); ``estimated_oplog_time_remaining`` and ``warnings`` exist from
+    1.19, ``cea_stage`` from 1.22 (None when the reply has no such field).
+    """
 
     state: str
     can_commit: bool
@@ -107,6 +126,9 @@ class MongosyncProgress:
     lag_time_seconds: float | None
     estimated_total_bytes: int | None
     estimated_copied_bytes: int | None
+    estimated_oplog_time_remaining: Any = None
+    warnings: tuple[Any, ...] = ()
+    cea_stage: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -116,15 +138,18 @@ class MongosyncProgress:
         if not isinstance(body, dict) or "state" not in body:
             raise MongosyncError("mongosync /progress reply has no progress.state", endpoint="/progress")
         copy = body.get("collectionCopy") or {}
-        lag = body.get("lagTimeSeconds")
+        warnings = body.get("warnings")
         return cls(
             state=str(body["state"]),
             can_commit=bool(body.get("canCommit")),
             can_write=bool(body.get("canWrite")),
             info=body.get("info"),
-            lag_time_seconds=float(lag) if isinstance(lag, int | float) else None,
+            lag_time_seconds=reply_lag_seconds(body),
             estimated_total_bytes=copy.get("estimatedTotalBytes"),
             estimated_copied_bytes=copy.get("estimatedCopiedBytes"),
+            estimated_oplog_time_remaining=body.get("estimatedOplogTimeRemaining"),
+            warnings=tuple(warnings) if isinstance(warnings, list) else (),
+            cea_stage=body.get("ceaStage") if isinstance(body.get("ceaStage"), str) else None,
             raw=body,
         )
 
@@ -140,6 +165,7 @@ class MongosyncProgress:
             "state": self.state, "canCommit": self.can_commit, "canWrite": self.can_write, "info": self.info,
             "lagTimeSeconds": self.lag_time_seconds, "estimatedTotalBytes": self.estimated_total_bytes,
             "estimatedCopiedBytes": self.estimated_copied_bytes,
+            "warnings": [str(w)[:300] for w in self.warnings[:10]],
         }
 
     def line(self) -> str:
@@ -189,12 +215,180 @@ def commit_decision(progress: MongosyncProgress | dict[str, Any], max_lag_second
                if lag is not None and lag > COMMIT_LAG_LIMIT_SECONDS else "mongosync reports canCommit=false")
         return CommitDecision(False, f"not ready to commit: {why}", p.state, lag)
     if lag is None:
-        return CommitDecision(False, "not ready to commit: /progress reports no lagTimeSeconds", p.state, lag)
+        return CommitDecision(False, "not ready to commit: /progress reports no lag (lag.overallLagSeconds or "
+                                     "lagTimeSeconds)", p.state, lag)
     if lag > max_lag_seconds:
         return CommitDecision(False, f"not ready to commit: lag {lag:.0f} s is above the {max_lag_seconds:g} s "
                                      "threshold", p.state, lag)
     return CommitDecision(True, f"ready to commit: canCommit=true, lag {lag:.0f} s <= {max_lag_seconds:g} s",
                           p.state, lag)
+
+
+# --------------------------------------------------------------------------------------------------
+# Versions and write blocking
+# --------------------------------------------------------------------------------------------------
+
+# The connection's extras may declare the mongosync release in use and, from 1.20, its write-blocking
+# startup configuration (mongosync's API has no version endpoint): {"version": "1.22",
+# "write_blocking": "sourceAndDestination"}.
+VERSION_EXTRA = "version"
+WRITE_BLOCKING_EXTRA = "write_blocking"
+WRITE_BLOCK_FIELD_REMOVED = (1, 20)  # enableUserWriteBlocking leaves /start; startup configuration instead
+WRITE_BLOCK_STRINGS = (1, 12)  # "sourceAndDestination"/"none" strings; true/false before (and still accepted)
+DEFAULT_WRITE_BLOCKING = "destinationOnly"  # mongosync's default since 1.11
+# mongosync's own databases (renamed in 1.20); writes there are not the application's.
+MONGOSYNC_INTERNAL_DATABASES = frozenset({
+    "mongosync_reserved_for_internal_use", "mongosync_reserved_for_verification_src_metadata",
+    "mongosync_reserved_for_verification_dst_metadata", "__mdb_internal_mongosync",
+    "__mdb_internal_mongosync_verifier_src", "__mdb_internal_mongosync_verifier_dst"})
+
+
+def parse_version(text: Any) -> tuple[int, int]:
+    """``"1.19"`` or ``"1.19.2"`` -> ``(1, 19)``. A number is refused (1.2 and 1.20 are the same float)."""
+    if not isinstance(text, str):
+        raise ConfigurationError(f"the mongosync version must be a string such as \"1.22\", not {text!r} (as a "
+                                 "number 1.2 and 1.20 cannot be told apart)")
+    parts = text.strip().lstrip("v").split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
+        raise ConfigurationError(f"mongosync version {text!r} is not MAJOR.MINOR (e.g. \"1.22\")")
+    return int(parts[0]), int(parts[1])
+
+
+def _v(version: tuple[int, int] | None) -> str:
+    return "?" if version is None else f"{version[0]}.{version[1]}"
+
+
+@dataclass(frozen=True)
+class MongosyncVersion:
+    """The mongosync release in use, as a range: exact when declared, a range when inferred."""
+
+    low: tuple[int, int] | None  # None: no lower bound known
+    high: tuple[int, int] | None  # None: no upper bound known
+    how: str  # "declared in the connection's extras" | "inferred from /progress"
+
+    def at_least(self, version: tuple[int, int]) -> bool | None:
+        """True/False when the range decides it, None when it straddles ``version``."""
+        if self.low is not None and self.low >= version:
+            return True
+        if self.high is not None and self.high < version:
+            return False
+        return None
+
+    def describe(self) -> str:
+        if self.low == self.high and self.low is not None:
+            return f"{_v(self.low)} ({self.how})"
+        if self.high is None:
+            return f"{_v(self.low)} or later ({self.how})"
+        if self.low is None:
+            return f"{_v(self.high)} or earlier ({self.how})"
+        return f"{_v(self.low)} to {_v(self.high)} ({self.how})"
+
+
+def infer_version(progress: dict[str, Any]) -> MongosyncVersion:
+    """What a ``progress`` object's fields say about the release (contracts README, section 3): ``ceaStage``
+    1.22+, the ``lag`` object 1.21+, ``estimatedOplogTimeRemaining``/``warnings`` 1.19+, the INITIALIZING
+    state 1.20+; none of them: 1.18 or earlier."""
+    body = progress.get("progress", progress)
+    how = "inferred from /progress"
+    initializing = (1, 20) if body.get("state") == INITIALIZING else None
+    if "ceaStage" in body:
+        return MongosyncVersion((1, 22), None, how)
+    if isinstance(body.get("lag"), dict):
+        return MongosyncVersion((1, 21), None, how)
+    if "estimatedOplogTimeRemaining" in body or "warnings" in body:
+        return MongosyncVersion(initializing or (1, 19), (1, 20), how)
+    if initializing:
+        return MongosyncVersion((1, 20), (1, 20), how)
+    return MongosyncVersion(None, (1, 18), how)
+
+
+def resolve_version(declared: Any, progress: dict[str, Any]) -> MongosyncVersion:
+    """The declared version (checked against what ``/progress`` shows), else the inferred range."""
+    inferred = infer_version(progress)
+    if declared in (None, ""):
+        return inferred
+    exact = parse_version(declared)
+    if (inferred.low is not None and exact < inferred.low) or (inferred.high is not None and exact > inferred.high):
+        raise ConfigurationError(f"the mongosync connection declares version {declared}, but its /progress reply "
+                                 f"has the fields of {inferred.describe()}: correct the connection's extras")
+    return MongosyncVersion(exact, exact, "declared in the connection's extras")
+
+
+@dataclass(frozen=True)
+class WriteBlockingPlan:
+    """How source writes are stopped at commit with this mongosync.
+
+    ``start_field``: the ``enableUserWriteBlocking`` value for ``/start`` (None: not sent);
+    ``source_blocked``: mongosync blocks user writes on the source at ``/commit`` (dual write blocking).
+    """
+
+    start_field: str | bool | None
+    source_blocked: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enableUserWriteBlocking": self.start_field, "source_blocked": self.source_blocked,
+                "reason": self.reason}
+
+
+def plan_write_blocking(version: MongosyncVersion, *, block: bool, block_reason: str, mode: str,
+                        startup: Any = None) -> WriteBlockingPlan:
+    """Follow the write-blocking contract of ``version``.
+
+    ``block``/``block_reason``: ``fence.decide_write_block`` for the source (``source_write_block`` ``mode``);
+    ``startup``: the connection's ``write_blocking`` extra, mongosync's startup configuration from 1.20.
+    Up to 1.19 dual blocking is asked for in ``/start`` (``"sourceAndDestination"``, or ``true`` before
+    1.12); from 1.20 the field is never sent and the declared startup configuration decides. Anything that
+    cannot be decided safely raises ``ConfigurationError`` before ``/start``.
+    """
+    if startup is not None and startup not in WRITE_BLOCKING_OPTIONS:
+        raise ConfigurationError(f"the mongosync connection's write_blocking extra is {startup!r}; it must be one of "
+                                 f"{', '.join(WRITE_BLOCKING_OPTIONS)} (mongosync's startup configuration, 1.20+)")
+    removed = version.at_least(WRITE_BLOCK_FIELD_REMOVED)
+    if removed is None and (block or startup is not None):
+        raise ConfigurationError(
+            f"cannot tell whether mongosync {version.describe()} takes enableUserWriteBlocking in /start (up to "
+            "1.19) or from its startup configuration (1.20+): declare the release in the mongosync connection's "
+            "extras, e.g. {\"version\": \"1.22\", \"write_blocking\": \"sourceAndDestination\"}. Nothing was started")
+    if removed:
+        effective = startup or DEFAULT_WRITE_BLOCKING
+        if effective == "sourceAndDestination":
+            if not block:
+                raise ConfigurationError(
+                    "mongosync's startup configuration blocks writes on the source at /commit (write_blocking "
+                    f"sourceAndDestination), but {block_reason}. Restart mongosync with destinationOnly, or make "
+                    "source write blocking possible. Nothing was started")
+            return WriteBlockingPlan(None, True, f"mongosync {version.describe()} blocks source writes at /commit "
+                                                 "(startup configuration sourceAndDestination)")
+        if block and mode == "require":
+            raise ConfigurationError(
+                f"source_write_block=require, but mongosync {version.describe()} takes write blocking from its "
+                f"startup configuration, declared as {startup or 'not set (default destinationOnly)'}: restart "
+                "mongosync with --enableUserWriteBlocking sourceAndDestination and declare write_blocking: "
+                "sourceAndDestination in the connection's extras. Nothing was started")
+        why = (f"mongosync's startup configuration is {effective}" if block
+               else block_reason)
+        return WriteBlockingPlan(None, False, f"source writes are not blocked by mongosync: {why}; commit needs the "
+                                              "operator's statement and the fence check")
+    if startup is not None:
+        raise ConfigurationError(f"the mongosync connection declares write_blocking={startup!r}, a startup option "
+                                 f"from 1.20, but mongosync {version.describe()} takes it in /start: remove the extra")
+    if block:
+        strings = version.at_least(WRITE_BLOCK_STRINGS)
+        return WriteBlockingPlan("sourceAndDestination" if strings else True, True,
+                                 f"/start asks mongosync {version.describe()} for dual write blocking ({block_reason})")
+    return WriteBlockingPlan(None, False, f"source writes are not blocked: {block_reason}")
+
+
+def late_write_selector(namespaces: Any) -> Callable[[str, str | None], bool]:
+    """The namespaces whose writes count as late: the migrated ones, and whole-database events of a
+    database that is not mongosync's or this package's own."""
+    def selected(db: str, coll: str | None) -> bool:
+        if db in MONGOSYNC_INTERNAL_DATABASES or db.startswith(INTERNAL_DATABASE_PREFIX):
+            return False
+        return True if coll is None else namespaces.matches(db, coll)
+
+    return selected
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,6 +628,7 @@ class MongosyncHook(BaseHook):
         self.timeout = timeout
         self.retry = retry or DEFAULT_RETRY
         self._session: requests.Session | None = None
+        self._extras: dict[str, Any] = {}
         self.sleep: Callable[[float], None] = time.sleep  # replaceable in tests
 
     def __repr__(self) -> str:
@@ -454,6 +649,12 @@ class MongosyncHook(BaseHook):
             self._base_url = self._read_connection() if self.mongosync_conn_id else DEFAULT_BASE_URL
         return self._base_url
 
+    @property
+    def extras(self) -> dict[str, Any]:
+        """The connection's extras (``version``, ``write_blocking``); empty without a connection."""
+        _ = self.base_url
+        return dict(self._extras)
+
     def _read_connection(self) -> str:
         conn_id = self.mongosync_conn_id or ""
         try:
@@ -468,6 +669,11 @@ class MongosyncHook(BaseHook):
         if conn.conn_type and conn.conn_type not in ACCEPTED_CONN_TYPES:
             raise ConfigurationError(f"Airflow connection '{conn_id}' has type '{conn.conn_type}'; the mongosync "
                                      "hook needs 'mongosync' (or 'http')")
+        try:
+            extras = conn.extra_dejson
+        except Exception:  # noqa: BLE001 - malformed extras: reported as such, never echoed
+            raise ConfigurationError(f"connection '{conn_id}': extras are not a JSON object") from None
+        self._extras = dict(extras) if isinstance(extras, dict) else {}
         host = (conn.host or "localhost").strip()
         if "://" not in host:
             scheme = (conn.schema or "http").strip().lower()
@@ -540,12 +746,17 @@ class MongosyncHook(BaseHook):
                    include_namespaces: list[dict[str, Any]] | None = None,
                    exclude_namespaces: list[dict[str, Any]] | None = None, reversible: bool | None = None,
                    enable_user_write_blocking: str | bool | None = None,
-                   verification_enabled: bool | None = None) -> dict[str, Any]:
+                   verification_enabled: bool | None = None, write_blocking_in_start: bool = True) -> dict[str, Any]:
         """The ``/start`` body; optional fields are sent only when given (mongosync's defaults apply).
 
         A reversible sync needs ``enableUserWriteBlocking: "sourceAndDestination"`` (mongosync's reverse
         requirements), so it is added when ``reversible`` is true and no write-blocking mode was given.
+        ``write_blocking_in_start=False`` (mongosync 1.20+) never sends the field: it was removed from
+        ``/start``, and write blocking is then mongosync's startup configuration.
         """
+        if not write_blocking_in_start and enable_user_write_blocking is not None:
+            raise ConfigurationError("enableUserWriteBlocking was removed from /start in mongosync 1.20: write "
+                                     "blocking is set in mongosync's startup configuration")
         if build_indexes is not None and build_indexes not in BUILD_INDEXES_OPTIONS:
             raise ConfigurationError(f"buildIndexes {build_indexes!r} is not one of {', '.join(BUILD_INDEXES_OPTIONS)}")
         if isinstance(enable_user_write_blocking, str) and enable_user_write_blocking not in WRITE_BLOCKING_OPTIONS:
@@ -560,7 +771,7 @@ class MongosyncHook(BaseHook):
             body["excludeNamespaces"] = exclude_namespaces
         if reversible is not None:
             body["reversible"] = bool(reversible)
-            if reversible and enable_user_write_blocking is None:
+            if reversible and enable_user_write_blocking is None and write_blocking_in_start:
                 enable_user_write_blocking = "sourceAndDestination"
         if enable_user_write_blocking is not None:
             body["enableUserWriteBlocking"] = enable_user_write_blocking
@@ -595,3 +806,137 @@ class MongosyncHook(BaseHook):
         """``GET /progress``."""
         return MongosyncProgress.from_reply(self._call("GET", "/progress"))
 
+
+
+# --------------------------------------------------------------------------------------------------
+# The live pull's mongosync steps (called from live_pull; clients and hook passed in)
+# --------------------------------------------------------------------------------------------------
+
+class CutoverRefused(LateWrites, AirflowFailException):
+    """``fence.LateWrites`` that Airflow does not retry: the operator must stop the writers and state it again
+    (a retry minutes later would commit on a statement that was not true)."""
+
+
+def _late_writes_error(message: str, late: Any) -> CutoverRefused:
+    return CutoverRefused(message, late)
+
+
+FENCE_DB = INTERNAL_DATABASE_PREFIX  # this package's bookkeeping database on the target (never synced)
+FENCE_COLLECTION = "mongosync_fence"
+AFTER_COMMIT_WATCH_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class StartDecision:
+    """What ``/start`` is sent and why: the release in use and the write-blocking plan."""
+
+    version: MongosyncVersion
+    plan: WriteBlockingPlan
+
+    @property
+    def write_blocking_in_start(self) -> bool:
+        return not self.version.at_least(WRITE_BLOCK_FIELD_REMOVED)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version.describe(), "write_blocking": self.plan.to_dict()}
+
+
+def decide_start(hook: MongosyncHook, progress: MongosyncProgress, source_client: Any, *, mode: str,
+                 cutover: str) -> StartDecision:
+    """Before ``/start``: the release (declared or inferred), whether the source can and should be blocked
+    (``fence.read_write_block_support`` on the SOURCE connection, ``source_write_block`` = ``mode``), and
+    refuse a cutover that would have to guess that writes stopped."""
+    from atlas_migration.fence import cutover_problems, decide_write_block, read_write_block_support
+
+    extras = hook.extras
+    version = resolve_version(extras.get(VERSION_EXTRA), progress.raw)
+    support = read_write_block_support(source_client)
+    block, why = decide_write_block(mode, support)
+    plan = plan_write_blocking(version, block=block, block_reason=why, mode=mode,
+                               startup=extras.get(WRITE_BLOCKING_EXTRA))
+    problems = cutover_problems(cutover, plan.source_blocked)
+    if problems:
+        raise ConfigurationError(" ".join(problems) + ". Nothing was started")
+    return StartDecision(version, plan)
+
+
+def save_fence(target_client: Any, key: str, fence: Any) -> None:
+    """Keep the fence on the target, so a retried task (or the check after COMMITTED) finds it."""
+    from pymongo import WriteConcern
+
+    collection = target_client[FENCE_DB].get_collection(FENCE_COLLECTION, write_concern=WriteConcern("majority"))
+    collection.replace_one({"_id": key}, {"_id": key, **fence.to_dict()}, upsert=True)
+
+
+def load_fence(target_client: Any, key: str) -> Any:
+    from atlas_migration.fence import Fence
+
+    doc = target_client[FENCE_DB][FENCE_COLLECTION].find_one({"_id": key})
+    return None if doc is None else Fence.from_dict(doc)
+
+
+def commit_with_fence(hook: MongosyncHook, source_client: Any, *, source_blocked: bool, max_lag_seconds: float,
+                      quiet_seconds: float, selected: Callable[[str, str | None], bool],
+                      keep: Callable[[Any], None]) -> dict[str, Any]:
+    """``/commit``, following the contract: "Without source write blocking, mongosync does not stop
+    application writes: stop writes to the source, then /commit, then wait for COMMITTED".
+
+    With source write blocking mongosync blocks the source itself at ``/commit``; the fence is the source's
+    op time after it. Without it (the operator has stated that writes stopped), the fence is placed first
+    and checked: majority-committed, then ``quiet_seconds`` of watching the source; a write after it raises
+    ``LateWrites`` and ``/commit`` is NOT sent (the sync keeps running, nothing is lost). ``keep(fence)``
+    stores the fence before anything else happens.
+    """
+    from atlas_migration.fence import (
+        Fence,
+        count_late_writes,
+        fence_op_time,
+        late_writes_message,
+        take_fence,
+        wait_majority_committed,
+    )
+
+    decision = commit_decision(hook.progress(), max_lag_seconds)
+    if decision.already_committed:
+        return {"committed": True, "reason": decision.reason}
+    if not decision.commit:
+        raise MigrationError(f"mongosync cannot commit now: {decision.reason}. Retry this task once it can.")
+    if source_blocked:
+        hook.commit()
+        ts = fence_op_time(source_client)  # mongosync has blocked user writes: nothing is acknowledged after this
+        fence = Fence(op_time=[ts.time, ts.inc], blocked=True, how="write_block",
+                      taken_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()))
+        keep(fence)
+        return {"committed": False, "reason": decision.reason, "fence": fence.to_dict()}
+    fence = take_fence(source_client, block=False)
+    keep(fence)
+    wait_majority_committed(source_client, fence)
+    late = count_late_writes(source_client, fence, quiet_seconds, selected=selected,
+                             ignore_databases=MONGOSYNC_INTERNAL_DATABASES)
+    if late:
+        fence.late_writes = dict(late)
+        keep(fence)
+        raise _late_writes_error(late_writes_message(late, fence, what="mongosync commit"), late)
+    hook.commit()
+    return {"committed": False, "reason": decision.reason, "fence": fence.to_dict()}
+
+
+def check_after_commit(source_client: Any, fence: Any, *, selected: Callable[[str, str | None], bool],
+                       seconds: float = AFTER_COMMIT_WATCH_SECONDS) -> dict[str, Any]:
+    """After COMMITTED: no application write may have reached the source after the fence. mongosync applies
+    nothing after its commit point, so such a write may be missing from the destination: raise
+    ``LateWrites`` with the count and the namespaces."""
+    from atlas_migration.fence import count_late_writes
+
+    late = count_late_writes(source_client, fence, seconds, selected=selected,
+                             ignore_databases=MONGOSYNC_INTERNAL_DATABASES)
+    fence.late_writes = dict(late)
+    if late:
+        total = sum(late.values())
+        listing = ", ".join(f"{ns} ({n})" for ns, n in sorted(late.items(), key=lambda kv: (-kv[1], kv[0]))[:20])
+        raise _late_writes_error(
+            f"mongosync committed, but {total} application write(s) reached the source after the cutover fence "
+            f"(op time {fence.op_time}, {fence.how.replace('_', ' ')}): {listing}. mongosync applies nothing after "
+            "its commit point, so these writes MAY BE MISSING from Atlas. Do not move applications yet: compare "
+            "these namespaces between source and Atlas and copy the missing writes", late)
+    return {"fence": fence.to_dict(), "late_writes_after_commit": 0}

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import requests
 
 from devtools.airflow_env import REPO, conn_env_name
 from devtools.mongo_servers import free_port
@@ -207,19 +208,75 @@ def mongosync_api(source, target):
     proc.wait(timeout=30)
 
 
+def mongosync_env(source, target, port: int) -> dict[str, str]:
+    return {**conns(source.uri, target.uri), **FAST_POKES,
+            conn_env_name("mongosync_api"): json.dumps({"conn_type": "mongosync", "host": "127.0.0.1",
+                                                         "port": port, "schema": "http"})}
+
+
+def run_mongosync_dag_with_approval(airflow_home, port: int, env: dict[str, str], writer: Writer, *,  # noqa: F811
+                                    stop_writer_first: bool):
+    """Run the DAG (mongosync engine, manual cutover, no source write blocking: SecantusDB cannot block);
+    once mongosync can commit, stop the writer (or not) and give the operator's approval."""
+    conf = {"strategy": "live_pull", "pull_engine": "mongosync", "cutover": "manual", "source_write_block": "off",
+            "max_cutover_lag_seconds": 5, "quiet_period_seconds": 3, "approval_timeout_seconds": 240}
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(run=airflow_home.dags_test(DAG_ID, conf, env=env)),
+                              daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and runner.is_alive():
+        progress = requests.get(f"http://127.0.0.1:{port}/api/v1/progress", timeout=5).json().get("progress") or {}
+        if progress.get("canCommit"):
+            break
+        time.sleep(1)
+    assert runner.is_alive(), failure_text(outcome.get("run"))
+    runs = airflow_home.airflow("dags", "list-runs", DAG_ID, "-o", "json", env=env)
+    listing = next(line for line in reversed(runs.stdout.splitlines()) if line.startswith("["))  # after log lines
+    run_id = next(r["run_id"] for r in json.loads(listing) if r["state"] == "running")
+    if stop_writer_first:
+        writer.stop()
+    approved = airflow_home.airflow("variables", "set", f"atlas_migration_cutover__{DAG_ID}__{run_id}", "approved",
+                                    env=env)
+    assert approved.returncode == 0, approved.stderr
+    runner.join(timeout=600)
+    return outcome["run"]
+
+
 def test_mongosync_engine_through_the_dag(airflow_home, source, target, mongosync_api):  # noqa: F811
+    """Without source write blocking the commit waits for the operator; the writer stops before the approval,
+    so the fence sees no late write, /commit is sent, and after COMMITTED the source equals the target."""
     with source.client() as src:
         seed(src)
     writer = Writer(source.uri)
     writer.start()
-    stop_writer_later(writer, 15)
-    env = {**conns(source.uri, target.uri), **FAST_POKES,
-           conn_env_name("mongosync_api"): json.dumps({"conn_type": "mongosync", "host": "127.0.0.1",
-                                                        "port": mongosync_api, "schema": "http"})}
-    conf = {"strategy": "live_pull", "pull_engine": "auto", "cutover": "auto", "max_cutover_lag_seconds": 5}
-    run = airflow_home.dags_test(DAG_ID, conf, env=env)
+    env = mongosync_env(source, target, mongosync_api)
+    run = run_mongosync_dag_with_approval(airflow_home, mongosync_api, env, writer, stop_writer_first=True)
     writer.stop()
     assert run.succeeded, failure_text(run)
-    assert "pull_engine=auto: mongosync" in run.output
+    assert "waiting for an operator to approve the mongosync commit" in run.output
+    assert "placing the fence and watching the source" in run.output
+    assert "after COMMITTED: no application write reached the source after the fence" in run.output
     with source.client() as src, target.client() as dst:
         assert_namespaces_identical(src, dst, user_namespaces(src))
+
+
+def test_mongosync_commit_refused_while_the_writer_keeps_writing(airflow_home, source, target,  # noqa: F811
+                                                                 mongosync_api):
+    """The operator approves, but the application still writes: the fence sees late writes, /commit is not
+    sent (mongosync keeps syncing, nothing is lost), and the run fails with the count and namespace."""
+    with source.client() as src:
+        seed(src)
+    writer = Writer(source.uri)
+    writer.start()
+    env = mongosync_env(source, target, mongosync_api)
+    try:
+        run = run_mongosync_dag_with_approval(airflow_home, mongosync_api, env, writer, stop_writer_first=False)
+    finally:
+        writer.stop()
+    assert not run.succeeded and run.state == "failed", failure_text(run)
+    refused = re.search(r"mongosync commit refused: (\d+) application write\(s\) reached the source after the "
+                        r"cutover fence .*?: shop\.orders \((\d+)\)", run.output)
+    assert refused and int(refused.group(1)) == int(refused.group(2)) > 0, failure_text(run)
+    progress = requests.get(f"http://127.0.0.1:{mongosync_api}/api/v1/progress", timeout=5).json()["progress"]
+    assert progress["state"] == "RUNNING"  # never committed

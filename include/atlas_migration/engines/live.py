@@ -1150,6 +1150,35 @@ class LiveSync:
 
         return self._follow(stop_reason)
 
+    def drain_to(self, cluster_time: Timestamp | list[int], *, timeout: float = 300.0) -> CatchUpResult:
+        """Apply every change event at or before ``cluster_time`` and none after it; save the resume token.
+
+        ``catch_up(until_cluster_time=...)`` checks its stop condition per flushed batch, so it may apply
+        events past the point that arrived in the same batch. This stops at the first event after the point
+        without applying it (``_follow`` with ``apply_after_fence=False``: the saved resume token stays before
+        it), or once an empty batch follows a majority-committed op time at or past the point (nothing at or
+        before it is still to come). Raises ``MigrationError`` when the point is not reached in ``timeout``
+        seconds; what was applied is at or before the point either way.
+        """
+        point = _ts_from(cluster_time)
+        if point is None:
+            raise ConfigurationError("drain_to needs a cluster time ([seconds, increment] or a Timestamp)")
+
+        def reached(follow: _Follow, lag: float | None, elapsed: float) -> str | None:
+            if follow.caught_up_to is not None and follow.caught_up_to >= point:
+                return "until"
+            return "max_seconds" if elapsed >= timeout else None
+
+        result = self._follow(reached, fence=point, apply_after_fence=False)
+        if result.stopped_because == "max_seconds":
+            raise MigrationError(
+                f"live pull '{self.sync_id}': the change stream did not reach cluster time {_ts_list(point)} within "
+                f"{timeout:.0f} s (last applied {result.last_applied_cluster_time}); nothing after the point was "
+                "applied")
+        self.log.info("live pull %s: drained to cluster time %s (%d events applied, none after it)", self.sync_id,
+                      _ts_list(point), result.events_applied)
+        return result
+
     def _follow(self, stop_reason: Callable[[_Follow, float | None, float], str | None], *,
                 fence: Timestamp | None = None, apply_after_fence: bool = True) -> CatchUpResult:
         """Read the change stream from the saved resume token and apply it until ``stop_reason`` says stop.

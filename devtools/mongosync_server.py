@@ -1090,14 +1090,18 @@ class MongosyncCore:
         with self._lock:
             self.events_applied += result.events_applied
             self.lag_seconds = 0.0
+        # Updates whose lookup came back empty are re-read (mongosync does not drop them either), then
         # mongosync builds the remaining indexes before COMMITTED (the engine's cutover step does the same,
         # without the cutover's wait for writes to stop, which mongosync does not do).
+        engine.apply_rechecks()
         engine._align_with_source()
         assert self.options is not None
         if self.options.verification_enabled:
             self._verify(engine)
         with self._lock:
+            # The lag prober may have reported the source's progress meanwhile: committed means no lag.
             self.state, self.phase, self.info, self.can_write = COMMITTED, "committed", INFO_COMMITTED, True
+            self.lag_seconds = 0.0
 
     def _verify(self, engine: Any) -> None:
         """Document counts and index names of every migrated namespace, source against destination."""

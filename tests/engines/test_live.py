@@ -323,7 +323,7 @@ def test_writes_after_the_fence_fail_the_cutover_with_their_count(source, target
         assert_namespaces_identical(src, dst, [("busy", "c"), ("busy", "quiet")])
 
 
-def test_cutover_stops_at_a_commit_point_without_applying_later_writes(source, target):
+def test_drain_to_a_commit_point_applies_nothing_after_it(source, target):
     with source.client() as src, target.client() as dst:
         src.cp.c.insert_many([{"_id": i} for i in range(5)])
         sync = make_sync(src, dst, ["cp.*"])
@@ -331,7 +331,7 @@ def test_cutover_stops_at_a_commit_point_without_applying_later_writes(source, t
         src.cp.c.insert_one({"_id": "before"})
         point = fence_now(src)
         src.cp.c.insert_one({"_id": "after"})
-        sync.cutover(point, grace_seconds=0, timeout=30, apply_after_fence=False)
+        sync.drain_to(point.op_time, timeout=30)
         assert dst.cp.c.find_one({"_id": "before"}) is not None
         assert dst.cp.c.find_one({"_id": "after"}) is None
 

@@ -1371,7 +1371,7 @@ class LiveSync:
 
     # ----------------------------------------------------------------------------------------- cutover
     def cutover(self, fence: Fence, *, grace_seconds: float = 5.0, timeout: float = 300.0,
-                apply_after_fence: bool = True, verifier: Any = None) -> CatchUpResult:
+                verifier: Any = None) -> CatchUpResult:
         r"""Application writes are fenced (``fence``: blocked on the source, or stated stopped by an
         operator): prove every write acknowledged before the fence is on the target, then mark the sync
         complete.
@@ -1392,8 +1392,8 @@ class LiveSync:
            fails the cutover with the namespaces, ``_id``\ s and fields;
         7. mark the sync complete, with the fence.
 
-        ``apply_after_fence=False`` (a commit point, as mongosync's /commit has) stops at the fence without
-        applying anything after it and without a grace period.
+        (``drain_to`` is the other way to stop at a point: a commit point, as mongosync's /commit has, after
+        which nothing is applied.)
         """
         from atlas_migration.fence import LateWrites, late_writes_message, wait_majority_committed
 
@@ -1407,7 +1407,7 @@ class LiveSync:
         started = time.monotonic()
         wait_majority_committed(self.source, fence, timeout=timeout)
         point = fence.timestamp
-        grace = grace_seconds if apply_after_fence else 0.0
+        grace = grace_seconds
         reached_at: list[float] = []
 
         def drained(follow: _Follow, lag: float | None, elapsed: float) -> str | None:
@@ -1421,7 +1421,7 @@ class LiveSync:
                 return "max_seconds"
             return None
 
-        result = self._follow(drained, fence=point, apply_after_fence=apply_after_fence)
+        result = self._follow(drained, fence=point)
         if result.stopped_because == "max_seconds":
             raise MigrationError(
                 f"cutover of live pull '{self.sync_id}': the change stream was not drained up to the fence (op time "
@@ -1435,8 +1435,7 @@ class LiveSync:
         rechecked = self.apply_rechecks()
         self._align_with_source()
         # Index builds take time: nothing may have been written after the fence meanwhile.
-        tail = self._follow(lambda f, lag, elapsed: "quiet" if f.caught_up_once else None, fence=point,
-                            apply_after_fence=apply_after_fence)
+        tail = self._follow(lambda f, lag, elapsed: "quiet" if f.caught_up_once else None, fence=point)
         if tail.late_writes:
             fence.late_writes = dict(tail.late_writes)
             self._update_sync({"$set": {"fence": fence.to_dict()}})

@@ -398,3 +398,48 @@ def test_hand_written_mongodump_style_dump_is_restored(target, tmp_path):
         assert raw_sorted(dst, "crm", "users") == docs
         assert index_map(dst, "crm", "users")["email_1"] == {"key": {"email": 1}, "name": "email_1", "unique": True}
         assert collection_options(dst, "crm", "users")["capped"] is True
+
+
+# ------------------------------------------------------------------------------- interop with real mongodump
+# Collection names that mongodump escapes, as in the reference dump by mongodump 100.9.4 (database "peer").
+ESCAPED_NAMES = ["sp ace", "c++", "x&z:w=v@u", "données", "a/b c%d", "L" + "é" * 110]
+LONG_FIXTURE_NAME = (
+    "aVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVery"
+    "VeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryLongCollectionNameConsisting"
+    "OfExactlyTwoHundredAndFortySevenCharacters"
+)
+
+
+def test_engine_dump_file_names_are_the_ones_mongodump_writes(source, tmp_path, mongodump_fixtures):
+    peer = mongodump_fixtures / "mongodump-100.9.4"
+    long_dir = mongodump_fixtures / "mongo-tools/mongorestore/testdata/longcollectionname/db1"
+    names_200 = "n" * 200  # 200 bytes: under mongodump's 238-byte limit, so not truncated
+    with source.client() as src:
+        for name in [*ESCAPED_NAMES, names_200]:
+            src.peer[name].insert_one({"_id": 1})
+        src.db1[LONG_FIXTURE_NAME].insert_one({"_id": 1})
+        for gzip_files, folder in ((False, "plain"), (True, "gzip")):
+            out = tmp_path / folder
+            for name in [*ESCAPED_NAMES, names_200]:
+                dumped = dump_collection(src, "peer", name, out, gzip=gzip_files)
+                if name != names_200:
+                    # Exactly the file names real mongodump wrote for these collections.
+                    assert {p.split("/", 1)[1] for p in dumped.paths} <= {p.name for p in (peer / folder / "peer").iterdir()}
+                else:
+                    assert dumped.paths[0] == f"peer/{names_200}.bson" + (".gz" if gzip_files else "")
+            dumped = dump_collection(src, "db1", LONG_FIXTURE_NAME, out, gzip=False)
+            assert {p.split("/", 1)[1] for p in dumped.paths} == {p.name for p in long_dir.iterdir()}
+            assert sorted(c for _, c in list_dumped_namespaces(out)) == sorted([*ESCAPED_NAMES, names_200, LONG_FIXTURE_NAME])
+
+
+@pytest.mark.parametrize("folder", ["plain", "gzip"])
+def test_mongodump_escaped_names_restore_by_their_real_names(target, mongodump_fixtures, folder):
+    dump = mongodump_fixtures / "mongodump-100.9.4" / folder
+    with target.client() as dst:
+        for name in ESCAPED_NAMES:
+            restored = restore_collection(dst, dump, "peer", name)
+            assert restored.target_namespace == f"peer.{name}"
+            data_file = find_bson_file(dump, "peer", name)
+            assert raw_sorted(dst, "peer", name) == sorted(iter_bson_file(data_file))
+            assert restored.documents >= 1
+        assert sorted(n for n in dst.peer.list_collection_names()) == sorted(ESCAPED_NAMES)

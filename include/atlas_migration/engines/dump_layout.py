@@ -11,10 +11,13 @@ when unknown. Views have only a metadata file. mongodump writes a time-series co
 ``system.buckets.<coll>.bson``; this package's native engine instead stores the measurements as
 ``<coll>.bson`` (see ``native``).
 
-File names are the collection name escaped like Go's ``url.PathEscape`` (``a/b`` -> ``a%2Fb``; dots are kept,
-so ``daily.rollups`` -> ``daily.rollups.bson.gz``), and names whose escaped form exceeds 238 bytes are cut
-to 208 bytes plus ``%24`` and a SHA-1 digest, as mongodump does; ``collectionName`` in the metadata then
-carries the real name. Reading accepts gzip and plain files alike.
+File names are the collection name escaped with Go's ``url.QueryEscape`` as mongodump does (``sp ace`` ->
+``sp+ace``, ``c++`` -> ``c%2B%2B``, ``a/b`` -> ``a%2Fb``, ``données`` -> ``donn%C3%A9es``; dots are kept, so
+``daily.rollups`` -> ``daily.rollups.bson.gz``) and decoded with ``QueryUnescape`` as mongorestore does.
+Names whose escaped form exceeds 238 bytes are cut to 208 bytes plus ``%24`` and a SHA-1 digest;
+``collectionName`` in the metadata then carries the real name. Dumps written by earlier versions of this
+engine (``url.PathEscape`` style: ``sp%20ace``, ``c++``) still read, told apart by ``collectionName``.
+Reading accepts gzip and plain files alike.
 
 Files are written under a temporary name and renamed into place once complete, so an interrupted dump
 never leaves a file that looks finished.
@@ -28,6 +31,7 @@ import hashlib
 import io
 import os
 import queue
+import re
 import struct
 import threading
 import zlib
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
-from urllib.parse import quote, unquote
+from urllib.parse import quote, quote_plus, unquote_plus
 
 from bson import json_util
 from bson.binary import Binary
@@ -55,11 +59,17 @@ MIN_BSON_DOCUMENT_SIZE = 5  # int32 length + terminating NUL
 # Go's gzip default level, which mongodump uses: a good speed/size balance for dumps.
 DEFAULT_COMPRESSLEVEL = 6
 
-# mongodump's file-name escaping (Go url.PathEscape): keeps unreserved characters and $&+:=@.
-_PATH_SEGMENT_SAFE = "$&+:=@"
+# mongodump's file names: Go's url.QueryEscape of the collection name (mongorestore decodes with
+# QueryUnescape). Earlier versions of this engine imitated url.PathEscape, which keeps these characters and
+# writes a space as %20; reading still accepts that form (see ``_stem_candidates``).
+_LEGACY_PATH_SEGMENT_SAFE = "$&+:=@"
+# Longest file name mongodump allows itself is 255 bytes including ".metadata.json.gz" (17 bytes): escaped
+# names longer than 238 bytes are cut to 208 bytes, then "%24" ($) and the unpadded URL-safe base64 of the
+# SHA-1 of the (unescaped) name, 27 characters: 208 + 3 + 27 = 238.
 _MAX_ESCAPED_NAME = 238
 _TRUNCATED_PREFIX = 208
 _TRUNCATION_DELIMITER = "%24"
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 # Reading: keep $numberLong as Int64 and dates beyond datetime's range as DatetimeMS, so that writing the
 # metadata back produces the same canonical JSON.
@@ -68,20 +78,52 @@ _INT32 = struct.Struct("<i")
 
 
 # --------------------------------------------------------------------------------------------- file names
+def query_escape(name: str) -> str:
+    """Go's ``url.QueryEscape``: unreserved ASCII (letters, digits, ``-_.~``) kept, space -> ``+``, every other
+    byte of the UTF-8 encoding as ``%XX`` (upper-case hex)."""
+    return quote_plus(name, safe="")
+
+
+def query_unescape(escaped: str) -> str:
+    """Go's ``url.QueryUnescape``: ``+`` -> space, ``%XX`` -> that byte; a malformed escape is an error
+    (Go refuses it too), raised as ``DumpFormatError``."""
+    for match in re.finditer("%", escaped):
+        i = match.start()
+        if len(escaped) < i + 3 or escaped[i + 1] not in _HEX_DIGITS or escaped[i + 2] not in _HEX_DIGITS:
+            raise DumpFormatError(f"invalid URL escape {escaped[i:i + 3]!r} in the file name stem {escaped!r}")
+    try:
+        return unquote_plus(escaped, errors="strict")
+    except UnicodeDecodeError:
+        raise DumpFormatError(f"the file name stem {escaped!r} does not decode to UTF-8") from None
+
+
+def _truncate(escaped: str, coll: str) -> str:
+    if len(escaped) <= _MAX_ESCAPED_NAME:
+        return escaped
+    digest = base64.urlsafe_b64encode(hashlib.sha1(coll.encode()).digest()).rstrip(b"=").decode()  # noqa: S324 - mongodump's naming, not security
+    return escaped[:_TRUNCATED_PREFIX] + _TRUNCATION_DELIMITER + digest
+
+
 def collection_file_stem(coll: str) -> str:
-    """The file-name stem mongodump uses for a collection (escaped, truncated with a digest when too long)."""
-    escaped = quote(coll, safe=_PATH_SEGMENT_SAFE)
-    if len(escaped) > _MAX_ESCAPED_NAME:
-        digest = base64.urlsafe_b64encode(hashlib.sha1(coll.encode()).digest()).rstrip(b"=").decode()  # noqa: S324 - mongodump's naming, not security
-        escaped = escaped[:_TRUNCATED_PREFIX] + _TRUNCATION_DELIMITER + digest
-    return escaped
+    """The file-name stem mongodump writes for a collection: QueryEscape'd, and when that is longer than
+    238 bytes its first 208 bytes + ``%24`` + the SHA-1 digest of the name (``collectionName`` in the
+    metadata then carries the real name)."""
+    return _truncate(query_escape(coll), coll)
+
+
+def legacy_collection_file_stem(coll: str) -> str:
+    """The stem earlier versions of this engine wrote (``url.PathEscape`` style), read for compatibility."""
+    return _truncate(quote(coll, safe=_LEGACY_PATH_SEGMENT_SAFE), coll)
 
 
 def _stem_candidates(coll: str) -> list[str]:
-    # Escaped (current mongodump and this package) first; the raw name for dumps by older tool versions.
+    # mongodump's form first; then this engine's earlier PathEscape-style form and the raw name (dumps by
+    # old tool versions), each only when it differs. A candidate's metadata must name ``coll`` (see
+    # ``_find_existing``), so "sp+ace" (mongodump's "sp ace") is never taken for the collection "sp+ace".
     stems = [collection_file_stem(coll)]
-    if coll not in stems and "/" not in coll and "\0" not in coll:
-        stems.append(coll)
+    for stem in (legacy_collection_file_stem(coll), coll):
+        if stem not in stems and "/" not in stem and "\0" not in stem:
+            stems.append(stem)
     return stems
 
 
@@ -95,28 +137,47 @@ def metadata_path(root: Path | str, db: str, coll: str, *, gzip: bool = True) ->
     return Path(root) / db / (collection_file_stem(coll) + METADATA_SUFFIX + (GZIP_SUFFIX if gzip else ""))
 
 
-def _find_existing(directory: Path, stems: list[str], suffix: str) -> Path | None:
+def _metadata_names(directory: Path, stem: str) -> str | None:
+    """The ``collectionName`` recorded in ``<stem>.metadata.json[.gz]``, or None when there is no such
+    file or it has no name (dumps by old tool versions)."""
+    for ext in (GZIP_SUFFIX, ""):
+        path = directory / f"{stem}{METADATA_SUFFIX}{ext}"
+        if path.is_file():
+            name = _raw_metadata_document(path).get("collectionName")
+            return name if isinstance(name, str) and name else None
+    return None
+
+
+def _find_existing(directory: Path, stems: list[str], suffix: str, coll: str | None = None) -> Path | None:
     for stem in stems:
         for ext in (GZIP_SUFFIX, ""):
             candidate = directory / f"{stem}{suffix}{ext}"
-            if candidate.is_file():
-                return candidate
+            if not candidate.is_file():
+                continue
+            if coll is not None:
+                # A spelling may be another collection's file ("sp+ace" is mongodump's "sp ace" and an
+                # earlier dump's "sp+ace"): take it only when its metadata names this collection or none.
+                named = _metadata_names(directory, stem)
+                if named is not None and named != coll:
+                    continue
+            return candidate
     return None
 
 
 def find_bson_file(root: Path | str, db: str, coll: str) -> Path | None:
     """The existing data file of ``db.coll`` (gzip or plain), or None."""
-    return _find_existing(Path(root) / db, _stem_candidates(coll), BSON_SUFFIX)
+    return _find_existing(Path(root) / db, _stem_candidates(coll), BSON_SUFFIX, coll)
 
 
 def find_timeseries_buckets_file(root: Path | str, db: str, coll: str) -> Path | None:
     """mongodump's bucket file for a time-series collection (``system.buckets.<coll>.bson[.gz]``), or None."""
-    return _find_existing(Path(root) / db, _stem_candidates(TIMESERIES_BUCKETS_PREFIX + coll), BSON_SUFFIX)
+    return _find_existing(Path(root) / db, _stem_candidates(TIMESERIES_BUCKETS_PREFIX + coll), BSON_SUFFIX,
+                          TIMESERIES_BUCKETS_PREFIX + coll)
 
 
 def find_metadata_file(root: Path | str, db: str, coll: str) -> Path | None:
     """The existing metadata file of ``db.coll`` (gzip or plain), or None."""
-    return _find_existing(Path(root) / db, _stem_candidates(coll), METADATA_SUFFIX)
+    return _find_existing(Path(root) / db, _stem_candidates(coll), METADATA_SUFFIX, coll)
 
 
 def _strip_suffix(name: str, suffix: str) -> str | None:
@@ -128,15 +189,36 @@ def _strip_suffix(name: str, suffix: str) -> str | None:
 
 
 def _is_truncated_stem(stem: str) -> bool:
-    return len(stem) == _MAX_ESCAPED_NAME and stem[_TRUNCATED_PREFIX:].startswith(_TRUNCATION_DELIMITER)
+    # mongorestore's test: a 238-byte stem containing the "%24" delimiter names its collection only in its
+    # metadata file.
+    return len(stem) == _MAX_ESCAPED_NAME and _TRUNCATION_DELIMITER in stem
+
+
+def collection_name_for_stem(stem: str, recorded: str | None, where: object = "a dump file") -> str:
+    """The collection a file-name stem stands for, given the ``collectionName`` its metadata records.
+
+    The recorded name wins when the stem is one of its spellings (mongodump's, this engine's earlier one, or
+    the raw name), which tells mongodump's ``sp+ace`` ("sp ace") from an earlier dump's ``sp+ace``. Otherwise
+    the stem is decoded as mongorestore does (``QueryUnescape``); a truncated stem needs the recorded name.
+    """
+    if recorded and stem in (collection_file_stem(recorded), legacy_collection_file_stem(recorded), recorded):
+        return recorded
+    if _is_truncated_stem(stem):
+        raise DumpFormatError(
+            f"{where}: the file name is truncated (mongodump's '%24<digest>' form) and no metadata file "
+            "records the collection's full name"
+        )
+    return query_unescape(stem)
 
 
 def list_dumped_namespaces(root: Path | str) -> list[tuple[str, str]]:
     """Every ``(db, collection)`` with a metadata or data file under ``root``, sorted.
 
-    Time-series bucket files (``system.buckets.X``) are represented by their collection ``X``; mongodump's
-    users/roles files (``$admin.system.*``) and root-level files (``oplog.bson``, ``prelude.json``) are not
-    namespaces. Filtering out system namespaces is the caller's business (``namespaces.NamespaceFilter``).
+    Names are decoded as mongorestore decodes them (``QueryUnescape``, or ``collectionName`` from the
+    metadata for truncated names and this engine's earlier file names). Time-series bucket files
+    (``system.buckets.X``) are represented by their collection ``X``; mongodump's users/roles files
+    (``$admin.system.*``) and non-collection files (``oplog.bson``, ``prelude.json``) are not namespaces.
+    Filtering out system namespaces is the caller's business (``namespaces.NamespaceFilter``).
     """
     root = Path(root)
     if not root.is_dir():
@@ -149,19 +231,17 @@ def list_dumped_namespaces(root: Path | str) -> list[tuple[str, str]]:
                 continue
             stem = _strip_suffix(path.name, METADATA_SUFFIX)
             if stem is not None:
-                if _is_truncated_stem(stem):
-                    found.add((db, read_metadata_file(path).collection_name))
-                else:
-                    found.add((db, unquote(stem)))
+                found.add((db, collection_name_for_stem(stem, _metadata_names(db_dir, stem), path)))
                 continue
             stem = _strip_suffix(path.name, BSON_SUFFIX)
             if stem is None:
                 continue
-            coll = unquote(stem)
-            if coll.startswith(TIMESERIES_BUCKETS_PREFIX):
-                found.add((db, coll[len(TIMESERIES_BUCKETS_PREFIX):]))
-            elif not _is_truncated_stem(stem):  # a truncated data file always has metadata naming it
-                found.add((db, coll))
+            if stem.startswith(TIMESERIES_BUCKETS_PREFIX):
+                inner = stem[len(TIMESERIES_BUCKETS_PREFIX):]
+                if not _is_truncated_stem(stem):  # a truncated one is listed through its metadata
+                    found.add((db, collection_name_for_stem(inner, _metadata_names(db_dir, inner), path)))
+            elif not _is_truncated_stem(stem) or _metadata_names(db_dir, stem) is None:
+                found.add((db, collection_name_for_stem(stem, _metadata_names(db_dir, stem), path)))
     return sorted(found)
 
 
@@ -292,9 +372,7 @@ def write_metadata(root: Path | str, db: str, meta: CollectionMetadata, *, gzip:
     return final
 
 
-def read_metadata_file(path: Path | str) -> CollectionMetadata:
-    """Parse one metadata file (gzip or plain)."""
-    path = Path(path)
+def _raw_metadata_document(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
         text = (gzip_module.decompress(raw) if path.name.endswith(GZIP_SUFFIX) else raw).decode("utf-8")
@@ -303,12 +381,26 @@ def read_metadata_file(path: Path | str) -> CollectionMetadata:
         raise DumpFormatError(f"metadata file {path} does not exist") from None
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, TypeError) as exc:
         raise DumpFormatError(f"metadata file {path} is not valid (gzip) Extended JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DumpFormatError(f"{path}: metadata must be a JSON object, not {type(doc).__name__}")
+    return doc
+
+
+def read_metadata_file(path: Path | str) -> CollectionMetadata:
+    """Parse one metadata file (gzip or plain); the collection name is resolved as mongorestore does."""
+    path = Path(path)
+    doc = _raw_metadata_document(path)
     stem = _strip_suffix(path.name, METADATA_SUFFIX)
-    default = unquote(stem) if stem and not _is_truncated_stem(stem) else None
+    recorded = doc.get("collectionName")
+    recorded = recorded if isinstance(recorded, str) and recorded else None
     try:
-        return CollectionMetadata.from_document(doc, default_name=default)
+        name = collection_name_for_stem(stem, recorded, path) if stem else recorded
+        meta = CollectionMetadata.from_document(doc, default_name=name)
     except DumpFormatError as exc:
         raise DumpFormatError(f"{path}: {exc}") from None
+    if name:
+        meta.collection_name = name
+    return meta
 
 
 def read_metadata(root: Path | str, db: str, coll: str) -> CollectionMetadata:
@@ -564,14 +656,18 @@ __all__ = [
     "CollectionMetadata",
     "bson_path",
     "collection_file_stem",
+    "collection_name_for_stem",
     "count_bson_documents",
     "find_bson_file",
     "find_metadata_file",
     "find_timeseries_buckets_file",
     "iter_bson_file",
+    "legacy_collection_file_stem",
     "list_dumped_namespaces",
     "metadata_path",
     "metadata_text",
+    "query_escape",
+    "query_unescape",
     "read_metadata",
     "read_metadata_file",
     "write_metadata",

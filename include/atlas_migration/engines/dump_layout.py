@@ -29,6 +29,7 @@ import base64
 import gzip as gzip_module
 import hashlib
 import io
+import json
 import os
 import queue
 import re
@@ -243,6 +244,106 @@ def list_dumped_namespaces(root: Path | str) -> list[tuple[str, str]]:
             elif not _is_truncated_stem(stem) or _metadata_names(db_dir, stem) is None:
                 found.add((db, collection_name_for_stem(stem, _metadata_names(db_dir, stem), path)))
     return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------- prelude
+PRELUDE_FILE = "prelude.json"
+# This package's name in ToolVersion, so a reader can tell the engine's dumps from mongodump's.
+ENGINE_TOOL_VERSION = "atlas-migration native engine"
+# Dumps of servers older than this are refused: the Database Tools dropped them in 100.20 (restore those with
+# mongorestore 100.19.x), and the engine follows the same line.
+MIN_DUMP_SERVER_VERSION = (4, 2, 0)
+_SERVER_VERSION_UNKNOWN = "unknown"  # what mongodump writes when it could not read the server's version
+
+
+@dataclass(frozen=True)
+class Prelude:
+    """``prelude.json`` as mongodump (100.12+) writes it: ``{"ServerVersion":..., "ToolVersion":...}``."""
+
+    server_version: str
+    tool_version: str = ""
+
+    def to_json(self) -> str:
+        # Go's json.Marshal of mongodump's PreludeData: compact, in this key order.
+        return json.dumps({"ServerVersion": self.server_version, "ToolVersion": self.tool_version},
+                          separators=(",", ":"), ensure_ascii=False)
+
+    @property
+    def server_version_tuple(self) -> tuple[int, int, int] | None:
+        return version_tuple(self.server_version)
+
+
+def version_tuple(version: str | None) -> tuple[int, int, int] | None:
+    """``"8.3.0-rc1"`` -> (8, 3, 0); None for a missing or unparseable version (as mongorestore treats it)."""
+    if not version:
+        return None
+    core = version.split("-", 1)[0].split("+", 1)[0]
+    parts = core.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def write_prelude(root: Path | str, prelude: Prelude, *, gzip: bool = True) -> Path:
+    """Write ``<root>/prelude.json[.gz]`` atomically (every collection's dump task may write the same one)."""
+    final = Path(root) / (PRELUDE_FILE + (GZIP_SUFFIX if gzip else ""))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_path(final)
+    data = prelude.to_json().encode("utf-8")
+    try:
+        with open(partial, "wb") as raw:
+            if gzip:
+                with gzip_module.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=DEFAULT_COMPRESSLEVEL,
+                                          mtime=0) as gz:
+                    gz.write(data)
+            else:
+                raw.write(data)
+        _commit(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def read_prelude(root: Path | str) -> Prelude | None:
+    """The dump's ``prelude.json[.gz]`` (at the root, or in the parent of a single database's folder), or
+    None when there is none (mongodump before 100.12 wrote none).
+
+    Raises ``DumpFormatError`` for a prelude that is not mongodump's JSON, has no ``ServerVersion``, or comes
+    from a server this engine cannot restore (older than 4.2).
+    """
+    root = Path(root)
+    for folder in (root, root.parent):
+        for name in (PRELUDE_FILE + GZIP_SUFFIX, PRELUDE_FILE):
+            path = folder / name
+            if path.is_file():
+                return _parse_prelude(path)
+    return None
+
+
+def _parse_prelude(path: Path) -> Prelude:
+    try:
+        raw = path.read_bytes()
+        doc = json.loads(gzip_module.decompress(raw) if path.name.endswith(GZIP_SUFFIX) else raw)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
+        raise DumpFormatError(f"{path} is not mongodump's prelude JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DumpFormatError(f"{path} is not mongodump's prelude JSON: expected an object")
+    server, tool = doc.get("ServerVersion"), doc.get("ToolVersion") or ""
+    if not isinstance(server, str) or not server:
+        raise DumpFormatError(f"{path} has no ServerVersion: the dump's origin cannot be checked")
+    prelude = Prelude(server, str(tool))
+    if server != _SERVER_VERSION_UNKNOWN:
+        parsed = prelude.server_version_tuple
+        if parsed is None:
+            raise DumpFormatError(f"{path}: ServerVersion {server!r} is not a MongoDB version")
+        if parsed < MIN_DUMP_SERVER_VERSION:
+            raise DumpFormatError(
+                f"the dump at {path.parent} was taken from MongoDB {server} (tools {tool or 'unknown'}): dumps of "
+                "servers older than 4.2 are not restored by this engine (nor by Database Tools 100.20+); "
+                "restore it with mongorestore 100.19.x"
+            )
+    return prelude
 
 
 # ------------------------------------------------------------------------------------------ atomic files
@@ -654,6 +755,8 @@ def metadata_text(path: Path | str) -> str:
 __all__ = [
     "BsonFileWriter",
     "CollectionMetadata",
+    "ENGINE_TOOL_VERSION",
+    "Prelude",
     "bson_path",
     "collection_file_stem",
     "collection_name_for_stem",
@@ -670,5 +773,8 @@ __all__ = [
     "query_unescape",
     "read_metadata",
     "read_metadata_file",
+    "read_prelude",
     "write_metadata",
+    "version_tuple",
+    "write_prelude",
 ]

@@ -6,11 +6,14 @@ them. Nothing is decoded, so values keep their exact types and bytes (Decimal128
 outside Python's range, field order), and memory stays bounded by one cursor batch / one insert batch
 whatever the collection's size.
 
-The dump directory follows mongodump's layout (``dump_layout``), so mongorestore can restore what this
-engine dumps and this engine can restore what mongodump dumps, with one exception: time-series
-collections. mongodump writes their internal buckets (``system.buckets.<coll>.bson``); this engine reads
-the measurements through the collection itself and writes them as ``<coll>.bson``, which only this engine
-restores (by inserting the measurements into a freshly created time-series collection).
+The dump directory follows mongodump's layout (``dump_layout``), ``prelude.json`` included, so mongorestore
+can restore what this engine dumps and this engine can restore what mongodump dumps. Time-series
+collections are dumped as mongodump dumps them, as buckets (``system.buckets.<coll>.bson`` before 8.3,
+``<coll>.bson`` read with ``rawData`` from 8.3), whenever the source exposes its buckets; a source that
+exposes none (some MongoDB-compatible servers) gets its measurements written as ``<coll>.bson`` with a
+pre-8.3 prelude, which only this engine restores (mongorestore would take them for buckets: a warning says
+so). Restoring buckets: see ``timeseries`` (raw buckets where the target takes them, exact unpacking of
+uncompressed buckets where it does not, never buckets inserted as measurements).
 
 Restores are safe to retry: with ``drop=True`` the target collection is dropped and rebuilt from the dump,
 so a second attempt after a crash leaves exactly the dumped documents; with ``drop=False`` a target that
@@ -32,15 +35,21 @@ from bson import SON
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 
+from atlas_migration.engines import timeseries
 from atlas_migration.engines.dump_layout import (
+    ENGINE_TOOL_VERSION,
+    TIMESERIES_BUCKETS_PREFIX,
     BsonFileWriter,
     CollectionMetadata,
+    Prelude,
     bson_path,
     find_bson_file,
     find_timeseries_buckets_file,
     iter_bson_file,
     read_metadata,
+    read_prelude,
     write_metadata,
+    write_prelude,
 )
 from atlas_migration.errors import ConfigurationError, DumpFormatError, MigrationError, TargetNotEmpty
 from atlas_migration.namespaces import SYSTEM_DATABASES, is_never_migrated
@@ -101,6 +110,8 @@ class RestoreResult:
     seconds: float
     indexes_created: int = 0
     index_seconds: float = 0.0  # of ``seconds``, building the secondary indexes after the data
+    # Time series only: how the data went in ("raw buckets", "buckets unpacked", "measurements").
+    timeseries_restore: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -154,6 +165,28 @@ def _cursor_batch_size(collection: Collection, batch_size: int, batch_bytes: int
     return max(1, min(batch_size, batch_bytes // max(1, average)))
 
 
+def _timeseries_reader(database: Database, coll: str, server_version: str):
+    """Where a time-series collection's dump data comes from: ``(file name, cursor factory or None)``.
+
+    As mongodump: buckets through ``rawData`` on 8.3+ (written as ``<coll>.bson``), the ``system.buckets``
+    collection before (written as ``system.buckets.<coll>.bson``). A source that exposes no buckets gives
+    its measurements (``<coll>.bson``, cursor None): only this engine restores those.
+    """
+    raw_buckets = database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS)
+    if timeseries.supports_raw_data(server_version):
+        return coll, lambda batch: raw_buckets.aggregate_raw_batches([], batchSize=batch, rawData=True)
+    buckets_name = TIMESERIES_BUCKETS_PREFIX + coll
+    if _collection_info(database, buckets_name) is not None:
+        buckets = database.get_collection(buckets_name, codec_options=RAW_CODEC_OPTIONS)
+        return buckets_name, lambda batch: buckets.find_raw_batches({}, batch_size=batch)
+    log.warning(
+        "%s.%s: the source (version %s) exposes no time-series buckets; its measurements are dumped instead, "
+        "which this engine restores but mongorestore cannot (it takes <coll>.bson for buckets)",
+        database.name, coll, server_version,
+    )
+    return coll, None
+
+
 def dump_collection(
     client: MongoClient,
     db: str,
@@ -187,19 +220,27 @@ def dump_collection(
     indexes = [] if is_view else list(database[coll].list_indexes())
     meta = CollectionMetadata.from_collection_info(info, indexes)
 
+    server_version = str(client.server_info().get("version") or "unknown")
+    # Every collection's dump writes the same prelude (atomically), so a dump of any subset has one.
+    write_prelude(out_root, Prelude(server_version, ENGINE_TOOL_VERSION), gzip=gzip)
+
     documents = nbytes = file_bytes = 0
     paths: list[str] = []
     if not is_view:
         raw = database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS)
+        data_name, open_cursor = coll, None
+        if meta.is_timeseries:
+            data_name, open_cursor = _timeseries_reader(database, coll, server_version)
         effective_batch = _cursor_batch_size(raw, batch_size, batch_bytes, average_document_bytes)
         # Capped collections are restored in insertion order, which is what "oldest first" means to them.
         sort = [("$natural", 1)] if meta.options.get("capped") else None
         # Raw batches are already mongodump's file format (BSON documents back to back): they go to the file
         # whole, compressed in a background thread while the next batch arrives; no document is split out.
-        with BsonFileWriter(bson_path(out_root, db, coll, gzip=gzip), compresslevel=compresslevel,
+        with BsonFileWriter(bson_path(out_root, db, data_name, gzip=gzip), compresslevel=compresslevel,
                             background=True) as writer:
-            # A time-series collection is read through the collection itself: its measurements, not buckets.
-            with raw.find_raw_batches({}, batch_size=effective_batch, sort=sort) as cursor:
+            cursor = (open_cursor(effective_batch) if open_cursor is not None
+                      else raw.find_raw_batches({}, batch_size=effective_batch, sort=sort))
+            with cursor:
                 for batch in cursor:
                     count = writer.write_batch(batch)
                     if progress is not None:
@@ -278,9 +319,13 @@ def _batches(
         yield batch
 
 
-def _insert_batch(collection: Collection, batch: list[RawBSONDocument], *, ordered: bool, bypass: bool) -> None:
+def _insert_batch(collection: Collection, batch: list[RawBSONDocument], *, ordered: bool, bypass: bool,
+                  raw_data: bool = False) -> None:
     from pymongo.errors import BulkWriteError
 
+    if raw_data:
+        _insert_raw_data_batch(collection, batch, ordered=ordered, bypass=bypass)
+        return
     try:
         collection.insert_many(batch, ordered=ordered, bypass_document_validation=bypass)
     except BulkWriteError as exc:
@@ -292,6 +337,22 @@ def _insert_batch(collection: Collection, batch: list[RawBSONDocument], *, order
         ) from None
 
 
+def _insert_raw_data_batch(collection: Collection, batch: list[RawBSONDocument], *, ordered: bool,
+                           bypass: bool) -> None:
+    """Insert time-series buckets through the collection with ``rawData`` (MongoDB 8.3+), as mongorestore
+    does there; pymongo's insert helpers cannot pass the flag, so this is the insert command itself."""
+    command = SON([("insert", collection.name), ("documents", batch), ("ordered", ordered),
+                   ("bypassDocumentValidation", bypass), ("rawData", True)])
+    reply = collection.database.command(command)
+    errors = reply.get("writeErrors") or []
+    if errors:
+        first = errors[0]
+        raise MigrationError(
+            f"inserting buckets into {collection.full_name} (rawData) failed for {len(errors)} of {len(batch)} "
+            f"buckets; first error (code {first.get('code')}): {str(first.get('errmsg'))[:300]}"
+        )
+
+
 def _insert_all(
     collection: Collection,
     batches: Iterator[list[RawBSONDocument]],
@@ -300,9 +361,10 @@ def _insert_all(
     ordered: bool,
     bypass: bool,
     progress: Progress | None = None,
+    raw_data: bool = False,
 ) -> None:
     def insert(batch: list[RawBSONDocument]) -> None:
-        _insert_batch(collection, batch, ordered=ordered, bypass=bypass)
+        _insert_batch(collection, batch, ordered=ordered, bypass=bypass, raw_data=raw_data)
         if progress is not None:
             progress.add(len(batch), sum(len(doc.raw) for doc in batch))
 
@@ -382,19 +444,24 @@ def restore_collection(
     _check_target_namespace(target_db, coll)
     if insert_batch_docs < 1 or insert_batch_bytes < 1 or workers < 1:
         raise ConfigurationError("insert_batch_docs, insert_batch_bytes and workers must be positive")
+    prelude = read_prelude(dump_root)  # refuses dumps of servers this engine cannot restore
     meta = read_metadata(dump_root, db, coll)
     if meta.is_view:
         return restore_view(client, dump_root, db, coll, target_db=target_db, drop=drop)
     data_file = find_bson_file(dump_root, db, coll)
+    layout = None
+    if meta.is_timeseries:
+        buckets_file = find_timeseries_buckets_file(dump_root, db, coll)
+        layout = timeseries.dumped_layout(buckets_file is not None, data_file is not None,
+                                          prelude.server_version if prelude else None)
+        if buckets_file is not None:
+            data_file = buckets_file
     if data_file is None:
-        if meta.is_timeseries and find_timeseries_buckets_file(dump_root, db, coll) is not None:
-            raise DumpFormatError(
-                f"{db}.{coll} was dumped by mongodump as time-series buckets (system.buckets.{coll}); the "
-                "native engine restores measurements only: restore this dump with mongorestore"
-            )
         raise DumpFormatError(
             f"the dump at {dump_root} has metadata but no data file for {db}.{coll}: the dump is incomplete"
         )
+    if layout is not None:
+        _check_timeseries_layout(data_file, meta, layout, f"{db}.{coll}")
 
     database = client[target_db]
     target_ns = f"{target_db}.{coll}"
@@ -410,22 +477,32 @@ def restore_collection(
     started = time.monotonic()
     if drop:
         database.drop_collection(coll)
-    if existing is None or drop:
+    created = existing is None or drop
+    if created:
         _create_collection(database, coll, meta)
     else:
         log.warning("%s exists and is empty: restoring into it without re-applying its options", target_ns)
 
-    capped = bool(meta.options.get("capped"))
     counter = [0, 0]
-    batches = _batches(iter_bson_file(data_file), insert_batch_docs, insert_batch_bytes, counter)
+    documents: Iterator[bytes] = iter_bson_file(data_file)
+    insert_into = database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS)
+    raw_data = False
+    how = None
+    if layout in (timeseries.LAYOUT_BUCKETS_FILE, timeseries.LAYOUT_RAW_DATA):
+        how, insert_into, raw_data, documents = _bucket_sink(client, database, coll, meta, data_file, created)
+    elif layout == timeseries.LAYOUT_MEASUREMENTS:
+        how = "measurements"
+    capped = bool(meta.options.get("capped"))
+    batches = _batches(documents, insert_batch_docs, insert_batch_bytes, counter)
     _insert_all(
-        database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS),
+        insert_into,
         batches,
         # A capped collection keeps insertion order and evicts the oldest: one ordered writer preserves it.
         workers=1 if capped else workers,
         ordered=capped,
         bypass=bypass_document_validation,
         progress=progress,
+        raw_data=raw_data,
     )
     indexes_started = time.monotonic()
     indexes_created = _create_indexes(database, coll, meta)
@@ -433,11 +510,74 @@ def restore_collection(
     result = RestoreResult(
         db=db, collection=coll, target_namespace=target_ns, type=meta.type, documents=counter[0],
         bytes=counter[1], seconds=finished - started, indexes_created=indexes_created,
-        index_seconds=finished - indexes_started,
+        index_seconds=finished - indexes_started, timeseries_restore=how,
     )
     log.debug("restored %s.%s into %s: %d documents, %d indexes in %.1fs", db, coll, target_ns,
              result.documents, indexes_created, result.seconds)
     return result
+
+
+def _check_timeseries_layout(data_file: Path, meta: CollectionMetadata, layout: str, ns: str) -> None:
+    """The first document must be what the layout says (a bucket, or a measurement): buckets are never
+    inserted as measurements, nor measurements as buckets. Checked before anything is written."""
+    first = next(iter(iter_bson_file(data_file)), None)
+    if first is None:
+        return
+    is_bucket = timeseries.bucket_version(first) is not None
+    time_field = (meta.options.get("timeseries") or {}).get("timeField")
+    if layout == timeseries.LAYOUT_MEASUREMENTS and is_bucket and time_field not in _field_names(first):
+        raise DumpFormatError(
+            f"{ns}: {data_file.name} holds time-series buckets, but the dump has no prelude.json naming an 8.3+ "
+            "server (the layout where mongodump writes buckets as <coll>.bson); refusing to insert buckets as "
+            "measurements. Restore it with the prelude.json that mongodump wrote beside it"
+        )
+    if layout != timeseries.LAYOUT_MEASUREMENTS and not is_bucket:
+        raise DumpFormatError(f"{ns}: {data_file.name} should hold time-series buckets but its first document "
+                              "is not a bucket (no control.version/data)")
+
+
+def _field_names(document: bytes) -> list[str]:
+    return [element.name for element in timeseries.iter_elements(document)]
+
+
+def _bucket_sink(client: MongoClient, database: Database, coll: str, meta: CollectionMetadata, data_file: Path,
+                 created: bool) -> tuple[str, Collection, bool, Iterator[bytes]]:
+    """Where dumped buckets go: ``(how, collection, rawData?, documents)``.
+
+    As mongorestore: through the collection with ``rawData`` on an 8.3+ target, into ``system.buckets.<coll>``
+    before. A target that exposes no buckets gets the measurements unpacked from them, which is exact for
+    uncompressed buckets only: compressed ones are refused (and the collection just created is dropped again).
+    """
+    target_version = str(client.server_info().get("version") or "")
+    if timeseries.supports_raw_data(target_version):
+        return "raw buckets", database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS), True, \
+            iter_bson_file(data_file)
+    buckets_name = TIMESERIES_BUCKETS_PREFIX + coll
+    if _collection_info(database, buckets_name) is not None:
+        return "raw buckets", database.get_collection(buckets_name, codec_options=RAW_CODEC_OPTIONS), False, \
+            iter_bson_file(data_file)
+    spec = meta.options.get("timeseries") or {}
+    time_field, meta_field = spec.get("timeField"), spec.get("metaField")
+    where = f"{database.name}.{coll} ({data_file.name})"
+    try:
+        if not time_field:
+            raise DumpFormatError(f"{where}: the metadata's timeseries options name no timeField")
+        for bucket in iter_bson_file(data_file):  # every bucket must unpack exactly before one is inserted
+            version = timeseries.bucket_version(bucket)
+            if version != 1:
+                timeseries.unpack_bucket(bucket, time_field, meta_field, where)  # raises the precise error
+    except BaseException:
+        if created:
+            database.drop_collection(coll)
+        raise
+
+    def measurements() -> Iterator[bytes]:
+        for bucket in iter_bson_file(data_file):
+            yield from timeseries.unpack_bucket(bucket, time_field, meta_field, where)
+
+    log.info("%s: the target exposes no time-series buckets; restoring the measurements unpacked from the "
+             "dumped buckets", where)
+    return "buckets unpacked", database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS), False, measurements()
 
 
 def restore_view(

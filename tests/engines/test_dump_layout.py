@@ -15,6 +15,7 @@ from bson.raw_bson import RawBSONDocument
 from atlas_migration.engines.dump_layout import (
     BsonFileWriter,
     CollectionMetadata,
+    Prelude,
     bson_path,
     collection_file_stem,
     count_bson_documents,
@@ -26,7 +27,9 @@ from atlas_migration.engines.dump_layout import (
     metadata_text,
     query_unescape,
     read_metadata,
+    read_prelude,
     write_metadata,
+    write_prelude,
 )
 from atlas_migration.errors import DumpFormatError
 
@@ -393,3 +396,35 @@ def test_garbage_raises_dump_format_error_with_offset(tmp_path, payload, message
 def test_missing_data_file_is_a_dump_format_error(tmp_path):
     with pytest.raises(DumpFormatError, match="does not exist"):
         list(iter_bson_file(tmp_path / "nope.bson.gz"))
+
+
+# ------------------------------------------------------------------------------------------------ prelude
+def test_prelude_is_written_as_mongodump_writes_it_and_read_back(tmp_path):
+    path = write_prelude(tmp_path, Prelude("8.0.4", "100.12.0"), gzip=True)
+    assert path.name == "prelude.json.gz"  # mongorestore --gzip looks for this name
+    assert gzip.decompress(path.read_bytes()) == b'{"ServerVersion":"8.0.4","ToolVersion":"100.12.0"}'
+    assert read_prelude(tmp_path) == Prelude("8.0.4", "100.12.0")
+    assert read_prelude(tmp_path / "somedb") == Prelude("8.0.4", "100.12.0")  # a single database's folder
+    assert read_prelude(tmp_path / "nothing" / "here") is None
+
+
+def test_the_prelude_real_mongodump_wrote_is_read(mongodump_fixtures):
+    root = mongodump_fixtures / "mongo-tools/mongorestore/testdata/prelude_test/prelude_gzip"
+    assert read_prelude(root) == Prelude("7.0.16", "")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"ToolVersion":"100.12.0"}', "has no ServerVersion"),
+    ('{"ServerVersion":"eight"}', "is not a MongoDB version"),
+    ("not json", "not mongodump's prelude JSON"),
+    ('{"ServerVersion":"3.6.23","ToolVersion":"100.12.0"}', r"MongoDB 3\.6\.23 .*older than 4\.2.*100\.19"),
+])
+def test_an_unusable_prelude_is_refused_clearly(tmp_path, content, message):
+    (tmp_path / "prelude.json").write_text(content)
+    with pytest.raises(DumpFormatError, match=message):
+        read_prelude(tmp_path)
+
+
+def test_unknown_server_version_is_accepted_as_mongorestore_does(tmp_path):
+    (tmp_path / "prelude.json").write_text('{"ServerVersion":"unknown","ToolVersion":"100.13.0"}')
+    assert read_prelude(tmp_path).server_version == "unknown"

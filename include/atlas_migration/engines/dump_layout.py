@@ -246,6 +246,39 @@ def list_dumped_namespaces(root: Path | str) -> list[tuple[str, str]]:
     return sorted(found)
 
 
+# ------------------------------------------------------------------------------------ whole-dump checks
+OPLOG_FILE = "oplog.bson"
+LEGACY_INDEXES_FILE = "system.indexes.bson"
+
+
+def check_restorable(root: Path | str, db: str) -> Prelude | None:
+    """Refuse, before anything is written, a dump this engine cannot restore faithfully; returns its prelude.
+
+    - a prelude naming a server older than 4.2 (``read_prelude``);
+    - ``oplog.bson`` with entries (``mongodump --oplog``): the data is only consistent once those are
+      replayed, which this engine does not do;
+    - ``<db>/system.indexes.bson``: the index catalogue of dumps by mongodump 2.x/3.0 (servers before 3.0).
+    """
+    root = Path(root)
+    prelude = read_prelude(root)
+    for name in (LEGACY_INDEXES_FILE + GZIP_SUFFIX, LEGACY_INDEXES_FILE):
+        if (root / db / name).is_file():
+            raise DumpFormatError(
+                f"the dump of database {db} at {root} keeps its indexes in {name}: it was written by mongodump 2.x/3.0 "
+                "from a server before 3.0, a format this engine does not restore (Database Tools 100.20+ do "
+                "not either); restore it with mongorestore 100.19.x into a 4.2+ server"
+            )
+    for name in (OPLOG_FILE + GZIP_SUFFIX, OPLOG_FILE):
+        path = root / name
+        if path.is_file() and next(iter(iter_bson_file(path)), None) is not None:
+            raise DumpFormatError(
+                f"the dump at {root} was taken with mongodump --oplog and {name} holds oplog entries that must be "
+                "replayed for the data to be consistent; this engine does not replay them: restore it with "
+                "mongorestore --oplogReplay"
+            )
+    return prelude
+
+
 # ---------------------------------------------------------------------------------------------- prelude
 PRELUDE_FILE = "prelude.json"
 # This package's name in ToolVersion, so a reader can tell the engine's dumps from mongodump's.
@@ -477,7 +510,8 @@ def _raw_metadata_document(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
         text = (gzip_module.decompress(raw) if path.name.endswith(GZIP_SUFFIX) else raw).decode("utf-8")
-        doc = json_util.loads(text, json_options=_READ_JSON_OPTIONS)
+        # An empty metadata file is "no metadata" to mongorestore: default options, no secondary indexes.
+        doc = json_util.loads(text, json_options=_READ_JSON_OPTIONS) if text.strip() else {}
     except FileNotFoundError:
         raise DumpFormatError(f"metadata file {path} does not exist") from None
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, TypeError) as exc:
@@ -758,6 +792,7 @@ __all__ = [
     "ENGINE_TOOL_VERSION",
     "Prelude",
     "bson_path",
+    "check_restorable",
     "collection_file_stem",
     "collection_name_for_stem",
     "count_bson_documents",

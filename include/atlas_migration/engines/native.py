@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bson import SON
+from bson import SON, Decimal128
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 
@@ -43,11 +43,11 @@ from atlas_migration.engines.dump_layout import (
     CollectionMetadata,
     Prelude,
     bson_path,
+    check_restorable,
     find_bson_file,
     find_timeseries_buckets_file,
     iter_bson_file,
     read_metadata,
-    read_prelude,
     write_metadata,
     write_prelude,
 )
@@ -296,7 +296,10 @@ def _create_indexes(database: Database, coll: str, meta: CollectionMetadata) -> 
         reply = database.command(SON([("createIndexes", coll), ("indexes", specs)]))
     except OperationFailure as exc:
         names = ", ".join(str(s.get("name")) for s in specs)
-        raise MigrationError(f"cannot build indexes ({names}) on {database.name}.{coll}: {exc}") from None
+        reason = (exc.details or {}).get("errmsg") or str(exc)
+        raise MigrationError(
+            f"cannot build indexes ({names}) on {database.name}.{coll} (code {exc.code}): {str(reason)[:300]}"
+        ) from None
     before, after = reply.get("numIndexesBefore"), reply.get("numIndexesAfter")
     return after - before if isinstance(before, int) and isinstance(after, int) else len(specs)
 
@@ -321,12 +324,12 @@ def _batches(
 
 def _insert_batch(collection: Collection, batch: list[RawBSONDocument], *, ordered: bool, bypass: bool,
                   raw_data: bool = False) -> None:
-    from pymongo.errors import BulkWriteError
+    from pymongo.errors import BulkWriteError, OperationFailure
 
-    if raw_data:
-        _insert_raw_data_batch(collection, batch, ordered=ordered, bypass=bypass)
-        return
     try:
+        if raw_data:
+            _insert_raw_data_batch(collection, batch, ordered=ordered, bypass=bypass)
+            return
         collection.insert_many(batch, ordered=ordered, bypass_document_validation=bypass)
     except BulkWriteError as exc:
         errors = exc.details.get("writeErrors") or [{}]
@@ -334,6 +337,13 @@ def _insert_batch(collection: Collection, batch: list[RawBSONDocument], *, order
         raise MigrationError(
             f"inserting into {collection.full_name} failed for {len(errors)} of {len(batch)} documents of a "
             f"batch; first error (code {first.get('code')}): {str(first.get('errmsg'))[:300]}"
+        ) from None
+    except OperationFailure as exc:
+        # The whole command refused, e.g. a document of the dump that is not valid BSON (mongod checks every
+        # document it receives): nothing of the batch was inserted.
+        raise MigrationError(
+            f"the server refused a batch of {len(batch)} documents for {collection.full_name} (code {exc.code}): "
+            f"{str(exc.details.get('errmsg') if exc.details else exc)[:300]}"
         ) from None
 
 
@@ -444,10 +454,11 @@ def restore_collection(
     _check_target_namespace(target_db, coll)
     if insert_batch_docs < 1 or insert_batch_bytes < 1 or workers < 1:
         raise ConfigurationError("insert_batch_docs, insert_batch_bytes and workers must be positive")
-    prelude = read_prelude(dump_root)  # refuses dumps of servers this engine cannot restore
+    prelude = check_restorable(dump_root, db)  # legacy formats, oplog to replay, servers before 4.2
     meta = read_metadata(dump_root, db, coll)
     if meta.is_view:
         return restore_view(client, dump_root, db, coll, target_db=target_db, drop=drop)
+    check_metadata(meta, f"{db}.{coll}")
     data_file = find_bson_file(dump_root, db, coll)
     layout = None
     if meta.is_timeseries:
@@ -482,14 +493,41 @@ def restore_collection(
         _create_collection(database, coll, meta)
     else:
         log.warning("%s exists and is empty: restoring into it without re-applying its options", target_ns)
+    try:
+        how, counter, indexes_started, indexes_created = _fill(
+            client, database, coll, meta, data_file, layout, insert_batch_docs=insert_batch_docs,
+            insert_batch_bytes=insert_batch_bytes, workers=workers, bypass=bypass_document_validation,
+            progress=progress,
+        )
+    except BaseException:
+        # A collection this attempt created is not left half-restored (bad data mid-file, an index the target
+        # refuses): it is removed again, so the target holds no partial copy.
+        if created:
+            database.drop_collection(coll)
+        raise
+    finished = time.monotonic()
+    result = RestoreResult(
+        db=db, collection=coll, target_namespace=target_ns, type=meta.type, documents=counter[0],
+        bytes=counter[1], seconds=finished - started, indexes_created=indexes_created,
+        index_seconds=finished - indexes_started, timeseries_restore=how,
+    )
+    log.debug("restored %s.%s into %s: %d documents, %d indexes in %.1fs", db, coll, target_ns,
+             result.documents, indexes_created, result.seconds)
+    return result
 
+
+def _fill(client: MongoClient, database: Database, coll: str, meta: CollectionMetadata, data_file: Path,
+          layout: str | None, *, insert_batch_docs: int, insert_batch_bytes: int, workers: int,
+          bypass: bool, progress: Progress | None) -> tuple[str | None, list[int], float, int]:
+    """Insert the data, then build the indexes; returns (time-series restore mode, [docs, bytes], when the
+    index build started, indexes created)."""
     counter = [0, 0]
     documents: Iterator[bytes] = iter_bson_file(data_file)
     insert_into = database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS)
     raw_data = False
     how = None
     if layout in (timeseries.LAYOUT_BUCKETS_FILE, timeseries.LAYOUT_RAW_DATA):
-        how, insert_into, raw_data, documents = _bucket_sink(client, database, coll, meta, data_file, created)
+        how, insert_into, raw_data, documents = _bucket_sink(client, database, coll, meta, data_file)
     elif layout == timeseries.LAYOUT_MEASUREMENTS:
         how = "measurements"
     capped = bool(meta.options.get("capped"))
@@ -500,21 +538,50 @@ def restore_collection(
         # A capped collection keeps insertion order and evicts the oldest: one ordered writer preserves it.
         workers=1 if capped else workers,
         ordered=capped,
-        bypass=bypass_document_validation,
+        bypass=bypass,
         progress=progress,
         raw_data=raw_data,
     )
     indexes_started = time.monotonic()
-    indexes_created = _create_indexes(database, coll, meta)
-    finished = time.monotonic()
-    result = RestoreResult(
-        db=db, collection=coll, target_namespace=target_ns, type=meta.type, documents=counter[0],
-        bytes=counter[1], seconds=finished - started, indexes_created=indexes_created,
-        index_seconds=finished - indexes_started, timeseries_restore=how,
-    )
-    log.debug("restored %s.%s into %s: %d documents, %d indexes in %.1fs", db, coll, target_ns,
-             result.documents, indexes_created, result.seconds)
-    return result
+    return how, counter, indexes_started, _create_indexes(database, coll, meta)
+
+
+# Index key values MongoDB 3.4+ accepts besides non-zero numbers.
+_INDEX_KEY_TYPES = frozenset({"2d", "2dsphere", "2dsphere_bucket", "hashed", "text"})
+
+
+def check_metadata(meta: CollectionMetadata, ns: str) -> None:
+    """Refuse, before anything is written, collection options and index specs that MongoDB 4.2+ rejects.
+
+    Legacy index keys (values ``true``, ``0``, ``""`` of pre-3.4 servers) are not rewritten behind the
+    operator's back: mongorestore too restores them only when asked (``--convertLegacyIndexes``).
+    """
+    if meta.options.get("autoIndexId") is False:
+        raise DumpFormatError(
+            f"{ns}: the dump's options set autoIndexId: false (a collection without an _id index), which MongoDB "
+            "4.0+ accepts only in the local database; this collection cannot be restored as dumped"
+        )
+    for index in meta.indexes:
+        name = index.get("name")
+        key = index.get("key")
+        if not isinstance(key, dict) or not key:
+            raise DumpFormatError(f"{ns}: index {name!r} in the dump has no key pattern")
+        for field_name, value in key.items():
+            if value == "geoHaystack":
+                raise DumpFormatError(
+                    f"{ns}: index {name!r} is a geoHaystack index, a type removed in MongoDB 5.0; drop or replace "
+                    "it in the dump's metadata (a 2d index serves the same queries)"
+                )
+            valid = (isinstance(value, str) and value in _INDEX_KEY_TYPES) or (
+                not isinstance(value, bool) and isinstance(value, int | float | Decimal128)
+                and float(value.to_decimal() if isinstance(value, Decimal128) else value) != 0
+            )
+            if not valid:
+                raise DumpFormatError(
+                    f"{ns}: index {name!r} has the legacy key value {value!r} for {field_name!r} (accepted before "
+                    "MongoDB 3.4, refused since); fix the dump's metadata or restore with mongorestore "
+                    "--convertLegacyIndexes"
+                )
 
 
 def _check_timeseries_layout(data_file: Path, meta: CollectionMetadata, layout: str, ns: str) -> None:
@@ -540,8 +607,8 @@ def _field_names(document: bytes) -> list[str]:
     return [element.name for element in timeseries.iter_elements(document)]
 
 
-def _bucket_sink(client: MongoClient, database: Database, coll: str, meta: CollectionMetadata, data_file: Path,
-                 created: bool) -> tuple[str, Collection, bool, Iterator[bytes]]:
+def _bucket_sink(client: MongoClient, database: Database, coll: str, meta: CollectionMetadata,
+                 data_file: Path) -> tuple[str, Collection, bool, Iterator[bytes]]:
     """Where dumped buckets go: ``(how, collection, rawData?, documents)``.
 
     As mongorestore: through the collection with ``rawData`` on an 8.3+ target, into ``system.buckets.<coll>``
@@ -559,17 +626,12 @@ def _bucket_sink(client: MongoClient, database: Database, coll: str, meta: Colle
     spec = meta.options.get("timeseries") or {}
     time_field, meta_field = spec.get("timeField"), spec.get("metaField")
     where = f"{database.name}.{coll} ({data_file.name})"
-    try:
-        if not time_field:
-            raise DumpFormatError(f"{where}: the metadata's timeseries options name no timeField")
-        for bucket in iter_bson_file(data_file):  # every bucket must unpack exactly before one is inserted
-            version = timeseries.bucket_version(bucket)
-            if version != 1:
-                timeseries.unpack_bucket(bucket, time_field, meta_field, where)  # raises the precise error
-    except BaseException:
-        if created:
-            database.drop_collection(coll)
-        raise
+    if not time_field:
+        raise DumpFormatError(f"{where}: the metadata's timeseries options name no timeField")
+    # Every bucket must unpack exactly before one is inserted (the caller drops the collection it created).
+    for bucket in iter_bson_file(data_file):
+        if timeseries.bucket_version(bucket) != 1:
+            timeseries.unpack_bucket(bucket, time_field, meta_field, where)  # raises the precise error
 
     def measurements() -> Iterator[bytes]:
         for bucket in iter_bson_file(data_file):
@@ -596,6 +658,7 @@ def restore_view(
     target_db = target_db or db
     _check_source_namespace(db, view)
     _check_target_namespace(target_db, view)
+    check_restorable(dump_root, db)
     meta = read_metadata(dump_root, db, view)
     if not meta.is_view:
         raise ConfigurationError(f"{db}.{view} in the dump is a {meta.type}, not a view: use restore_collection")

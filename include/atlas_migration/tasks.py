@@ -174,7 +174,7 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
     source = endpoint_from_connection(p.source_conn_id, "source")
     started = time.monotonic()
     if item["engine"] == "mongodump":
-        files = _dump_with_tools(source, item, paths)
+        _dump_with_tools(source, item, paths)
         result = {"documents": None, "bytes": None}
     else:
         from atlas_migration.engines import native
@@ -187,8 +187,11 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
                                             batch_size=p.batch_size, gzip=item.get("gzip", True),
                                             average_document_bytes=average,
                                             progress=progress).to_dict()
-        files = dumped["paths"]
         result = {"documents": dumped["documents"], "bytes": dumped["bytes"]}
+    from atlas_migration.engines.dump_layout import dumped_files
+
+    # Found by the names the writer gave them (mongodump escapes collection names), prelude included.
+    files = dumped_files(paths.dump_dir, item["db"], item["collection"])
     seconds = time.monotonic() - started
     stager = _stager(p, paths)
     staged = stager.upload(paths.root, [f"{paths.dump_dir.name}/{f}" for f in files]) if stager else []
@@ -200,20 +203,13 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
             "dump_started": round(time.time() - seconds, 3), "dump_finished": round(time.time(), 3)}
 
 
-def _dump_with_tools(source: MongoEndpoint, item: dict[str, Any], paths: RunPaths) -> list[str]:
+def _dump_with_tools(source: MongoEndpoint, item: dict[str, Any], paths: RunPaths) -> None:
     from atlas_migration.engines import mongotools
 
     with mongotools.tool_config_file(source.tool_uri()) as config:
         argv = mongotools.mongodump_argv(config, paths.dump_dir, item["db"], item["collection"],
                                          gzip=item.get("gzip", True))
         mongotools.run_tool(argv, secrets=source.secrets, log=log)
-    folder = paths.dump_dir / item["db"]
-    return sorted(str(f.relative_to(paths.dump_dir)) for f in folder.glob(f"{_glob_escape(item['collection'])}.*")
-                  if f.name.split(".bson")[0].split(".metadata.json")[0] == item["collection"])
-
-
-def _glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: RunPaths) -> dict[str, Any]:

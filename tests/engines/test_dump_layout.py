@@ -19,6 +19,7 @@ from atlas_migration.engines.dump_layout import (
     bson_path,
     collection_file_stem,
     count_bson_documents,
+    dumped_files,
     find_bson_file,
     iter_bson_file,
     legacy_collection_file_stem,
@@ -428,3 +429,18 @@ def test_an_unusable_prelude_is_refused_clearly(tmp_path, content, message):
 def test_unknown_server_version_is_accepted_as_mongorestore_does(tmp_path):
     (tmp_path / "prelude.json").write_text('{"ServerVersion":"unknown","ToolVersion":"100.13.0"}')
     assert read_prelude(tmp_path).server_version == "unknown"
+
+
+def test_dumped_files_finds_mongodumps_escaped_names(mongodump_fixtures):
+    root = mongodump_fixtures / "mongodump-100.9.4" / "gzip"
+    assert dumped_files(root, "peer", "c++") == ["peer/c%2B%2B.bson.gz", "peer/c%2B%2B.metadata.json.gz"]
+    assert dumped_files(root, "peer", "sp ace") == ["peer/sp+ace.bson.gz", "peer/sp+ace.metadata.json.gz"]
+    assert dumped_files(root, "peer", "big_orders") == ["peer/big_orders.metadata.json.gz"]  # a view
+    ts = mongodump_fixtures / "mongo-tools/mongorestore/testdata/timeseries_tests/ts_dump"
+    assert dumped_files(ts, "timeseries_test", "foo_ts") == [
+        "timeseries_test/system.buckets.foo_ts.bson", "timeseries_test/foo_ts.metadata.json"]
+    prelude = mongodump_fixtures / "mongo-tools/mongorestore/testdata/prelude_test/prelude_gzip"
+    assert dumped_files(prelude, "test", "foo") == ["test/foo.bson.gz", "test/foo.metadata.json.gz",
+                                                    "prelude.json.gz"]
+    with pytest.raises(DumpFormatError, match=r"no metadata file for peer\.nope"):
+        dumped_files(root, "peer", "nope")

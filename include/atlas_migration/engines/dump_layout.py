@@ -246,6 +246,29 @@ def list_dumped_namespaces(root: Path | str) -> list[tuple[str, str]]:
     return sorted(found)
 
 
+def dumped_files(root: Path | str, db: str, coll: str) -> list[str]:
+    """The files a dump holds for ``db.coll`` under the names the writer (mongodump or this engine) gave them,
+    relative to ``root`` with POSIX separators: the data file (or time-series buckets file) when there is
+    one, the metadata file, and the prelude (at the root, or in the database's folder for ``--db`` dumps).
+
+    This is what staging uploads, so that the restore, possibly on a worker without this disk, has every
+    file it reads. Raises ``DumpFormatError`` when there is no metadata file for the collection.
+    """
+    root = Path(root)
+    metadata = find_metadata_file(root, db, coll)
+    if metadata is None:
+        raise DumpFormatError(
+            f"no metadata file for {db}.{coll} under {root / db} (expected {collection_file_stem(coll)}"
+            f"{METADATA_SUFFIX}[.gz]): the dump did not write this collection"
+        )
+    files = [p for p in (find_timeseries_buckets_file(root, db, coll), find_bson_file(root, db, coll)) if p]
+    files.append(metadata)
+    for folder in (root, root / db):
+        files.extend(folder / name for name in (PRELUDE_FILE + GZIP_SUFFIX, PRELUDE_FILE)
+                     if (folder / name).is_file())
+    return [p.relative_to(root).as_posix() for p in files]
+
+
 # ------------------------------------------------------------------------------------ whole-dump checks
 OPLOG_FILE = "oplog.bson"
 LEGACY_INDEXES_FILE = "system.indexes.bson"
@@ -796,6 +819,7 @@ __all__ = [
     "collection_file_stem",
     "collection_name_for_stem",
     "count_bson_documents",
+    "dumped_files",
     "find_bson_file",
     "find_metadata_file",
     "find_timeseries_buckets_file",

@@ -388,16 +388,20 @@ def _parse_prelude(path: Path) -> Prelude:
     server, tool = doc.get("ServerVersion"), doc.get("ToolVersion") or ""
     if not isinstance(server, str) or not server:
         raise DumpFormatError(f"{path} has no ServerVersion: the dump's origin cannot be checked")
-    prelude = Prelude(server, str(tool))
-    if server != _SERVER_VERSION_UNKNOWN:
+    return check_prelude(Prelude(server, str(tool)), path)
+
+
+def check_prelude(prelude: Prelude, where: object) -> Prelude:
+    """Refuse a dump whose server version is not a version or is older than 4.2; returns the prelude."""
+    if prelude.server_version != _SERVER_VERSION_UNKNOWN:
         parsed = prelude.server_version_tuple
         if parsed is None:
-            raise DumpFormatError(f"{path}: ServerVersion {server!r} is not a MongoDB version")
+            raise DumpFormatError(f"{where}: ServerVersion {prelude.server_version!r} is not a MongoDB version")
         if parsed < MIN_DUMP_SERVER_VERSION:
             raise DumpFormatError(
-                f"the dump at {path.parent} was taken from MongoDB {server} (tools {tool or 'unknown'}): dumps of "
-                "servers older than 4.2 are not restored by this engine (nor by Database Tools 100.20+); "
-                "restore it with mongorestore 100.19.x"
+                f"the dump {where} was taken from MongoDB {prelude.server_version} (tools "
+                f"{prelude.tool_version or 'unknown'}): dumps of servers older than 4.2 are not restored by this "
+                "engine (nor by Database Tools 100.20+); restore it with mongorestore 100.19.x"
             )
     return prelude
 
@@ -815,6 +819,7 @@ __all__ = [
     "ENGINE_TOOL_VERSION",
     "Prelude",
     "bson_path",
+    "check_prelude",
     "check_restorable",
     "collection_file_stem",
     "collection_name_for_stem",

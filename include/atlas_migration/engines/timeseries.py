@@ -113,6 +113,17 @@ def bucket_version(bucket: bytes) -> int | None:
     return None
 
 
+def bucket_count(bucket: bytes) -> int | None:
+    """``control.count`` (the number of measurements) of a compressed bucket; None where it is absent
+    (uncompressed buckets do not carry it)."""
+    for element in iter_elements(bucket):
+        if element.name == "control" and element.type == 0x03:
+            for field in iter_elements(element.value):
+                if field.name == "count" and field.type in (0x10, 0x12):
+                    return int.from_bytes(field.value, "little", signed=True)
+    return None
+
+
 def unpack_bucket(bucket: bytes, time_field: str, meta_field: str | None, where: str) -> list[bytes]:
     """The measurements of one uncompressed (version 1) bucket, as raw BSON documents.
 
@@ -169,6 +180,7 @@ __all__ = [
     "LAYOUT_BUCKETS_FILE",
     "LAYOUT_MEASUREMENTS",
     "LAYOUT_RAW_DATA",
+    "bucket_count",
     "bucket_version",
     "dumped_layout",
     "iter_elements",

@@ -26,6 +26,7 @@ from atlas_migration.engines.dump_layout import (
     find_timeseries_buckets_file,
     iter_bson_file,
     list_dumped_namespaces,
+    partial_path,
     read_metadata,
     read_prelude,
 )
@@ -172,7 +173,7 @@ class DumpReader:
                     continue
             destination = root / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
-            partial = destination.with_name(destination.name + ".part")
+            partial = partial_path(destination)  # the name may be 255 bytes already
             hook.get_key(key, bucket_name=bucket).download_file(str(partial))
             partial.replace(destination)
             fetched += 1

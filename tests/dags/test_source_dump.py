@@ -38,7 +38,8 @@ def _run(home: AirflowHome, target, conf: dict, **env: str):
     # No source connection at all: the dump is the source.
     env = {conn_env_name("atlas_target"): mongo_connection_json(target.uri), **env}
     run = home.dags_test(DAG_ID, {"validation_mode": "full", "include_namespaces": SELECTED, **conf}, env=env)
-    assert run.succeeded, f"state={run.state}\n{run.output[-6000:]}"
+    errors = [line for line in run.output.splitlines() if "Error" in line or "error" in line][:40]
+    assert run.succeeded, f"state={run.state}\n" + "\n".join(errors) + "\n" + run.output[-3000:]
     reports = sorted((home.path / "migration-work" / DAG_ID).glob("*/report/validation.json"),
                      key=lambda p: p.stat().st_mtime)
     return json.loads(reports[-1].read_text())

@@ -415,6 +415,12 @@ def _partial_path(final: Path) -> Path:
     return final.with_name(f".{digest}.{os.getpid()}{PARTIAL_SUFFIX}")
 
 
+def partial_path(final: Path) -> Path:
+    """A temporary name beside ``final`` for writing it atomically (no suffix on the final name: mongodump's
+    truncated file names are already 255 bytes, the longest a file name may be)."""
+    return _partial_path(final)
+
+
 def _other_compression(final: Path) -> Path:
     name = final.name
     return final.with_name(name[: -len(GZIP_SUFFIX)] if name.endswith(GZIP_SUFFIX) else name + GZIP_SUFFIX)
@@ -833,6 +839,7 @@ __all__ = [
     "list_dumped_namespaces",
     "metadata_path",
     "metadata_text",
+    "partial_path",
     "query_escape",
     "query_unescape",
     "read_metadata",

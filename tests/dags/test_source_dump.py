@@ -18,7 +18,7 @@ from devtools.airflow_env import AirflowHome, conn_env_name, mongo_connection_js
 pytestmark = pytest.mark.integration
 DAG_ID = "mongo_to_atlas"
 RAW = CodecOptions(document_class=RawBSONDocument)
-# mongodump 100.9.4 output (14 collections, 2 views); a run takes a part of it to stay fast: dotted, escaped
+# mongodump 100.9.4 output (13 collections, 2 views); a run takes a part of it to stay fast: dotted, escaped
 # and truncated names, a compound/unique-partial/sparse-collation/TTL-indexed collection, a collation
 # collection and its view with its own collation. Every collection of it is restored by
 # tests/engines/test_reference_dumps.py.

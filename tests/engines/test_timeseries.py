@@ -78,3 +78,13 @@ def test_the_reference_buckets_unpack_to_1000_measurements(mongodump_fixtures):
     decoded = [bson.decode(m, ORDERED) for m in measurements]
     assert all(list(d)[:2] == ["ts", "meta"] for d in decoded)
     assert len({d["_id"] for d in decoded}) == 1000
+
+
+@pytest.mark.parametrize(("version", "listed", "layout"), [
+    ("8.3.0", False, timeseries.LAYOUT_RAW_DATA),  # rawData: no system.buckets namespace to list
+    ("9.0.0", True, timeseries.LAYOUT_RAW_DATA),
+    ("7.0.14", True, timeseries.LAYOUT_BUCKETS_FILE),  # mongodump's system.buckets.<coll>.bson
+    ("8.2.11", False, timeseries.LAYOUT_MEASUREMENTS),  # a server that exposes no buckets (SecantusDB)
+])
+def test_layout_to_dump_follows_mongodump(version, listed, layout):
+    assert timeseries.layout_to_dump(version, listed) == layout

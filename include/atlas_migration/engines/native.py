@@ -172,11 +172,14 @@ def _timeseries_reader(database: Database, coll: str, server_version: str):
     collection before (written as ``system.buckets.<coll>.bson``). A source that exposes no buckets gives
     its measurements (``<coll>.bson``, cursor None): only this engine restores those.
     """
-    raw_buckets = database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS)
-    if timeseries.supports_raw_data(server_version):
-        return coll, lambda batch: raw_buckets.aggregate_raw_batches([], batchSize=batch, rawData=True)
     buckets_name = TIMESERIES_BUCKETS_PREFIX + coll
-    if _collection_info(database, buckets_name) is not None:
+    listed = False if timeseries.supports_raw_data(server_version) else (
+        _collection_info(database, buckets_name) is not None)
+    layout = timeseries.layout_to_dump(server_version, listed)
+    if layout == timeseries.LAYOUT_RAW_DATA:
+        raw_buckets = database.get_collection(coll, codec_options=RAW_CODEC_OPTIONS)
+        return coll, lambda batch: raw_buckets.aggregate_raw_batches([], batchSize=batch, rawData=True)
+    if layout == timeseries.LAYOUT_BUCKETS_FILE:
         buckets = database.get_collection(buckets_name, codec_options=RAW_CODEC_OPTIONS)
         return buckets_name, lambda batch: buckets.find_raw_batches({}, batch_size=batch)
     log.warning(

@@ -167,6 +167,15 @@ def supports_raw_data(version: str | None) -> bool:
     return parsed is not None and parsed >= RAW_DATA_MIN_VERSION
 
 
+def layout_to_dump(server_version: str | None, buckets_collection_listed: bool) -> str:
+    """How to dump a time-series collection of a source (``LAYOUT_*``), as mongodump does: through
+    ``rawData`` on 8.3+, from the ``system.buckets`` collection before; measurements only for a source that
+    exposes no buckets at all."""
+    if supports_raw_data(server_version):
+        return LAYOUT_RAW_DATA
+    return LAYOUT_BUCKETS_FILE if buckets_collection_listed else LAYOUT_MEASUREMENTS
+
+
 def dumped_layout(has_buckets_file: bool, has_data_file: bool, dump_server_version: str | None) -> str | None:
     """Which layout a time-series collection's files are in (``LAYOUT_*``), or None when it has no data file."""
     if has_buckets_file:
@@ -184,6 +193,7 @@ __all__ = [
     "bucket_version",
     "dumped_layout",
     "iter_elements",
+    "layout_to_dump",
     "supports_raw_data",
     "unpack_bucket",
 ]

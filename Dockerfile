@@ -3,7 +3,9 @@
 # official distribution. Versions are build arguments: pick current releases when you build.
 FROM apache/airflow:3.3.2-python3.11
 
-ARG MONGODB_TOOLS_VERSION=100.12.2
+# 100.19.x: the newest Database Tools line that still dumps servers older than 4.2 and restores their dumps
+# (100.20 dropped them); 100.12+ writes prelude.json, 100.16+ the 8.3+ time-series layout. See README "Dumps".
+ARG MONGODB_TOOLS_VERSION=100.19.0
 ARG MONGOSYNC_VERSION=1.15.0
 ARG MONGODB_DOWNLOADS=https://fastdl.mongodb.org
 

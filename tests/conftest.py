@@ -149,3 +149,15 @@ def _aws_client_kwargs() -> dict:
     conn = json.loads(os.environ["AIRFLOW_CONN_AWS_TEST"])
     return {"endpoint_url": conn["extra"]["endpoint_url"], "region_name": conn["extra"]["region_name"],
             "aws_access_key_id": conn["login"], "aws_secret_access_key": conn["password"]}
+
+
+# Real mongodump output kept beside the repositories (never copied into this one); see its README.
+REFERENCE_DUMPS = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "mongodump-dumps"
+
+
+@pytest.fixture(scope="session")
+def mongodump_fixtures() -> Path:
+    """The read-only folder of dumps written by real mongodump (``../shared/reference/mongodump-dumps``)."""
+    if not (REFERENCE_DUMPS / "README.md").is_file():
+        pytest.skip(f"reference dumps by real mongodump not found at {REFERENCE_DUMPS}")
+    return REFERENCE_DUMPS

@@ -30,8 +30,8 @@ def _paths(params, dag, run_id) -> steps.RunPaths:
 
 def migration_flow(*, rehearsal: bool = False) -> None:
     @task
-    def inspect_source(params=None) -> dict:
-        return steps.inspect(params)
+    def inspect_source(params=None, dag=None, run_id=None) -> dict:
+        return steps.inspect(params, _paths(params, dag, run_id))
 
     @task
     def route(profile: dict, params=None) -> dict:

@@ -45,6 +45,13 @@ def dag_params() -> dict[str, Any]:
                                  title="Hosting",
                                  description="Where the source runs. 'detect' reads host names (and EC2 when an AWS "
                                              "connection is set)."),
+            source_dump_uri=Param("", type="string", title="Restore from a dump instead",
+                                  description="A mongodump output to restore instead of reading a source server: an "
+                                              "absolute path to a dump folder (plain or gzip) or to a mongodump "
+                                              "--archive file, or s3://bucket/prefix of a dump folder or "
+                                              "s3://bucket/key of an archive. Runs the mongorestore group and "
+                                              "validates against the dump's own documents. Empty: read the source "
+                                              "connection."),
             aws_conn_id=Param("", type="string", title="AWS connection",
                               description="Optional Airflow AWS connection: EC2 lookup of the source hosts and S3 staging."),
         ),
@@ -172,6 +179,8 @@ class MigrationParams:
     # Rehearsals write every database as <target_db_prefix><db>; empty for a real migration.
     target_db_prefix: str = ""
     rehearsal: bool = False
+    # A dump to restore instead of a source server (see source_dump); empty: the source connection.
+    source_dump_uri: str = ""
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> MigrationParams:
@@ -222,6 +231,11 @@ class MigrationParams:
         staging = text("staging_s3_uri")
         if staging and not staging.startswith("s3://") or staging.rstrip("/") == "s3:/":
             raise ConfigurationError(f"staging_s3_uri must look like s3://bucket/prefix, got {staging!r}")
+        source_dump_uri = text("source_dump_uri")
+        if source_dump_uri:
+            from atlas_migration.source_dump import DumpSource
+
+            DumpSource.parse(source_dump_uri)  # the form only; opening it is the inspection's job
         work_dir = text("work_dir") or os.environ.get("MIGRATION_WORK_DIR") or str(
             Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "atlas_migration")
         return cls(
@@ -244,4 +258,5 @@ class MigrationParams:
             validation_mode=choice("validation_mode", "counts", ["counts", "full"]),
             target_db_prefix=prefix,
             rehearsal=rehearsal,
+            source_dump_uri=source_dump_uri,
         )

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from atlas_migration.engines.dump_layout import partial_path
 from atlas_migration.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,6 @@ class Stager:
             if not self.hook.check_for_key(key, bucket_name=self.location.bucket):
                 raise ConfigurationError(f"staged file s3://{self.location.bucket}/{key} is missing")
             obj = self.hook.get_key(key, bucket_name=self.location.bucket)
-            partial = destination.with_name(destination.name + ".part")
+            partial = partial_path(destination)  # not name + ".part": a dump file name may be 255 bytes already
             obj.download_file(str(partial))
             partial.replace(destination)

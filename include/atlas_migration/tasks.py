@@ -75,8 +75,23 @@ def _stager(p: MigrationParams, paths: RunPaths):
 # ---------------------------------------------------------------- inspect and route
 
 
-def inspect(params: dict[str, Any]) -> dict[str, Any]:
+def _dump_reader(p: MigrationParams, paths: RunPaths):
+    from atlas_migration.source_dump import DumpReader
+
+    return DumpReader(p.source_dump_uri, paths.root, p.aws_conn_id)
+
+
+def inspect(params: dict[str, Any], paths: RunPaths | None = None) -> dict[str, Any]:
     p = MigrationParams.parse(params)
+    if p.source_dump_uri:
+        from atlas_migration import source_dump
+
+        endpoint_from_connection(p.target_conn_id, "target")
+        if paths is None:
+            raise ConfigurationError("inspecting a source dump needs the run's work folder")
+        profile = source_dump.inventory(_dump_reader(p, paths))
+        _log_block("Source profile (from the dump)", profile.summary_lines())
+        return profile.to_dict()
     source = endpoint_from_connection(p.source_conn_id, "source")
     endpoint_from_connection(p.target_conn_id, "target")  # a missing target connection fails now, not after the dump
     hints = DeploymentHints.merge(params, source.deployment_facts)
@@ -97,7 +112,7 @@ def inspect(params: dict[str, Any]) -> dict[str, Any]:
 def route(params: dict[str, Any], profile_data: dict[str, Any], available: frozenset[str]) -> dict[str, Any]:
     p = MigrationParams.parse(params)
     profile = SourceProfile.from_dict(profile_data)
-    decision = choose_strategy(profile, p.strategy)
+    decision = _dump_decision(p) if p.source_dump_uri else choose_strategy(profile, p.strategy)
     plan = build_copy_plan(profile, p.namespaces, p.target_db_prefix)
     _log_block("Routing decision", decision.explain().splitlines())
     _log_block("Copy plan", plan.describe())
@@ -109,6 +124,20 @@ def route(params: dict[str, Any], profile_data: dict[str, Any], available: froze
         return result
     ensure_available(decision, available)
     return result
+
+
+def _dump_decision(p: MigrationParams) -> RoutingDecision:
+    if p.strategy not in ("auto", "mongorestore"):
+        raise ConfigurationError(
+            f"strategy={p.strategy} cannot run from a dump: source_dump_uri is restored with the mongorestore "
+            "strategy only (leave strategy on auto)"
+        )
+    return RoutingDecision(
+        strategy="mongorestore", rule="source_dump_uri",
+        reasons=[f"the source is a dump ({p.source_dump_uri}): restored by the mongorestore group, no source "
+                 "server is read"],
+        requested=p.strategy,
+    )
 
 
 def branch(decision: dict[str, Any]) -> str | None:
@@ -146,7 +175,8 @@ def prepare_restore(params: dict[str, Any], profile_data: dict[str, Any], paths:
     stager = _stager(p, paths)
     if stager:
         stager.check_bucket()
-    engine = _engine_name(p)
+    # A user's dump is restored by the built-in engine, which checks it before writing anything.
+    engine = "native" if p.source_dump_uri else _engine_name(p)
     paths.dump_dir.mkdir(parents=True, exist_ok=True)
     if occupied:
         log.warning("drop_target=true: %d target namespace(s) will be replaced: %s", len(occupied), ", ".join(occupied))
@@ -171,10 +201,12 @@ def _existing_namespaces(client, items: list[NamespaceItem]) -> set[str]:
 
 def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
     p = MigrationParams.parse(params)
+    if p.source_dump_uri:
+        return _stage_source_dump(p, item, paths)
     source = endpoint_from_connection(p.source_conn_id, "source")
     started = time.monotonic()
     if item["engine"] == "mongodump":
-        files = _dump_with_tools(source, item, paths)
+        _dump_with_tools(source, item, paths)
         result = {"documents": None, "bytes": None}
     else:
         from atlas_migration.engines import native
@@ -187,8 +219,11 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
                                             batch_size=p.batch_size, gzip=item.get("gzip", True),
                                             average_document_bytes=average,
                                             progress=progress).to_dict()
-        files = dumped["paths"]
         result = {"documents": dumped["documents"], "bytes": dumped["bytes"]}
+    from atlas_migration.engines.dump_layout import dumped_files
+
+    # Found by the names the writer gave them (mongodump escapes collection names), prelude included.
+    files = dumped_files(paths.dump_dir, item["db"], item["collection"])
     seconds = time.monotonic() - started
     stager = _stager(p, paths)
     staged = stager.upload(paths.root, [f"{paths.dump_dir.name}/{f}" for f in files]) if stager else []
@@ -200,20 +235,32 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
             "dump_started": round(time.time() - seconds, 3), "dump_finished": round(time.time(), 3)}
 
 
-def _dump_with_tools(source: MongoEndpoint, item: dict[str, Any], paths: RunPaths) -> list[str]:
+def _stage_source_dump(p: MigrationParams, item: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
+    """The dump task of a run from a user's dump: make the namespace's files readable by the restore."""
+    from atlas_migration import source_dump
+
+    started = time.monotonic()
+    stager = _stager(p, paths)
+    root, files = _dump_reader(p, paths).stage_collection(item["db"], item["collection"], paths.dump_dir,
+                                                          copy=stager is not None)
+    result = source_dump.result_summary(item, root)
+    staged = stager.upload(paths.root, [f"{paths.dump_dir.name}/{f}" for f in files]) if stager else []
+    seconds = time.monotonic() - started
+    log.info("staged %s.%s from the dump at %s: %s documents in %.1fs", item["db"], item["collection"],
+             p.source_dump_uri, f"{result['documents']:,}", seconds)
+    return {**item, **result, "files": files, "staged": staged, "dump_seconds": round(seconds, 3),
+            "dump_started": round(time.time() - seconds, 3), "dump_finished": round(time.time(), 3),
+            # Read in place (a local dump folder without staging); otherwise the run's dump folder.
+            "dump_root": str(root) if root != paths.dump_dir else ""}
+
+
+def _dump_with_tools(source: MongoEndpoint, item: dict[str, Any], paths: RunPaths) -> None:
     from atlas_migration.engines import mongotools
 
     with mongotools.tool_config_file(source.tool_uri()) as config:
         argv = mongotools.mongodump_argv(config, paths.dump_dir, item["db"], item["collection"],
                                          gzip=item.get("gzip", True))
         mongotools.run_tool(argv, secrets=source.secrets, log=log)
-    folder = paths.dump_dir / item["db"]
-    return sorted(str(f.relative_to(paths.dump_dir)) for f in folder.glob(f"{_glob_escape(item['collection'])}.*")
-                  if f.name.split(".bson")[0].split(".metadata.json")[0] == item["collection"])
-
-
-def _glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
@@ -244,7 +291,7 @@ def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: Run
 
             progress = Progress(f"restore {dumped['db']}.{dumped['collection']}", dumped.get("documents"), log)
             result = native.restore_collection(
-                client, paths.dump_dir, dumped["db"], dumped["collection"], target_db=dumped.get("target_db") or None,
+                client, Path(dumped.get("dump_root") or paths.dump_dir), dumped["db"], dumped["collection"], target_db=dumped.get("target_db") or None,
                 drop=dumped["replace"], insert_batch_docs=p.batch_size, workers=p.restore_workers, progress=progress,
             ).to_dict()
     seconds = time.monotonic() - started
@@ -269,8 +316,16 @@ def restore_views(params: dict[str, Any], profile_data: dict[str, Any], paths: R
         return []
     from atlas_migration.engines import native
 
-    source = endpoint_from_connection(p.source_conn_id, "source")
     target = endpoint_from_connection(p.target_conn_id, "target")
+    if p.source_dump_uri:
+        reader = _dump_reader(p, paths)
+        with closing(target.connect()) as dst:
+            for view in plan.views:
+                root, _ = reader.stage_collection(view.db, view.collection, paths.dump_dir, copy=False)
+                native.restore_view(dst, root, view.db, view.collection, target_db=view.target_db or None, drop=True)
+                log.info("restored view %s from the dump", view.target_namespace)
+        return [v.target_namespace for v in plan.views]
+    source = endpoint_from_connection(p.source_conn_id, "source")
     with closing(source.connect()) as src, closing(target.connect()) as dst:
         for view in plan.views:
             native.dump_collection(src, view.db, view.collection, paths.dump_dir, gzip=p.dump_gzip)
@@ -339,28 +394,38 @@ def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dic
         raise AirflowSkipException("dry run: nothing was migrated, nothing to validate")
     p = MigrationParams.parse(params)
     plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces, p.target_db_prefix)
-    source = endpoint_from_connection(p.source_conn_id, "source")
     target = endpoint_from_connection(p.target_conn_id, "target")
     namespaces = [(i.db, i.collection) for i in plan.all_items]
     target_db_map = {i.db: i.target_db for i in plan.all_items if i.target_db}
-    live = decision.get("strategy") in LIVE_STRATEGIES
-    with closing(source.connect()) as src, closing(target.connect()) as dst:
-        if live:
-            # The source is fenced now: validate what it holds at the fence, not what inspection saw before
-            # the sync (collections created or dropped meanwhile), and what only the target holds.
-            inspected = set(namespaces)
-            namespaces = validation.scope_at_fence(validation.list_namespaces(src), validation.list_namespaces(dst),
-                                                   p.namespaces.matches, p.target_db_prefix)
-            target_db_map = {db: f"{p.target_db_prefix}{db}" for db, _ in namespaces} if p.target_db_prefix else {}
-            changed = sorted(set(namespaces) ^ inspected)
-            if changed:
-                log.info("validation scope follows the source at the fence: %s differ from the inventory taken at "
-                         "inspection (created, dropped or renamed during the sync, or only on the target)",
-                         ", ".join(f"{db}.{coll}" for db, coll in changed))
-        report = validation.validate_namespaces(src, dst, namespaces, mode=p.validation_mode,
-                                                target_db_map=target_db_map or None, run_id=paths.run_id,
-                                                strategy=decision.get("strategy", ""),
-                                                batch_size=p.batch_size)
+    if p.source_dump_uri:
+        from atlas_migration.source_dump import validate_against_dump
+
+        with closing(target.connect()) as dst:
+            report = validate_against_dump(_dump_reader(p, paths), dst, namespaces, mode=p.validation_mode,
+                                           target_db_map=target_db_map or None, run_id=paths.run_id,
+                                           strategy=decision.get("strategy", ""), batch_size=p.batch_size)
+        notes = [*(notes or []), f"source: the dump at {p.source_dump_uri}; counts and digests computed from its files"]
+    else:
+        source = endpoint_from_connection(p.source_conn_id, "source")
+        with closing(source.connect()) as src, closing(target.connect()) as dst:
+            if decision.get("strategy") in LIVE_STRATEGIES:
+                # The source is fenced now: validate what it holds at the fence, not what inspection saw
+                # before the sync (collections created or dropped meanwhile), and what only the target holds.
+                inspected = set(namespaces)
+                namespaces = validation.scope_at_fence(validation.list_namespaces(src),
+                                                       validation.list_namespaces(dst), p.namespaces.matches,
+                                                       p.target_db_prefix)
+                target_db_map = ({db: f"{p.target_db_prefix}{db}" for db, _ in namespaces}
+                                 if p.target_db_prefix else {})
+                changed = sorted(set(namespaces) ^ inspected)
+                if changed:
+                    log.info("validation scope follows the source at the fence: %s differ from the inventory taken "
+                             "at inspection (created, dropped or renamed during the sync, or only on the target)",
+                             ", ".join(f"{db}.{coll}" for db, coll in changed))
+            report = validation.validate_namespaces(src, dst, namespaces, mode=p.validation_mode,
+                                                    target_db_map=target_db_map or None, run_id=paths.run_id,
+                                                    strategy=decision.get("strategy", ""),
+                                                    batch_size=p.batch_size)
     report = replace(report, notes=list(notes or []))
     files = validation.write_report(report, paths.report_dir)
     stager = _stager(p, paths)

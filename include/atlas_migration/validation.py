@@ -481,14 +481,14 @@ def compare_namespace(source: NamespaceSnapshot, target: NamespaceSnapshot) -> N
 
     if not source.exists:
         # Asked to validate something the source does not have: never a silent pass.
-        where = f"the target has it ({target.type}, {target.count:,} documents)" if target.exists else (
+        where = f"the target has it ({target.type}, {_count(target.count)} documents)" if target.exists else (
             "nor does the target"
         )
         return result("mismatch", [f"namespace does not exist in the source; {where}"], False, False)
     if not target.exists:
         return result(
             "missing_in_target",
-            [f"namespace does not exist in the target (source: {source.type}, {source.count:,} documents)"],
+            [f"namespace does not exist in the target (source: {source.type}, {_count(source.count)} documents)"],
             False, False,
         )
 

@@ -15,16 +15,22 @@ from bson.raw_bson import RawBSONDocument
 from atlas_migration.engines.dump_layout import (
     BsonFileWriter,
     CollectionMetadata,
+    Prelude,
     bson_path,
     collection_file_stem,
     count_bson_documents,
+    dumped_files,
     find_bson_file,
     iter_bson_file,
+    legacy_collection_file_stem,
     list_dumped_namespaces,
     metadata_path,
     metadata_text,
+    query_unescape,
     read_metadata,
+    read_prelude,
     write_metadata,
+    write_prelude,
 )
 from atlas_migration.errors import DumpFormatError
 
@@ -54,14 +60,24 @@ def _write_bson(path: Path, docs: list[bytes]) -> Path:
     [
         ("orders", "orders"),
         ("daily.rollups", "daily.rollups"),  # dots are kept
-        ("a/b c", "a%2Fb%20c"),  # '/' and space escaped, as Go's url.PathEscape does
-        ("x$&+:=@y", "x$&+:=@y"),  # characters PathEscape leaves alone
-        ("p,q;r?s%t", "p%2Cq%3Br%3Fs%25t"),
-        ("ünï", "%C3%BCn%C3%AF"),  # UTF-8 bytes, upper-case hex
+        ("a/b c%d", "a%2Fb+c%25d"),  # Go's url.QueryEscape: space -> '+', '/' and '%' escaped
+        ("sp ace", "sp+ace"),
+        ("c++", "c%2B%2B"),
+        ("x&z:w=v@u", "x%26z%3Aw%3Dv%40u"),
+        ("x$y~z-_", "x%24y~z-_"),  # unreserved characters kept, '$' escaped
+        ("p,q;r?s#t", "p%2Cq%3Br%3Fs%23t"),
+        ("données", "donn%C3%A9es"),  # UTF-8 bytes, upper-case hex
     ],
 )
-def test_collection_file_stem_matches_mongodump_escaping(name, stem):
+def test_collection_file_stem_is_query_escape_and_decodes_back(name, stem):
     assert collection_file_stem(name) == stem
+    assert query_unescape(stem) == name
+
+
+@pytest.mark.parametrize("stem", ["a%2", "a%zz", "%", "b%C3"])
+def test_query_unescape_refuses_malformed_escapes_like_go(stem):
+    with pytest.raises(DumpFormatError, match="file name stem"):
+        query_unescape(stem)
 
 
 def test_long_collection_names_are_truncated_with_a_digest_like_mongodump():
@@ -71,6 +87,46 @@ def test_long_collection_names_are_truncated_with_a_digest_like_mongodump():
     assert stem.startswith("c" * 208 + "%24")
     assert collection_file_stem("c" * 299) != stem  # the digest tells long names apart
     assert collection_file_stem("c" * 238) == "c" * 238  # at the limit: untouched
+    assert collection_file_stem("c" * 200) == "c" * 200
+
+
+def test_file_names_match_the_ones_real_mongodump_wrote(mongodump_fixtures):
+    """Every collection of the reference dumps: its name (from the metadata) escapes to its file's name."""
+    checked = 0
+    for meta_file in mongodump_fixtures.rglob("*.metadata.json*"):
+        try:
+            doc = json.loads(metadata_text(meta_file))
+        except ValueError:
+            continue  # the hand-made empty metadata of testdirs/
+        if not doc.get("collectionName"):
+            continue
+        stem = meta_file.name.split(".metadata.json")[0]
+        assert collection_file_stem(doc["collectionName"]) == stem, meta_file
+        checked += 1
+    assert checked >= 20
+
+
+def test_legacy_path_escaped_dumps_still_resolve(tmp_path):
+    # Earlier versions of this engine wrote PathEscape-style names: "sp%20ace", "c++", "x&z:w=v@u".
+    for name in ("sp ace", "c++", "x&z:w=v@u", "sp+ace"):
+        stem = legacy_collection_file_stem(name)
+        (tmp_path / "db").mkdir(exist_ok=True)
+        (tmp_path / "db" / f"{stem}.metadata.json").write_text(json.dumps({"indexes": [], "collectionName": name}))
+        _write_bson(tmp_path / "db" / f"{stem}.bson", _docs(1))
+    assert sorted(p.name for p in (tmp_path / "db").iterdir() if p.suffix == ".bson") == [
+        "c++.bson", "sp%20ace.bson", "sp+ace.bson", "x&z:w=v@u.bson"]
+    assert list_dumped_namespaces(tmp_path) == [("db", n) for n in sorted(["sp ace", "c++", "x&z:w=v@u", "sp+ace"])]
+    for name in ("sp ace", "c++", "x&z:w=v@u", "sp+ace"):
+        # "sp+ace.bson" is mongodump's spelling of "sp ace": its metadata says it belongs to "sp+ace" here.
+        assert find_bson_file(tmp_path, "db", name).name == legacy_collection_file_stem(name) + ".bson"
+        assert read_metadata(tmp_path, "db", name).collection_name == name
+
+
+def test_a_truncated_name_without_metadata_is_refused(tmp_path):
+    stem = collection_file_stem("x" * 300)
+    _write_bson(tmp_path / "db" / f"{stem}.bson", _docs(1))
+    with pytest.raises(DumpFormatError, match="truncated"):
+        list_dumped_namespaces(tmp_path)
 
 
 def test_paths_for_a_dotted_collection(tmp_path):
@@ -341,3 +397,50 @@ def test_garbage_raises_dump_format_error_with_offset(tmp_path, payload, message
 def test_missing_data_file_is_a_dump_format_error(tmp_path):
     with pytest.raises(DumpFormatError, match="does not exist"):
         list(iter_bson_file(tmp_path / "nope.bson.gz"))
+
+
+# ------------------------------------------------------------------------------------------------ prelude
+def test_prelude_is_written_as_mongodump_writes_it_and_read_back(tmp_path):
+    path = write_prelude(tmp_path, Prelude("8.0.4", "100.12.0"), gzip=True)
+    assert path.name == "prelude.json.gz"  # mongorestore --gzip looks for this name
+    assert gzip.decompress(path.read_bytes()) == b'{"ServerVersion":"8.0.4","ToolVersion":"100.12.0"}'
+    assert read_prelude(tmp_path) == Prelude("8.0.4", "100.12.0")
+    assert read_prelude(tmp_path / "somedb") == Prelude("8.0.4", "100.12.0")  # a single database's folder
+    assert read_prelude(tmp_path / "nothing" / "here") is None
+
+
+def test_the_prelude_real_mongodump_wrote_is_read(mongodump_fixtures):
+    root = mongodump_fixtures / "mongo-tools/mongorestore/testdata/prelude_test/prelude_gzip"
+    assert read_prelude(root) == Prelude("7.0.16", "")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"ToolVersion":"100.12.0"}', "has no ServerVersion"),
+    ('{"ServerVersion":"eight"}', "is not a MongoDB version"),
+    ("not json", "not mongodump's prelude JSON"),
+    ('{"ServerVersion":"3.6.23","ToolVersion":"100.12.0"}', r"MongoDB 3\.6\.23 .*older than 4\.2.*100\.19"),
+])
+def test_an_unusable_prelude_is_refused_clearly(tmp_path, content, message):
+    (tmp_path / "prelude.json").write_text(content)
+    with pytest.raises(DumpFormatError, match=message):
+        read_prelude(tmp_path)
+
+
+def test_unknown_server_version_is_accepted_as_mongorestore_does(tmp_path):
+    (tmp_path / "prelude.json").write_text('{"ServerVersion":"unknown","ToolVersion":"100.13.0"}')
+    assert read_prelude(tmp_path).server_version == "unknown"
+
+
+def test_dumped_files_finds_mongodumps_escaped_names(mongodump_fixtures):
+    root = mongodump_fixtures / "mongodump-100.9.4" / "gzip"
+    assert dumped_files(root, "peer", "c++") == ["peer/c%2B%2B.bson.gz", "peer/c%2B%2B.metadata.json.gz"]
+    assert dumped_files(root, "peer", "sp ace") == ["peer/sp+ace.bson.gz", "peer/sp+ace.metadata.json.gz"]
+    assert dumped_files(root, "peer", "big_orders") == ["peer/big_orders.metadata.json.gz"]  # a view
+    ts = mongodump_fixtures / "mongo-tools/mongorestore/testdata/timeseries_tests/ts_dump"
+    assert dumped_files(ts, "timeseries_test", "foo_ts") == [
+        "timeseries_test/system.buckets.foo_ts.bson", "timeseries_test/foo_ts.metadata.json"]
+    prelude = mongodump_fixtures / "mongo-tools/mongorestore/testdata/prelude_test/prelude_gzip"
+    assert dumped_files(prelude, "test", "foo") == ["test/foo.bson.gz", "test/foo.metadata.json.gz",
+                                                    "prelude.json.gz"]
+    with pytest.raises(DumpFormatError, match=r"no metadata file for peer\.nope"):
+        dumped_files(root, "peer", "nope")

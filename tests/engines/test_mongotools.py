@@ -296,3 +296,34 @@ def test_native_dump_is_restored_by_mongorestore(source, target, tmp_path):
         assert dst.rehearsal_shop.orders.count_documents({}) == 100
         assert "v_1" in [ix["name"] for ix in dst.rehearsal_shop.orders.list_indexes()]
 
+
+
+# Collection names mongodump escapes (QueryEscape) and one it truncates.
+ESCAPED_NAMES = ["sp ace", "c++", "x&z:w=v@u", "données", "L" + "é" * 110]
+
+
+@needs_tools
+@pytest.mark.integration
+def test_escaped_names_cross_between_the_engine_and_the_real_tools(source, target, tmp_path):
+    from atlas_migration.engines.native import dump_collection, restore_collection
+
+    with source.client() as src, target.client() as dst:
+        for i, name in enumerate(ESCAPED_NAMES):
+            src.peer[name].insert_many([{"_id": j, "n": i} for j in range(3 + i)])
+        # The engine's dump, restored by mongorestore: every collection by its own name (not "sp+ace", "c  ").
+        for name in ESCAPED_NAMES:
+            dump_collection(src, "peer", name, tmp_path / "engine")
+        with tool_config_file(target.uri) as config:
+            run_tool(mongorestore_argv(config, tmp_path / "engine", [("peer", n) for n in ESCAPED_NAMES], drop=True),
+                     secrets=[], log=logging.getLogger("test"))
+        assert sorted(dst.peer.list_collection_names()) == sorted(ESCAPED_NAMES)
+        assert [dst.peer[n].count_documents({}) for n in ESCAPED_NAMES] == [3, 4, 5, 6, 7]
+        dst.drop_database("peer")
+        # mongodump's dump, restored by the engine.
+        with tool_config_file(source.uri) as config:
+            for name in ESCAPED_NAMES:
+                run_tool(mongodump_argv(config, tmp_path / "tools", "peer", name), secrets=[],
+                         log=logging.getLogger("test"))
+        for name in ESCAPED_NAMES:
+            assert restore_collection(dst, tmp_path / "tools", "peer", name).target_namespace == f"peer.{name}"
+        assert [dst.peer[n].count_documents({}) for n in ESCAPED_NAMES] == [3, 4, 5, 6, 7]

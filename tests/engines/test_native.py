@@ -25,6 +25,7 @@ from atlas_migration.engines.dump_layout import (
     iter_bson_file,
     list_dumped_namespaces,
     read_metadata,
+    read_prelude,
 )
 from atlas_migration.engines.native import (
     dump_collection,
@@ -211,7 +212,10 @@ def test_timeseries_measurements_are_restored_into_a_timeseries_collection(sourc
         )
         dumped = dump_collection(src, "metrics", "cpu", tmp_path)
         assert dumped.type == "timeseries" and dumped.documents == 60
-        restore_collection(dst, tmp_path, "metrics", "cpu")
+        # The test server exposes no buckets: measurements, under a prelude naming its (pre-8.3) version.
+        assert dumped.paths == ["metrics/cpu.bson.gz", "metrics/cpu.metadata.json.gz"]
+        assert read_prelude(tmp_path).server_version == src.server_info()["version"]
+        assert restore_collection(dst, tmp_path, "metrics", "cpu").timeseries_restore == "measurements"
         assert collection_options(dst, "metrics", "cpu")["timeseries"]["timeField"] == "t"
         assert collection_options(dst, "metrics", "cpu")["expireAfterSeconds"] == 86_400 * 365
         key = lambda d: d["load"]  # noqa: E731
@@ -291,14 +295,16 @@ def test_restore_with_drop_is_idempotent_after_a_crash(source, target, tmp_path)
         seed_raw(src, "shop", "orders", docs)
         src.shop.orders.create_index("payload")
         dump_collection(src, "shop", "orders", good)
-        # A dump cut off mid-document: the restore inserts some batches, then fails like a crashed task.
+        # A dump cut off mid-document: the restore inserts some batches, then fails on the torn document and
+        # removes the collection it created, so no partial copy stays behind.
         shutil.copytree(good, broken)
         data = gzip.decompress(bson_path(broken, "shop", "orders").read_bytes())
         bson_path(broken, "shop", "orders").write_bytes(gzip.compress(data[: len(data) // 2 + 17]))
         with pytest.raises(DumpFormatError, match="truncated"):
             restore_collection(dst, broken, "shop", "orders", insert_batch_docs=100)
-        partial = dst.shop.orders.count_documents({})
-        assert 0 < partial < len(docs)
+        assert "orders" not in dst.shop.list_collection_names()
+        # A task killed outright cleans nothing up: what it left is refused without drop and replaced with it.
+        dst.shop.orders.insert_many([bson.decode(d) for d in docs[:500]])
 
         with pytest.raises(TargetNotEmpty):
             restore_collection(dst, good, "shop", "orders")
@@ -368,14 +374,78 @@ def test_metadata_without_data_file_is_an_incomplete_dump(source, target, tmp_pa
         assert "shop" not in dst.list_database_names()
 
 
-def test_mongodump_timeseries_buckets_are_left_to_mongorestore(target, tmp_path):
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "cpu.metadata.json").write_text(
-        '{"options":{"timeseries":{"timeField":"t"}},"indexes":[],"collectionName":"cpu","type":"timeseries"}'
-    )
-    (tmp_path / "metrics" / "system.buckets.cpu.bson").write_bytes(bson.encode({"_id": 1}))
-    with target.client() as dst, pytest.raises(DumpFormatError, match="restore this dump with mongorestore"):
-        restore_collection(dst, tmp_path, "metrics", "cpu")
+def _expected_measurements(buckets_file) -> list[dict]:
+    """Measurements of v1 buckets, worked out independently with bson.decode: time, meta, then columns."""
+    out = []
+    for bucket in bson.decode_all(open(buckets_file, "rb").read()):
+        data = bucket["data"]
+        for row, when in data["ts"].items():
+            doc = {"ts": when}
+            if bucket.get("meta") is not None:
+                doc["meta"] = bucket["meta"]
+            doc.update({name: col[row] for name, col in data.items() if name != "ts" and row in col})
+            out.append(doc)
+    return out
+
+
+TS_DUMP = "mongo-tools/mongorestore/testdata/timeseries_tests/ts_dump"
+
+
+@pytest.mark.parametrize(("dump", "db", "coll", "measurements"), [
+    (TS_DUMP, "timeseries_test", "foo_ts", 1000),
+    ("mongo-tools/mongorestore/testdata/c5timeseries", "db1", "c5timeseries", None),
+])
+def test_mongodump_timeseries_buckets_restore_as_their_measurements(target, mongodump_fixtures, dump, db, coll,
+                                                                   measurements):
+    root = mongodump_fixtures / dump
+    buckets = root / db / f"system.buckets.{coll}.bson"
+    expected = _expected_measurements(buckets)
+    with target.client() as dst:
+        result = restore_collection(dst, root, db, coll)
+        assert result.type == "timeseries" and result.timeseries_restore in ("buckets unpacked", "raw buckets")
+        restored = list(dst[db][coll].find())
+        assert len(restored) == len(expected) and (measurements is None or len(restored) == measurements)
+        by_id = {d["_id"]: d for d in restored}
+        for doc in expected:  # every measurement with its values (field order is the server's business here)
+            assert by_id[doc["_id"]] == doc
+        assert collection_options(dst, db, coll)["timeseries"]["timeField"] == "ts"
+
+
+def test_timeseries_8_3_layout_is_told_apart_by_the_prelude(target, mongodump_fixtures, tmp_path):
+    # mongodump 100.16+ against an 8.3+ server: the buckets as <coll>.bson, prelude.json with the version.
+    source = mongodump_fixtures / TS_DUMP / "timeseries_test"
+    (tmp_path / "timeseries_test").mkdir()
+    shutil.copy(source / "foo_ts.metadata.json", tmp_path / "timeseries_test" / "foo_ts.metadata.json")
+    shutil.copy(source / "system.buckets.foo_ts.bson", tmp_path / "timeseries_test" / "foo_ts.bson")
+    with target.client() as dst:
+        # Without the prelude the layout reads as measurements, and the buckets are refused as such.
+        with pytest.raises(DumpFormatError, match="refusing to insert buckets as measurements"):
+            restore_collection(dst, tmp_path, "timeseries_test", "foo_ts")
+        assert "timeseries_test" not in dst.list_database_names()
+        (tmp_path / "prelude.json").write_text('{"ServerVersion":"8.3.0","ToolVersion":"100.16.0"}')
+        result = restore_collection(dst, tmp_path, "timeseries_test", "foo_ts")
+        assert result.documents == 1000
+
+
+def test_compressed_buckets_are_refused_where_the_target_takes_no_buckets(target, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "cpu.metadata.json").write_text(
+        '{"options":{"timeseries":{"timeField":"t"}},"indexes":[],"collectionName":"cpu","type":"timeseries"}')
+    bucket = {"_id": ObjectId(), "control": {"version": 2, "min": {}, "max": {}, "count": 3},
+              "data": {"t": Binary(b"\x00" * 8, 7)}}
+    (tmp_path / "m" / "system.buckets.cpu.bson").write_bytes(bson.encode(bucket))
+    with target.client() as dst:
+        with pytest.raises(DumpFormatError, match=r"m\.cpu.*compressed time-series buckets \(control\.version 2\)"):
+            restore_collection(dst, tmp_path, "m", "cpu")
+        assert "cpu" not in dst.m.list_collection_names()  # the collection created for it is gone again
+
+
+def test_a_prelude_from_a_server_older_than_4_2_is_refused(target, tmp_path):
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "c.bson").write_bytes(bson.encode({"_id": 1}))
+    (tmp_path / "prelude.json").write_text('{"ServerVersion":"4.0.28","ToolVersion":"100.12.0"}')
+    with target.client() as dst, pytest.raises(DumpFormatError, match=r"MongoDB 4\.0\.28.*mongorestore 100\.19"):
+        restore_collection(dst, tmp_path, "shop", "c")
 
 
 def test_hand_written_mongodump_style_dump_is_restored(target, tmp_path):
@@ -398,3 +468,48 @@ def test_hand_written_mongodump_style_dump_is_restored(target, tmp_path):
         assert raw_sorted(dst, "crm", "users") == docs
         assert index_map(dst, "crm", "users")["email_1"] == {"key": {"email": 1}, "name": "email_1", "unique": True}
         assert collection_options(dst, "crm", "users")["capped"] is True
+
+
+# ------------------------------------------------------------------------------- interop with real mongodump
+# Collection names that mongodump escapes, as in the reference dump by mongodump 100.9.4 (database "peer").
+ESCAPED_NAMES = ["sp ace", "c++", "x&z:w=v@u", "données", "a/b c%d", "L" + "é" * 110]
+LONG_FIXTURE_NAME = (
+    "aVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVery"
+    "VeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryVeryLongCollectionNameConsisting"
+    "OfExactlyTwoHundredAndFortySevenCharacters"
+)
+
+
+def test_engine_dump_file_names_are_the_ones_mongodump_writes(source, tmp_path, mongodump_fixtures):
+    peer = mongodump_fixtures / "mongodump-100.9.4"
+    long_dir = mongodump_fixtures / "mongo-tools/mongorestore/testdata/longcollectionname/db1"
+    names_200 = "n" * 200  # 200 bytes: under mongodump's 238-byte limit, so not truncated
+    with source.client() as src:
+        for name in [*ESCAPED_NAMES, names_200]:
+            src.peer[name].insert_one({"_id": 1})
+        src.db1[LONG_FIXTURE_NAME].insert_one({"_id": 1})
+        for gzip_files, folder in ((False, "plain"), (True, "gzip")):
+            out = tmp_path / folder
+            for name in [*ESCAPED_NAMES, names_200]:
+                dumped = dump_collection(src, "peer", name, out, gzip=gzip_files)
+                if name != names_200:
+                    # Exactly the file names real mongodump wrote for these collections.
+                    assert {p.split("/", 1)[1] for p in dumped.paths} <= {p.name for p in (peer / folder / "peer").iterdir()}
+                else:
+                    assert dumped.paths[0] == f"peer/{names_200}.bson" + (".gz" if gzip_files else "")
+            dumped = dump_collection(src, "db1", LONG_FIXTURE_NAME, out, gzip=False)
+            assert {p.split("/", 1)[1] for p in dumped.paths} == {p.name for p in long_dir.iterdir()}
+            assert sorted(c for _, c in list_dumped_namespaces(out)) == sorted([*ESCAPED_NAMES, names_200, LONG_FIXTURE_NAME])
+
+
+@pytest.mark.parametrize("folder", ["plain", "gzip"])
+def test_mongodump_escaped_names_restore_by_their_real_names(target, mongodump_fixtures, folder):
+    dump = mongodump_fixtures / "mongodump-100.9.4" / folder
+    with target.client() as dst:
+        for name in ESCAPED_NAMES:
+            restored = restore_collection(dst, dump, "peer", name)
+            assert restored.target_namespace == f"peer.{name}"
+            data_file = find_bson_file(dump, "peer", name)
+            assert raw_sorted(dst, "peer", name) == sorted(iter_bson_file(data_file))
+            assert restored.documents >= 1
+        assert sorted(n for n in dst.peer.list_collection_names()) == sorted(ESCAPED_NAMES)

@@ -11,10 +11,13 @@ when unknown. Views have only a metadata file. mongodump writes a time-series co
 ``system.buckets.<coll>.bson``; this package's native engine instead stores the measurements as
 ``<coll>.bson`` (see ``native``).
 
-File names are the collection name escaped like Go's ``url.PathEscape`` (``a/b`` -> ``a%2Fb``; dots are kept,
-so ``daily.rollups`` -> ``daily.rollups.bson.gz``), and names whose escaped form exceeds 238 bytes are cut
-to 208 bytes plus ``%24`` and a SHA-1 digest, as mongodump does; ``collectionName`` in the metadata then
-carries the real name. Reading accepts gzip and plain files alike.
+File names are the collection name escaped with Go's ``url.QueryEscape`` as mongodump does (``sp ace`` ->
+``sp+ace``, ``c++`` -> ``c%2B%2B``, ``a/b`` -> ``a%2Fb``, ``données`` -> ``donn%C3%A9es``; dots are kept, so
+``daily.rollups`` -> ``daily.rollups.bson.gz``) and decoded with ``QueryUnescape`` as mongorestore does.
+Names whose escaped form exceeds 238 bytes are cut to 208 bytes plus ``%24`` and a SHA-1 digest;
+``collectionName`` in the metadata then carries the real name. Dumps written by earlier versions of this
+engine (``url.PathEscape`` style: ``sp%20ace``, ``c++``) still read, told apart by ``collectionName``.
+Reading accepts gzip and plain files alike.
 
 Files are written under a temporary name and renamed into place once complete, so an interrupted dump
 never leaves a file that looks finished.
@@ -26,8 +29,10 @@ import base64
 import gzip as gzip_module
 import hashlib
 import io
+import json
 import os
 import queue
+import re
 import struct
 import threading
 import zlib
@@ -36,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
-from urllib.parse import quote, unquote
+from urllib.parse import quote, quote_plus, unquote_plus
 
 from bson import json_util
 from bson.binary import Binary
@@ -55,11 +60,17 @@ MIN_BSON_DOCUMENT_SIZE = 5  # int32 length + terminating NUL
 # Go's gzip default level, which mongodump uses: a good speed/size balance for dumps.
 DEFAULT_COMPRESSLEVEL = 6
 
-# mongodump's file-name escaping (Go url.PathEscape): keeps unreserved characters and $&+:=@.
-_PATH_SEGMENT_SAFE = "$&+:=@"
+# mongodump's file names: Go's url.QueryEscape of the collection name (mongorestore decodes with
+# QueryUnescape). Earlier versions of this engine imitated url.PathEscape, which keeps these characters and
+# writes a space as %20; reading still accepts that form (see ``_stem_candidates``).
+_LEGACY_PATH_SEGMENT_SAFE = "$&+:=@"
+# Longest file name mongodump allows itself is 255 bytes including ".metadata.json.gz" (17 bytes): escaped
+# names longer than 238 bytes are cut to 208 bytes, then "%24" ($) and the unpadded URL-safe base64 of the
+# SHA-1 of the (unescaped) name, 27 characters: 208 + 3 + 27 = 238.
 _MAX_ESCAPED_NAME = 238
 _TRUNCATED_PREFIX = 208
 _TRUNCATION_DELIMITER = "%24"
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 # Reading: keep $numberLong as Int64 and dates beyond datetime's range as DatetimeMS, so that writing the
 # metadata back produces the same canonical JSON.
@@ -68,20 +79,52 @@ _INT32 = struct.Struct("<i")
 
 
 # --------------------------------------------------------------------------------------------- file names
+def query_escape(name: str) -> str:
+    """Go's ``url.QueryEscape``: unreserved ASCII (letters, digits, ``-_.~``) kept, space -> ``+``, every other
+    byte of the UTF-8 encoding as ``%XX`` (upper-case hex)."""
+    return quote_plus(name, safe="")
+
+
+def query_unescape(escaped: str) -> str:
+    """Go's ``url.QueryUnescape``: ``+`` -> space, ``%XX`` -> that byte; a malformed escape is an error
+    (Go refuses it too), raised as ``DumpFormatError``."""
+    for match in re.finditer("%", escaped):
+        i = match.start()
+        if len(escaped) < i + 3 or escaped[i + 1] not in _HEX_DIGITS or escaped[i + 2] not in _HEX_DIGITS:
+            raise DumpFormatError(f"invalid URL escape {escaped[i:i + 3]!r} in the file name stem {escaped!r}")
+    try:
+        return unquote_plus(escaped, errors="strict")
+    except UnicodeDecodeError:
+        raise DumpFormatError(f"the file name stem {escaped!r} does not decode to UTF-8") from None
+
+
+def _truncate(escaped: str, coll: str) -> str:
+    if len(escaped) <= _MAX_ESCAPED_NAME:
+        return escaped
+    digest = base64.urlsafe_b64encode(hashlib.sha1(coll.encode()).digest()).rstrip(b"=").decode()  # noqa: S324 - mongodump's naming, not security
+    return escaped[:_TRUNCATED_PREFIX] + _TRUNCATION_DELIMITER + digest
+
+
 def collection_file_stem(coll: str) -> str:
-    """The file-name stem mongodump uses for a collection (escaped, truncated with a digest when too long)."""
-    escaped = quote(coll, safe=_PATH_SEGMENT_SAFE)
-    if len(escaped) > _MAX_ESCAPED_NAME:
-        digest = base64.urlsafe_b64encode(hashlib.sha1(coll.encode()).digest()).rstrip(b"=").decode()  # noqa: S324 - mongodump's naming, not security
-        escaped = escaped[:_TRUNCATED_PREFIX] + _TRUNCATION_DELIMITER + digest
-    return escaped
+    """The file-name stem mongodump writes for a collection: QueryEscape'd, and when that is longer than
+    238 bytes its first 208 bytes + ``%24`` + the SHA-1 digest of the name (``collectionName`` in the
+    metadata then carries the real name)."""
+    return _truncate(query_escape(coll), coll)
+
+
+def legacy_collection_file_stem(coll: str) -> str:
+    """The stem earlier versions of this engine wrote (``url.PathEscape`` style), read for compatibility."""
+    return _truncate(quote(coll, safe=_LEGACY_PATH_SEGMENT_SAFE), coll)
 
 
 def _stem_candidates(coll: str) -> list[str]:
-    # Escaped (current mongodump and this package) first; the raw name for dumps by older tool versions.
+    # mongodump's form first; then this engine's earlier PathEscape-style form and the raw name (dumps by
+    # old tool versions), each only when it differs. A candidate's metadata must name ``coll`` (see
+    # ``_find_existing``), so "sp+ace" (mongodump's "sp ace") is never taken for the collection "sp+ace".
     stems = [collection_file_stem(coll)]
-    if coll not in stems and "/" not in coll and "\0" not in coll:
-        stems.append(coll)
+    for stem in (legacy_collection_file_stem(coll), coll):
+        if stem not in stems and "/" not in stem and "\0" not in stem:
+            stems.append(stem)
     return stems
 
 
@@ -95,28 +138,47 @@ def metadata_path(root: Path | str, db: str, coll: str, *, gzip: bool = True) ->
     return Path(root) / db / (collection_file_stem(coll) + METADATA_SUFFIX + (GZIP_SUFFIX if gzip else ""))
 
 
-def _find_existing(directory: Path, stems: list[str], suffix: str) -> Path | None:
+def _metadata_names(directory: Path, stem: str) -> str | None:
+    """The ``collectionName`` recorded in ``<stem>.metadata.json[.gz]``, or None when there is no such
+    file or it has no name (dumps by old tool versions)."""
+    for ext in (GZIP_SUFFIX, ""):
+        path = directory / f"{stem}{METADATA_SUFFIX}{ext}"
+        if path.is_file():
+            name = _raw_metadata_document(path).get("collectionName")
+            return name if isinstance(name, str) and name else None
+    return None
+
+
+def _find_existing(directory: Path, stems: list[str], suffix: str, coll: str | None = None) -> Path | None:
     for stem in stems:
         for ext in (GZIP_SUFFIX, ""):
             candidate = directory / f"{stem}{suffix}{ext}"
-            if candidate.is_file():
-                return candidate
+            if not candidate.is_file():
+                continue
+            if coll is not None:
+                # A spelling may be another collection's file ("sp+ace" is mongodump's "sp ace" and an
+                # earlier dump's "sp+ace"): take it only when its metadata names this collection or none.
+                named = _metadata_names(directory, stem)
+                if named is not None and named != coll:
+                    continue
+            return candidate
     return None
 
 
 def find_bson_file(root: Path | str, db: str, coll: str) -> Path | None:
     """The existing data file of ``db.coll`` (gzip or plain), or None."""
-    return _find_existing(Path(root) / db, _stem_candidates(coll), BSON_SUFFIX)
+    return _find_existing(Path(root) / db, _stem_candidates(coll), BSON_SUFFIX, coll)
 
 
 def find_timeseries_buckets_file(root: Path | str, db: str, coll: str) -> Path | None:
     """mongodump's bucket file for a time-series collection (``system.buckets.<coll>.bson[.gz]``), or None."""
-    return _find_existing(Path(root) / db, _stem_candidates(TIMESERIES_BUCKETS_PREFIX + coll), BSON_SUFFIX)
+    return _find_existing(Path(root) / db, _stem_candidates(TIMESERIES_BUCKETS_PREFIX + coll), BSON_SUFFIX,
+                          TIMESERIES_BUCKETS_PREFIX + coll)
 
 
 def find_metadata_file(root: Path | str, db: str, coll: str) -> Path | None:
     """The existing metadata file of ``db.coll`` (gzip or plain), or None."""
-    return _find_existing(Path(root) / db, _stem_candidates(coll), METADATA_SUFFIX)
+    return _find_existing(Path(root) / db, _stem_candidates(coll), METADATA_SUFFIX, coll)
 
 
 def _strip_suffix(name: str, suffix: str) -> str | None:
@@ -128,15 +190,36 @@ def _strip_suffix(name: str, suffix: str) -> str | None:
 
 
 def _is_truncated_stem(stem: str) -> bool:
-    return len(stem) == _MAX_ESCAPED_NAME and stem[_TRUNCATED_PREFIX:].startswith(_TRUNCATION_DELIMITER)
+    # mongorestore's test: a 238-byte stem containing the "%24" delimiter names its collection only in its
+    # metadata file.
+    return len(stem) == _MAX_ESCAPED_NAME and _TRUNCATION_DELIMITER in stem
+
+
+def collection_name_for_stem(stem: str, recorded: str | None, where: object = "a dump file") -> str:
+    """The collection a file-name stem stands for, given the ``collectionName`` its metadata records.
+
+    The recorded name wins when the stem is one of its spellings (mongodump's, this engine's earlier one, or
+    the raw name), which tells mongodump's ``sp+ace`` ("sp ace") from an earlier dump's ``sp+ace``. Otherwise
+    the stem is decoded as mongorestore does (``QueryUnescape``); a truncated stem needs the recorded name.
+    """
+    if recorded and stem in (collection_file_stem(recorded), legacy_collection_file_stem(recorded), recorded):
+        return recorded
+    if _is_truncated_stem(stem):
+        raise DumpFormatError(
+            f"{where}: the file name is truncated (mongodump's '%24<digest>' form) and no metadata file "
+            "records the collection's full name"
+        )
+    return query_unescape(stem)
 
 
 def list_dumped_namespaces(root: Path | str) -> list[tuple[str, str]]:
     """Every ``(db, collection)`` with a metadata or data file under ``root``, sorted.
 
-    Time-series bucket files (``system.buckets.X``) are represented by their collection ``X``; mongodump's
-    users/roles files (``$admin.system.*``) and root-level files (``oplog.bson``, ``prelude.json``) are not
-    namespaces. Filtering out system namespaces is the caller's business (``namespaces.NamespaceFilter``).
+    Names are decoded as mongorestore decodes them (``QueryUnescape``, or ``collectionName`` from the
+    metadata for truncated names and this engine's earlier file names). Time-series bucket files
+    (``system.buckets.X``) are represented by their collection ``X``; mongodump's users/roles files
+    (``$admin.system.*``) and non-collection files (``oplog.bson``, ``prelude.json``) are not namespaces.
+    Filtering out system namespaces is the caller's business (``namespaces.NamespaceFilter``).
     """
     root = Path(root)
     if not root.is_dir():
@@ -149,20 +232,178 @@ def list_dumped_namespaces(root: Path | str) -> list[tuple[str, str]]:
                 continue
             stem = _strip_suffix(path.name, METADATA_SUFFIX)
             if stem is not None:
-                if _is_truncated_stem(stem):
-                    found.add((db, read_metadata_file(path).collection_name))
-                else:
-                    found.add((db, unquote(stem)))
+                found.add((db, collection_name_for_stem(stem, _metadata_names(db_dir, stem), path)))
                 continue
             stem = _strip_suffix(path.name, BSON_SUFFIX)
             if stem is None:
                 continue
-            coll = unquote(stem)
-            if coll.startswith(TIMESERIES_BUCKETS_PREFIX):
-                found.add((db, coll[len(TIMESERIES_BUCKETS_PREFIX):]))
-            elif not _is_truncated_stem(stem):  # a truncated data file always has metadata naming it
-                found.add((db, coll))
+            if stem.startswith(TIMESERIES_BUCKETS_PREFIX):
+                inner = stem[len(TIMESERIES_BUCKETS_PREFIX):]
+                if not _is_truncated_stem(stem):  # a truncated one is listed through its metadata
+                    found.add((db, collection_name_for_stem(inner, _metadata_names(db_dir, inner), path)))
+            elif not _is_truncated_stem(stem) or _metadata_names(db_dir, stem) is None:
+                found.add((db, collection_name_for_stem(stem, _metadata_names(db_dir, stem), path)))
     return sorted(found)
+
+
+def dumped_files(root: Path | str, db: str, coll: str) -> list[str]:
+    """The files a dump holds for ``db.coll`` under the names the writer (mongodump or this engine) gave them,
+    relative to ``root`` with POSIX separators: the data file (or time-series buckets file) when there is
+    one, the metadata file, and the prelude (at the root, or in the database's folder for ``--db`` dumps).
+
+    This is what staging uploads, so that the restore, possibly on a worker without this disk, has every
+    file it reads. Raises ``DumpFormatError`` when there is no metadata file for the collection.
+    """
+    root = Path(root)
+    metadata = find_metadata_file(root, db, coll)
+    if metadata is None:
+        raise DumpFormatError(
+            f"no metadata file for {db}.{coll} under {root / db} (expected {collection_file_stem(coll)}"
+            f"{METADATA_SUFFIX}[.gz]): the dump did not write this collection"
+        )
+    files = [p for p in (find_timeseries_buckets_file(root, db, coll), find_bson_file(root, db, coll)) if p]
+    files.append(metadata)
+    for folder in (root, root / db):
+        files.extend(folder / name for name in (PRELUDE_FILE + GZIP_SUFFIX, PRELUDE_FILE)
+                     if (folder / name).is_file())
+    return [p.relative_to(root).as_posix() for p in files]
+
+
+# ------------------------------------------------------------------------------------ whole-dump checks
+OPLOG_FILE = "oplog.bson"
+LEGACY_INDEXES_FILE = "system.indexes.bson"
+
+
+def check_restorable(root: Path | str, db: str) -> Prelude | None:
+    """Refuse, before anything is written, a dump this engine cannot restore faithfully; returns its prelude.
+
+    - a prelude naming a server older than 4.2 (``read_prelude``);
+    - ``oplog.bson`` with entries (``mongodump --oplog``): the data is only consistent once those are
+      replayed, which this engine does not do;
+    - ``<db>/system.indexes.bson``: the index catalogue of dumps by mongodump 2.x/3.0 (servers before 3.0).
+    """
+    root = Path(root)
+    prelude = read_prelude(root)
+    for name in (LEGACY_INDEXES_FILE + GZIP_SUFFIX, LEGACY_INDEXES_FILE):
+        if (root / db / name).is_file():
+            raise DumpFormatError(
+                f"the dump of database {db} at {root} keeps its indexes in {name}: it was written by mongodump 2.x/3.0 "
+                "from a server before 3.0, a format this engine does not restore (Database Tools 100.20+ do "
+                "not either); restore it with mongorestore 100.19.x into a 4.2+ server"
+            )
+    for name in (OPLOG_FILE + GZIP_SUFFIX, OPLOG_FILE):
+        path = root / name
+        if path.is_file() and next(iter(iter_bson_file(path)), None) is not None:
+            raise DumpFormatError(
+                f"the dump at {root} was taken with mongodump --oplog and {name} holds oplog entries that must be "
+                "replayed for the data to be consistent; this engine does not replay them: restore it with "
+                "mongorestore --oplogReplay"
+            )
+    return prelude
+
+
+# ---------------------------------------------------------------------------------------------- prelude
+PRELUDE_FILE = "prelude.json"
+# This package's name in ToolVersion, so a reader can tell the engine's dumps from mongodump's.
+ENGINE_TOOL_VERSION = "atlas-migration native engine"
+# Dumps of servers older than this are refused: the Database Tools dropped them in 100.20 (restore those with
+# mongorestore 100.19.x), and the engine follows the same line.
+MIN_DUMP_SERVER_VERSION = (4, 2, 0)
+_SERVER_VERSION_UNKNOWN = "unknown"  # what mongodump writes when it could not read the server's version
+
+
+@dataclass(frozen=True)
+class Prelude:
+    """``prelude.json`` as mongodump (100.12+) writes it: ``{"ServerVersion":..., "ToolVersion":...}``."""
+
+    server_version: str
+    tool_version: str = ""
+
+    def to_json(self) -> str:
+        # Go's json.Marshal of mongodump's PreludeData: compact, in this key order.
+        return json.dumps({"ServerVersion": self.server_version, "ToolVersion": self.tool_version},
+                          separators=(",", ":"), ensure_ascii=False)
+
+    @property
+    def server_version_tuple(self) -> tuple[int, int, int] | None:
+        return version_tuple(self.server_version)
+
+
+def version_tuple(version: str | None) -> tuple[int, int, int] | None:
+    """``"8.3.0-rc1"`` -> (8, 3, 0); None for a missing or unparseable version (as mongorestore treats it)."""
+    if not version:
+        return None
+    core = version.split("-", 1)[0].split("+", 1)[0]
+    parts = core.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def write_prelude(root: Path | str, prelude: Prelude, *, gzip: bool = True) -> Path:
+    """Write ``<root>/prelude.json[.gz]`` atomically (every collection's dump task may write the same one)."""
+    final = Path(root) / (PRELUDE_FILE + (GZIP_SUFFIX if gzip else ""))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_path(final)
+    data = prelude.to_json().encode("utf-8")
+    try:
+        with open(partial, "wb") as raw:
+            if gzip:
+                with gzip_module.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=DEFAULT_COMPRESSLEVEL,
+                                          mtime=0) as gz:
+                    gz.write(data)
+            else:
+                raw.write(data)
+        _commit(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def read_prelude(root: Path | str) -> Prelude | None:
+    """The dump's ``prelude.json[.gz]`` (at the root, or in the parent of a single database's folder), or
+    None when there is none (mongodump before 100.12 wrote none).
+
+    Raises ``DumpFormatError`` for a prelude that is not mongodump's JSON, has no ``ServerVersion``, or comes
+    from a server this engine cannot restore (older than 4.2).
+    """
+    root = Path(root)
+    for folder in (root, root.parent):
+        for name in (PRELUDE_FILE + GZIP_SUFFIX, PRELUDE_FILE):
+            path = folder / name
+            if path.is_file():
+                return _parse_prelude(path)
+    return None
+
+
+def _parse_prelude(path: Path) -> Prelude:
+    try:
+        raw = path.read_bytes()
+        doc = json.loads(gzip_module.decompress(raw) if path.name.endswith(GZIP_SUFFIX) else raw)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
+        raise DumpFormatError(f"{path} is not mongodump's prelude JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DumpFormatError(f"{path} is not mongodump's prelude JSON: expected an object")
+    server, tool = doc.get("ServerVersion"), doc.get("ToolVersion") or ""
+    if not isinstance(server, str) or not server:
+        raise DumpFormatError(f"{path} has no ServerVersion: the dump's origin cannot be checked")
+    return check_prelude(Prelude(server, str(tool)), path)
+
+
+def check_prelude(prelude: Prelude, where: object) -> Prelude:
+    """Refuse a dump whose server version is not a version or is older than 4.2; returns the prelude."""
+    if prelude.server_version != _SERVER_VERSION_UNKNOWN:
+        parsed = prelude.server_version_tuple
+        if parsed is None:
+            raise DumpFormatError(f"{where}: ServerVersion {prelude.server_version!r} is not a MongoDB version")
+        if parsed < MIN_DUMP_SERVER_VERSION:
+            raise DumpFormatError(
+                f"the dump {where} was taken from MongoDB {prelude.server_version} (tools "
+                f"{prelude.tool_version or 'unknown'}): dumps of servers older than 4.2 are not restored by this "
+                "engine (nor by Database Tools 100.20+); restore it with mongorestore 100.19.x"
+            )
+    return prelude
 
 
 # ------------------------------------------------------------------------------------------ atomic files
@@ -172,6 +413,12 @@ def _partial_path(final: Path) -> Path:
     # name may already be 255 bytes long (mongodump's limit for truncated collection names).
     digest = hashlib.sha1(final.name.encode()).hexdigest()[:20]  # noqa: S324 - a file name, not security
     return final.with_name(f".{digest}.{os.getpid()}{PARTIAL_SUFFIX}")
+
+
+def partial_path(final: Path) -> Path:
+    """A temporary name beside ``final`` for writing it atomically (no suffix on the final name: mongodump's
+    truncated file names are already 255 bytes, the longest a file name may be)."""
+    return _partial_path(final)
 
 
 def _other_compression(final: Path) -> Path:
@@ -292,23 +539,36 @@ def write_metadata(root: Path | str, db: str, meta: CollectionMetadata, *, gzip:
     return final
 
 
-def read_metadata_file(path: Path | str) -> CollectionMetadata:
-    """Parse one metadata file (gzip or plain)."""
-    path = Path(path)
+def _raw_metadata_document(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
         text = (gzip_module.decompress(raw) if path.name.endswith(GZIP_SUFFIX) else raw).decode("utf-8")
-        doc = json_util.loads(text, json_options=_READ_JSON_OPTIONS)
+        # An empty metadata file is "no metadata" to mongorestore: default options, no secondary indexes.
+        doc = json_util.loads(text, json_options=_READ_JSON_OPTIONS) if text.strip() else {}
     except FileNotFoundError:
         raise DumpFormatError(f"metadata file {path} does not exist") from None
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, TypeError) as exc:
         raise DumpFormatError(f"metadata file {path} is not valid (gzip) Extended JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DumpFormatError(f"{path}: metadata must be a JSON object, not {type(doc).__name__}")
+    return doc
+
+
+def read_metadata_file(path: Path | str) -> CollectionMetadata:
+    """Parse one metadata file (gzip or plain); the collection name is resolved as mongorestore does."""
+    path = Path(path)
+    doc = _raw_metadata_document(path)
     stem = _strip_suffix(path.name, METADATA_SUFFIX)
-    default = unquote(stem) if stem and not _is_truncated_stem(stem) else None
+    recorded = doc.get("collectionName")
+    recorded = recorded if isinstance(recorded, str) and recorded else None
     try:
-        return CollectionMetadata.from_document(doc, default_name=default)
+        name = collection_name_for_stem(stem, recorded, path) if stem else recorded
+        meta = CollectionMetadata.from_document(doc, default_name=name)
     except DumpFormatError as exc:
         raise DumpFormatError(f"{path}: {exc}") from None
+    if name:
+        meta.collection_name = name
+    return meta
 
 
 def read_metadata(root: Path | str, db: str, coll: str) -> CollectionMetadata:
@@ -562,17 +822,30 @@ def metadata_text(path: Path | str) -> str:
 __all__ = [
     "BsonFileWriter",
     "CollectionMetadata",
+    "ENGINE_TOOL_VERSION",
+    "Prelude",
     "bson_path",
+    "check_prelude",
+    "check_restorable",
     "collection_file_stem",
+    "collection_name_for_stem",
     "count_bson_documents",
+    "dumped_files",
     "find_bson_file",
     "find_metadata_file",
     "find_timeseries_buckets_file",
     "iter_bson_file",
+    "legacy_collection_file_stem",
     "list_dumped_namespaces",
     "metadata_path",
     "metadata_text",
+    "partial_path",
+    "query_escape",
+    "query_unescape",
     "read_metadata",
     "read_metadata_file",
+    "read_prelude",
     "write_metadata",
+    "version_tuple",
+    "write_prelude",
 ]

@@ -76,15 +76,6 @@ from devtools.mongosync_server import (
 )
 from tests.helpers import assert_namespaces_identical
 
-# TODO(proxy): once devtools/replica_set_proxy.py (setUserWriteBlockMode, appendOplogNote in front of a
-# SecantusDB replica set) lands, the lead adds, against a source behind that proxy:
-# - test_commit_with_dual_write_blocking: a stand-in started with sourceAndDestination (1.19: /start field;
-#   1.22: --enableUserWriteBlocking) blocks the source at /commit; a writer sees "User writes blocked"
-#   refusals after the commit point, every write the source acknowledged is on the destination, and
-#   commit_with_fence(source_blocked=True) + check_after_commit report a blocked fence with no late write;
-# - test_reversible_sync_runs_back (removed here: a reversible sync needs sourceAndDestination, which
-#   SecantusDB cannot provide, so /start is refused as the dual-blocking refusal test shows);
-# - the DAG test of the mongosync engine with source_write_block=require and cutover=auto.
 ROOT = Path(__file__).resolve().parent.parent
 FAST_RETRY = RetryPolicy(max_retries=3, backoff_base=0.01, backoff_max=0.02)
 # Small partitions and short rounds: several partitions per collection (pause/resume lands between

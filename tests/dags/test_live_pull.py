@@ -280,3 +280,38 @@ def test_mongosync_commit_refused_while_the_writer_keeps_writing(airflow_home, s
     assert refused and int(refused.group(1)) == int(refused.group(2)) > 0, failure_text(run)
     progress = requests.get(f"http://127.0.0.1:{mongosync_api}/api/v1/progress", timeout=5).json()["progress"]
     assert progress["state"] == "RUNNING"  # never committed
+
+
+def test_mongosync_with_source_write_blocking_keeps_every_acknowledged_write(airflow_home, source,  # noqa: F811
+                                                                             target):
+    """mongosync 1.22 started with --enableUserWriteBlocking sourceAndDestination blocks the source at /commit
+    (through the proxy that implements setUserWriteBlockMode); cutover=auto; the writer writes until refused."""
+    with source.client() as src:
+        seed(src)
+    with write_blocking_source(source) as source_uri:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devtools.mongosync_server", "--port", str(port), "--cluster0", source_uri,
+             "--cluster1", target.uri, "--version", "1.22", "--enableUserWriteBlocking", "sourceAndDestination"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            line = proc.stdout.readline()
+            assert "listening on" in line, line
+            writer = Writer(source_uri, pause=0.05)
+            writer.start()
+            env = {**conns(source_uri, target.uri), **FAST_POKES,
+                   conn_env_name("mongosync_api"): json.dumps({
+                       "conn_type": "mongosync", "host": "127.0.0.1", "port": port, "schema": "http",
+                       "extra": {"version": "1.22", "write_blocking": "sourceAndDestination"}})}
+            conf = {"strategy": "live_pull", "pull_engine": "mongosync", "cutover": "auto",
+                    "source_write_block": "require", "max_cutover_lag_seconds": 5, "quiet_period_seconds": 2}
+            run = airflow_home.dags_test(DAG_ID, conf, env=env)
+            counts = writer.stop()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert run.succeeded, failure_text(run)
+    assert all(counts.values()) and writer.refused == 1, (counts, writer.refused)
+    with source.client() as src, target.client() as dst:
+        assert_namespaces_identical(src, dst, user_namespaces(src))
+

@@ -322,6 +322,56 @@ def oversized_event(events: Iterable[RawBSONDocument], split: bool) -> tuple[int
     return None
 
 
+def split_event(event: RawBSONDocument, limit: int = BSON_MAX_USER_SIZE) -> list[dict[str, Any]] | None:
+    """mongod's ``$changeStreamSplitLargeEvent`` for one event: its top-level fields, in order, packed into as
+    few fragments of at most ``limit`` bytes as fit, each fragment with the event's ``_id`` and
+    ``splitEvent: {fragment, of}``. None when one field alone does not fit (mongod fails with 7182500)."""
+    doc = bson.decode(event.raw, RAW)
+    token = bson.decode(event.raw)["_id"]
+    base = len(bson.encode({"_id": token, "splitEvent": {"fragment": 1, "of": 1}}))
+    fragments: list[list[tuple[str, Any]]] = [[]]
+    size = base
+    for key, value in doc.items():
+        if key in ("_id", "splitEvent"):
+            continue
+        field_size = len(bson.encode({key: value})) - 5  # the element alone, without the document's framing
+        if base + field_size > limit:
+            return None
+        if size + field_size > limit and fragments[-1]:
+            fragments.append([])
+            size = base
+        fragments[-1].append((key, value))
+        size += field_size
+    count = len(fragments)
+    return [{"_id": token, "splitEvent": {"fragment": i + 1, "of": count}, **dict(fields)}
+            for i, fields in enumerate(fragments)]
+
+
+def split_oversized_fragments(body: RawBSONDocument, batch_key: str) -> RawBSONDocument | None:
+    """SecantusDB answers a split stream with one over-size "1 of 1" fragment where mongod splits the event
+    into several: split those as mongod does. Returns the new reply body, or None when nothing changed (or
+    an event cannot be split: the size check then refuses it with mongod's error)."""
+    result = body["cursor"]
+    events = result.get(batch_key) or []
+    if not any(len(e.raw) > BSON_MAX_USER_SIZE and (e.get("splitEvent") or {}).get("of", 1) == 1 for e in events):
+        return None
+    batch: list[Any] = []
+    for event in events:
+        if len(event.raw) > BSON_MAX_USER_SIZE and (event.get("splitEvent") or {}).get("of", 1) == 1:
+            pieces = split_event(event)
+            if pieces is None:
+                return None
+            batch.extend(pieces)
+        else:
+            batch.append(event)
+    out = bson.decode(body.raw, RAW)
+    out = {k: v for k, v in out.items()}
+    cursor = {k: v for k, v in out["cursor"].items()}
+    cursor[batch_key] = batch
+    out["cursor"] = cursor
+    return RawBSONDocument(bson.encode(out), RAW)
+
+
 def command_error(code: int, code_name: str, errmsg: str) -> dict[str, Any]:
     return {"ok": 0.0, "errmsg": errmsg, "code": code, "codeName": code_name}
 
@@ -692,6 +742,11 @@ class ReplicaSetProxy(WireProxy):
             body = bson.decode(OpMsg.parse(reply.payload).body, RAW)
             if not body.get("ok") or "cursor" not in body:
                 return reply
+            if cursor.split:
+                split_body = split_oversized_fragments(body, "nextBatch" if getmore else "firstBatch")
+                if split_body is not None:
+                    body = split_body
+                    reply = Message(reply.request_id, reply.response_to, OP_MSG, OpMsg(0, body.raw, []).encode())
             result = body["cursor"]
             events = result.get("nextBatch" if getmore else "firstBatch") or []
             returned_id = int(result.get("id") or 0)

@@ -641,3 +641,40 @@ def test_a_target_document_changed_behind_the_engines_back_is_reported_and_repai
         assert final.rechecked >= 1 and verifier.summary()["clean"]
         assert verifier.summary()["mismatches"]["resolved"] == 1
         assert_namespaces_identical(src, dst, [("vf", "c")])
+
+
+def _huge_event_document() -> dict:
+    # mongod refuses a change event over 16 MiB + 16 KiB. A large document with a large _id gets there: the
+    # event carries the _id again in documentKey and (hex-encoded, so twice as long) in its resume token,
+    # about 180 KB besides the document here. Yet the document with one token stays under 16 MiB, so the
+    # split stage can make fragments of it (fullDocument in one, documentKey in another).
+    return {"_id": "k" * 60_000, "payload": "p" * 16_575_000}
+
+
+@pytest.mark.parametrize("server_version, outcome", [(None, "split"), ("6.0.5", "refused")])
+def test_change_events_over_16_mib(source, target, server_version, outcome):
+    from atlas_migration.engines.live import EventTooLarge
+    from devtools.replica_set_proxy import ReplicaSetProxy
+    from tests.helpers import IGNORED_INDEX_FIELDS  # noqa: F401 - same helpers module as the assertions
+
+    if source.local is None:
+        pytest.skip("needs the local test server behind the proxy (a genuine mongod has the split stage)")
+    with ReplicaSetProxy(source.local.port, server_version=server_version) as proxy, \
+            source.client() as direct, target.client() as dst:
+        import pymongo
+
+        with pymongo.MongoClient(f"mongodb://{proxy.host}/?directConnection=true") as src:
+            src.big.docs.insert_one({"_id": 1, "small": True})
+            sync = make_sync(src, dst, ["big.*"])
+            initial_copy(sync)
+            direct.big.docs.insert_one(_huge_event_document())
+            direct.big.docs.insert_one({"_id": 2, "after": True})
+            if outcome == "refused":
+                with pytest.raises(EventTooLarge, match="no \\$changeStreamSplitLargeEvent stage.*exclude the "
+                                                        "collection"):
+                    sync.catch_up()
+                assert dst.big.docs.find_one({"_id": 2}) is None  # nothing after the event was applied
+            else:
+                assert state_doc(dst)["split_events"] is True
+                sync.catch_up()
+                assert_namespaces_identical(direct, dst, [("big", "docs")])

@@ -1210,6 +1210,8 @@ class LiveSync:
         except OperationFailure as exc:
             if exc.code in HISTORY_LOST_CODES:
                 raise self._history_lost(exc, _ts_list(follow.last_cluster_time)) from None
+            if exc.code == _BSON_OBJECT_TOO_LARGE:  # the first batch already holds the event
+                raise self._event_too_large(exc, follow.last_cluster_time) from None
             raise MigrationError(
                 f"cannot resume the source's change stream (code {exc.code}): {_server_message(exc)}") from None
         with stream:
@@ -1314,7 +1316,10 @@ class LiveSync:
     def _event_too_large(self, exc: Exception, since: Timestamp | None) -> EventTooLarge:
         return EventTooLarge(
             f"live pull '{self.sync_id}' cannot continue: the source's change stream refused an event larger than "
-            f"16 MiB after cluster time {_ts_list(since)} (code {_BSON_OBJECT_TOO_LARGE}: {_server_message(exc)}), and "
+            f"16 MiB after cluster time {_ts_list(since)} (code {_BSON_OBJECT_TOO_LARGE}: "
+            # The server's message goes on with the event's first element, its resume token, which encodes the
+            # document's _id: data that stays out of logs.
+            f"{_server_message(exc).split(' First element')[0]}), and "
             "this source has no $changeStreamSplitLargeEvent stage (MongoDB 6.0.9+ or 7.0+). Retrying cannot get "
             "past it. Either upgrade the source to a release with the stage and restart the live pull with "
             "drop_target=true, or exclude the collection holding documents near 16 MiB (exclude_namespaces) and "

@@ -67,8 +67,11 @@ Large change events (https://www.mongodb.com/docs/manual/reference/operator/aggr
     fragment k+1; from the last, the next event). The proxy therefore gives fragments 1..m-1 tokens of its
     own (the event's ``_data`` plus a marker), sets ``postBatchResumeToken`` to the last fragment's token
     when a batch ends inside an event, and translates such a token in ``resumeAfter``/``startAfter`` into
-    the point just before the event plus dropping the fragments already delivered. Where mongod cannot split an
-    event into fragments of at most 16 MiB (one top-level field too big) it fails with code 7182500
+    the point just before the event plus dropping the fragments already delivered. SecantusDB also returns
+    one over-size "1 of 1" fragment for some events mongod does split (a document near 16 MiB plus its
+    documentKey and token): the proxy splits those as mongod does (``split_event``: top-level fields packed
+    in order into fragments of at most 16 MiB, each with the event's ``_id`` and ``splitEvent``). Where mongod
+    cannot split an event into fragments of at most 16 MiB (one top-level field too big) it fails with code 7182500
     ("Splitting change event failed: fragment size ... is greater than maximum allowed fragment size
     16777216") and SecantusDB instead returns an over-size "1 of 1" fragment: the proxy refuses such a
     fragment with mongod's error. ``server_version`` (e.g. ``"6.0.5"``) makes the proxy present an older

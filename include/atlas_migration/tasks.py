@@ -344,9 +344,9 @@ LIVE_STRATEGIES = frozenset({"live_pull", "live_push", "compose", "aws_replica_s
 
 # Where each live strategy's cutover task leaves its result (with the fence) in XCom.
 CUTOVER_TASKS = {
-    "live_pull": ("live_pull.cutover", "live_pull.mongosync_commit"),
-    "compose": ("compose.pull.cutover", "compose.pull.mongosync_commit"),
-    "aws_replica_set": ("aws_replica_set.pull.cutover", "aws_replica_set.pull.mongosync_commit"),
+    "live_pull": ("live_pull.cutover", "live_pull.mongosync_check_fence"),
+    "compose": ("compose.pull.cutover", "compose.pull.mongosync_check_fence"),
+    "aws_replica_set": ("aws_replica_set.pull.cutover", "aws_replica_set.pull.mongosync_check_fence"),
     "live_push": ("live_push.cutover",),
 }
 
@@ -368,6 +368,14 @@ def fence_notes(result: dict[str, Any] | None) -> list[str]:
                  "Late writes after the fence: " + ", ".join(f"{ns} ({n})" for ns, n in sorted(late.items())))
     if result.get("rechecked"):
         lines.append(f"Recheck set: {result['rechecked']} document(s) re-read from the source at cutover")
+    verification = result.get("verification")
+    if verification:
+        mismatches = verification.get("mismatches") or {}
+        lines.append(f"Verifier: {verification.get('documents_compared', 0):,} documents compared in "
+                     f"{(verification.get('partitions') or {}).get('compared', 0)} partitions, "
+                     f"{verification.get('rechecked', 0):,} rechecks over {verification.get('generation', 0)} "
+                     f"generations; mismatches found and resolved: {mismatches.get('resolved', 0)}, open: "
+                     f"{mismatches.get('open', 0)} ({'clean' if verification.get('clean') else 'NOT clean'})")
     return lines
 
 

@@ -114,6 +114,7 @@ def test_native_pull_with_write_blocking_keeps_every_acknowledged_write(airflow_
     notes = reports_of(airflow_home, run.output)["notes"]
     assert any("Writes were BLOCKED on the source" in n for n in notes), notes
     assert "Late writes after the fence: none" in notes, notes
+    assert any(n.startswith("Verifier: ") and "open: 0 (clean)" in n for n in notes), notes
     with source.client() as src, target.client() as dst:
         namespaces = user_namespaces(src)
         assert namespaces == [("shop", "customers"), ("shop", "orders"), ("shop", "recent")]

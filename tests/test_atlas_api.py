@@ -622,3 +622,24 @@ def test_admin_endpoints(server, atlas):
     with pytest.raises(AtlasApiError) as excinfo:
         atlas.get_peering_connection(peer["id"])
     assert excinfo.value.status == 404
+
+
+def test_outage_knob_fails_every_api_call_for_a_while(server):
+    """``/__test__/outage``: every API call (either service, before auth) fails for N real seconds, answered
+    503 in the error shape or with the connection dropped; admin calls and the migration clock carry on."""
+    admin = f"{server.url}/__test__"
+    assert requests.post(f"{admin}/outage", json={"seconds": 5, "mode": "sideways"}, timeout=5).status_code == 400
+    assert requests.post(f"{admin}/outage", json={"seconds": 0.6}, timeout=5).json() == {"seconds": 0.6,
+                                                                                          "mode": "503"}
+    url = f"{server.url}/api/atlas/v2/groups/{server.scenario.atlas_project_id}/liveMigrations/{'a' * 24}"
+    down = requests.get(url, timeout=5)
+    assert down.status_code == 503 and down.json()["errorCode"] == "SERVICE_UNAVAILABLE"
+    assert requests.get(f"{admin}/state", timeout=5).json()["outage_remaining_seconds"] > 0
+    time.sleep(0.7)
+    assert requests.get(url, timeout=5).status_code == 401  # back: the Digest challenge, as usual
+
+    assert requests.post(f"{admin}/outage", json={"seconds": 30, "mode": "reset"}, timeout=5).status_code == 200
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url, timeout=5)
+    assert requests.delete(f"{admin}/outage", timeout=5).status_code == 204
+    assert requests.get(url, timeout=5).status_code == 401

@@ -226,3 +226,44 @@ def test_format_detection_and_stems():
     assert fi.detect_format(gzip.compress(b'{"a":1}\n'), "x.json.gz") == ("json", True)
     assert fi.detect_format(b"a\tb\n", "data") == ("tsv", False)
     assert fi.file_stem("dir/orders.json.gz") == "orders" and fi.file_stem("a.b.csv") == "a.b"
+
+
+# ---------------------------------------------------------------- writing to a real server
+
+
+def _import(collection, data: bytes, options: fi.ImportOptions, mode: str, upsert_fields=("_id",), tag="t"):
+    header, ranges = fi.plan_ranges(io.BufferedReader(io.BytesIO(data)), len(data), options, 0)
+    result = fi.RangeResult(file="f.csv", namespace=collection.full_name, range_index=0, mode=mode)
+    raw = io.BytesIO(data)
+    raw.seek(ranges[0].start)
+    stream = fi.open_range(raw, ranges[0], options)
+    return fi.import_records(collection, fi.records(stream, ranges[0], options, header), result=result, tag=tag,
+                             policy=options.parse_errors, upsert_fields=list(upsert_fields), batch_size=2)
+
+
+@pytest.mark.integration
+def test_modes_and_a_retried_insert_on_a_real_server(target):
+    with target.client() as client:
+        coll = client.files_test.people
+        options = fi.ImportOptions("csv", parse_errors="skip_row", columns_have_types=True)
+        data = b"name.string(),age.int32()\nann,30\nbob,x\ncid,40\n"
+        first = _import(coll, data, options, "insert")
+        again = _import(coll, data, options, "insert")  # a retried task: the same _ids, nothing duplicated
+        assert (first.inserted, first.rejected, again.inserted, again.already_present) == (2, 1, 0, 2)
+        assert first.rejections == [{"file": "f.csv", "line": 3, "reason": "column 'age' (int32): not an int32",
+                                     "action": "row_skipped"}]
+        assert coll.count_documents({}) == 2 and coll.find_one({"name": "ann"})["_id"] == "t:2"
+        assert first.digest == again.digest
+        keyed = fi.ImportOptions("csv", columns_have_types=True)
+        upsert = _import(coll, b"name.string(),city.string()\nann,Paris\ndan,Oslo\n", keyed, "upsert", ["name"])
+        assert (upsert.matched, upsert.upserted) == (1, 1)
+        ann = coll.find_one({"name": "ann"})
+        assert ann["_id"] == "t:2" and "age" not in ann and ann["city"] == "Paris"  # replaced, _id kept
+        merge = _import(coll, b"name.string(),age.int32()\ncid,41\neve,22\n", keyed, "merge", ["name"])
+        assert (merge.matched, merge.modified, merge.upserted) == (1, 1, 1)
+        assert {k: v for k, v in coll.find_one({"name": "cid"}).items() if k != "_id"} == {"name": "cid", "age": 41}
+        deleted = _import(coll, b"name.string()\ndan\nzed\n", keyed, "delete", ["name"])
+        assert deleted.deleted == 1 and sorted(d["name"] for d in coll.find()) == ["ann", "cid", "eve"]
+        with pytest.raises(fi.ImportStopped, match=r"f.csv line 3: column 'age' \(int32\): not an int32"):
+            _import(client.files_test.other, data, fi.ImportOptions("csv", columns_have_types=True), "insert")
+        client.drop_database("files_test")

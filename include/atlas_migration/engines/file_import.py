@@ -19,7 +19,7 @@ Formats (``mongoimport --type``):
 
 Bad rows follow ``parse_errors`` (``--parseGrace``): ``stop`` (the default: fail with file and line),
 ``skip_row``, ``skip_field`` or ``auto_cast`` (re-parse the value as ``auto``). A JSON line that is not a
-document is a bad row too (``skip_row`` skips it, ``skip_field`` cannot apply to it and stops). Every
+document is a bad row too: ``stop`` stops, any other policy skips the row (it has no field to skip). Every
 rejection is recorded as file, line and reason, never the row's values: they may hold personal data.
 
 Splitting (``plan_ranges``): a file is cut into byte ranges that each begin at a record boundary, so mapped
@@ -957,7 +957,7 @@ def records(stream: IO[bytes], rng: ByteRange, options: ImportOptions, header: l
         return json_array_records(stream, rng.first_line)
     columns = columns_for(options, header)
     converter = RowConverter(columns, options.ignore_blanks, options.parse_errors)
-    if options.gzip and options.header_line:
+    if options.gzip and options.header_line and rng.start == 0:
         # A compressed file is read from its start: skip the header record first.
         _skip_header(stream, options.format)
     return delimited_records(stream, rng.first_line, converter, options.format,
@@ -1001,3 +1001,192 @@ def detect_format(head: bytes, name: str) -> tuple[str, bool]:
             return "csv", compressed
         raise FileFormatError(f"cannot tell the format of {name}: name it .json/.csv/.tsv or set its format")
     return fmt, compressed
+
+
+# ---------------------------------------------------------------- writing a range to the target
+
+MAX_REJECTIONS_KEPT = 1000  # per range: the report keeps this many locations and counts the rest
+_BATCH_BYTES = 8 << 20
+
+
+class ImportStopped(MigrationError):
+    """``parse_errors=stop`` met a bad row (the message names file, line and reason, never values)."""
+
+
+@dataclass
+class RangeResult:
+    """What importing one range did; small and JSON-safe (it travels through XCom)."""
+
+    file: str
+    namespace: str
+    range_index: int
+    mode: str
+    rows: int = 0  # records read (documents produced + rows rejected)
+    documents: int = 0  # rows that became documents
+    rejected: int = 0  # rows rejected (bad input, or refused by the target)
+    fields_skipped: int = 0
+    inserted: int = 0
+    already_present: int = 0  # insert mode: _id already in the target (an earlier attempt of this range)
+    matched: int = 0
+    modified: int = 0
+    upserted: int = 0
+    deleted: int = 0
+    digest: str = ""  # multiset digest of the documents written (insert mode)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    rejections_not_listed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def reject(self, line: int, reason: str, action: str) -> None:
+        if len(self.rejections) < MAX_REJECTIONS_KEPT:
+            self.rejections.append(Rejection(self.file, line, reason, action).to_dict())
+        else:
+            self.rejections_not_listed += 1
+
+
+def _lookup(document: dict[str, Any], path: str) -> tuple[bool, Any]:
+    node: Any = document
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def key_filter(document: dict[str, Any], upsert_fields: list[str]) -> dict[str, Any] | None:
+    """The filter on ``upsert_fields``; None when the document has none of them; RowRejected when only some."""
+    found = {f: _lookup(document, f) for f in upsert_fields}
+    present = {f: v for f, (ok, v) in found.items() if ok}
+    if not present:
+        return None
+    if len(present) < len(upsert_fields):
+        missing = ", ".join(f for f in upsert_fields if f not in present)
+        raise RowRejected(f"missing upsert field(s) {missing}")
+    return present
+
+
+def document_id(tag: str, line: int) -> str:
+    """The ``_id`` a row without one gets in insert mode: the same on every attempt and every run."""
+    return f"{tag}:{line}"
+
+
+def import_records(collection, records_iter: Iterator[Record], *, result: RangeResult, tag: str, policy: str,
+                   upsert_fields: list[str], batch_size: int, bypass_validation: bool = False) -> RangeResult:
+    """Write the records of one range to ``collection`` in ``result.mode``, in bounded batches.
+
+    insert: unordered ``insert_many`` of raw BSON; a duplicate ``_id`` is an earlier attempt's document (the
+    ``_id`` is the row's file and line) and is counted as already present, never written twice.
+    upsert: ``replace_one(filter, document, upsert=True)``; merge: ``update_one(filter, {$set: document},
+    upsert=True)``; delete: ``delete_one(filter)``; the filter is the document's ``upsert_fields``. Rows
+    without any of those fields are inserted (as mongoimport does), keyed by file and line.
+    """
+    from bson.raw_bson import RawBSONDocument
+    from pymongo import DeleteOne, InsertOne, ReplaceOne, UpdateOne
+
+    mode = result.mode
+    id_keyed = upsert_fields == ["_id"]
+    ops: list[Any] = []
+    lines: list[int] = []
+    size = 0
+    raws: list[bytes] = []
+
+    def flush() -> None:
+        nonlocal ops, lines, size
+        if ops:
+            _write(collection, ops, lines, result, policy, bypass_validation)
+        ops, lines, size = [], [], 0
+
+    for record in records_iter:
+        result.rows += 1
+        if record.document is None:
+            if policy == "stop":
+                raise ImportStopped(f"{result.file} line {record.line}: {record.rejection} (parse_errors=stop; "
+                                    "use skip_row to import the other rows)")
+            result.rejected += 1
+            result.reject(record.line, record.rejection or "unreadable", "row_skipped")
+            continue
+        for reason in record.skipped_fields:
+            result.fields_skipped += 1
+            result.reject(record.line, reason, "field_skipped")
+        document = record.document
+        try:
+            key = None if mode == "insert" else key_filter(document, upsert_fields)
+            if mode == "delete" and key is None:
+                raise RowRejected(f"none of the upsert field(s) {', '.join(upsert_fields)}")
+            fill = mode == "insert" or key is None or (id_keyed and mode != "delete")
+            raw = encode_document(document, document_id(tag, record.line) if fill else None)
+        except RowRejected as exc:
+            if policy == "stop":
+                raise ImportStopped(f"{result.file} line {record.line}: {exc.reason} (parse_errors=stop)") from None
+            result.rejected += 1
+            result.reject(record.line, exc.reason, "row_skipped")
+            continue
+        result.documents += 1
+        doc = RawBSONDocument(raw)
+        if mode == "insert" or key is None:
+            ops.append(InsertOne(doc))
+            raws.append(raw)
+        elif mode == "upsert":
+            ops.append(ReplaceOne(key, doc, upsert=True))
+        elif mode == "merge":
+            ops.append(UpdateOne(key, {"$set": doc}, upsert=True))
+        else:
+            ops.append(DeleteOne(key))
+        lines.append(record.line)
+        size += len(raw)
+        if len(ops) >= batch_size or size >= _BATCH_BYTES:
+            flush()
+            result.digest = _add_digest(result.digest, raws)
+            raws = []
+    flush()
+    result.digest = _add_digest(result.digest, raws)
+    return result
+
+
+def _add_digest(current: str, raws: list[bytes]) -> str:
+    from atlas_migration.validation import multiset_digest
+
+    if not raws:
+        return current
+    _, digest = multiset_digest(raws)
+    return combine_digests([current, digest]) if current else digest
+
+
+def combine_digests(digests: list[str]) -> str:
+    """The multiset digest of the union of parts (sums of sha256 values add up)."""
+    from atlas_migration.validation import multiset_digest
+
+    prefix = multiset_digest([])[1].partition(":")[0]
+    total = sum(int(d.partition(":")[2], 16) for d in digests if d)
+    return f"{prefix}:{total % 2**256:064x}"
+
+
+def _write(collection, ops: list[Any], lines: list[int], result: RangeResult, policy: str, bypass: bool) -> None:
+    from pymongo.errors import BulkWriteError
+
+    try:
+        outcome = collection.bulk_write(ops, ordered=False, bypass_document_validation=bypass)
+        details = outcome.bulk_api_result
+    except BulkWriteError as exc:
+        details = exc.details
+    errors = details.get("writeErrors") or []
+    refused = []
+    for error in errors:
+        line = lines[error["index"]]
+        if error.get("code") == 11000 and result.mode == "insert" and (error.get("keyPattern") or {"_id": 1}) == {"_id": 1}:
+            result.already_present += 1
+            continue
+        refused.append((line, f"the target refused the document: code {error.get('code')} "
+                              f"({error.get('codeName') or 'write error'})"))
+    result.inserted += details.get("nInserted", 0)
+    result.matched += details.get("nMatched", 0)
+    result.modified += details.get("nModified", 0)
+    result.upserted += details.get("nUpserted", 0)
+    result.deleted += details.get("nRemoved", 0)
+    for line, reason in refused:
+        if policy == "stop":
+            raise ImportStopped(f"{result.file} line {line}: {reason} (parse_errors=stop)")
+        result.rejected += 1
+        result.documents -= 1
+        result.reject(line, reason, "row_skipped")

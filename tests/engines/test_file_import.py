@@ -21,7 +21,7 @@ UTC = dt.UTC
 # Every Extended JSON v2 type, canonical and relaxed spellings mixed.
 EJSON_LINE = (
     '{"_id": {"$oid": "5f1d7f3a2b4c6d8e0f1a2b3c"}, "d": {"$date": "2020-01-02T03:04:05.678Z"}, '
-    '"old": {"$date": {"$numberLong": "-62135596800001"}}, "l": {"$numberLong": "5"}, "i": {"$numberInt": "7"}, '
+    '"old": {"$date": {"$numberLong": "-2208988800001"}}, "l": {"$numberLong": "5"}, "i": {"$numberInt": "7"}, '
     '"negzero": {"$numberDouble": "-0.0"}, "inf": {"$numberDouble": "Infinity"}, "dec": {"$numberDecimal": "1.10"}, '
     '"b": {"$binary": {"base64": "AAE=", "subType": "00"}}, "u": {"$binary": {"base64": "c//SZESzTGmQ6OfR38A11A==", '
     '"subType": "04"}}, "u2": {"$uuid": "73ffd264-44b3-4c69-90e8-e7d1dfc035d4"}, "legacy": {"$binary": '
@@ -54,6 +54,15 @@ def test_extended_json_lines_are_byte_exact_with_json_util():
     decoded = bson.decode(expected, codec_options=bson.CodecOptions(datetime_conversion=bson.DatetimeConversion.DATETIME_AUTO))
     assert isinstance(decoded["l"], Int64) and decoded["i"] == 7 and isinstance(decoded["dec"], Decimal128)
     assert isinstance(decoded["u"], Binary) and decoded["u"].subtype == 4 and decoded["legacy"].subtype == 3
+
+
+def test_dates_outside_pythons_range_stay_exact():
+    line = '{"d": {"$date": {"$numberLong": "-62135596800001"}}}'
+    record = next(fi.json_lines_records(io.BytesIO(line.encode()), 1))
+    assert fi.encode_document(record.document, None) == bson.encode(
+        json_util.loads(line, json_options=fi._json_options()))
+    assert bson.decode(fi.encode_document(record.document, None), codec_options=bson.CodecOptions(
+        datetime_conversion=bson.DatetimeConversion.DATETIME_MS))["d"] == bson.DatetimeMS(-62135596800001)
 
 
 def test_id_goes_first_and_missing_id_is_filled():

@@ -86,6 +86,8 @@ def test_s3_prefix_with_bad_rows_skipped_names_file_and_line_never_values(airflo
 
 
 def test_flex_target_auto_picks_mongorestore_and_forced_live_pull_is_refused(airflow_home, source, target):
+    with source.client() as client:
+        client.shop.orders.insert_one({"_id": 1})
     env = {conn_env_name("mongo_source"): mongo_connection_json(source.uri),
            **_target_only(target.uri, {"tier": "FLEX"})}
     run = airflow_home.dags_test(DAG_ID, {"strategy": "auto", "dry_run": True}, env=env)

@@ -17,11 +17,13 @@ from atlas_migration import tasks as steps
 from atlas_migration.aws_replica_set import aws_replica_set_group
 from atlas_migration.compose import compose_group
 from atlas_migration.dump_restore import mongorestore_group
+from atlas_migration.file_import import file_import_group
 from atlas_migration.live_pull import live_pull_group
 from atlas_migration.live_push import live_push_group
 
 # Strategies with a task group in the flow; routing to any other fails with a clear error.
-AVAILABLE_STRATEGIES = frozenset({"mongorestore", "live_pull", "live_push", "compose", "aws_replica_set"})
+AVAILABLE_STRATEGIES = frozenset({"mongorestore", "live_pull", "live_push", "compose", "aws_replica_set",
+                                  "file_import"})
 
 
 def _paths(params, dag, run_id) -> steps.RunPaths:
@@ -44,7 +46,7 @@ def migration_flow(*, rehearsal: bool = False) -> None:
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def validate(profile: dict, decision: dict, params=None, dag=None, run_id=None, ti=None) -> dict:
         return steps.validate(params, profile, decision, _paths(params, dag, run_id),
-                              notes=steps.strategy_notes(decision, ti))
+                              notes=steps.strategy_notes(decision, ti), notes_source=ti)
 
     @task
     def report(profile: dict, decision: dict, result: dict) -> dict:
@@ -61,7 +63,7 @@ def migration_flow(*, rehearsal: bool = False) -> None:
         scratch >> profile
     decision = route(profile)
     groups = [mongorestore_group(profile), live_pull_group(profile), live_push_group(profile),
-              compose_group(profile), aws_replica_set_group(profile)]
+              compose_group(profile), aws_replica_set_group(profile), file_import_group(profile)]
     choose_strategy(decision) >> groups
     result = validate(profile, decision)
     groups >> result

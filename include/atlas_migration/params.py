@@ -105,6 +105,7 @@ def dag_params() -> dict[str, Any]:
         **_compose_params(),
         **_aws_params(),
         **_live_push_params(),
+        **_file_import_params(),
         **section(
             "Validation",
             validation_mode=Param("counts", type="string", enum=["counts", "full"], title="Validation mode",
@@ -150,6 +151,12 @@ def _aws_params() -> dict[str, Any]:
     from atlas_migration.aws_replica_set import aws_params
 
     return aws_params()
+
+
+def _file_import_params() -> dict[str, Any]:
+    from atlas_migration.file_import import file_import_params
+
+    return file_import_params()
 
 
 def _live_push_params() -> dict[str, Any]:

@@ -13,6 +13,11 @@ The table (from "Migrate or Import Data" in the Atlas docs), checked in this ord
 | aws_replica_set | a replica set running on AWS | aws_replica_set |
 | default | not managed, oplog readable | live_pull |
 
+Before the table: a run that names files (``source_files``) is a file import (rule ``source_files``). After
+it: a live choice that the target cannot receive (``target_inspection.target_problems``: an Atlas shared,
+Flex or serverless tier, a target older than the source, or below a live path's version) becomes
+mongorestore (rule ``target_restricted``), and a forced live strategy is refused with the reason.
+
 Ops Manager push is deprecated for sources on 5.0 and earlier and not supported on 6.0+, and Cloud Manager
 push needs 6.0.17+/7.0.13+: such sources fall through to the pull rules, and the decision says so.
 """
@@ -32,6 +37,7 @@ class Strategy(StrEnum):
     LIVE_PUSH = "live_push"
     COMPOSE = "compose"
     AWS_REPLICA_SET = "aws_replica_set"
+    FILE_IMPORT = "file_import"
 
 
 AUTO = "auto"
@@ -190,10 +196,19 @@ def _warnings(strategy: Strategy, profile: SourceProfile) -> list[str]:
     return warnings
 
 
-def choose_strategy(profile: SourceProfile, requested: str = AUTO) -> RoutingDecision:
-    """Pick the import strategy; an override that cannot work raises ``ImpossibleStrategy``."""
+def choose_strategy(profile: SourceProfile, requested: str = AUTO, target=None) -> RoutingDecision:
+    """Pick the import strategy; an override that cannot work raises ``ImpossibleStrategy``.
+
+    ``target`` (a ``TargetProfile``, optional) adds what the target can take."""
+    from atlas_migration.target_inspection import target_problems
+
     if requested in (None, "", AUTO):
         strategy, rule, reasons = _auto(profile)
+        blocked = target_problems(str(strategy), profile.version, target)
+        if blocked:
+            reasons = [*reasons, f"but {'; '.join(blocked)}: so mongorestore, which such a target accepts "
+                       f"(the source-side rule '{rule}' chose '{strategy}')"]
+            strategy, rule = Strategy.MONGORESTORE, "target_restricted"
         return RoutingDecision(str(strategy), rule, reasons, _warnings(strategy, profile), AUTO)
     try:
         strategy = Strategy(requested)
@@ -201,15 +216,32 @@ def choose_strategy(profile: SourceProfile, requested: str = AUTO) -> RoutingDec
         raise ImpossibleStrategy(
             f"unknown strategy {requested!r}; choose one of: auto, {', '.join(s.value for s in Strategy)}"
         ) from None
-    problems = override_problems(strategy, profile)
+    problems = override_problems(strategy, profile) + target_problems(str(strategy), profile.version, target)
+    if strategy == Strategy.FILE_IMPORT:
+        problems.append("file_import imports files: name them in source_files (this run names a source deployment)")
     if problems:
+        auto_choice = choose_strategy(profile, AUTO, target).strategy
         raise ImpossibleStrategy(
             f"strategy '{strategy}' cannot migrate source '{profile.conn_id}': " + "; ".join(problems)
-            + f". Use strategy=auto (it would choose '{_auto(profile)[0]}')."
+            + f". Use strategy=auto (it would choose '{auto_choice}')."
         )
     auto_choice = _auto(profile)[0]
     reasons = [f"operator override; the automatic choice would be '{auto_choice}'"]
     return RoutingDecision(str(strategy), "override", reasons, _warnings(strategy, profile), str(strategy))
+
+
+def choose_for_files(requested: str = AUTO, file_count: int = 0, target=None) -> RoutingDecision:
+    """A run that names files: the file import, whatever the target's tier (it takes self-managed imports)."""
+    if requested not in (None, "", AUTO, Strategy.FILE_IMPORT.value):
+        raise ImpossibleStrategy(f"strategy '{requested}' needs a source deployment, but this run names files "
+                                 "(source_files): use strategy=auto or file_import, or clear source_files")
+    reasons = [f"the run names {file_count} file(s) in source_files instead of a source deployment: they are "
+               "imported as mongoimport would (Atlas takes JSON and CSV files through self-managed tools)"]
+    if target is not None and target.tier_kind in ("shared", "flex", "serverless"):
+        reasons.append(f"the target is an Atlas {target.tier} cluster, which accepts imports through self-managed tools")
+    return RoutingDecision(Strategy.FILE_IMPORT.value, "source_files", reasons,
+                           ["users, roles and indexes are not part of a file import; create indexes on the target"],
+                           AUTO if requested in (None, "", AUTO) else requested)
 
 
 def ensure_available(decision: RoutingDecision, available: set[str] | frozenset[str]) -> None:

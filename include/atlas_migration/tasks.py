@@ -91,7 +91,13 @@ def inspect(params: dict[str, Any], paths: RunPaths | None = None) -> dict[str, 
             raise ConfigurationError("inspecting a source dump needs the run's work folder")
         profile = source_dump.inventory(_dump_reader(p, paths))
         _log_block("Source profile (from the dump)", profile.summary_lines())
-        return profile.to_dict()
+        return {**profile.to_dict(), "target": _inspect_target(params, p)}
+    from atlas_migration.file_import import files_requested
+
+    if files_requested(params):
+        from atlas_migration.file_import import inspect_files
+
+        return {**inspect_files(params), "target": _inspect_target(params, p)}
     source = endpoint_from_connection(p.source_conn_id, "source")
     endpoint_from_connection(p.target_conn_id, "target")  # a missing target connection fails now, not after the dump
     hints = DeploymentHints.merge(params, source.deployment_facts)
@@ -106,16 +112,62 @@ def inspect(params: dict[str, Any], paths: RunPaths | None = None) -> dict[str, 
     _log_block("Source profile", profile.summary_lines())
     if profile.unknown:
         _log_block("Facts that could not be read", [f"{k}: {v}" for k, v in sorted(profile.unknown.items())])
+    return {**profile.to_dict(), "target": _inspect_target(params, p)}
+
+
+def _inspect_target(params: dict[str, Any], p: MigrationParams) -> dict[str, Any] | None:
+    """The target's version, topology and tier (``target_inspection``); None when it cannot be reached here
+    (the strategy's own first step then fails with the reason)."""
+    from atlas_migration.target_inspection import inspect_target
+
+    target = endpoint_from_connection(p.target_conn_id, "target")
+    cluster, cluster_error = _atlas_cluster(params)
+    try:
+        with closing(target.connect(timeout_ms=5000)) as client:
+            profile = inspect_target(client, p.target_conn_id, target.deployment_facts, cluster, cluster_error)
+    except MigrationError as exc:
+        log.warning("target not inspected: %s", exc)
+        return None
+    log.info("Target profile: %s", profile.summary())
     return profile.to_dict()
 
 
+def _atlas_cluster(params: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The target cluster's Admin API description when an Atlas connection and a cluster name are given."""
+    name = str(params.get("target_cluster_name") or "").strip()
+    conn_id = str(params.get("atlas_conn_id") or "").strip()
+    if not name or not conn_id:
+        return None, None
+    from airflow.sdk import BaseHook
+
+    try:
+        BaseHook.get_connection(conn_id)
+    except Exception:  # AirflowNotFoundException: no Atlas connection configured, the tier may be declared
+        return None, f"Atlas connection '{conn_id}' is not defined"
+    from atlas_migration.atlas_api import AtlasAdminHook
+
+    try:
+        project = str(params.get("target_project_id") or "").strip() or None
+        return AtlasAdminHook(conn_id).get_cluster(name, group_id=project), None
+    except MigrationError as exc:
+        return None, f"Atlas Admin API: {exc}"
+
+
 def route(params: dict[str, Any], profile_data: dict[str, Any], available: frozenset[str]) -> dict[str, Any]:
+    from atlas_migration.routing import choose_for_files
+    from atlas_migration.target_inspection import TargetProfile
+
     p = MigrationParams.parse(params)
-    profile = SourceProfile.from_dict(profile_data)
-    decision = _dump_decision(p) if p.source_dump_uri else choose_strategy(profile, p.strategy)
-    plan = build_copy_plan(profile, p.namespaces, p.target_db_prefix)
-    _log_block("Routing decision", decision.explain().splitlines())
-    _log_block("Copy plan", plan.describe())
+    target = TargetProfile.from_dict(profile_data.get("target"))
+    if profile_data.get("source_kind") == "files":
+        decision = choose_for_files(p.strategy, len(profile_data.get("files") or []), target)
+        _log_block("Routing decision", decision.explain().splitlines())
+    else:
+        profile = SourceProfile.from_dict(profile_data)
+        decision = _dump_decision(p) if p.source_dump_uri else choose_strategy(profile, p.strategy, target)
+        plan = build_copy_plan(profile, p.namespaces, p.target_db_prefix)
+        _log_block("Routing decision", decision.explain().splitlines())
+        _log_block("Copy plan", plan.describe())
     result = {**decision.to_dict(), "dry_run": p.dry_run, "available": decision.strategy in available}
     if p.dry_run:
         status = "available" if result["available"] else "NOT built in this release"
@@ -392,8 +444,16 @@ def strategy_notes(decision: dict[str, Any], ti) -> list[str]:
     return notes
 
 
+def file_import_results(ti) -> list[dict[str, Any]]:
+    """Every mapped ``file_import`` task's result (XCom)."""
+    if ti is None:
+        return []
+    pulled = ti.xcom_pull(task_ids="file_import.import_file_range", default=None) or []
+    return [r for r in (pulled if isinstance(pulled, list) else [pulled]) if r]
+
+
 def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dict[str, Any],
-             paths: RunPaths, notes: list[str] | None = None) -> dict[str, Any]:
+             paths: RunPaths, notes: list[str] | None = None, notes_source=None) -> dict[str, Any]:
     from atlas_migration import validation
 
     if decision.get("dry_run"):
@@ -401,6 +461,10 @@ def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dic
 
         raise AirflowSkipException("dry run: nothing was migrated, nothing to validate")
     p = MigrationParams.parse(params)
+    if decision.get("strategy") == "file_import":
+        from atlas_migration import file_import
+
+        return file_import.validate(params, file_import_results(notes_source), paths.report_dir)
     plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces, p.target_db_prefix)
     target = endpoint_from_connection(p.target_conn_id, "target")
     namespaces = [(i.db, i.collection) for i in plan.all_items]

@@ -765,7 +765,8 @@ def test_poke_cutover_reads_through_an_outage_and_stops_past_the_tolerance(serve
     from atlas_migration.atlas_api import RetryPolicy
 
     monkeypatch.setattr(RetryPolicy, "backoff", lambda self, attempt: 0.0)  # the hook's own retries: instant
-    monkeypatch.setattr(live_push, "_source_writes", lambda p: None)
+    fence = {"op_time": [100, 1], "blocked": True, "how": "write_block", "taken_at": "t", "late_writes": {}}
+    monkeypatch.setattr(live_push, "fence_source_writes", lambda p, checked: fence)
     migration_id = create_migration(server)
     server.advance(200)
     started = {"migration_id": migration_id, "group_id": server.scenario.atlas_project_id}
@@ -773,7 +774,7 @@ def test_poke_cutover_reads_through_an_outage_and_stops_past_the_tolerance(serve
               "quiet_period_seconds": 1, "api_outage_tolerance_seconds": 30}
 
     def poke(**changes):
-        return live_push.poke_cutover({**params, **changes}, {"source_watchable": True}, started,
+        return live_push.poke_cutover({**params, **changes}, {"write_block": True}, started,
                                       {"ready_since": None}, {"approved": True}, 0.0)
 
     server.start_outage(1.5)  # longer than the hook's own (instant) retries: the outage layer waits it out

@@ -174,3 +174,28 @@ def test_a_rejected_peering_is_reported_failed(ec2, source_vpc, atlas) -> None:
     assert peer["statusName"] == "FAILED" and peer["errorStateName"] == "REJECTED"
     with pytest.raises(NetworkError, match="not pending-acceptance"):
         accept_peering(ec2, peer["connectionId"], StepReport())
+
+
+def test_a_rehearsal_never_prepares_the_network() -> None:
+    base = {"aws_conn_id": "aws", "target_cluster_name": "c0", "network_mode": "prepare", "network_teardown": True}
+    rehearsal = AwsParams.parse({**base, "rehearsal_db_prefix": "rehearsal__"})
+    assert rehearsal.rehearsal and not rehearsal.prepare
+
+
+def test_network_dry_run_reads_and_changes_nothing(ec2, source_vpc, atlas) -> None:
+    from atlas_migration.aws_replica_set import network_dry_run
+
+    server, project = atlas
+    placement = discover_placement(ec2, ["127.0.0.1:27017"], REGION)
+    group_before = ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0]
+    ap = AwsParams.parse({"aws_conn_id": "aws_test", "target_cluster_name": "c0", "atlas_conn_id": "atlas_net",
+                          "rehearsal_db_prefix": "rehearsal__", "rehearsal_network_dry_run": True})
+    planned = network_dry_run(ap, {"placement": placement.to_dict(), "atlas_region": "EU_WEST_1"},
+                              store=MemoryStateStore(), ec2=ec2)
+    kinds = [line.split()[0] for line in planned["would_add"]]
+    assert kinds == ["container", "peering", "route", "sg_rule", "access_list"], planned
+    assert planned["calls_not_made"] == ["atlas.create_container", "atlas.create_peering_connection",
+                                         "ec2.create_route", "ec2.authorize_security_group_ingress",
+                                         "atlas.add_access_list_entries"]
+    assert project.list_containers() == [] and project.list_access_list() == []
+    assert ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0] == group_before

@@ -12,6 +12,11 @@ already) changes nothing. ``network_mode=skip`` leaves the network to the networ
 and the pull starts at once. The Atlas peer id is remembered across runs in the Airflow Variable
 ``atlas_migration_network__<project>__<vpc>`` (the contract has no "list peers" call); what each run
 added travels in its XCom, which is what the teardown reads.
+
+In a rehearsal (``mongo_to_atlas_rehearsal``) no network step changes anything, whatever ``network_mode``
+says: the rehearsal pulls into scratch databases over the paths that exist. With
+``rehearsal_network_dry_run=true`` the preparation runs as a dry run: every read is made, and every change
+it would make is logged instead of made (``DryRun``).
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ class AwsParams:
     atlas_cidr: str
     peering_timeout_seconds: int
     teardown: bool
+    rehearsal: bool = False
+    network_dry_run: bool = False
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]) -> AwsParams:
@@ -109,11 +116,78 @@ class AwsParams:
                    atlas_conn_id=str(params.get("atlas_conn_id") or "atlas_api"),
                    project_id=str(params.get("target_project_id") or ""), cluster_name=cluster,
                    atlas_cidr=require_cidr(str(params.get("atlas_cidr_block") or DEFAULT_ATLAS_CIDR), "atlas_cidr_block"),
-                   peering_timeout_seconds=timeout, teardown=bool(params.get("network_teardown", False)))
+                   peering_timeout_seconds=timeout, teardown=bool(params.get("network_teardown", False)),
+                   rehearsal="rehearsal_db_prefix" in params,
+                   network_dry_run=bool(params.get("rehearsal_network_dry_run", False)))
 
     @property
     def prepare(self) -> bool:
-        return self.network_mode == "prepare"
+        """Whether the network steps may change anything: never in a rehearsal."""
+        return self.network_mode == "prepare" and not self.rehearsal
+
+
+# Calls a dry run lets through: they only read.
+_READ_PREFIXES = ("list_", "get_", "describe_")
+
+
+class DryRun:
+    """Wraps an Atlas project or a boto3 EC2 client for a dry run of the network preparation: reads go
+    through, every other call is recorded (and logged) instead of made, and answers with placeholder ids."""
+
+    PLACEHOLDER = "(dry run)"
+
+    def __init__(self, target: Any, name: str, calls: list[str]) -> None:
+        self._target, self._name, self._calls = target, name, calls
+
+    def __getattr__(self, attr: str) -> Any:
+        real = getattr(self._target, attr)
+        if not callable(real) or attr.startswith(_READ_PREFIXES):
+            return real
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            self._calls.append(f"{self._name}.{attr}")
+            log.info("network dry run: would call %s.%s", self._name, attr)
+            if attr == "create_container":
+                return {"id": self.PLACEHOLDER, "regionName": args[0], "atlasCidrBlock": args[1]}
+            if attr == "create_peering_connection":
+                return {"id": self.PLACEHOLDER, "statusName": "INITIATING"}
+            return {}
+
+        return record
+
+
+def network_dry_run(ap: AwsParams, found: dict[str, Any], store: Any = None, ec2: Any = None) -> dict[str, Any]:
+    """What ``network_mode=prepare`` would add for this source, read from AWS and Atlas, changing nothing."""
+    from atlas_migration.network import (
+        MemoryStateStore,
+        Placement,
+        StepReport,
+        VariableStateStore,
+        ensure_access_list,
+        ensure_container,
+        ensure_peer,
+        ensure_routes,
+        ensure_security_group_rules,
+        state_key,
+    )
+
+    placement = Placement.from_dict(found["placement"])
+    calls: list[str] = []
+    atlas = DryRun(_atlas(ap), "atlas", calls)
+    ec2 = DryRun(ec2 or _ec2(ap.aws_conn_id), "ec2", calls)
+    report = StepReport()
+    container = ensure_container(atlas, found["atlas_region"], ap.atlas_cidr, report)
+    cidr = container.get("atlasCidrBlock", ap.atlas_cidr)
+    key = state_key(atlas.group_id, placement.vpc_id)
+    readonly = MemoryStateStore()  # the recorded peer is read, never saved
+    if recorded := (store or VariableStateStore()).load(key):
+        readonly.values[key] = recorded
+    peer = ensure_peer(atlas, readonly, key, placement, container, report)
+    connection = peer.get("connectionId") or DryRun.PLACEHOLDER
+    ensure_routes(ec2, placement.route_table_ids, cidr, connection, report)
+    ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, cidr, report)
+    ensure_access_list(atlas, placement.vpc_cidr, f"VPC {placement.vpc_id} (atlas-migration)", report)
+    return {"would_add": [c.describe() for c in report.added], "in_place": report.in_place, "calls_not_made": calls}
 
 
 def _ec2(aws_conn_id: str):
@@ -180,6 +254,15 @@ def request_peering(params: Mapping[str, Any], found: dict[str, Any]) -> dict[st
     )
 
     ap = AwsParams.parse(params)
+    if ap.rehearsal:
+        if not ap.network_dry_run:
+            log.info("rehearsal: no network preparation (a rehearsal never changes AWS or Atlas networking; "
+                     "rehearsal_network_dry_run=true shows what it would add)")
+            return {"mode": "skip"}
+        planned = network_dry_run(ap, found)
+        log.info("rehearsal: network preparation dry run (nothing was changed): would add %s; in place: %s",
+                 "; ".join(planned["would_add"]) or "nothing", "; ".join(planned["in_place"]) or "nothing")
+        return {"mode": "skip", "dry_run": planned}
     if not ap.prepare:
         log.info("network_mode=skip: no Atlas container or peering is created (the network team's job)")
         return {"mode": "skip"}
@@ -270,6 +353,9 @@ def teardown_network(params: Mapping[str, Any], results: list[dict[str, Any] | N
 
     ap = AwsParams.parse(params)
     changes = changes_from(c for r in results if r for c in r.get("added", []))
+    if ap.rehearsal:
+        log.info("rehearsal: no network teardown (a rehearsal changes no network, so it removes none)")
+        return []
     if not ap.teardown:
         log.info("network_teardown=false: keeping the network (%d change(s) made by this run)", len(changes))
         return []

@@ -170,6 +170,13 @@ def choose_engine(params: Mapping[str, Any], group_id: str = GROUP_ID) -> str:
     """The group's branch: the first task of the chosen engine's path (inside the task group ``group_id``)."""
     lp = LivePullParams.parse(params)
     engine = lp.engine
+    if MigrationParams.parse(params).rehearsal:
+        # mongosync copies into the real namespaces and commits a real cutover: a rehearsal copies into its
+        # scratch databases with the native engine, whose cutover only ends the scratch copy.
+        if engine == "mongosync":
+            raise ConfigurationError("pull_engine=mongosync cannot be rehearsed (mongosync cannot write to scratch "
+                                     "databases and its commit is a real cutover): rehearse with pull_engine=native")
+        engine = "native"
     if engine == "auto":
         engine = "mongosync" if _connection_exists(lp.mongosync_conn_id) else "native"
         log.info("pull_engine=auto: %s (%s)", engine,

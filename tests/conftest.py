@@ -149,3 +149,9 @@ def _aws_client_kwargs() -> dict:
     conn = json.loads(os.environ["AIRFLOW_CONN_AWS_TEST"])
     return {"endpoint_url": conn["extra"]["endpoint_url"], "region_name": conn["extra"]["region_name"],
             "aws_access_key_id": conn["login"], "aws_secret_access_key": conn["password"]}
+
+
+@pytest.fixture(autouse=True)
+def _token_cache_dir(tmp_path_factory, monkeypatch) -> None:
+    """Each test gets its own shared service-account token cache (atlas_migration.token_cache)."""
+    monkeypatch.setenv("MIGRATION_TOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("token-cache")))

@@ -84,6 +84,7 @@ def test_rehearsal_of_an_aws_source_touches_no_network_no_source_writes_no_mongo
     cutover=auto with source_write_block=require and a mongosync connection defined: a real migration would
     peer the VPC, open the security group, block writes on the source and drive mongosync. The rehearsal
     does none of it and copies into scratch databases only."""
+    import pymongo
     import requests
     from requests.auth import HTTPDigestAuth
 
@@ -104,8 +105,10 @@ def test_rehearsal_of_an_aws_source_touches_no_network_no_source_writes_no_mongo
                    conn_env_name("mongosync_api"): json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9})}
             conf = {**CONF, "pull_engine": "auto", "network_teardown": True, "source_write_block": "require"}
             run = airflow_home.dags_test(DAG_ID, conf, env=env)
-            with source.client() as src:
-                assert src.admin.command("serverStatus")["repl"].get("userWriteBlockMode", 1) == 1
+            with pymongo.MongoClient(source_uri, serverSelectionTimeoutMS=10_000) as via_proxy:
+                # Writes were never blocked on the source (1 = off): a write still goes through.
+                assert via_proxy.admin.command("serverStatus")["repl"]["userWriteBlockMode"] == 1
+                via_proxy.shop.after_rehearsal.insert_one({"_id": 1})
         project = Scenario().atlas_project_id
         seen = {}
         for what in ("containers?providerName=AWS", "accessList", "peers?providerName=AWS"):

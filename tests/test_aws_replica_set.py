@@ -37,6 +37,7 @@ from devtools.atlas_api_server import AtlasApiServer, ClusterSpec, Scenario
 
 REGION = "eu-west-1"
 ATLAS_CIDR = "192.168.248.0/21"
+WORKER = "127.0.0.1/32"  # the pulling worker: the test machine
 
 
 # ---------------------------------------------------------------- pure
@@ -117,8 +118,8 @@ def _prepare(ec2, project: AtlasProject, store: MemoryStateStore, members: list[
         time.sleep(0.2)
     accept_peering(ec2, peer["connectionId"], report)
     ensure_routes(ec2, placement.route_table_ids, ATLAS_CIDR, peer["connectionId"], report)
-    ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, ATLAS_CIDR, report)
-    ensure_access_list(project, placement.vpc_cidr, "test", report)
+    ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, WORKER, report)
+    ensure_access_list(project, WORKER, "test", report)
     while (peer := project.get_peering_connection(peer["id"]))["statusName"] != "AVAILABLE":
         assert peer["statusName"] in ("PENDING_ACCEPTANCE", "FINALIZING"), peer
         assert time.monotonic() < deadline
@@ -131,6 +132,10 @@ def test_prepare_is_idempotent_and_teardown_removes_only_its_own(ec2, source_vpc
     store = MemoryStateStore()
     first, pcx = _prepare(ec2, project, store, ["127.0.0.1:27017"])
     assert [c.kind for c in first.added] == ["container", "peering", "aws_accept", "route", "sg_rule", "access_list"]
+    # The worker pulls: the members' port is open to it, never to the Atlas CIDR; Atlas lists the worker.
+    group = ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0]
+    assert [r["CidrIp"] for p in group["IpPermissions"] for r in p["IpRanges"]] == [WORKER]
+    assert [e["cidrBlock"] for e in project.list_access_list()] == [WORKER]
     assert ec2.describe_vpc_peering_connections(VpcPeeringConnectionIds=[pcx])["VpcPeeringConnections"][0][
         "Status"]["Code"] == "active"
     tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [source_vpc["vpc"]]}])["RouteTables"]
@@ -190,7 +195,8 @@ def test_network_dry_run_reads_and_changes_nothing(ec2, source_vpc, atlas) -> No
     group_before = ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0]
     ap = AwsParams.parse({"aws_conn_id": "aws_test", "target_cluster_name": "c0", "atlas_conn_id": "atlas_net",
                           "rehearsal_db_prefix": "rehearsal__", "rehearsal_network_dry_run": True})
-    planned = network_dry_run(ap, {"placement": placement.to_dict(), "atlas_region": "EU_WEST_1"},
+    planned = network_dry_run(ap, {"placement": placement.to_dict(), "atlas_region": "EU_WEST_1",
+                                   "worker_cidrs": [WORKER]},
                               store=MemoryStateStore(), ec2=ec2)
     kinds = [line.split()[0] for line in planned["would_add"]]
     assert kinds == ["container", "peering", "route", "sg_rule", "access_list"], planned
@@ -199,3 +205,17 @@ def test_network_dry_run_reads_and_changes_nothing(ec2, source_vpc, atlas) -> No
                                          "atlas.add_access_list_entries"]
     assert project.list_containers() == [] and project.list_access_list() == []
     assert ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0] == group_before
+
+
+def test_worker_addresses_and_who_connects_to_whom(ec2, source_vpc) -> None:
+    from atlas_migration.network import connection_plan, worker_cidrs
+
+    assert worker_cidrs([], ["127.0.0.1:27017"]) == [WORKER]  # the address this machine reaches the member from
+    assert worker_cidrs(["10.1.2.3", "10.9.0.0/16"], ["127.0.0.1:1"]) == ["10.1.2.3/32", "10.9.0.0/16"]
+    with pytest.raises(ConfigurationError, match="worker_cidrs"):
+        worker_cidrs(["not-an-address"], ["127.0.0.1:1"])
+    placement = discover_placement(ec2, ["127.0.0.1:27017"], REGION)
+    plan = connection_plan(placement, [WORKER], ATLAS_CIDR, "c0")
+    assert f"worker(s) ({WORKER}) connect to the source members 127.0.0.1:27017" in plan[0]
+    assert source_vpc["group"] in plan[0] and "Atlas cluster 'c0'" in plan[1]
+    assert plan[2].startswith("Atlas connects to nothing")

@@ -3,7 +3,8 @@
     discover (members -> EC2 instances: region, VPC, subnets, security groups, route tables; the Atlas
     cluster must be in the same region) -> request_peering (Atlas container + peering request)
     -> accept_peering (sensor: once Atlas names the pcx-..., accept it in AWS) -> configure_vpc (routes
-    to the Atlas CIDR, MongoDB port from the Atlas CIDR, the VPC CIDR in the Atlas access list)
+    to the Atlas CIDR, the MongoDB port open to the pulling workers, their addresses in the Atlas access
+    list: the DAG pulls, so the workers connect to both sides and Atlas connects to nothing)
     -> await_peering (sensor: AVAILABLE, or a clear error on FAILED) -> pull.* (the live pull's own tasks)
     -> teardown_network (only with network_teardown=true: removes what THIS run added)
 
@@ -40,6 +41,7 @@ GROUP_ID = "aws_replica_set"
 SECTION = "AWS replica set"
 NETWORK_MODES = ("prepare", "skip")
 DEFAULT_ATLAS_CIDR = "192.168.248.0/21"  # the Atlas UI's default for a new AWS container
+WORKER_COMMENT = "Airflow migration worker (atlas-migration)"
 
 
 def aws_params() -> dict[str, Any]:
@@ -74,6 +76,11 @@ def aws_params() -> dict[str, Any]:
         "peering_timeout_seconds": param(
             1800, "Peering timeout (s)", "Give up when the peering is not accepted / AVAILABLE by then.",
             type="integer", minimum=30, maximum=7 * 24 * 3600),
+        "worker_cidrs": param(
+            [], "Worker addresses",
+            "Addresses or CIDR blocks the Airflow workers that run the pull connect from: the members' security "
+            "groups and the Atlas access list allow them. Empty: the address this worker reaches the source from.",
+            type="array", items={"type": "string"}),
         "network_teardown": param(
             False, "Remove the network afterwards",
             "After a successful pull, remove what this run added (security-group rules, routes, the peering "
@@ -93,6 +100,7 @@ class AwsParams:
     teardown: bool
     rehearsal: bool = False
     network_dry_run: bool = False
+    worker_cidrs: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]) -> AwsParams:
@@ -118,12 +126,23 @@ class AwsParams:
                    atlas_cidr=require_cidr(str(params.get("atlas_cidr_block") or DEFAULT_ATLAS_CIDR), "atlas_cidr_block"),
                    peering_timeout_seconds=timeout, teardown=bool(params.get("network_teardown", False)),
                    rehearsal="rehearsal_db_prefix" in params,
-                   network_dry_run=bool(params.get("rehearsal_network_dry_run", False)))
+                   network_dry_run=bool(params.get("rehearsal_network_dry_run", False)),
+                   worker_cidrs=tuple(_list_param(params.get("worker_cidrs"), "worker_cidrs")))
 
     @property
     def prepare(self) -> bool:
         """Whether the network steps may change anything: never in a rehearsal."""
         return self.network_mode == "prepare" and not self.rehearsal
+
+
+def _list_param(value: Any, name: str) -> list[str]:
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ConfigurationError(f"{name} must be a list of addresses or CIDR blocks, got {value!r}")
+    return [str(v) for v in value]
 
 
 # Calls a dry run lets through: they only read.
@@ -185,8 +204,9 @@ def network_dry_run(ap: AwsParams, found: dict[str, Any], store: Any = None, ec2
     peer = ensure_peer(atlas, readonly, key, placement, container, report)
     connection = peer.get("connectionId") or DryRun.PLACEHOLDER
     ensure_routes(ec2, placement.route_table_ids, cidr, connection, report)
-    ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, cidr, report)
-    ensure_access_list(atlas, placement.vpc_cidr, f"VPC {placement.vpc_id} (atlas-migration)", report)
+    for worker in found["worker_cidrs"]:
+        ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, worker, report)
+        ensure_access_list(atlas, worker, WORKER_COMMENT, report)
     return {"would_add": [c.describe() for c in report.added], "in_place": report.in_place, "calls_not_made": calls}
 
 
@@ -220,7 +240,14 @@ def replica_set_members(client) -> list[str]:
 
 def discover(params: Mapping[str, Any]) -> dict[str, Any]:
     """Members -> EC2 instances; the Atlas cluster's region must match (an error in prepare mode)."""
-    from atlas_migration.network import NetworkError, check_same_region, cluster_regions, discover_placement
+    from atlas_migration.network import (
+        NetworkError,
+        check_same_region,
+        cluster_regions,
+        connection_plan,
+        discover_placement,
+        worker_cidrs,
+    )
 
     ap = AwsParams.parse(params)
     p = MigrationParams.parse(dict(params))
@@ -239,7 +266,11 @@ def discover(params: Mapping[str, Any]) -> dict[str, Any]:
         log.warning("%s (network_mode=skip: continuing)", exc)
         region = (cluster_regions(cluster) or [""])[0]
     log.info("Atlas cluster '%s' is in %s", ap.cluster_name, region)
-    return {"placement": placement.to_dict(), "atlas_region": region}
+    workers = worker_cidrs(list(ap.worker_cidrs), members)
+    connections = connection_plan(placement, workers, ap.atlas_cidr, ap.cluster_name)
+    log.info("who connects to whom:\n%s", "\n".join(f"    {line}" for line in connections))
+    return {"placement": placement.to_dict(), "atlas_region": region, "worker_cidrs": workers,
+            "connections": connections}
 
 
 def request_peering(params: Mapping[str, Any], found: dict[str, Any]) -> dict[str, Any]:
@@ -310,7 +341,8 @@ def accept_poke(params: Mapping[str, Any], requested: dict[str, Any]) -> dict[st
 
 def configure_vpc(params: Mapping[str, Any], found: dict[str, Any], requested: dict[str, Any],
                   accepted: dict[str, Any]) -> dict[str, Any]:
-    """Routes to the Atlas CIDR, the MongoDB port from it, and the VPC in the Atlas access list."""
+    """Routes to the Atlas CIDR through the peering; the MongoDB port and the Atlas access list open to the
+    pulling workers."""
     from atlas_migration.network import (
         Placement,
         StepReport,
@@ -328,8 +360,11 @@ def configure_vpc(params: Mapping[str, Any], found: dict[str, Any], requested: d
     report = StepReport()
     cidr = requested["atlas_cidr"]
     ensure_routes(ec2, placement.route_table_ids, cidr, accepted["connection_id"], report)
-    ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, cidr, report)
-    ensure_access_list(_atlas(ap), placement.vpc_cidr, f"VPC {placement.vpc_id} (atlas-migration)", report)
+    atlas = _atlas(ap)
+    for worker in found["worker_cidrs"]:
+        # The workers pull: they reach the members and write to Atlas. Nothing is opened to the Atlas CIDR.
+        ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, worker, report)
+        ensure_access_list(atlas, worker, WORKER_COMMENT, report)
     return {"mode": "prepare", **report.to_dict()}
 
 

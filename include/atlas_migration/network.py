@@ -8,8 +8,12 @@ The real flow (Atlas docs, "Set up a Network Peering Connection"), one idempoten
 3. the customer accepts it in AWS (``ec2:AcceptVpcPeeringConnection``) and Atlas moves it through
    FINALIZING to AVAILABLE (or FAILED, with ``errorStateName``);
 4. routes to the Atlas CIDR through the peering in the VPC's route tables;
-5. the MongoDB port opened from the Atlas CIDR in the members' security groups;
-6. the VPC CIDR in the Atlas project's IP access list (hosts in the VPC reach the cluster privately).
+5. the MongoDB port opened, in the members' security groups, to the Airflow workers that pull;
+6. the workers' addresses in the Atlas project's IP access list.
+
+Who connects to whom (``connection_plan``): the DAG pulls the data itself, so the worker connects to the
+source members and to the Atlas cluster (over the peering when it runs in the source VPC); Atlas connects to
+nothing, so the source's port is never opened to the Atlas CIDR.
 
 Every ``ensure_*`` function looks first and changes nothing when the step is already in place; what it did
 add is returned as ``NetworkChange`` records so that a teardown removes exactly that (and only that). The
@@ -415,20 +419,56 @@ def _rule_present(group: dict[str, Any], port: int, cidr: str) -> bool:
     return False
 
 
-def ensure_security_group_rules(ec2, group_ids: list[str], ports: list[int], atlas_cidr: str,
+def worker_cidrs(configured: list[str], members: list[str]) -> list[str]:
+    """The addresses the pulling workers connect from: ``configured`` (CIDRs or addresses), else the address
+    this worker's system routes to the first member from (a UDP ``connect`` sends nothing)."""
+    import socket
+
+    if configured:
+        cidrs = []
+        for value in configured:
+            try:
+                cidrs.append(str(ipaddress.ip_network(str(value).strip(), strict=False)))
+            except ValueError:
+                raise ConfigurationError(f"worker_cidrs: {value!r} is not an address or CIDR block") from None
+        return sorted(set(cidrs))
+    host, port = _split_member(members[0])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))
+        address = probe.getsockname()[0]
+    return [f"{address}/32"]
+
+
+def connection_plan(placement: Placement, workers: list[str], atlas_cidr: str, cluster_name: str) -> list[str]:
+    """Who connects to whom in the pull, and which network change lets each connection through."""
+    members = ", ".join(m.member for m in placement.members)
+    return [
+        f"the Airflow worker(s) ({', '.join(workers)}) connect to the source members {members}: the members' "
+        f"security groups ({', '.join(placement.security_group_ids)}) allow tcp "
+        f"{', '.join(map(str, placement.ports))} from them",
+        f"the worker(s) connect to Atlas cluster '{cluster_name}': over the peering ({atlas_cidr} routed from "
+        f"{placement.vpc_id}) when they run in that VPC, else over its public endpoint; Atlas's access list "
+        "allows their addresses",
+        "Atlas connects to nothing: the DAG pulls the data itself (the source port is not opened to Atlas)",
+    ]
+
+
+def ensure_security_group_rules(ec2, group_ids: list[str], ports: list[int], source_cidr: str,
                                 report: StepReport) -> None:
+    """The MongoDB port(s) open to ``source_cidr`` (the pulling workers) in each group."""
     if not group_ids:
         raise NetworkError("the members' instances have no security group to open the MongoDB port in")
     groups = {g["GroupId"]: g for g in ec2.describe_security_groups(GroupIds=list(group_ids))["SecurityGroups"]}
     for group_id in group_ids:
         for port in ports:
-            if _rule_present(groups[group_id], port, atlas_cidr):
-                report.skip(f"security group {group_id}: tcp {port} from {atlas_cidr}")
+            if _rule_present(groups[group_id], port, source_cidr):
+                report.skip(f"security group {group_id}: tcp {port} from {source_cidr}")
                 continue
             ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=[{
                 "IpProtocol": "tcp", "FromPort": port, "ToPort": port,
-                "IpRanges": [{"CidrIp": atlas_cidr, "Description": "MongoDB from Atlas (atlas-migration)"}]}])
-            report.add(NetworkChange("sg_rule", {"group_id": group_id, "port": port, "cidr": atlas_cidr}))
+                "IpRanges": [{"CidrIp": source_cidr,
+                              "Description": "MongoDB from the migration worker (atlas-migration)"}]}])
+            report.add(NetworkChange("sg_rule", {"group_id": group_id, "port": port, "cidr": source_cidr}))
 
 
 # ---------------------------------------------------------------- teardown

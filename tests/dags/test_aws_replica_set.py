@@ -95,7 +95,9 @@ def test_aws_group_prepares_the_network_and_pulls(airflow_home, source, target, 
         {"Name": "accepter-vpc-info.vpc-id", "Values": [source_on_ec2["vpc"]]}])["VpcPeeringConnections"]
     assert [p["Status"]["Code"] for p in peering] == ["active"]
     group = ec2.describe_security_groups(GroupIds=[source_on_ec2["group"]])["SecurityGroups"][0]
-    assert any(r["CidrIp"] == ATLAS_CIDR for p in group["IpPermissions"] for r in p["IpRanges"])
+    # The DAG pulls: the source port is open to the worker (this machine), never to the Atlas CIDR.
+    assert [r["CidrIp"] for p in group["IpPermissions"] for r in p["IpRanges"]] == ["127.0.0.1/32"]
+    assert "Atlas connects to nothing" in run.output
     with source.client() as src, target.client() as dst:
         assert_namespaces_identical(src, dst, user_namespaces(src))
     xcoms = _xcom_text(airflow_home)

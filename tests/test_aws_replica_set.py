@@ -38,6 +38,7 @@ from devtools.atlas_api_server import AtlasApiServer, ClusterSpec, Scenario
 REGION = "eu-west-1"
 ATLAS_CIDR = "192.168.248.0/21"
 WORKER = "127.0.0.1/32"  # the pulling worker: the test machine
+TAG = "atlas-migration mongo_to_atlas/manual__test"
 
 
 # ---------------------------------------------------------------- pure
@@ -118,8 +119,8 @@ def _prepare(ec2, project: AtlasProject, store: MemoryStateStore, members: list[
         time.sleep(0.2)
     accept_peering(ec2, peer["connectionId"], report)
     ensure_routes(ec2, placement.route_table_ids, ATLAS_CIDR, peer["connectionId"], report)
-    ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, WORKER, report)
-    ensure_access_list(project, WORKER, "test", report)
+    ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, WORKER, report, TAG)
+    ensure_access_list(project, WORKER, TAG, report)
     while (peer := project.get_peering_connection(peer["id"]))["statusName"] != "AVAILABLE":
         assert peer["statusName"] in ("PENDING_ACCEPTANCE", "FINALIZING"), peer
         assert time.monotonic() < deadline
@@ -152,13 +153,49 @@ def test_prepare_is_idempotent_and_teardown_removes_only_its_own(ec2, source_vpc
     ec2.authorize_security_group_ingress(GroupId=source_vpc["group"], IpPermissions=[{
         "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])
     removed = teardown(ec2, project, store, state_key(project.group_id, source_vpc["vpc"]), first.added)
-    assert len(removed) == 4  # sg rule, route, peering (AWS), peering request; container + access list kept
+    assert len(removed) == 6  # both sides: access list, sg rule, route, AWS peering, Atlas peering, container
+    assert_as_before(ec2, project, source_vpc)
+    assert store.values == {}
+
+
+def assert_as_before(ec2, project: AtlasProject, source_vpc: dict) -> None:
+    """The VPC and the Atlas project as they were before the run (apart from the test's own port-22 rule)."""
+    from atlas_migration.atlas_api import AtlasApiError
+
     group = ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0]
     assert [p["FromPort"] for p in group["IpPermissions"]] == [22]
     tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [source_vpc["vpc"]]}])["RouteTables"]
     assert not any(r.get("DestinationCidrBlock") == ATLAS_CIDR for t in tables for r in t["Routes"])
-    assert project.get_peering_connection(first.added[1].ids["peer_id"])["statusName"] == "FAILED"
-    assert store.values == {}
+    pcxs = ec2.describe_vpc_peering_connections(Filters=[{"Name": "accepter-vpc-info.vpc-id",
+                                                           "Values": [source_vpc["vpc"]]}])["VpcPeeringConnections"]
+    assert all(p["Status"]["Code"] in ("deleted", "rejected") for p in pcxs), pcxs
+    assert project.list_peering_connections() == []
+    assert project.list_containers() == [] and project.list_access_list() == []
+    with pytest.raises(AtlasApiError) as gone:
+        project.delete_container("0" * 24)
+    assert gone.value.status == 404
+
+
+def test_teardown_after_a_crash_finds_the_run_s_changes_by_listing(ec2, source_vpc, atlas) -> None:
+    from atlas_migration.network import find_run_changes
+
+    server, project = atlas
+    store = MemoryStateStore()
+    first, _ = _prepare(ec2, project, store, ["127.0.0.1:27017"])
+    ec2.authorize_security_group_ingress(GroupId=source_vpc["group"], IpPermissions=[{
+        "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])
+    project.add_access_list_entries([{"cidrBlock": "10.9.0.0/16", "comment": "someone else's"}])
+    # configure_vpc "crashed": only the container and the peering request were recorded.
+    recorded = first.added[:2]
+    placement = discover_placement(ec2, ["127.0.0.1:27017"], REGION)
+    listed = find_run_changes(ec2, project, placement, TAG, recorded[1].ids["peer_id"])
+    assert sorted(c.kind for c in listed) == ["access_list", "aws_accept", "peering", "route", "sg_rule"]
+    known = {c.describe() for c in recorded}
+    teardown(ec2, project, store, state_key(project.group_id, source_vpc["vpc"]),
+             recorded + [c for c in listed if c.describe() not in known])
+    assert [e["cidrBlock"] for e in project.list_access_list()] == ["10.9.0.0/16"]  # not ours: kept
+    project.delete_access_list_entry("10.9.0.0/16")
+    assert_as_before(ec2, project, source_vpc)
 
 
 def test_missing_instance_is_a_clear_error(ec2, source_vpc) -> None:

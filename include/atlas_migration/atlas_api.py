@@ -80,6 +80,10 @@ API_VERSIONS: dict[str, str] = {
     "get_peering_connection": "2023-01-01",
     "add_access_list_entries": "2023-01-01",
     "list_access_list": "2023-01-01",
+    "list_peering_connections": "2023-01-01",
+    "delete_peering_connection": "2023-01-01",
+    "delete_container": "2023-01-01",
+    "delete_access_list_entry": "2023-01-01",
 }
 
 _IDEMPOTENT = frozenset({"GET", "PUT", "DELETE", "HEAD"})
@@ -783,6 +787,28 @@ class AtlasAdminHook(_MongoCloudApiHook):
         reply = self._call("GET", f"/groups/{_seg(self._group(group_id))}/accessList",
                            version=API_VERSIONS["list_access_list"])
         return list((reply or {}).get("results", []))
+
+    def list_peering_connections(self, *, provider_name: str = "AWS",
+                                 group_id: str | None = None) -> list[dict[str, Any]]:
+        """``GET /groups/{groupId}/peers?providerName=``: the project's peering connections."""
+        reply = self._call("GET", f"/groups/{_seg(self._group(group_id))}/peers",
+                           version=API_VERSIONS["list_peering_connections"], params={"providerName": provider_name})
+        return list((reply or {}).get("results", []))
+
+    def delete_peering_connection(self, peer_id: str, *, group_id: str | None = None) -> None:
+        """``DELETE /groups/{groupId}/peers/{peerId}`` (202): the peering turns TERMINATING, then is gone."""
+        self._call("DELETE", f"/groups/{_seg(self._group(group_id))}/peers/{_seg(peer_id)}",
+                   version=API_VERSIONS["delete_peering_connection"])
+
+    def delete_container(self, container_id: str, *, group_id: str | None = None) -> None:
+        """``DELETE /groups/{groupId}/containers/{containerId}`` (204); refused while a peering or cluster uses it."""
+        self._call("DELETE", f"/groups/{_seg(self._group(group_id))}/containers/{_seg(container_id)}",
+                   version=API_VERSIONS["delete_container"])
+
+    def delete_access_list_entry(self, entry_value: str, *, group_id: str | None = None) -> None:
+        """``DELETE /groups/{groupId}/accessList/{entryValue}`` (204): an IP address or CIDR block (URL-encoded)."""
+        self._call("DELETE", f"/groups/{_seg(self._group(group_id))}/accessList/{_seg(entry_value)}",
+                   version=API_VERSIONS["delete_access_list_entry"])
 
 
 # --------------------------------------------------------------------------------------------------

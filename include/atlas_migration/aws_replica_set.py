@@ -44,6 +44,12 @@ DEFAULT_ATLAS_CIDR = "192.168.248.0/21"  # the Atlas UI's default for a new AWS 
 WORKER_COMMENT = "Airflow migration worker (atlas-migration)"
 
 
+def run_tag(dag_id: str, run_id: str) -> str:
+    """The comment / description on what a run adds (Atlas access-list comments hold 80 characters), so that
+    its teardown finds them again by listing."""
+    return f"atlas-migration {dag_id}/{run_id}"[:80]
+
+
 def aws_params() -> dict[str, Any]:
     """Trigger-form params of the AWS replica-set path. ``atlas_conn_id``, ``target_project_id`` and
     ``target_cluster_name`` have the same names, defaults and meaning as the live push's."""
@@ -84,7 +90,8 @@ def aws_params() -> dict[str, Any]:
         "network_teardown": param(
             False, "Remove the network afterwards",
             "After a successful pull, remove what this run added (security-group rules, routes, the peering "
-            "connection) and only that. The Atlas container and access-list entry are kept.", type="boolean"),
+            "connection; in Atlas the access-list entries, the peering and a container it created) and only "
+            "that, also what it finds by listing after a crash.", type="boolean"),
     }
 
 
@@ -340,7 +347,7 @@ def accept_poke(params: Mapping[str, Any], requested: dict[str, Any]) -> dict[st
 
 
 def configure_vpc(params: Mapping[str, Any], found: dict[str, Any], requested: dict[str, Any],
-                  accepted: dict[str, Any]) -> dict[str, Any]:
+                  accepted: dict[str, Any], tag: str = WORKER_COMMENT) -> dict[str, Any]:
     """Routes to the Atlas CIDR through the peering; the MongoDB port and the Atlas access list open to the
     pulling workers."""
     from atlas_migration.network import (
@@ -363,8 +370,8 @@ def configure_vpc(params: Mapping[str, Any], found: dict[str, Any], requested: d
     atlas = _atlas(ap)
     for worker in found["worker_cidrs"]:
         # The workers pull: they reach the members and write to Atlas. Nothing is opened to the Atlas CIDR.
-        ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, worker, report)
-        ensure_access_list(atlas, worker, WORKER_COMMENT, report)
+        ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, worker, report, tag)
+        ensure_access_list(atlas, worker, tag, report)
     return {"mode": "prepare", **report.to_dict()}
 
 
@@ -382,12 +389,31 @@ def available_poke(params: Mapping[str, Any], requested: dict[str, Any]) -> bool
     return status == "AVAILABLE"
 
 
-def teardown_network(params: Mapping[str, Any], results: list[dict[str, Any] | None]) -> list[str]:
-    """Remove what this run added (from the steps' XComs), newest first; nothing when not asked to."""
-    from atlas_migration.network import VariableStateStore, changes_from, teardown
+def teardown_network(params: Mapping[str, Any], results: list[dict[str, Any] | None],
+                     found: dict[str, Any] | None = None, tag: str | None = None) -> list[str]:
+    """Remove what this run added, newest first: what its steps recorded (XCom), plus what listing AWS and
+    Atlas finds carrying its tag or its peering (a step that crashed after a change recorded nothing)."""
+    from atlas_migration.network import (
+        Placement,
+        VariableStateStore,
+        changes_from,
+        find_run_changes,
+        teardown,
+    )
 
     ap = AwsParams.parse(params)
     changes = changes_from(c for r in results if r for c in r.get("added", []))
+    requested = next((r for r in results if r and r.get("peer_id")), None)
+    if ap.teardown and not ap.rehearsal and ap.prepare and found and tag:
+        listed = find_run_changes(_ec2(ap.aws_conn_id), _atlas(ap), Placement.from_dict(found["placement"]), tag,
+                                  requested.get("peer_id") if requested and any(
+                                      c.kind == "peering" for c in changes) else None)
+        known = {c.describe() for c in changes}
+        extra = [c for c in listed if c.describe() not in known]
+        if extra:
+            log.info("network teardown: also found by listing (not in this run's records): %s",
+                     "; ".join(c.describe() for c in extra))
+        changes += extra
     if ap.rehearsal:
         log.info("rehearsal: no network teardown (a rehearsal changes no network, so it removes none)")
         return []
@@ -437,8 +463,8 @@ def aws_replica_set_group(profile) -> None:
         return PokeReturnValue(is_done=result is not None, xcom_value=result)
 
     @task(task_id="configure_vpc", retries=2)
-    def configure(found: dict, requested: dict, accepted: dict, params=None) -> dict:
-        return configure_vpc(params, found, requested, accepted)
+    def configure(found: dict, requested: dict, accepted: dict, params=None, dag=None, run_id=None) -> dict:
+        return configure_vpc(params, found, requested, accepted, run_tag(dag.dag_id, run_id))
 
     @task.sensor(task_id="await_peering", mode="reschedule", poke_interval=poke_interval(), timeout=7 * 24 * 3600)
     def await_available(requested: dict, params=None) -> PokeReturnValue:
@@ -452,8 +478,9 @@ def aws_replica_set_group(profile) -> None:
         add_pull_tasks(profile)
 
     @task(task_id="teardown_network", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def remove(requested: dict, accepted: dict, configured: dict, params=None) -> list[str]:
-        return teardown_network(params, [requested, accepted, configured])
+    def remove(found: dict, requested: dict, accepted: dict, configured: dict, params=None, dag=None,
+               run_id=None) -> list[str]:
+        return teardown_network(params, [requested, accepted, configured], found, run_tag(dag.dag_id, run_id))
 
     found = discover_members()
     requested = request(found)
@@ -463,4 +490,4 @@ def aws_replica_set_group(profile) -> None:
     configured >> available
     pulled = pull(profile)
     available >> pulled
-    pulled >> remove(requested, accepted, configured)
+    pulled >> remove(found, requested, accepted, configured)

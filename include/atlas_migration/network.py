@@ -18,7 +18,8 @@ nothing, so the source's port is never opened to the Atlas CIDR.
 Every ``ensure_*`` function looks first and changes nothing when the step is already in place; what it did
 add is returned as ``NetworkChange`` records so that a teardown removes exactly that (and only that). The
 Atlas peer id is kept in a small state document (``PeeringStateStore``: an Airflow Variable per project and
-VPC) because the contract has no "list peers" call: a second run finds and reuses it.
+VPC) so that a second run finds and reuses it; ``find_run_changes`` finds what a run added again by listing
+(its tag on rules and access-list entries, its peering in Atlas's list) when its records are lost.
 
 AWS calls use the boto3 EC2 client of the Amazon provider's ``EC2Hook`` (``hook.conn``); Atlas calls use
 ``AtlasAdminHook``. Nothing here logs or returns a credential.
@@ -29,7 +30,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -454,7 +456,8 @@ def connection_plan(placement: Placement, workers: list[str], atlas_cidr: str, c
 
 
 def ensure_security_group_rules(ec2, group_ids: list[str], ports: list[int], source_cidr: str,
-                                report: StepReport) -> None:
+                                report: StepReport,
+                                description: str = "MongoDB from the migration worker (atlas-migration)") -> None:
     """The MongoDB port(s) open to ``source_cidr`` (the pulling workers) in each group."""
     if not group_ids:
         raise NetworkError("the members' instances have no security group to open the MongoDB port in")
@@ -466,8 +469,7 @@ def ensure_security_group_rules(ec2, group_ids: list[str], ports: list[int], sou
                 continue
             ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=[{
                 "IpProtocol": "tcp", "FromPort": port, "ToPort": port,
-                "IpRanges": [{"CidrIp": source_cidr,
-                              "Description": "MongoDB from the migration worker (atlas-migration)"}]}])
+                "IpRanges": [{"CidrIp": source_cidr, "Description": description}]}])
             report.add(NetworkChange("sg_rule", {"group_id": group_id, "port": port, "cidr": source_cidr}))
 
 
@@ -475,17 +477,21 @@ def ensure_security_group_rules(ec2, group_ids: list[str], ports: list[int], sou
 
 
 def teardown(ec2, atlas, store: PeeringStateStore | None, key: str | None,
-             changes: list[NetworkChange]) -> list[str]:
-    """Remove exactly the ``changes`` this run made, newest first. Returns what was removed.
+             changes: list[NetworkChange], *, wait_seconds: float = 300.0,
+             sleep: Callable[[float], None] = time.sleep) -> list[str]:
+    """Remove exactly the ``changes`` this run made, newest first, on both sides. Returns what was removed.
 
-    The peering connection is deleted on the AWS side (either owner may delete it; Atlas then reports it
-    gone). The Atlas network container is kept: it costs nothing, and the contract gives no delete call.
+    AWS: security-group rules, routes, the accepted peering connection. Atlas (the contract's delete calls):
+    access-list entries, the peering (Atlas deletes its request; the container is only freed once the
+    peering is gone, so this waits for that), and a container this run created. Atlas refuses to delete a
+    container a cluster still uses: that one is kept, and the log says so.
     """
     from botocore.exceptions import ClientError
 
+    from atlas_migration.atlas_api import AtlasApiError
+
     removed: list[str] = []
     kinds = {c.kind for c in changes}
-    connection_ids = {c.ids["connection_id"] for c in changes if c.kind in ("aws_accept", "route")}
     for change in reversed(changes):
         try:
             if change.kind == "sg_rule":
@@ -496,19 +502,28 @@ def teardown(ec2, atlas, store: PeeringStateStore | None, key: str | None,
                 ec2.delete_route(RouteTableId=change.ids["route_table_id"], DestinationCidrBlock=change.ids["cidr"])
             elif change.kind == "aws_accept":
                 ec2.delete_vpc_peering_connection(VpcPeeringConnectionId=change.ids["connection_id"])
-            elif change.kind == "peering" and "aws_accept" not in kinds:
-                # Requested by this run but never accepted: reject it so it does not linger.
-                for connection_id in connection_ids or _peer_connection_ids(atlas, change.ids["peer_id"]):
-                    if peering_status(ec2, connection_id) == "pending-acceptance":
-                        ec2.reject_vpc_peering_connection(VpcPeeringConnectionId=connection_id)
-            elif change.kind in ("container", "access_list"):
-                log.info("network teardown: keeping %s (no delete call in the Atlas contract used here; remove "
-                         "it in the Atlas UI if unwanted)", change.describe())
-                continue
+            elif change.kind == "access_list":
+                atlas.delete_access_list_entry(change.ids["cidr"])
+            elif change.kind == "peering":
+                atlas.delete_peering_connection(change.ids["peer_id"])
+                _wait_peer_gone(atlas, change.ids["peer_id"], wait_seconds, sleep)
+            elif change.kind == "container":
+                try:
+                    atlas.delete_container(change.ids["container_id"])
+                except AtlasApiError as exc:
+                    if exc.status != 409:
+                        raise
+                    log.warning("network teardown: Atlas keeps %s (%s: still in use)", change.describe(),
+                                exc.error_code)
+                    continue
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if "NotFound" not in code:
                 raise NetworkError(f"network teardown could not remove {change.describe()}: {code}") from None
+            log.info("network teardown: %s was already gone", change.describe())
+        except AtlasApiError as exc:
+            if exc.status != 404:
+                raise NetworkError(f"network teardown could not remove {change.describe()}: {exc}") from None
             log.info("network teardown: %s was already gone", change.describe())
         removed.append(change.describe())
         log.info("network teardown: removed %s", change.describe())
@@ -517,9 +532,48 @@ def teardown(ec2, atlas, store: PeeringStateStore | None, key: str | None,
     return removed
 
 
-def _peer_connection_ids(atlas, peer_id: str) -> list[str]:
-    peer = atlas.get_peering_connection(peer_id)
-    return [peer["connectionId"]] if peer.get("connectionId") else []
+def _wait_peer_gone(atlas, peer_id: str, wait_seconds: float, sleep: Callable[[float], None]) -> None:
+    from atlas_migration.atlas_api import AtlasApiError
+
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        try:
+            atlas.get_peering_connection(peer_id)
+        except AtlasApiError as exc:
+            if exc.status == 404:
+                return
+            raise
+        sleep(2.0)
+    raise NetworkError(f"network teardown: the Atlas peering {peer_id} was still TERMINATING after "
+                       f"{wait_seconds:.0f} s; run the teardown again to remove what depends on it")
+
+
+def find_run_changes(ec2, atlas, placement: Placement, tag: str, peer_id: str | None) -> list[NetworkChange]:
+    """What a run added, found again by listing (after a crash that lost its XCom): security-group rules and
+    access-list entries carrying the run's ``tag``; the run's Atlas peering (``peer_id``, from its state
+    document) if Atlas still lists it for this VPC, with its AWS connection and the routes through it."""
+    found: list[NetworkChange] = []
+    peer = next((p for p in atlas.list_peering_connections()
+                 if p.get("id") == peer_id and p.get("vpcId") == placement.vpc_id), None) if peer_id else None
+    if peer is not None:
+        found.append(NetworkChange("peering", {"peer_id": peer["id"], "vpc_id": placement.vpc_id}))
+        pcx = peer.get("connectionId")
+        if pcx and peering_status(ec2, pcx) in ("active", "provisioning"):
+            found.append(NetworkChange("aws_accept", {"connection_id": pcx}))
+        if pcx:
+            tables = ec2.describe_route_tables(RouteTableIds=list(placement.route_table_ids))["RouteTables"]
+            found += [NetworkChange("route", {"route_table_id": t["RouteTableId"], "cidr": r["DestinationCidrBlock"],
+                                              "connection_id": pcx})
+                      for t in tables for r in t.get("Routes", []) if r.get("VpcPeeringConnectionId") == pcx]
+    groups = ec2.describe_security_groups(GroupIds=list(placement.security_group_ids))["SecurityGroups"]
+    for group in groups:
+        for perm in group.get("IpPermissions", []):
+            found += [NetworkChange("sg_rule", {"group_id": group["GroupId"], "port": perm.get("FromPort"),
+                                                "cidr": r["CidrIp"]})
+                      for r in perm.get("IpRanges", []) if r.get("Description") == tag]
+    found += [NetworkChange("access_list", {"cidr": e["cidrBlock"]})
+              for e in atlas.list_access_list() if e.get("comment") == tag]
+    return found
 
 
 def require_cidr(value: str, name: str) -> str:
@@ -562,3 +616,15 @@ class AtlasProject:
 
     def add_access_list_entries(self, entries: list[dict[str, str]]) -> list[dict[str, Any]]:
         return self.hook.add_access_list_entries(entries, group_id=self.group_id)
+
+    def list_peering_connections(self) -> list[dict[str, Any]]:
+        return self.hook.list_peering_connections(group_id=self.group_id)
+
+    def delete_peering_connection(self, peer_id: str) -> None:
+        self.hook.delete_peering_connection(peer_id, group_id=self.group_id)
+
+    def delete_container(self, container_id: str) -> None:
+        self.hook.delete_container(container_id, group_id=self.group_id)
+
+    def delete_access_list_entry(self, entry_value: str) -> None:
+        self.hook.delete_access_list_entry(entry_value, group_id=self.group_id)

@@ -100,10 +100,14 @@ def test_aws_group_prepares_the_network_and_pulls(airflow_home, source, target, 
     with source.client() as src:
         src.shop.orders.insert_many([{"_id": i, "total": i % 50} for i in range(500)])
         src.shop.orders.create_index("total")
+    from tests.dags.test_live_pull import write_blocking_source
+
     process, url = _stand_in(tmp_path, moto_endpoint, "EU_WEST_1")
     try:
-        run = airflow_home.dags_test(DAG_ID, {**CONF, "network_teardown": True},
-                                     env=_env(source.uri, target.uri, moto_endpoint, url))
+        # cutover=auto blocks writes on the source at the fence: the test server needs the proxy for that.
+        with write_blocking_source(source) as source_uri:
+            run = airflow_home.dags_test(DAG_ID, {**CONF, "network_teardown": True},
+                                         env=_env(source_uri, target.uri, moto_endpoint, url))
         atlas_after = atlas_project_state(url)
     finally:
         process.terminate()

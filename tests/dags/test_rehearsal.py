@@ -58,7 +58,8 @@ def test_failed_rehearsal_is_recorded_and_cleaned_up(airflow_home, standalone, t
     with standalone.client() as src:
         src.shop.orders.insert_many([{"_id": i} for i in range(10)])
     with target.client() as dst:
-        dst["rehearsal__shop"].orders.insert_one({"_id": "leftover"})
+        dst["rehearsal__shop"].orders.insert_one({"_id": "leftover"})  # left by an earlier rehearsal
+        dst["__atlas_migration"].rehearsal_scratch.insert_one({"_id": "rehearsal__shop", "prefix": "rehearsal__"})
     run = airflow_home.dags_test(DAG_ID, {"strategy": "live_pull"}, env=conns(standalone.uri, target.uri))
     assert run.state == "failed", failure_text(run)
     entry = history(airflow_home)[-1]

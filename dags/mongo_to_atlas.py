@@ -20,6 +20,7 @@ from airflow.sdk import dag
 
 from atlas_migration.flow import migration_flow
 from atlas_migration.params import dag_params
+from atlas_migration.retry_policy import default_args
 
 
 @dag(
@@ -30,6 +31,9 @@ from atlas_migration.params import dag_params
     doc_md=__doc__,
     tags=["mongodb", "atlas", "migration"],
     max_active_runs=1,
+    # Certain failures (bad configuration, refused credentials, lost oplog history, a failed validation)
+    # fail at once; transient ones keep each task's retries.
+    default_args=default_args(),
 )
 def mongo_to_atlas():
     migration_flow()

@@ -21,6 +21,7 @@ from airflow.sdk import dag
 
 from atlas_migration.flow import migration_flow
 from atlas_migration.params import rehearsal_params
+from atlas_migration.retry_policy import default_args
 
 _schedule = os.environ.get("MIGRATION_REHEARSAL_SCHEDULE", "@weekly").strip()
 
@@ -33,6 +34,9 @@ _schedule = os.environ.get("MIGRATION_REHEARSAL_SCHEDULE", "@weekly").strip()
     doc_md=__doc__,
     tags=["mongodb", "atlas", "migration", "rehearsal"],
     max_active_runs=1,
+    # Certain failures (bad configuration, refused credentials, lost oplog history, a failed validation)
+    # fail at once; transient ones keep each task's retries.
+    default_args=default_args(),
 )
 def mongo_to_atlas_rehearsal():
     migration_flow(rehearsal=True)

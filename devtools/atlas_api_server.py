@@ -122,6 +122,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -550,9 +551,15 @@ class PeerRecord:
     accepted_at: float | None = None
     rejected_at: float | None = None
     aws_linked: bool = False  # the connection_id is a real peering connection at Scenario.aws_endpoint_url
+    deleted_at: float | None = None  # DELETE /peers/{id}: TERMINATING, then gone
+
+    def gone(self, now: float) -> bool:
+        return self.deleted_at is not None and now - self.deleted_at >= self.finalizing_seconds
 
     def state(self, now: float) -> tuple[str, str | None]:
         """(statusName, errorStateName)."""
+        if self.deleted_at is not None:
+            return "TERMINATING", None
         t = now - self.created_at
         if t < self.initiating_seconds:
             return "INITIATING", None
@@ -695,6 +702,10 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/groups/{groupId}/containers", "list_containers", versions=V20230101),
     _route("POST", "/groups/{groupId}/peers", "create_peer", versions=V20230101),
     _route("GET", "/groups/{groupId}/peers/{peerId}", "get_peer", versions=V20230101),
+    _route("GET", "/groups/{groupId}/peers", "list_peers", versions=V20230101),
+    _route("DELETE", "/groups/{groupId}/peers/{peerId}", "delete_peer", versions=V20230101),
+    _route("DELETE", "/groups/{groupId}/containers/{containerId}", "delete_container", versions=V20230101),
+    _route("DELETE", "/groups/{groupId}/accessList/{entryValue}", "delete_access_list", versions=V20230101),
     _route("POST", "/groups/{groupId}/accessList", "add_access_list", versions=V20230101),
     _route("GET", "/groups/{groupId}/accessList", "list_access_list", versions=V20230101),
     _route("POST", "/orgs/{orgId}/liveExport/migrationLink", "cm_create_link", service="cloud_manager"),
@@ -1263,12 +1274,79 @@ class AtlasApiState:
     def get_peer(self, req: Request) -> Reply:
         group_id = self._group(req)
         record = self.peers.get(self._id(req, "peerId"))
-        if record is None or record.group_id != group_id:
+        if record is None or record.group_id != group_id or record.gone(self.clock.now()):
             raise ApiError(404, "RESOURCE_NOT_FOUND", f"No network peering connection with ID "
                            f"{req.params['peerId']} exists in this project.", [req.params["peerId"]])
         if record.aws_linked:
             self._observe_aws_peering(record)
         return Reply(200, record.to_api(self.clock.now()))
+
+    def list_peers(self, req: Request) -> Reply:
+        """``GET /peers?providerName=AWS``: the project's peering connections (terminated ones are gone)."""
+        group_id = self._group(req)
+        provider = (req.query.get("providerName") or ["AWS"])[0]
+        now = self.clock.now()
+        results = []
+        for record in list(self.peers.values()):
+            if record.group_id != group_id or provider != "AWS" or record.gone(now):
+                continue
+            if record.aws_linked:
+                self._observe_aws_peering(record)
+            results.append(record.to_api(now))
+        return Reply(200, _page(req, results))
+
+    def delete_peer(self, req: Request) -> Reply:
+        """``DELETE /peers/{id}``: 202; the peering is TERMINATING, then gone, and Atlas deletes the AWS
+        peering connection (with a linked AWS). Removing a project's last peering also removes AWS security
+        groups from its access list; this stand-in accepts no security-group entries, so there are none."""
+        from botocore.exceptions import ClientError
+
+        group_id = self._group(req)
+        record = self.peers.get(self._id(req, "peerId"))
+        now = self.clock.now()
+        if record is None or record.group_id != group_id or record.gone(now):
+            raise ApiError(404, "PEER_NOT_FOUND", f"No network peering connection with ID {req.params['peerId']} "
+                           "exists in this project.", [req.params["peerId"]])
+        with self.lock:
+            if record.deleted_at is None:
+                record.deleted_at = now
+        if record.aws_linked:
+            with contextlib.suppress(ClientError):
+                self._aws(record.accepter_region_name).delete_vpc_peering_connection(
+                    VpcPeeringConnectionId=record.connection_id)
+        return Reply(202)
+
+    def delete_container(self, req: Request) -> Reply:
+        """``DELETE /containers/{id}``: 204; refused (409) while a peering still uses it. (The stand-in does
+        not place its clusters in containers, so no cluster ever holds one.)"""
+        group_id = self._group(req)
+        container_id = self._id(req, "containerId")
+        record = self.containers.get(container_id)
+        if record is None or record.group_id != group_id:
+            raise ApiError(404, "CLOUD_PROVIDER_CONTAINER_NOT_FOUND", f"No network peering container with ID "
+                           f"{container_id} exists in this project.", [container_id])
+        now = self.clock.now()
+        with self.lock:
+            if any(p.container_id == container_id and not p.gone(now) for p in self.peers.values()):
+                raise ApiError(409, "CONTAINERS_IN_USE", "Cannot delete a network peering container that a "
+                               "peering connection still uses.", [container_id])
+            del self.containers[container_id]
+        return Reply(204)
+
+    def delete_access_list(self, req: Request) -> Reply:
+        """``DELETE /accessList/{entryValue}``: 204; the value is the URL-encoded IP address or CIDR block."""
+        from urllib.parse import unquote
+
+        group_id = self._group(req)
+        value = unquote(req.params["entryValue"])
+        with self.lock:
+            match = next((a for a in self.access_list if a.group_id == group_id
+                          and value in (a.cidr_block, a.ip_address)), None)
+            if match is None:
+                raise ApiError(404, "ATLAS_NETWORK_PERMISSION_ENTRY_NOT_FOUND", f"IP address {value} not found in "
+                               "the project's access list.", [value])
+            self.access_list.remove(match)
+        return Reply(204)
 
     def _aws(self, atlas_region: str):
         import boto3

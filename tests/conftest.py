@@ -161,3 +161,9 @@ def mongodump_fixtures() -> Path:
     if not (REFERENCE_DUMPS / "README.md").is_file():
         pytest.skip(f"reference dumps by real mongodump not found at {REFERENCE_DUMPS}")
     return REFERENCE_DUMPS
+
+
+@pytest.fixture(autouse=True)
+def _token_cache_dir(tmp_path_factory, monkeypatch) -> None:
+    """Each test gets its own shared service-account token cache (atlas_migration.token_cache)."""
+    monkeypatch.setenv("MIGRATION_TOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("token-cache")))

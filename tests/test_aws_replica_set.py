@@ -37,6 +37,8 @@ from devtools.atlas_api_server import AtlasApiServer, ClusterSpec, Scenario
 
 REGION = "eu-west-1"
 ATLAS_CIDR = "192.168.248.0/21"
+WORKER = "127.0.0.1/32"  # the pulling worker: the test machine
+TAG = "atlas-migration mongo_to_atlas/manual__test"
 
 
 # ---------------------------------------------------------------- pure
@@ -117,8 +119,8 @@ def _prepare(ec2, project: AtlasProject, store: MemoryStateStore, members: list[
         time.sleep(0.2)
     accept_peering(ec2, peer["connectionId"], report)
     ensure_routes(ec2, placement.route_table_ids, ATLAS_CIDR, peer["connectionId"], report)
-    ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, ATLAS_CIDR, report)
-    ensure_access_list(project, placement.vpc_cidr, "test", report)
+    ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, WORKER, report, TAG)
+    ensure_access_list(project, WORKER, TAG, report)
     while (peer := project.get_peering_connection(peer["id"]))["statusName"] != "AVAILABLE":
         assert peer["statusName"] in ("PENDING_ACCEPTANCE", "FINALIZING"), peer
         assert time.monotonic() < deadline
@@ -131,6 +133,10 @@ def test_prepare_is_idempotent_and_teardown_removes_only_its_own(ec2, source_vpc
     store = MemoryStateStore()
     first, pcx = _prepare(ec2, project, store, ["127.0.0.1:27017"])
     assert [c.kind for c in first.added] == ["container", "peering", "aws_accept", "route", "sg_rule", "access_list"]
+    # The worker pulls: the members' port is open to it, never to the Atlas CIDR; Atlas lists the worker.
+    group = ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0]
+    assert [r["CidrIp"] for p in group["IpPermissions"] for r in p["IpRanges"]] == [WORKER]
+    assert [e["cidrBlock"] for e in project.list_access_list()] == [WORKER]
     assert ec2.describe_vpc_peering_connections(VpcPeeringConnectionIds=[pcx])["VpcPeeringConnections"][0][
         "Status"]["Code"] == "active"
     tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [source_vpc["vpc"]]}])["RouteTables"]
@@ -147,13 +153,49 @@ def test_prepare_is_idempotent_and_teardown_removes_only_its_own(ec2, source_vpc
     ec2.authorize_security_group_ingress(GroupId=source_vpc["group"], IpPermissions=[{
         "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])
     removed = teardown(ec2, project, store, state_key(project.group_id, source_vpc["vpc"]), first.added)
-    assert len(removed) == 4  # sg rule, route, peering (AWS), peering request; container + access list kept
+    assert len(removed) == 6  # both sides: access list, sg rule, route, AWS peering, Atlas peering, container
+    assert_as_before(ec2, project, source_vpc)
+    assert store.values == {}
+
+
+def assert_as_before(ec2, project: AtlasProject, source_vpc: dict) -> None:
+    """The VPC and the Atlas project as they were before the run (apart from the test's own port-22 rule)."""
+    from atlas_migration.atlas_api import AtlasApiError
+
     group = ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0]
     assert [p["FromPort"] for p in group["IpPermissions"]] == [22]
     tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [source_vpc["vpc"]]}])["RouteTables"]
     assert not any(r.get("DestinationCidrBlock") == ATLAS_CIDR for t in tables for r in t["Routes"])
-    assert project.get_peering_connection(first.added[1].ids["peer_id"])["statusName"] == "FAILED"
-    assert store.values == {}
+    pcxs = ec2.describe_vpc_peering_connections(Filters=[{"Name": "accepter-vpc-info.vpc-id",
+                                                           "Values": [source_vpc["vpc"]]}])["VpcPeeringConnections"]
+    assert all(p["Status"]["Code"] in ("deleted", "rejected") for p in pcxs), pcxs
+    assert project.list_peering_connections() == []
+    assert project.list_containers() == [] and project.list_access_list() == []
+    with pytest.raises(AtlasApiError) as gone:
+        project.delete_container("0" * 24)
+    assert gone.value.status == 404
+
+
+def test_teardown_after_a_crash_finds_the_run_s_changes_by_listing(ec2, source_vpc, atlas) -> None:
+    from atlas_migration.network import find_run_changes
+
+    server, project = atlas
+    store = MemoryStateStore()
+    first, _ = _prepare(ec2, project, store, ["127.0.0.1:27017"])
+    ec2.authorize_security_group_ingress(GroupId=source_vpc["group"], IpPermissions=[{
+        "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])
+    project.add_access_list_entries([{"cidrBlock": "10.9.0.0/16", "comment": "someone else's"}])
+    # configure_vpc "crashed": only the container and the peering request were recorded.
+    recorded = first.added[:2]
+    placement = discover_placement(ec2, ["127.0.0.1:27017"], REGION)
+    listed = find_run_changes(ec2, project, placement, TAG, recorded[1].ids["peer_id"])
+    assert sorted(c.kind for c in listed) == ["access_list", "aws_accept", "peering", "route", "sg_rule"]
+    known = {c.describe() for c in recorded}
+    teardown(ec2, project, store, state_key(project.group_id, source_vpc["vpc"]),
+             recorded + [c for c in listed if c.describe() not in known])
+    assert [e["cidrBlock"] for e in project.list_access_list()] == ["10.9.0.0/16"]  # not ours: kept
+    project.delete_access_list_entry("10.9.0.0/16")
+    assert_as_before(ec2, project, source_vpc)
 
 
 def test_missing_instance_is_a_clear_error(ec2, source_vpc) -> None:
@@ -174,3 +216,43 @@ def test_a_rejected_peering_is_reported_failed(ec2, source_vpc, atlas) -> None:
     assert peer["statusName"] == "FAILED" and peer["errorStateName"] == "REJECTED"
     with pytest.raises(NetworkError, match="not pending-acceptance"):
         accept_peering(ec2, peer["connectionId"], StepReport())
+
+
+def test_a_rehearsal_never_prepares_the_network() -> None:
+    base = {"aws_conn_id": "aws", "target_cluster_name": "c0", "network_mode": "prepare", "network_teardown": True}
+    rehearsal = AwsParams.parse({**base, "rehearsal_db_prefix": "rehearsal__"})
+    assert rehearsal.rehearsal and not rehearsal.prepare
+
+
+def test_network_dry_run_reads_and_changes_nothing(ec2, source_vpc, atlas) -> None:
+    from atlas_migration.aws_replica_set import network_dry_run
+
+    server, project = atlas
+    placement = discover_placement(ec2, ["127.0.0.1:27017"], REGION)
+    group_before = ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0]
+    ap = AwsParams.parse({"aws_conn_id": "aws_test", "target_cluster_name": "c0", "atlas_conn_id": "atlas_net",
+                          "rehearsal_db_prefix": "rehearsal__", "rehearsal_network_dry_run": True})
+    planned = network_dry_run(ap, {"placement": placement.to_dict(), "atlas_region": "EU_WEST_1",
+                                   "worker_cidrs": [WORKER]},
+                              store=MemoryStateStore(), ec2=ec2)
+    kinds = [line.split()[0] for line in planned["would_add"]]
+    assert kinds == ["container", "peering", "route", "sg_rule", "access_list"], planned
+    assert planned["calls_not_made"] == ["atlas.create_container", "atlas.create_peering_connection",
+                                         "ec2.create_route", "ec2.authorize_security_group_ingress",
+                                         "atlas.add_access_list_entries"]
+    assert project.list_containers() == [] and project.list_access_list() == []
+    assert ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0] == group_before
+
+
+def test_worker_addresses_and_who_connects_to_whom(ec2, source_vpc) -> None:
+    from atlas_migration.network import connection_plan, worker_cidrs
+
+    assert worker_cidrs([], ["127.0.0.1:27017"]) == [WORKER]  # the address this machine reaches the member from
+    assert worker_cidrs(["10.1.2.3", "10.9.0.0/16"], ["127.0.0.1:1"]) == ["10.1.2.3/32", "10.9.0.0/16"]
+    with pytest.raises(ConfigurationError, match="worker_cidrs"):
+        worker_cidrs(["not-an-address"], ["127.0.0.1:1"])
+    placement = discover_placement(ec2, ["127.0.0.1:27017"], REGION)
+    plan = connection_plan(placement, [WORKER], ATLAS_CIDR, "c0")
+    assert f"worker(s) ({WORKER}) connect to the source members 127.0.0.1:27017" in plan[0]
+    assert source_vpc["group"] in plan[0] and "Atlas cluster 'c0'" in plan[1]
+    assert plan[2].startswith("Atlas connects to nothing")

@@ -125,3 +125,57 @@ def test_restricted_user_records_unknowns_instead_of_crashing(auth_server):
     assert "shop.orders" in {c.namespace for c in profile.collections}
     summary = "\n".join(profile.summary_lines())
     assert "unknown (" in summary and "rd:p@ss/w0rd" not in json.dumps(profile.to_dict())
+
+
+def create_refused_names(client) -> bool:
+    """``shop.a/../escape`` (mongod accepts it, pymongo refuses '..'), and, where the server accepts it, a
+    database ``bad db`` (pymongo refuses the space). Both are made with commands that take names as strings.
+    Returns whether the server accepted the database."""
+    from pymongo.errors import OperationFailure
+
+    client.shop.command("create", "a/../escape")
+    client.shop.command("insert", "a/../escape", documents=[{"_id": 1}])
+    client.shop.command("create", "to_move")
+    try:
+        client.admin.command("renameCollection", "shop.to_move", to="bad db.c")
+        return True
+    except OperationFailure:  # mongod refuses a space in a database name
+        client.shop.drop_collection("to_move")
+        return False
+
+
+def remove_refused_database(client, created: bool) -> None:
+    """The fixtures' clean-up cannot drop a database the driver refuses: move its one collection out."""
+    if created:
+        client.admin.command("renameCollection", "bad db.c", to="shop.moved_out")
+
+
+def test_names_the_driver_refuses_are_listed_by_name(source):
+    from atlas_migration.errors import ConfigurationError
+    from atlas_migration.namespaces import NamespaceFilter
+    from atlas_migration.planning import build_copy_plan
+
+    with source.client() as client:
+        client.shop.orders.insert_one({"_id": 1})
+        bad_db = create_refused_names(client)
+        try:
+            profile = inspect_source(client, conn_id="mongo_source", hosts=["127.0.0.1:1"])
+        finally:
+            remove_refused_database(client, bad_db)
+    refused = {(r["db"], r["collection"]): r["reason"] for r in profile.refused_names}
+    assert "'..'" in refused[("shop", "a/../escape")]
+    assert ("bad db", None) in refused if bad_db else len(refused) == 1
+    assert [c.namespace for c in profile.collections] == ["shop.orders"]
+    with pytest.raises(ConfigurationError) as error:
+        build_copy_plan(profile, NamespaceFilter())
+    message = str(error.value)
+    assert "namespace 'shop.a/../escape' (the driver refuses the collection name" in message
+    assert "Nothing was written" in message and "'shop.a/../escape'" in message.rsplit("exclude_namespaces", 1)[1]
+    if bad_db:
+        assert "database 'bad db' (the driver refuses the database name: database names cannot contain the " \
+               "character ' ')" in message and "'bad db.*'" in message
+    # Excluded (or not included), they are skipped and named in the plan.
+    plan = build_copy_plan(profile, NamespaceFilter.from_patterns([], ["shop.a/../escape", "bad db.*"]))
+    assert [i.namespace for i in plan.collections] == ["shop.orders"]
+    assert any("a/../escape" in line for line in plan.describe())
+    assert build_copy_plan(profile, NamespaceFilter.from_patterns(["shop.orders"], [])).collections

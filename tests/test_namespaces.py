@@ -52,3 +52,13 @@ def test_system_namespaces():
     assert is_never_migrated("admin")
     assert is_never_migrated("shop", "system.js")
     assert not is_never_migrated("shop", "orders")
+
+
+def test_a_database_whose_collections_cannot_be_listed():
+    everything = NamespaceFilter()
+    assert everything.may_select_database("bad db")
+    assert not NamespaceFilter.from_patterns([], ["bad db.*"]).may_select_database("bad db")
+    assert NamespaceFilter.from_patterns([], ["bad db.x"]).may_select_database("bad db")  # other collections
+    assert not NamespaceFilter.from_patterns(["shop.*"], []).may_select_database("bad db")
+    assert NamespaceFilter.from_patterns(["b*.x"], []).may_select_database("bad db")
+    assert not everything.may_select_database("admin")

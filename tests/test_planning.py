@@ -50,6 +50,10 @@ def test_refuse_occupied_lists_every_namespace():
     with pytest.raises(TargetNotEmpty) as excinfo:
         refuse_occupied_targets(["shop.orders", "shop.customers"], "atlas_target")
     assert "shop.orders, shop.customers" in str(excinfo.value) and "Nothing was written" in str(excinfo.value)
+    # What to do next after a crashed run: clear and retry within that run, or a new run replacing them.
+    assert "clear and retry that run's failed task within the same run" in str(excinfo.value)
+    assert "resumes from the checkpoints" in str(excinfo.value)
+    assert "new run with drop_target=true, which replaces exactly these namespaces" in str(excinfo.value)
     refuse_occupied_targets([], "atlas_target")
 
 

@@ -84,3 +84,38 @@ def test_rehearsal_dag_shape(monkeypatch):
     assert {t.task_id for t in rehearsal.tasks} - {t.task_id for t in main.tasks} == {
         "check_scratch", "record_rehearsal", "cleanup_scratch"}
     assert rehearsal.get_task("cleanup_scratch").is_teardown and rehearsal.get_task("check_scratch").is_setup
+
+
+def test_scratch_databases_are_ours_only_when_marked():
+    from atlas_migration.rehearsal import databases_to_drop, scratch_conflicts
+
+    existing = {"app_prod", "app_shop", "app_old"}
+    marked = {"app_shop", "app_gone"}
+    # The clean-up drops what a rehearsal recorded creating, never a database by its prefix alone.
+    assert databases_to_drop(existing, marked, "app") == ["app_shop"]
+    assert databases_to_drop(existing, marked, "") == []
+    # A rehearsal refuses to write into a database of that name that it did not create.
+    assert scratch_conflicts(["app_prod", "app_shop", "app_new"], existing, marked) == ["app_prod"]
+    assert scratch_conflicts(["app_shop", "app_new"], existing, marked) == []
+
+
+def test_scratch_claim_and_cleanup_against_a_server(target, monkeypatch):
+    from atlas_migration import tasks
+    from devtools.airflow_env import conn_env_name, mongo_connection_json
+
+    monkeypatch.setenv(conn_env_name("scratch"), mongo_connection_json(target.uri))
+    values = {name: p.value for name, p in rehearsal_params().items()}
+    params = {**values, "rehearsal_db_prefix": "app", "rehearsal_target_conn_id": "scratch"}
+    p = MigrationParams.parse(params)
+    with target.client() as dst:
+        dst.app_prod.accounts.insert_one({"_id": 1})
+        with pytest.raises(ConfigurationError, match="app_prod .*not created by a rehearsal. Nothing was written"):
+            tasks.claim_scratch(p, ["app_prod", "app_shop"], "run-1")
+        assert "app_shop" not in dst.list_database_names()
+        assert dst["__atlas_migration"].rehearsal_scratch.count_documents({}) == 0
+        tasks.claim_scratch(p, ["app_shop"], "run-1")
+        dst.app_shop.orders.insert_one({"_id": 1})
+        assert tasks.check_scratch(params) == ["app_shop"]
+        assert tasks.cleanup_scratch(params) == ["app_shop"]
+        assert {"app_prod", "app_shop"} & set(dst.list_database_names()) == {"app_prod"}
+        assert dst["__atlas_migration"].rehearsal_scratch.count_documents({}) == 0

@@ -56,6 +56,7 @@ from requests.auth import HTTPBasicAuth, HTTPDigestAuth
 
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.redaction import redact
+from atlas_migration.token_cache import SharedTokenCache
 
 DEFAULT_BASE_URL = "https://cloud.mongodb.com"
 ATLAS_PATH = "/api/atlas/v2"
@@ -79,6 +80,10 @@ API_VERSIONS: dict[str, str] = {
     "get_peering_connection": "2023-01-01",
     "add_access_list_entries": "2023-01-01",
     "list_access_list": "2023-01-01",
+    "list_peering_connections": "2023-01-01",
+    "delete_peering_connection": "2023-01-01",
+    "delete_container": "2023-01-01",
+    "delete_access_list_entry": "2023-01-01",
 }
 
 _IDEMPOTENT = frozenset({"GET", "PUT", "DELETE", "HEAD"})
@@ -270,22 +275,44 @@ def _base_url(host: str | None, port: int | None) -> str:
 
 
 class _ServiceAccountToken:
-    """OAuth 2.0 client-credentials token, fetched on demand and reused until shortly before it expires."""
+    """OAuth 2.0 client-credentials token, fetched on demand and reused until shortly before it expires, by
+    this process and (through ``SharedTokenCache``: encrypted, keyed by a hash) every task and trigger poll
+    on the machine."""
 
-    def __init__(self, client_id: str, client_secret: str, clock: Callable[[], float]) -> None:
+    def __init__(self, client_id: str, client_secret: str, clock: Callable[[], float],
+                 shared: SharedTokenCache | None = None) -> None:
         self.client_id = client_id
         self._secret = client_secret
         self._clock = clock
         self._token: str | None = None
         self._refresh_at = 0.0
+        self._shared = shared
+        self._stale: str | None = None  # the token this process saw expire: never taken back from the file
 
     def __repr__(self) -> str:
         return f"_ServiceAccountToken(client_id={self.client_id!r}, cached={self._token is not None})"
 
     def valid(self) -> str | None:
-        return self._token if self._token and self._clock() < self._refresh_at else None
+        if self._token and self._clock() < self._refresh_at:
+            return self._token
+        if self._token:
+            self._stale, self._token = self._token, None
+        if self._shared is not None:
+            cached = self._shared.load(margin=60.0)
+            if cached and cached[0] != self._stale:
+                self._set(*cached)
+                return self._token
+        return None
 
     def store(self, token: str, expires_in: float) -> None:
+        self._set(token, expires_in)
+        if self._shared is not None:
+            try:
+                self._shared.save(token, expires_in)
+            except OSError as exc:  # the cache is an optimisation: never fail a call for it
+                log.warning("could not write the shared service-account token cache: %s", exc.strerror)
+
+    def _set(self, token: str, expires_in: float) -> None:
         # Refresh a little early (at most a minute, at most a tenth of the lifetime) so a token never
         # expires between being checked here and arriving at Atlas.
         margin = min(60.0, expires_in / 10)
@@ -293,7 +320,9 @@ class _ServiceAccountToken:
         self._refresh_at = self._clock() + expires_in - margin
 
     def invalidate(self) -> None:
-        self._token = None
+        if self._token and self._shared is not None:
+            self._shared.remove(self._token)  # refused by Atlas: no other process may reuse it
+        self._stale, self._token = self._token, None
 
     def basic_auth(self) -> HTTPBasicAuth:
         return HTTPBasicAuth(self.client_id, self._secret)
@@ -396,8 +425,9 @@ class _MongoCloudApiHook(BaseHook):
             cfg = self.config
             if cfg.uses_service_account:
                 # Look ``self.clock`` up on every call so a test can swap it after the session exists.
-                self._token = _ServiceAccountToken(cfg.client_id or "", cfg.client_secret or "",
-                                                   lambda: self.clock())
+                self._token = _ServiceAccountToken(
+                    cfg.client_id or "", cfg.client_secret or "", lambda: self.clock(),
+                    SharedTokenCache(cfg.base_url, cfg.client_id or "", cfg.client_secret or ""))
             else:
                 session.auth = HTTPDigestAuth(cfg.public_key or "", cfg.private_key or "")
             self._session = session
@@ -762,6 +792,28 @@ class AtlasAdminHook(_MongoCloudApiHook):
         reply = self._call("GET", f"/groups/{_seg(self._group(group_id))}/accessList",
                            version=API_VERSIONS["list_access_list"])
         return list((reply or {}).get("results", []))
+
+    def list_peering_connections(self, *, provider_name: str = "AWS",
+                                 group_id: str | None = None) -> list[dict[str, Any]]:
+        """``GET /groups/{groupId}/peers?providerName=``: the project's peering connections."""
+        reply = self._call("GET", f"/groups/{_seg(self._group(group_id))}/peers",
+                           version=API_VERSIONS["list_peering_connections"], params={"providerName": provider_name})
+        return list((reply or {}).get("results", []))
+
+    def delete_peering_connection(self, peer_id: str, *, group_id: str | None = None) -> None:
+        """``DELETE /groups/{groupId}/peers/{peerId}`` (202): the peering turns TERMINATING, then is gone."""
+        self._call("DELETE", f"/groups/{_seg(self._group(group_id))}/peers/{_seg(peer_id)}",
+                   version=API_VERSIONS["delete_peering_connection"])
+
+    def delete_container(self, container_id: str, *, group_id: str | None = None) -> None:
+        """``DELETE /groups/{groupId}/containers/{containerId}`` (204); refused while a peering or cluster uses it."""
+        self._call("DELETE", f"/groups/{_seg(self._group(group_id))}/containers/{_seg(container_id)}",
+                   version=API_VERSIONS["delete_container"])
+
+    def delete_access_list_entry(self, entry_value: str, *, group_id: str | None = None) -> None:
+        """``DELETE /groups/{groupId}/accessList/{entryValue}`` (204): an IP address or CIDR block (URL-encoded)."""
+        self._call("DELETE", f"/groups/{_seg(self._group(group_id))}/accessList/{_seg(entry_value)}",
+                   version=API_VERSIONS["delete_access_list_entry"])
 
 
 # --------------------------------------------------------------------------------------------------

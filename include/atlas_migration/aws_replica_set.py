@@ -3,7 +3,8 @@
     discover (members -> EC2 instances: region, VPC, subnets, security groups, route tables; the Atlas
     cluster must be in the same region) -> request_peering (Atlas container + peering request)
     -> accept_peering (sensor: once Atlas names the pcx-..., accept it in AWS) -> configure_vpc (routes
-    to the Atlas CIDR, MongoDB port from the Atlas CIDR, the VPC CIDR in the Atlas access list)
+    to the Atlas CIDR, the MongoDB port open to the pulling workers, their addresses in the Atlas access
+    list: the DAG pulls, so the workers connect to both sides and Atlas connects to nothing)
     -> await_peering (sensor: AVAILABLE, or a clear error on FAILED) -> pull.* (the live pull's own tasks)
     -> teardown_network (only with network_teardown=true: removes what THIS run added)
 
@@ -12,6 +13,11 @@ already) changes nothing. ``network_mode=skip`` leaves the network to the networ
 and the pull starts at once. The Atlas peer id is remembered across runs in the Airflow Variable
 ``atlas_migration_network__<project>__<vpc>`` (the contract has no "list peers" call); what each run
 added travels in its XCom, which is what the teardown reads.
+
+In a rehearsal (``mongo_to_atlas_rehearsal``) no network step changes anything, whatever ``network_mode``
+says: the rehearsal pulls into scratch databases over the paths that exist. With
+``rehearsal_network_dry_run=true`` the preparation runs as a dry run: every read is made, and every change
+it would make is logged instead of made (``DryRun``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ GROUP_ID = "aws_replica_set"
 SECTION = "AWS replica set"
 NETWORK_MODES = ("prepare", "skip")
 DEFAULT_ATLAS_CIDR = "192.168.248.0/21"  # the Atlas UI's default for a new AWS container
+WORKER_COMMENT = "Airflow migration worker (atlas-migration)"
+
+
+def run_tag(dag_id: str, run_id: str) -> str:
+    """The comment / description on what a run adds (Atlas access-list comments hold 80 characters), so that
+    its teardown finds them again by listing."""
+    return f"atlas-migration {dag_id}/{run_id}"[:80]
 
 
 def aws_params() -> dict[str, Any]:
@@ -69,10 +82,16 @@ def aws_params() -> dict[str, Any]:
         "peering_timeout_seconds": param(
             1800, "Peering timeout (s)", "Give up when the peering is not accepted / AVAILABLE by then.",
             type="integer", minimum=30, maximum=7 * 24 * 3600),
+        "worker_cidrs": param(
+            [], "Worker addresses",
+            "Addresses or CIDR blocks the Airflow workers that run the pull connect from: the members' security "
+            "groups and the Atlas access list allow them. Empty: the address this worker reaches the source from.",
+            type="array", items={"type": "string"}),
         "network_teardown": param(
             False, "Remove the network afterwards",
             "After a successful pull, remove what this run added (security-group rules, routes, the peering "
-            "connection) and only that. The Atlas container and access-list entry are kept.", type="boolean"),
+            "connection; in Atlas the access-list entries, the peering and a container it created) and only "
+            "that, also what it finds by listing after a crash.", type="boolean"),
     }
 
 
@@ -86,6 +105,9 @@ class AwsParams:
     atlas_cidr: str
     peering_timeout_seconds: int
     teardown: bool
+    rehearsal: bool = False
+    network_dry_run: bool = False
+    worker_cidrs: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]) -> AwsParams:
@@ -109,11 +131,90 @@ class AwsParams:
                    atlas_conn_id=str(params.get("atlas_conn_id") or "atlas_api"),
                    project_id=str(params.get("target_project_id") or ""), cluster_name=cluster,
                    atlas_cidr=require_cidr(str(params.get("atlas_cidr_block") or DEFAULT_ATLAS_CIDR), "atlas_cidr_block"),
-                   peering_timeout_seconds=timeout, teardown=bool(params.get("network_teardown", False)))
+                   peering_timeout_seconds=timeout, teardown=bool(params.get("network_teardown", False)),
+                   rehearsal="rehearsal_db_prefix" in params,
+                   network_dry_run=bool(params.get("rehearsal_network_dry_run", False)),
+                   worker_cidrs=tuple(_list_param(params.get("worker_cidrs"), "worker_cidrs")))
 
     @property
     def prepare(self) -> bool:
-        return self.network_mode == "prepare"
+        """Whether the network steps may change anything: never in a rehearsal."""
+        return self.network_mode == "prepare" and not self.rehearsal
+
+
+def _list_param(value: Any, name: str) -> list[str]:
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ConfigurationError(f"{name} must be a list of addresses or CIDR blocks, got {value!r}")
+    return [str(v) for v in value]
+
+
+# Calls a dry run lets through: they only read.
+_READ_PREFIXES = ("list_", "get_", "describe_")
+
+
+class DryRun:
+    """Wraps an Atlas project or a boto3 EC2 client for a dry run of the network preparation: reads go
+    through, every other call is recorded (and logged) instead of made, and answers with placeholder ids."""
+
+    PLACEHOLDER = "(dry run)"
+
+    def __init__(self, target: Any, name: str, calls: list[str]) -> None:
+        self._target, self._name, self._calls = target, name, calls
+
+    def __getattr__(self, attr: str) -> Any:
+        real = getattr(self._target, attr)
+        if not callable(real) or attr.startswith(_READ_PREFIXES):
+            return real
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            self._calls.append(f"{self._name}.{attr}")
+            log.info("network dry run: would call %s.%s", self._name, attr)
+            if attr == "create_container":
+                return {"id": self.PLACEHOLDER, "regionName": args[0], "atlasCidrBlock": args[1]}
+            if attr == "create_peering_connection":
+                return {"id": self.PLACEHOLDER, "statusName": "INITIATING"}
+            return {}
+
+        return record
+
+
+def network_dry_run(ap: AwsParams, found: dict[str, Any], store: Any = None, ec2: Any = None) -> dict[str, Any]:
+    """What ``network_mode=prepare`` would add for this source, read from AWS and Atlas, changing nothing."""
+    from atlas_migration.network import (
+        MemoryStateStore,
+        Placement,
+        StepReport,
+        VariableStateStore,
+        ensure_access_list,
+        ensure_container,
+        ensure_peer,
+        ensure_routes,
+        ensure_security_group_rules,
+        state_key,
+    )
+
+    placement = Placement.from_dict(found["placement"])
+    calls: list[str] = []
+    atlas = DryRun(_atlas(ap), "atlas", calls)
+    ec2 = DryRun(ec2 or _ec2(ap.aws_conn_id), "ec2", calls)
+    report = StepReport()
+    container = ensure_container(atlas, found["atlas_region"], ap.atlas_cidr, report)
+    cidr = container.get("atlasCidrBlock", ap.atlas_cidr)
+    key = state_key(atlas.group_id, placement.vpc_id)
+    readonly = MemoryStateStore()  # the recorded peer is read, never saved
+    if recorded := (store or VariableStateStore()).load(key):
+        readonly.values[key] = recorded
+    peer = ensure_peer(atlas, readonly, key, placement, container, report)
+    connection = peer.get("connectionId") or DryRun.PLACEHOLDER
+    ensure_routes(ec2, placement.route_table_ids, cidr, connection, report)
+    for worker in found["worker_cidrs"]:
+        ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, worker, report)
+        ensure_access_list(atlas, worker, WORKER_COMMENT, report)
+    return {"would_add": [c.describe() for c in report.added], "in_place": report.in_place, "calls_not_made": calls}
 
 
 def _ec2(aws_conn_id: str):
@@ -146,7 +247,14 @@ def replica_set_members(client) -> list[str]:
 
 def discover(params: Mapping[str, Any]) -> dict[str, Any]:
     """Members -> EC2 instances; the Atlas cluster's region must match (an error in prepare mode)."""
-    from atlas_migration.network import NetworkError, check_same_region, cluster_regions, discover_placement
+    from atlas_migration.network import (
+        NetworkError,
+        check_same_region,
+        cluster_regions,
+        connection_plan,
+        discover_placement,
+        worker_cidrs,
+    )
 
     ap = AwsParams.parse(params)
     p = MigrationParams.parse(dict(params))
@@ -165,7 +273,11 @@ def discover(params: Mapping[str, Any]) -> dict[str, Any]:
         log.warning("%s (network_mode=skip: continuing)", exc)
         region = (cluster_regions(cluster) or [""])[0]
     log.info("Atlas cluster '%s' is in %s", ap.cluster_name, region)
-    return {"placement": placement.to_dict(), "atlas_region": region}
+    workers = worker_cidrs(list(ap.worker_cidrs), members)
+    connections = connection_plan(placement, workers, ap.atlas_cidr, ap.cluster_name)
+    log.info("who connects to whom:\n%s", "\n".join(f"    {line}" for line in connections))
+    return {"placement": placement.to_dict(), "atlas_region": region, "worker_cidrs": workers,
+            "connections": connections}
 
 
 def request_peering(params: Mapping[str, Any], found: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +292,15 @@ def request_peering(params: Mapping[str, Any], found: dict[str, Any]) -> dict[st
     )
 
     ap = AwsParams.parse(params)
+    if ap.rehearsal:
+        if not ap.network_dry_run:
+            log.info("rehearsal: no network preparation (a rehearsal never changes AWS or Atlas networking; "
+                     "rehearsal_network_dry_run=true shows what it would add)")
+            return {"mode": "skip"}
+        planned = network_dry_run(ap, found)
+        log.info("rehearsal: network preparation dry run (nothing was changed): would add %s; in place: %s",
+                 "; ".join(planned["would_add"]) or "nothing", "; ".join(planned["in_place"]) or "nothing")
+        return {"mode": "skip", "dry_run": planned}
     if not ap.prepare:
         log.info("network_mode=skip: no Atlas container or peering is created (the network team's job)")
         return {"mode": "skip"}
@@ -226,8 +347,9 @@ def accept_poke(params: Mapping[str, Any], requested: dict[str, Any]) -> dict[st
 
 
 def configure_vpc(params: Mapping[str, Any], found: dict[str, Any], requested: dict[str, Any],
-                  accepted: dict[str, Any]) -> dict[str, Any]:
-    """Routes to the Atlas CIDR, the MongoDB port from it, and the VPC in the Atlas access list."""
+                  accepted: dict[str, Any], tag: str = WORKER_COMMENT) -> dict[str, Any]:
+    """Routes to the Atlas CIDR through the peering; the MongoDB port and the Atlas access list open to the
+    pulling workers."""
     from atlas_migration.network import (
         Placement,
         StepReport,
@@ -245,8 +367,11 @@ def configure_vpc(params: Mapping[str, Any], found: dict[str, Any], requested: d
     report = StepReport()
     cidr = requested["atlas_cidr"]
     ensure_routes(ec2, placement.route_table_ids, cidr, accepted["connection_id"], report)
-    ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, cidr, report)
-    ensure_access_list(_atlas(ap), placement.vpc_cidr, f"VPC {placement.vpc_id} (atlas-migration)", report)
+    atlas = _atlas(ap)
+    for worker in found["worker_cidrs"]:
+        # The workers pull: they reach the members and write to Atlas. Nothing is opened to the Atlas CIDR.
+        ensure_security_group_rules(ec2, placement.security_group_ids, placement.ports, worker, report, tag)
+        ensure_access_list(atlas, worker, tag, report)
     return {"mode": "prepare", **report.to_dict()}
 
 
@@ -264,12 +389,34 @@ def available_poke(params: Mapping[str, Any], requested: dict[str, Any]) -> bool
     return status == "AVAILABLE"
 
 
-def teardown_network(params: Mapping[str, Any], results: list[dict[str, Any] | None]) -> list[str]:
-    """Remove what this run added (from the steps' XComs), newest first; nothing when not asked to."""
-    from atlas_migration.network import VariableStateStore, changes_from, teardown
+def teardown_network(params: Mapping[str, Any], results: list[dict[str, Any] | None],
+                     found: dict[str, Any] | None = None, tag: str | None = None) -> list[str]:
+    """Remove what this run added, newest first: what its steps recorded (XCom), plus what listing AWS and
+    Atlas finds carrying its tag or its peering (a step that crashed after a change recorded nothing)."""
+    from atlas_migration.network import (
+        Placement,
+        VariableStateStore,
+        changes_from,
+        find_run_changes,
+        teardown,
+    )
 
     ap = AwsParams.parse(params)
     changes = changes_from(c for r in results if r for c in r.get("added", []))
+    requested = next((r for r in results if r and r.get("peer_id")), None)
+    if ap.teardown and not ap.rehearsal and ap.prepare and found and tag:
+        listed = find_run_changes(_ec2(ap.aws_conn_id), _atlas(ap), Placement.from_dict(found["placement"]), tag,
+                                  requested.get("peer_id") if requested and any(
+                                      c.kind == "peering" for c in changes) else None)
+        known = {c.describe() for c in changes}
+        extra = [c for c in listed if c.describe() not in known]
+        if extra:
+            log.info("network teardown: also found by listing (not in this run's records): %s",
+                     "; ".join(c.describe() for c in extra))
+        changes += extra
+    if ap.rehearsal:
+        log.info("rehearsal: no network teardown (a rehearsal changes no network, so it removes none)")
+        return []
     if not ap.teardown:
         log.info("network_teardown=false: keeping the network (%d change(s) made by this run)", len(changes))
         return []
@@ -316,8 +463,8 @@ def aws_replica_set_group(profile) -> None:
         return PokeReturnValue(is_done=result is not None, xcom_value=result)
 
     @task(task_id="configure_vpc", retries=2)
-    def configure(found: dict, requested: dict, accepted: dict, params=None) -> dict:
-        return configure_vpc(params, found, requested, accepted)
+    def configure(found: dict, requested: dict, accepted: dict, params=None, dag=None, run_id=None) -> dict:
+        return configure_vpc(params, found, requested, accepted, run_tag(dag.dag_id, run_id))
 
     @task.sensor(task_id="await_peering", mode="reschedule", poke_interval=poke_interval(), timeout=7 * 24 * 3600)
     def await_available(requested: dict, params=None) -> PokeReturnValue:
@@ -331,8 +478,9 @@ def aws_replica_set_group(profile) -> None:
         add_pull_tasks(profile)
 
     @task(task_id="teardown_network", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def remove(requested: dict, accepted: dict, configured: dict, params=None) -> list[str]:
-        return teardown_network(params, [requested, accepted, configured])
+    def remove(found: dict, requested: dict, accepted: dict, configured: dict, params=None, dag=None,
+               run_id=None) -> list[str]:
+        return teardown_network(params, [requested, accepted, configured], found, run_tag(dag.dag_id, run_id))
 
     found = discover_members()
     requested = request(found)
@@ -342,4 +490,4 @@ def aws_replica_set_group(profile) -> None:
     configured >> available
     pulled = pull(profile)
     available >> pulled
-    pulled >> remove(requested, accepted, configured)
+    pulled >> remove(found, requested, accepted, configured)

@@ -44,3 +44,15 @@ class ToolFailed(MigrationError):
 
 class ValidationFailed(MigrationError):
     """Source and target differ; the message lists every mismatching namespace."""
+
+
+class CredentialsRefused(MigrationError):
+    """A server or service refused the configured credentials: no retry can fix that."""
+
+
+class SourceCredentialsRefused(SourceUnreachable, CredentialsRefused):
+    """The source refused the connection's credentials (AuthenticationFailed / Unauthorized)."""
+
+
+class TargetCredentialsRefused(TargetUnreachable, CredentialsRefused):
+    """The target refused the connection's credentials (AuthenticationFailed / Unauthorized)."""

@@ -36,8 +36,8 @@ def migration_flow(*, rehearsal: bool = False) -> None:
         return steps.inspect(params, _paths(params, dag, run_id))
 
     @task
-    def route(profile: dict, params=None) -> dict:
-        return steps.route(params, profile, AVAILABLE_STRATEGIES)
+    def route(profile: dict, params=None, run_id=None) -> dict:
+        return steps.route(params, profile, AVAILABLE_STRATEGIES, run_id=run_id or "")
 
     @task.branch
     def choose_strategy(decision: dict) -> str | None:

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from atlas_migration.errors import ConfigurationError, MigrationError, SourceUnreachable, TargetUnreachable
+from atlas_migration.errors import (
+    ConfigurationError,
+    MigrationError,
+    SourceCredentialsRefused,
+    SourceUnreachable,
+    TargetCredentialsRefused,
+    TargetUnreachable,
+)
 from atlas_migration.redaction import redact
 
 if TYPE_CHECKING:
@@ -82,7 +89,8 @@ class MongoEndpoint:
         except OperationFailure as exc:
             client.close()
             if exc.code in (18, 13):  # AuthenticationFailed, Unauthorized
-                raise error_class(
+                refused = SourceCredentialsRefused if self.role == "source" else TargetCredentialsRefused
+                raise refused(
                     f"{self.role} '{self.conn_id}' at {', '.join(self.hosts)} refused the credentials "
                     f"(code {exc.code}): check the connection's login, password and authSource"
                 ) from None

@@ -239,6 +239,27 @@ def _list_databases(client, probe) -> list[str] | None:
     return probe("inventory", names)
 
 
+def driver_refusal(client, db_name: str, collection: str | None = None) -> str | None:
+    """Why pymongo refuses to address this database (or collection), in its own words plus what it means;
+    None when it accepts it. The server accepts some of these names (a collection ``a/../escape`` on
+    mongod; a database with a space on some servers), so the source may hold them."""
+    from pymongo.errors import InvalidName
+
+    try:
+        db = client[db_name]
+    except InvalidName as exc:
+        return f"the driver refuses the database name: {exc}"
+    if collection is None:
+        return None
+    try:
+        db[collection]
+    except InvalidName as exc:
+        # pymongo says "cannot be empty" for a name containing "..": say what is actually wrong.
+        hint = " (the name contains '..')" if ".." in collection and "empty" in str(exc) else ""
+        return f"the driver refuses the collection name: {exc}{hint}"
+    return None
+
+
 def _read_inventory(client, profile: SourceProfile, probe) -> None:
     databases = _list_databases(client, probe)
     if databases is None:
@@ -246,11 +267,18 @@ def _read_inventory(client, profile: SourceProfile, probe) -> None:
     for db_name in sorted(databases):
         if is_never_migrated(db_name):
             continue
+        if refused := driver_refusal(client, db_name):
+            # Its collections cannot even be listed through the driver: the whole database is refused.
+            profile.refused_names.append({"db": db_name, "collection": None, "reason": refused})
+            continue
         db = client[db_name]
         infos = probe(f"collections:{db_name}", lambda db=db: list(db.list_collections()))
         for info in sorted(infos or [], key=lambda i: i["name"]):
             name = info["name"]
             if is_never_migrated(db_name, name):
+                continue
+            if refused := driver_refusal(client, db_name, name):
+                profile.refused_names.append({"db": db_name, "collection": name, "reason": refused})
                 continue
             profile.collections.append(_collection_info(db, info, profile, probe))
 

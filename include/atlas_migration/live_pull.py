@@ -37,7 +37,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -178,6 +178,13 @@ def choose_engine(params: Mapping[str, Any], group_id: str = GROUP_ID) -> str:
     """The group's branch: the first task of the chosen engine's path (inside the task group ``group_id``)."""
     lp = LivePullParams.parse(params)
     engine = lp.engine
+    if MigrationParams.parse(params).rehearsal:
+        # mongosync copies into the real namespaces and commits a real cutover: a rehearsal copies into its
+        # scratch databases with the native engine, whose cutover only ends the scratch copy.
+        if engine == "mongosync":
+            raise ConfigurationError("pull_engine=mongosync cannot be rehearsed (mongosync cannot write to scratch "
+                                     "databases and its commit is a real cutover): rehearse with pull_engine=native")
+        engine = "native"
     if engine == "auto":
         engine = "mongosync" if _connection_exists(lp.mongosync_conn_id) else "native"
         log.info("pull_engine=auto: %s (%s)", engine,
@@ -277,23 +284,6 @@ def _oplog_window_hours(endpoint: MongoEndpoint) -> float | None:
         except PyMongoError as exc:
             log.warning("cannot read the oplog of '%s': %s", endpoint.conn_id, endpoint.redact(exc))
             return None
-
-
-@contextmanager
-def certain_failures_fail_at_once():
-    """Failures no retry can fix end the task at once instead of after its retries (a lost oplog history, an
-    event too large for the source to deliver, late writes that need an operator, bad configuration)."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from atlas_migration.engines.live import EventTooLarge, HistoryLost, UnsafeDDL
-    from atlas_migration.errors import ImpossibleStrategy, TargetNotEmpty
-    from atlas_migration.fence import LateWrites
-
-    try:
-        yield
-    except (HistoryLost, EventTooLarge, UnsafeDDL, LateWrites, ConfigurationError, ImpossibleStrategy,
-            TargetNotEmpty) as exc:
-        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from None
 
 
 def write_block_decision(params: Mapping[str, Any], sources: PullSources = DEFAULT_SOURCES) -> tuple[bool, str]:
@@ -571,33 +561,27 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
 
     @task(task_id="start")
     def start_sync(profile: dict, params=None, dag=None, run_id=None) -> list[dict]:
-        with certain_failures_fail_at_once():
-            return start(params, profile, dag.dag_id, run_id, sources)
+        return start(params, profile, dag.dag_id, run_id, sources)
 
     @task(retries=3)
     def copy(partition: dict, params=None, dag=None, run_id=None) -> dict:
-        with certain_failures_fail_at_once():
-            return copy_partition(params, partition, dag.dag_id, run_id, sources)
+        return copy_partition(params, partition, dag.dag_id, run_id, sources)
 
     @task(retries=3)
     def verify(partition: dict, params=None, dag=None, run_id=None) -> dict:
-        with certain_failures_fail_at_once():
-            return verify_partition(params, partition, dag.dag_id, run_id, sources)
+        return verify_partition(params, partition, dag.dag_id, run_id, sources)
 
     @task(retries=3)
     def finish_initial_copy(params=None, dag=None, run_id=None) -> None:
-        with certain_failures_fail_at_once():
-            finish_copy(params, dag.dag_id, run_id, sources)
+        finish_copy(params, dag.dag_id, run_id, sources)
 
     @task(task_id="catch_up", retries=3)
     def catch_up_to_lag(params=None, dag=None, run_id=None) -> dict:
-        with certain_failures_fail_at_once():
-            return catch_up(params, dag.dag_id, run_id, sources)
+        return catch_up(params, dag.dag_id, run_id, sources)
 
     @task(task_id="cutover", retries=3)
     def cutover_native(params=None, dag=None, run_id=None) -> dict:
-        with certain_failures_fail_at_once():
-            return cutover(params, dag.dag_id, run_id, sources)
+        return cutover(params, dag.dag_id, run_id, sources)
 
     @task(task_id="mongosync_start", retries=2)
     def start_mongosync(profile: dict, params=None) -> dict:

@@ -51,7 +51,7 @@ def _pattern_to_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(parts), re.DOTALL)
 
 
-def validate_pattern(pattern: str) -> str:
+def validate_pattern(pattern: str, allow_any_db: bool = False) -> str:
     """Return the pattern stripped, or raise ``ConfigurationError`` explaining the expected syntax."""
     if not isinstance(pattern, str):
         raise ConfigurationError(f"namespace pattern {pattern!r} must be a string such as 'sales.orders' or 'sales.*'")
@@ -64,7 +64,7 @@ def validate_pattern(pattern: str) -> str:
             f"namespace pattern {pattern!r} is not of the form <database>.<collection>; "
             "use 'db.coll', 'db.*', '*.coll' or '*' (mongodump --nsInclude syntax)"
         )
-    if any(c in db for c in '/\\ "$') and "*" not in db:
+    if any(c in db for c in '/\\ "$') and "*" not in db and not allow_any_db:
         raise ConfigurationError(f"namespace pattern {pattern!r}: database names cannot contain / \\ space \" or $")
     return text
 
@@ -80,7 +80,8 @@ class NamespaceFilter:
     def from_patterns(cls, include: list[str] | None, exclude: list[str] | None) -> NamespaceFilter:
         return cls(
             include=tuple(validate_pattern(p) for p in include or []),
-            exclude=tuple(validate_pattern(p) for p in exclude or []),
+            # An exclude may name a database the driver refuses (that is how such a database is skipped).
+            exclude=tuple(validate_pattern(p, allow_any_db=True) for p in exclude or []),
         )
 
     @cached_property
@@ -99,6 +100,17 @@ class NamespaceFilter:
         if self._include_res and not any(r.fullmatch(ns) for r in self._include_res):
             return False
         return not any(r.fullmatch(ns) for r in self._exclude_res)
+
+    def may_select_database(self, db: str) -> bool:
+        """Whether some collection of ``db`` may be selected, when its collections cannot be listed: an
+        include pattern whose database part matches it, and no exclude covering the whole database."""
+        if is_never_migrated(db):
+            return False
+        included = not self.include or any(
+            p == "*" or _pattern_to_regex(p.partition(".")[0]).fullmatch(db) for p in self.include)
+        # "\x00" stands for any collection name: only "<db>.*"-like excludes match it.
+        excluded = any(r.fullmatch(f"{db}.\x00") for r in self._exclude_res)
+        return included and not excluded
 
     def unmatched_includes(self, namespaces: list[str]) -> list[str]:
         """Include patterns that select none of ``namespaces`` (almost always a typo worth refusing)."""

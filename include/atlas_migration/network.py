@@ -8,13 +8,18 @@ The real flow (Atlas docs, "Set up a Network Peering Connection"), one idempoten
 3. the customer accepts it in AWS (``ec2:AcceptVpcPeeringConnection``) and Atlas moves it through
    FINALIZING to AVAILABLE (or FAILED, with ``errorStateName``);
 4. routes to the Atlas CIDR through the peering in the VPC's route tables;
-5. the MongoDB port opened from the Atlas CIDR in the members' security groups;
-6. the VPC CIDR in the Atlas project's IP access list (hosts in the VPC reach the cluster privately).
+5. the MongoDB port opened, in the members' security groups, to the Airflow workers that pull;
+6. the workers' addresses in the Atlas project's IP access list.
+
+Who connects to whom (``connection_plan``): the DAG pulls the data itself, so the worker connects to the
+source members and to the Atlas cluster (over the peering when it runs in the source VPC); Atlas connects to
+nothing, so the source's port is never opened to the Atlas CIDR.
 
 Every ``ensure_*`` function looks first and changes nothing when the step is already in place; what it did
 add is returned as ``NetworkChange`` records so that a teardown removes exactly that (and only that). The
 Atlas peer id is kept in a small state document (``PeeringStateStore``: an Airflow Variable per project and
-VPC) because the contract has no "list peers" call: a second run finds and reuses it.
+VPC) so that a second run finds and reuses it; ``find_run_changes`` finds what a run added again by listing
+(its tag on rules and access-list entries, its peering in Atlas's list) when its records are lost.
 
 AWS calls use the boto3 EC2 client of the Amazon provider's ``EC2Hook`` (``hook.conn``); Atlas calls use
 ``AtlasAdminHook``. Nothing here logs or returns a credential.
@@ -25,7 +30,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -415,37 +421,77 @@ def _rule_present(group: dict[str, Any], port: int, cidr: str) -> bool:
     return False
 
 
-def ensure_security_group_rules(ec2, group_ids: list[str], ports: list[int], atlas_cidr: str,
-                                report: StepReport) -> None:
+def worker_cidrs(configured: list[str], members: list[str]) -> list[str]:
+    """The addresses the pulling workers connect from: ``configured`` (CIDRs or addresses), else the address
+    this worker's system routes to the first member from (a UDP ``connect`` sends nothing)."""
+    import socket
+
+    if configured:
+        cidrs = []
+        for value in configured:
+            try:
+                cidrs.append(str(ipaddress.ip_network(str(value).strip(), strict=False)))
+            except ValueError:
+                raise ConfigurationError(f"worker_cidrs: {value!r} is not an address or CIDR block") from None
+        return sorted(set(cidrs))
+    host, port = _split_member(members[0])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))
+        address = probe.getsockname()[0]
+    return [f"{address}/32"]
+
+
+def connection_plan(placement: Placement, workers: list[str], atlas_cidr: str, cluster_name: str) -> list[str]:
+    """Who connects to whom in the pull, and which network change lets each connection through."""
+    members = ", ".join(m.member for m in placement.members)
+    return [
+        f"the Airflow worker(s) ({', '.join(workers)}) connect to the source members {members}: the members' "
+        f"security groups ({', '.join(placement.security_group_ids)}) allow tcp "
+        f"{', '.join(map(str, placement.ports))} from them",
+        f"the worker(s) connect to Atlas cluster '{cluster_name}': over the peering ({atlas_cidr} routed from "
+        f"{placement.vpc_id}) when they run in that VPC, else over its public endpoint; Atlas's access list "
+        "allows their addresses",
+        "Atlas connects to nothing: the DAG pulls the data itself (the source port is not opened to Atlas)",
+    ]
+
+
+def ensure_security_group_rules(ec2, group_ids: list[str], ports: list[int], source_cidr: str,
+                                report: StepReport,
+                                description: str = "MongoDB from the migration worker (atlas-migration)") -> None:
+    """The MongoDB port(s) open to ``source_cidr`` (the pulling workers) in each group."""
     if not group_ids:
         raise NetworkError("the members' instances have no security group to open the MongoDB port in")
     groups = {g["GroupId"]: g for g in ec2.describe_security_groups(GroupIds=list(group_ids))["SecurityGroups"]}
     for group_id in group_ids:
         for port in ports:
-            if _rule_present(groups[group_id], port, atlas_cidr):
-                report.skip(f"security group {group_id}: tcp {port} from {atlas_cidr}")
+            if _rule_present(groups[group_id], port, source_cidr):
+                report.skip(f"security group {group_id}: tcp {port} from {source_cidr}")
                 continue
             ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=[{
                 "IpProtocol": "tcp", "FromPort": port, "ToPort": port,
-                "IpRanges": [{"CidrIp": atlas_cidr, "Description": "MongoDB from Atlas (atlas-migration)"}]}])
-            report.add(NetworkChange("sg_rule", {"group_id": group_id, "port": port, "cidr": atlas_cidr}))
+                "IpRanges": [{"CidrIp": source_cidr, "Description": description}]}])
+            report.add(NetworkChange("sg_rule", {"group_id": group_id, "port": port, "cidr": source_cidr}))
 
 
 # ---------------------------------------------------------------- teardown
 
 
 def teardown(ec2, atlas, store: PeeringStateStore | None, key: str | None,
-             changes: list[NetworkChange]) -> list[str]:
-    """Remove exactly the ``changes`` this run made, newest first. Returns what was removed.
+             changes: list[NetworkChange], *, wait_seconds: float = 300.0,
+             sleep: Callable[[float], None] = time.sleep) -> list[str]:
+    """Remove exactly the ``changes`` this run made, newest first, on both sides. Returns what was removed.
 
-    The peering connection is deleted on the AWS side (either owner may delete it; Atlas then reports it
-    gone). The Atlas network container is kept: it costs nothing, and the contract gives no delete call.
+    AWS: security-group rules, routes, the accepted peering connection. Atlas (the contract's delete calls):
+    access-list entries, the peering (Atlas deletes its request; the container is only freed once the
+    peering is gone, so this waits for that), and a container this run created. Atlas refuses to delete a
+    container a cluster still uses: that one is kept, and the log says so.
     """
     from botocore.exceptions import ClientError
 
+    from atlas_migration.atlas_api import AtlasApiError
+
     removed: list[str] = []
     kinds = {c.kind for c in changes}
-    connection_ids = {c.ids["connection_id"] for c in changes if c.kind in ("aws_accept", "route")}
     for change in reversed(changes):
         try:
             if change.kind == "sg_rule":
@@ -456,19 +502,28 @@ def teardown(ec2, atlas, store: PeeringStateStore | None, key: str | None,
                 ec2.delete_route(RouteTableId=change.ids["route_table_id"], DestinationCidrBlock=change.ids["cidr"])
             elif change.kind == "aws_accept":
                 ec2.delete_vpc_peering_connection(VpcPeeringConnectionId=change.ids["connection_id"])
-            elif change.kind == "peering" and "aws_accept" not in kinds:
-                # Requested by this run but never accepted: reject it so it does not linger.
-                for connection_id in connection_ids or _peer_connection_ids(atlas, change.ids["peer_id"]):
-                    if peering_status(ec2, connection_id) == "pending-acceptance":
-                        ec2.reject_vpc_peering_connection(VpcPeeringConnectionId=connection_id)
-            elif change.kind in ("container", "access_list"):
-                log.info("network teardown: keeping %s (no delete call in the Atlas contract used here; remove "
-                         "it in the Atlas UI if unwanted)", change.describe())
-                continue
+            elif change.kind == "access_list":
+                atlas.delete_access_list_entry(change.ids["cidr"])
+            elif change.kind == "peering":
+                atlas.delete_peering_connection(change.ids["peer_id"])
+                _wait_peer_gone(atlas, change.ids["peer_id"], wait_seconds, sleep)
+            elif change.kind == "container":
+                try:
+                    atlas.delete_container(change.ids["container_id"])
+                except AtlasApiError as exc:
+                    if exc.status != 409:
+                        raise
+                    log.warning("network teardown: Atlas keeps %s (%s: still in use)", change.describe(),
+                                exc.error_code)
+                    continue
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if "NotFound" not in code:
                 raise NetworkError(f"network teardown could not remove {change.describe()}: {code}") from None
+            log.info("network teardown: %s was already gone", change.describe())
+        except AtlasApiError as exc:
+            if exc.status != 404:
+                raise NetworkError(f"network teardown could not remove {change.describe()}: {exc}") from None
             log.info("network teardown: %s was already gone", change.describe())
         removed.append(change.describe())
         log.info("network teardown: removed %s", change.describe())
@@ -477,9 +532,48 @@ def teardown(ec2, atlas, store: PeeringStateStore | None, key: str | None,
     return removed
 
 
-def _peer_connection_ids(atlas, peer_id: str) -> list[str]:
-    peer = atlas.get_peering_connection(peer_id)
-    return [peer["connectionId"]] if peer.get("connectionId") else []
+def _wait_peer_gone(atlas, peer_id: str, wait_seconds: float, sleep: Callable[[float], None]) -> None:
+    from atlas_migration.atlas_api import AtlasApiError
+
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        try:
+            atlas.get_peering_connection(peer_id)
+        except AtlasApiError as exc:
+            if exc.status == 404:
+                return
+            raise
+        sleep(2.0)
+    raise NetworkError(f"network teardown: the Atlas peering {peer_id} was still TERMINATING after "
+                       f"{wait_seconds:.0f} s; run the teardown again to remove what depends on it")
+
+
+def find_run_changes(ec2, atlas, placement: Placement, tag: str, peer_id: str | None) -> list[NetworkChange]:
+    """What a run added, found again by listing (after a crash that lost its XCom): security-group rules and
+    access-list entries carrying the run's ``tag``; the run's Atlas peering (``peer_id``, from its state
+    document) if Atlas still lists it for this VPC, with its AWS connection and the routes through it."""
+    found: list[NetworkChange] = []
+    peer = next((p for p in atlas.list_peering_connections()
+                 if p.get("id") == peer_id and p.get("vpcId") == placement.vpc_id), None) if peer_id else None
+    if peer is not None:
+        found.append(NetworkChange("peering", {"peer_id": peer["id"], "vpc_id": placement.vpc_id}))
+        pcx = peer.get("connectionId")
+        if pcx and peering_status(ec2, pcx) in ("active", "provisioning"):
+            found.append(NetworkChange("aws_accept", {"connection_id": pcx}))
+        if pcx:
+            tables = ec2.describe_route_tables(RouteTableIds=list(placement.route_table_ids))["RouteTables"]
+            found += [NetworkChange("route", {"route_table_id": t["RouteTableId"], "cidr": r["DestinationCidrBlock"],
+                                              "connection_id": pcx})
+                      for t in tables for r in t.get("Routes", []) if r.get("VpcPeeringConnectionId") == pcx]
+    groups = ec2.describe_security_groups(GroupIds=list(placement.security_group_ids))["SecurityGroups"]
+    for group in groups:
+        for perm in group.get("IpPermissions", []):
+            found += [NetworkChange("sg_rule", {"group_id": group["GroupId"], "port": perm.get("FromPort"),
+                                                "cidr": r["CidrIp"]})
+                      for r in perm.get("IpRanges", []) if r.get("Description") == tag]
+    found += [NetworkChange("access_list", {"cidr": e["cidrBlock"]})
+              for e in atlas.list_access_list() if e.get("comment") == tag]
+    return found
 
 
 def require_cidr(value: str, name: str) -> str:
@@ -522,3 +616,15 @@ class AtlasProject:
 
     def add_access_list_entries(self, entries: list[dict[str, str]]) -> list[dict[str, Any]]:
         return self.hook.add_access_list_entries(entries, group_id=self.group_id)
+
+    def list_peering_connections(self) -> list[dict[str, Any]]:
+        return self.hook.list_peering_connections(group_id=self.group_id)
+
+    def delete_peering_connection(self, peer_id: str) -> None:
+        self.hook.delete_peering_connection(peer_id, group_id=self.group_id)
+
+    def delete_container(self, container_id: str) -> None:
+        self.hook.delete_container(container_id, group_id=self.group_id)
+
+    def delete_access_list_entry(self, entry_value: str) -> None:
+        self.hook.delete_access_list_entry(entry_value, group_id=self.group_id)

@@ -129,6 +129,10 @@ def rehearsal_params() -> dict[str, Any]:
         "", type="string", title="Rehearsal target connection",
         description="Optional separate Airflow connection (type mongo) for the scratch copy; empty: the target "
                     "connection, with the prefix above.", section="Rehearsal")
+    params["rehearsal_network_dry_run"] = Param(
+        False, type="boolean", title="Dry run of the network preparation",
+        description="AWS replica-set path: a rehearsal never prepares networking. On: read AWS and Atlas and log "
+                    "what network_mode=prepare would add, changing nothing.", section="Rehearsal")
     params["keep_history"] = Param(
         50, type="integer", minimum=1, maximum=10_000, title="Runs in the trend table",
         description="How many past rehearsals the trend table shows.", section="Rehearsal")

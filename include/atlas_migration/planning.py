@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from atlas_migration.errors import ConfigurationError, TargetNotEmpty
 from atlas_migration.namespaces import NamespaceFilter
-from atlas_migration.profile import SourceProfile
+from atlas_migration.profile import SourceProfile, describe_refused
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class CopyPlan:
 def build_copy_plan(profile: SourceProfile, selection: NamespaceFilter, target_db_prefix: str = "") -> CopyPlan:
     """Select namespaces from the inventory. An include pattern matching nothing is an error (a typo would
     otherwise silently migrate nothing)."""
+    refuse_driver_refused_names(profile, selection)
     names = [c.namespace for c in profile.collections]
     if missing := selection.unmatched_includes(names):
         raise ConfigurationError(
@@ -67,6 +68,7 @@ def build_copy_plan(profile: SourceProfile, selection: NamespaceFilter, target_d
             f"'{profile.conn_id}' (it has: {', '.join(names[:20]) or 'none'}{' ...' if len(names) > 20 else ''})"
         )
     plan = CopyPlan()
+    plan.skipped += [describe_refused(r) for r in profile.refused_names]
     for info in profile.collections:
         if not selection.matches(info.db, info.name):
             plan.skipped.append(info.namespace)
@@ -78,6 +80,22 @@ def build_copy_plan(profile: SourceProfile, selection: NamespaceFilter, target_d
     if not plan.collections and not plan.views:
         raise ConfigurationError(f"nothing to migrate: no namespace of source '{profile.conn_id}' is selected")
     return plan
+
+
+def refuse_driver_refused_names(profile: SourceProfile, selection: NamespaceFilter) -> None:
+    """Refuse, by name and reason, every selected namespace whose name the driver refuses (before anything is
+    written); the excluded ones are left out of the plan."""
+    selected = [r for r in profile.refused_names
+                if (selection.may_select_database(r["db"]) if r.get("collection") is None
+                    else selection.matches(r["db"], r["collection"]))]
+    if not selected:
+        return
+    hints = [f"{r['db']}.*" if r.get("collection") is None else f"{r['db']}.{r['collection']}" for r in selected]
+    raise ConfigurationError(
+        f"{len(selected)} namespace(s) of source '{profile.conn_id}' have names the MongoDB driver (pymongo) refuses, "
+        "so no strategy can read or write them:\n" + "\n".join(f"  - {describe_refused(r)}" for r in selected)
+        + "\nNothing was written. Rename them on the source, or exclude them with exclude_namespaces: "
+        + ", ".join(repr(h) for h in hints))
 
 
 def find_occupied_targets(target_client, items: list[NamespaceItem]) -> list[str]:
@@ -99,8 +117,15 @@ def find_occupied_targets(target_client, items: list[NamespaceItem]) -> list[str
 
 
 def refuse_occupied_targets(occupied: list[str], target_conn_id: str) -> None:
+    """Refuse a target that holds data, saying what to do next: most often an earlier run of this DAG wrote
+    it and failed part-way (a source, target or worker killed mid-copy)."""
     if occupied:
         raise TargetNotEmpty(
             f"{len(occupied)} target namespace(s) on '{target_conn_id}' already hold data: {', '.join(occupied)}. "
-            "Nothing was written. Set drop_target=true to replace them, or exclude them with exclude_namespaces."
+            "Nothing was written by this run. If an earlier run wrote them and failed part-way (a server or "
+            "worker killed mid-copy), either clear and retry that run's failed task within the same run "
+            "(Airflow UI: the failed run > the failed task > Clear, with downstream tasks; the live pull resumes "
+            "from the checkpoints it keeps on the target and a mongorestore task replaces its own collection), or "
+            "start a new run with drop_target=true, which replaces exactly these namespaces. To keep them as they "
+            "are, exclude them with exclude_namespaces."
         )

@@ -51,6 +51,9 @@ class SourceProfile:
     unknown: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     inspected_at: str = ""
+    # Namespaces the driver (pymongo) refuses to address: {"db", "collection" (None: the whole database,
+    # whose collections cannot even be listed), "reason"}. Planning refuses the selected ones by name.
+    refused_names: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def version_tuple(self) -> tuple[int, ...] | None:
@@ -101,7 +104,15 @@ class SourceProfile:
             f"~{self.total_documents:,} documents, {self.total_bytes / 1e6:,.1f} MB",
         ]
         lines += [f"note              : {n}" for n in self.notes]
+        lines += [f"name refused      : {describe_refused(r)}" for r in self.refused_names]
         return lines
+
+
+def describe_refused(entry: dict[str, Any]) -> str:
+    """``database 'bad db' (why)`` or ``namespace 'db.a/../x' (why)``."""
+    if entry.get("collection") is None:
+        return f"database {entry['db']!r} ({entry['reason']})"
+    return f"namespace {entry['db'] + '.' + entry['collection']!r} ({entry['reason']})"
 
 
 def parse_version(version: str | None) -> tuple[int, ...] | None:

@@ -2,6 +2,11 @@
 
 Pure functions over what the run's tasks returned (XCom) and its validation report; the only I/O is
 appending to and reading the JSON-lines history file.
+
+Scratch databases are claimed before they are written: a marker document per database
+(``__atlas_migration.rehearsal_scratch``, ``_id`` = the database name) is written on the target before the
+rehearsal creates it, and the clean-up drops only databases that carry a marker, never by prefix alone
+(a prefix of ``app`` would otherwise drop a real ``app_prod``). The decisions are the pure functions below.
 """
 
 from __future__ import annotations
@@ -10,6 +15,22 @@ import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
+
+SCRATCH_MARKER_DB = "__atlas_migration"
+SCRATCH_MARKER_COLLECTION = "rehearsal_scratch"
+
+
+def scratch_conflicts(planned: list[str], existing: set[str], marked: set[str]) -> list[str]:
+    """Planned scratch databases that already exist on the target without a rehearsal's marker: a rehearsal
+    must not write into (or later drop) a database it did not create."""
+    return sorted(db for db in set(planned) if db in existing and db not in marked)
+
+
+def databases_to_drop(existing: set[str], marked: set[str], prefix: str) -> list[str]:
+    """What the clean-up drops: databases a rehearsal recorded creating, under this prefix; nothing else."""
+    if not prefix:
+        return []
+    return sorted(db for db in existing if db in marked and db.startswith(prefix))
 
 
 def _span(items: list[dict[str, Any]], start_key: str, end_key: str) -> float | None:

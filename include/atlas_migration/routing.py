@@ -141,7 +141,8 @@ def _auto(profile: SourceProfile) -> tuple[Strategy, str, list[str]]:
     if profile.hosting == "aws" and profile.topology == "replica_set":
         return Strategy.AWS_REPLICA_SET, "aws_replica_set", [*notes,
             f"the source is a replica set running on AWS ({profile.hosting_evidence or 'declared'}); the network "
-            "(VPC peering, routes, security groups) is prepared, then Atlas pulls the data"]
+            "(VPC peering, routes, security groups, access list) is prepared for the pull: the DAG's workers read the "
+            "source and write to Atlas (Atlas connects to nothing)"]
     return Strategy.LIVE_PULL, "default", [*notes,
         f"not managed by Cloud Manager, {profile.topology.replace('_', ' ')} with a readable oplog: the data is "
         "pulled live and the cutover waits until the target has caught up"]

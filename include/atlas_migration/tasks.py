@@ -153,7 +153,8 @@ def _atlas_cluster(params: dict[str, Any]) -> tuple[dict[str, Any] | None, str |
         return None, f"Atlas Admin API: {exc}"
 
 
-def route(params: dict[str, Any], profile_data: dict[str, Any], available: frozenset[str]) -> dict[str, Any]:
+def route(params: dict[str, Any], profile_data: dict[str, Any], available: frozenset[str],
+          run_id: str = "") -> dict[str, Any]:
     from atlas_migration.routing import choose_for_files
     from atlas_migration.target_inspection import TargetProfile
 
@@ -169,6 +170,9 @@ def route(params: dict[str, Any], profile_data: dict[str, Any], available: froze
         _log_block("Routing decision", decision.explain().splitlines())
         _log_block("Copy plan", plan.describe())
     result = {**decision.to_dict(), "dry_run": p.dry_run, "available": decision.strategy in available}
+    if p.rehearsal:
+        # Before any strategy writes: the scratch databases must be ours (claimed with a marker) or new.
+        claim_scratch(p, sorted({i.target_db for i in plan.all_items if i.target_db}), run_id, write=not p.dry_run)
     if p.dry_run:
         status = "available" if result["available"] else "NOT built in this release"
         log.info("Dry run: stopping after inspection and routing (the '%s' task group is %s). Nothing was written.",
@@ -524,6 +528,16 @@ def report(profile_data: dict[str, Any], decision: dict[str, Any], validation_re
 # ---------------------------------------------------------------- rehearsals
 
 
+def _scratch_state(client, prefix: str) -> tuple[set[str], set[str]]:
+    """Databases under ``prefix`` on the rehearsal target, and those a rehearsal recorded creating."""
+    from atlas_migration.rehearsal import SCRATCH_MARKER_COLLECTION, SCRATCH_MARKER_DB
+
+    existing = {n for n in client.list_database_names() if n.startswith(prefix)}
+    markers = client[SCRATCH_MARKER_DB][SCRATCH_MARKER_COLLECTION]
+    marked = {d["_id"] for d in markers.find({"prefix": prefix}, {"_id": 1})}
+    return existing, marked
+
+
 def check_scratch(params: dict[str, Any]) -> list[str]:
     """Before a rehearsal: the scratch target is reachable; say which scratch databases are left over."""
     p = MigrationParams.parse(params)
@@ -531,23 +545,62 @@ def check_scratch(params: dict[str, Any]) -> list[str]:
         raise ConfigurationError("check_scratch only runs in a rehearsal")
     target = endpoint_from_connection(p.target_conn_id, "target")
     with closing(target.connect()) as client:
-        leftovers = [n for n in client.list_database_names() if n.startswith(p.target_db_prefix)]
-    log.info("rehearsal writes to '%s' as %s<db>; leftover scratch databases (replaced): %s", p.target_conn_id,
-             p.target_db_prefix, ", ".join(leftovers) or "none")
+        existing, marked = _scratch_state(client, p.target_db_prefix)
+    leftovers = sorted(existing & marked)
+    foreign = sorted(existing - marked)
+    log.info("rehearsal writes to '%s' as %s<db>; leftover scratch databases of earlier rehearsals (replaced): %s",
+             p.target_conn_id, p.target_db_prefix, ", ".join(leftovers) or "none")
+    if foreign:
+        log.warning("databases named %s* that no rehearsal created (never written to nor dropped by a rehearsal): "
+                    "%s", p.target_db_prefix, ", ".join(foreign))
     return leftovers
 
 
+def claim_scratch(p: MigrationParams, databases: list[str], run_id: str, *, write: bool = True) -> None:
+    """Record (on the rehearsal target) that this rehearsal creates ``databases``, before it writes any of
+    them; refuse, before anything is written, a database of that name which no rehearsal created."""
+    import datetime as dt
+
+    from atlas_migration.rehearsal import SCRATCH_MARKER_COLLECTION, SCRATCH_MARKER_DB, scratch_conflicts
+
+    target = endpoint_from_connection(p.target_conn_id, "target")
+    with closing(target.connect()) as client:
+        existing, marked = _scratch_state(client, p.target_db_prefix)
+        conflicts = scratch_conflicts(databases, existing, marked)
+        if conflicts:
+            raise ConfigurationError(
+                f"the rehearsal would write into database(s) {', '.join(conflicts)} on '{p.target_conn_id}', which "
+                "exist but were not created by a rehearsal. Nothing was written. Choose another "
+                "rehearsal_db_prefix (or a separate rehearsal_target_conn_id)")
+        if not write:
+            return
+        markers = client[SCRATCH_MARKER_DB][SCRATCH_MARKER_COLLECTION]
+        now = dt.datetime.now(dt.UTC)
+        for name in databases:
+            markers.update_one({"_id": name}, {"$setOnInsert": {"prefix": p.target_db_prefix, "created_at": now,
+                                                                "run_id": run_id}}, upsert=True)
+    log.info("rehearsal: scratch database(s) recorded as created by a rehearsal: %s", ", ".join(databases))
+
+
 def cleanup_scratch(params: dict[str, Any]) -> list[str]:
-    """Drop the rehearsal's scratch databases (``<prefix>*``) on the rehearsal target, and nothing else."""
+    """Drop the scratch databases a rehearsal recorded creating (a marker on the rehearsal target), and
+    nothing else: a database that merely starts with the prefix is kept."""
+    from atlas_migration.rehearsal import SCRATCH_MARKER_COLLECTION, SCRATCH_MARKER_DB, databases_to_drop
+
     p = MigrationParams.parse(params)
     if not p.rehearsal or not p.target_db_prefix:
         raise ConfigurationError("cleanup_scratch only runs in a rehearsal, with a scratch database prefix")
     target = endpoint_from_connection(p.target_conn_id, "target")
     with closing(target.connect()) as client:
-        scratch = [name for name in client.list_database_names() if name.startswith(p.target_db_prefix)]
+        existing, marked = _scratch_state(client, p.target_db_prefix)
+        scratch = databases_to_drop(existing, marked, p.target_db_prefix)
         for name in scratch:
             client.drop_database(name)
-    log.info("dropped %d scratch database(s) on '%s': %s", len(scratch), p.target_conn_id, ", ".join(scratch) or "none")
+        # Markers go last: a clean-up killed half-way still finds what remains to drop.
+        client[SCRATCH_MARKER_DB][SCRATCH_MARKER_COLLECTION].delete_many({"_id": {"$in": sorted(marked)}})
+    kept = sorted(existing - set(scratch))
+    log.info("dropped %d scratch database(s) on '%s': %s%s", len(scratch), p.target_conn_id, ", ".join(scratch) or "none",
+             f"; kept (not created by a rehearsal): {', '.join(kept)}" if kept else "")
     return scratch
 
 

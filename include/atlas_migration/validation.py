@@ -772,10 +772,13 @@ def scope_at_fence(
 
 def list_namespaces(client: MongoClient) -> list[tuple[str, str]]:
     """Every ``(db, collection)`` of a deployment (views included), system databases skipped."""
+    from atlas_migration.inspection import driver_refusal
     from atlas_migration.namespaces import SYSTEM_DATABASES
 
-    return [(db, name) for db in client.list_database_names() if db not in SYSTEM_DATABASES
-            for name in client[db].list_collection_names()]
+    # Names the driver refuses were refused at planning when selected; the others are excluded: skip them.
+    return [(db, name) for db in client.list_database_names()
+            if db not in SYSTEM_DATABASES and not driver_refusal(client, db)
+            for name in client[db].list_collection_names() if not driver_refusal(client, db, name)]
 
 
 def validate_namespaces(

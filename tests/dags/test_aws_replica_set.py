@@ -72,6 +72,24 @@ CONF = {"strategy": "auto", "aws_conn_id": "aws_test", "target_cluster_name": "c
         "cutover": "auto", "quiet_period_seconds": 2, "atlas_cidr_block": ATLAS_CIDR, "validation_mode": "full"}
 
 
+def atlas_project_state(url: str) -> dict[str, list]:
+    """The stand-in's containers, peers and access list of the project, read through the API."""
+    import requests
+    from requests.auth import HTTPDigestAuth
+
+    from devtools.atlas_api_server import Scenario
+
+    project, state = Scenario().atlas_project_id, {}
+    for what in ("containers", "peers", "accessList"):
+        reply = requests.get(f"{url}/api/atlas/v2/groups/{project}/{what}", timeout=10,
+                             params={"providerName": "AWS"} if what != "accessList" else None,
+                             auth=HTTPDigestAuth(ATLAS_PUBLIC, ATLAS_PRIVATE),
+                             headers={"Accept": "application/vnd.atlas.2023-01-01+json"})
+        reply.raise_for_status()
+        state[what] = reply.json()["results"]
+    return state
+
+
 def _xcom_text(home) -> str:
     with sqlite3.connect(home.path / "airflow.db") as db:
         return "\n".join(str(row[0]) for row in db.execute("SELECT value FROM xcom"))
@@ -84,11 +102,11 @@ def test_aws_group_prepares_the_network_and_pulls(airflow_home, source, target, 
         src.shop.orders.create_index("total")
     process, url = _stand_in(tmp_path, moto_endpoint, "EU_WEST_1")
     try:
-        # The automatic cutover blocks user writes on the source (through the proxy that implements
-        # setUserWriteBlockMode in front of the test server).
+        # cutover=auto blocks writes on the source at the fence: the test server needs the proxy for that.
         with write_blocking_source(source) as source_uri:
-            run = airflow_home.dags_test(DAG_ID, {**CONF, "source_write_block": "require"},
+            run = airflow_home.dags_test(DAG_ID, {**CONF, "network_teardown": True, "source_write_block": "require"},
                                          env=_env(source_uri, target.uri, moto_endpoint, url))
+        atlas_after = atlas_project_state(url)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -96,11 +114,19 @@ def test_aws_group_prepares_the_network_and_pulls(airflow_home, source, target, 
     assert "user writes are now BLOCKED on the source" in run.output
     assert "strategy: aws_replica_set (chosen automatically; rule 'aws_replica_set')" in run.output
     assert "member 127.0.0.1:" in run.output and "network: added aws_accept" in run.output
+    # The DAG pulls: the source port was opened to the worker (this machine), never to the Atlas CIDR.
+    assert "network: added sg_rule cidr=127.0.0.1/32" in run.output
+    assert f"sg_rule cidr={ATLAS_CIDR}" not in run.output and "Atlas connects to nothing" in run.output
+    # The teardown left the VPC and the Atlas project as they were before the run.
+    assert "network teardown: removed access_list cidr=127.0.0.1/32" in run.output
+    assert atlas_after == {"containers": [], "peers": [], "accessList": []}, atlas_after
     peering = ec2.describe_vpc_peering_connections(Filters=[
         {"Name": "accepter-vpc-info.vpc-id", "Values": [source_on_ec2["vpc"]]}])["VpcPeeringConnections"]
-    assert [p["Status"]["Code"] for p in peering] == ["active"]
+    assert [p["Status"]["Code"] for p in peering] == ["deleted"]
     group = ec2.describe_security_groups(GroupIds=[source_on_ec2["group"]])["SecurityGroups"][0]
-    assert any(r["CidrIp"] == ATLAS_CIDR for p in group["IpPermissions"] for r in p["IpRanges"])
+    assert group["IpPermissions"] == []
+    tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [source_on_ec2["vpc"]]}])["RouteTables"]
+    assert not any(r.get("DestinationCidrBlock") == ATLAS_CIDR for t in tables for r in t["Routes"])
     with source.client() as src, target.client() as dst:
         assert_namespaces_identical(src, dst, user_namespaces(src))
     xcoms = _xcom_text(airflow_home)

@@ -24,11 +24,11 @@ ENGINE_FIGURES = {
     *(f"validation.{mode}.{size}x" for mode in ("counts", "full") for size in (1, 2, 4)),
     *(f"scaling.{n}" for n in (1, 2, 4)),
     *(f"memory.{kind}.{size}x" for kind in ("dump", "restore") for size in (1, 4)),
-    "live.initial_copy", "live.steady", "live.catch_up",
+    "live.initial_copy", "live.verify_compare", "live.verify_recheck", "live.steady", "live.catch_up",
 }
 TOOL_FIGURES = {"tools.mongodump", "tools.mongorestore", "tools.copy"}
 IMPORT_TOOL_FIGURES = {"file_import.mongoimport"}
-TARGETS = {"target.copy", "target.dump", "target.validation", "target.memory"}
+TARGETS = {"target.copy", "target.dump", "target.validation", "target.verify", "target.memory"}
 
 
 def test_smallest_configuration_measures_every_figure(tmp_path, capsys):

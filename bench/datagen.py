@@ -240,3 +240,55 @@ __all__ = [
     "SeededDataset",
     "seed_source",
 ]
+
+
+# ------------------------------------------------------------------------------- files for the import phase
+IMPORT_CSV_HEADER = "n,name,score,city.name,city.zip,joined,note\n"
+_CITIES = ("Paris", "Oslo", "Lagos", "Lima", "Osaka", "Quito", "Perth", "Tunis")
+
+
+def _import_row(rng: random.Random, n: int, fmt: str) -> str:
+    """One record: auto-typed numbers, a nested city, a date and a note (sometimes quoted, with a comma
+    and, one row in fifty, a newline inside the quotes, so CSV range cuts meet quoted newlines)."""
+    words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 16)))
+    city = rng.choice(_CITIES)
+    zip_code = rng.randint(10_000, 99_999)
+    score = round(rng.uniform(0, 1000), 3)
+    day = dt.date(2020, 1, 1) + dt.timedelta(days=rng.randint(0, 1500))
+    if fmt == "csv":
+        note = f'"{words},\n{n}"' if n % 50 == 0 else (f'"{words}, {n}"' if n % 2 else f"{words} {n}")
+        return f"{n},user{n:09d},{score},{city},{zip_code},{day.isoformat()},{note}\n"
+    return (f'{{"n": {n}, "name": "user{n:09d}", "score": {score}, "city": {{"name": "{city}", "zip": {zip_code}}}, '
+            f'"joined": {{"$date": "{day.isoformat()}T00:00:00Z"}}, "big": {{"$numberLong": "{n * 1_000_003}"}}, '
+            f'"note": "{words}"}}\n')
+
+
+_WORDS = ("order", "paid", "shipped", "return", "refund", "gift", "priority", "note", "customer", "address",
+          "delayed", "express", "bundle", "coupon", "review", "invoice")
+
+
+def write_import_file(path, fmt: str, target_bytes: int, seed: int) -> tuple[int, int]:
+    """Write a CSV (with a header line) or JSON Lines file of about ``target_bytes``; (records, bytes).
+
+    Deterministic for a seed; written in 1 MiB chunks, so a gigabyte-sized file costs no memory."""
+    if fmt not in ("csv", "json"):
+        raise ValueError(f"import files are csv or json, not {fmt!r}")
+    rng = random.Random(f"import-{fmt}-{seed}")
+    written = rows = 0
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        if fmt == "csv":
+            out.write(IMPORT_CSV_HEADER)
+            written += len(IMPORT_CSV_HEADER)
+        chunk: list[str] = []
+        size = 0
+        while written + size < target_bytes:
+            rows += 1
+            line = _import_row(rng, rows, fmt)
+            chunk.append(line)
+            size += len(line)
+            if size >= 1 << 20:
+                out.write("".join(chunk))
+                written, chunk, size = written + size, [], 0
+        out.write("".join(chunk))
+        written += size
+    return rows, written

@@ -29,7 +29,7 @@ from bench.measure import BenchError, ChildOutcome, GroupOutcome, Section, run_c
 from bench.report import INSERT_CEILING, READ_CEILING, Figure
 
 # Figure groups in the order the table shows them.
-GROUP_ORDER = ("ceiling", "dump", "restore", "copy", "tools", "validation", "scaling", "live", "memory")
+GROUP_ORDER = ("ceiling", "dump", "restore", "copy", "tools", "file_import", "validation", "scaling", "live", "memory")
 VALIDATION_MODES = ("counts", "full")
 VALIDATION_SIZES = (1, 2, 4)  # multiples of the base (one-unit) collection size
 MEMORY_SIZES = (1, 4)
@@ -61,6 +61,8 @@ class BenchConfig:
     live_write_rate: float = 200.0  # ops/s of the live phase's steady-state writer (half inserts, half updates)
     live_seconds: float | None = None  # steady-state duration; None: see live_duration
     live_backlog_ops: int | None = None  # ops written while catch-up is stopped; None: see live_backlog
+    import_mb: float = 8.0  # size of each generated import file (one CSV, one JSON Lines)
+    import_ranges: int = 4  # byte ranges (the DAG's mapped import tasks) each import file is cut into
 
     @property
     def live_duration(self) -> float:
@@ -359,6 +361,65 @@ def run_tools(ctx: BenchContext) -> list[Figure]:
     return [*figures, copied]
 
 
+IMPORT_DB = "bench_import"
+
+
+def run_file_import(ctx: BenchContext) -> list[Figure]:
+    """The native file import of a generated CSV and JSON Lines file, each cut into ``import_ranges`` ranges;
+    then mongoimport of the same files when it is on PATH."""
+    from bench.datagen import write_import_file
+
+    cfg = ctx.config
+    root = ctx.scratch("import")
+    root.mkdir(parents=True)
+    target_bytes = max(4096, int(cfg.import_mb * 1_000_000))
+    files: list[tuple[str, str, str, int, int]] = []  # path, format, collection, records, bytes
+    for fmt, suffix in (("csv", "csv"), ("json", "jsonl")):
+        path = root / f"people.{suffix}"
+        rows, size = write_import_file(path, fmt, target_bytes, cfg.seed)
+        files.append((str(path), fmt, f"people_{fmt}", rows, size))
+    figures: list[Figure] = []
+    outcomes: list[ChildOutcome] = []
+    for path, fmt, coll, rows, size in files:
+        split = max(4096, size // cfg.import_ranges + 1)
+        outcome = ctx.child(
+            "file_import", workers.file_import, name=f"import-{fmt}", target_uri=ctx.target_uri, path=path,
+            fmt=fmt, db=IMPORT_DB, coll=coll, batch_docs=cfg.batch_docs, split_bytes=split, expected_rows=rows,
+        )
+        outcomes.append(outcome)
+        sections = outcome.sections
+        figures.append(figure_from(
+            f"file_import.{fmt}", "file_import",
+            f"file import: native, {'CSV' if fmt == 'csv' else 'JSON Lines'} in {len(sections)} ranges",
+            sections, [outcome], ratio_to=INSERT_CEILING,
+            note=(f"{size / 1e6:.1f} MB file, {rows:,} records; plan (range scan) "
+                  f"{sections[0].extra['plan_seconds']:.2f}s not counted; RSS: ranges one after another in one "
+                  "process (as many tasks)"),
+        ))
+        ctx.drop_target_databases([IMPORT_DB])
+    total = figure_from("file_import.native", "file_import", "file import: native, both files",
+                        [s for o in outcomes for s in o.sections], outcomes, ratio_to=INSERT_CEILING,
+                        note="the file-import throughput row")
+    figures.insert(0, total)
+    if shutil.which("mongoimport") is None:
+        figures.append(Figure("file_import.mongoimport", "file_import", "file import: mongoimport", status="skipped",
+                              note="skipped: mongoimport not on PATH"))
+    else:
+        outcome = ctx.child(
+            "file_import", workers.mongoimport_files, name="mongoimport", target_uri=ctx.target_uri,
+            files=[(path, fmt, coll) for path, fmt, coll, _, _ in files], db=IMPORT_DB,
+        )
+        ctx.drop_target_databases([IMPORT_DB])
+        for section, (_, fmt, _, rows, _) in zip(outcome.sections, files, strict=True):
+            _check_documents(f"mongoimport of the {fmt} file", section.documents, rows)
+        figure = figure_from("file_import.mongoimport", "file_import", "file import: mongoimport, both files",
+                             outcome.sections, [outcome], ratio_to=INSERT_CEILING)
+        figure.peak_rss_mb = outcome.tool_peak_rss_mb  # the tool's own high-water mark, as for mongorestore
+        figures.append(figure)
+    shutil.rmtree(root, ignore_errors=True)
+    return figures
+
+
 def run_validation(ctx: BenchContext) -> list[Figure]:
     """Counts and full validation of single collections at 1x, 2x and 4x the base size."""
     spec = ctx.dataset.spec
@@ -562,6 +623,7 @@ PHASES: tuple[Phase, ...] = (
     Phase("restore", "native restore per collection", run_restore, needs=("dump",)),
     Phase("copy", "end-to-end copy", run_copy),
     Phase("tools", "mongodump/mongorestore", run_tools),
+    Phase("file_import", "CSV and JSON Lines import (native; mongoimport when on PATH)", run_file_import),
     Phase("validation", "counts and full validation at 1x/2x/4x", run_validation, needs=("restore",)),
     Phase("scaling", "copy over 1/2/4 worker processes", run_scaling),
     Phase("live", "live sync: initial copy, steady-state lag, catch-up, cutover", run_live),

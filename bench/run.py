@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="insert threads per collection (the DAG's restore_workers)")
     parser.add_argument("--live-write-rate", type=float, default=defaults.live_write_rate,
                         help="live phase: the writer's fixed rate in ops/s during the steady-state lag figure")
+    parser.add_argument("--import-mb", type=float, default=defaults.import_mb,
+                        help="file_import phase: size in MB of each generated file (one CSV, one JSON Lines)")
+    parser.add_argument("--import-ranges", type=int, default=defaults.import_ranges,
+                        help="file_import phase: byte ranges (import tasks) each file is cut into")
     parser.add_argument("--phases", help=f"comma-separated subset of: {', '.join(p.name for p in PHASES)}")
     parser.add_argument("--profile", metavar="PHASE", help="run that phase's child processes under cProfile")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
@@ -67,8 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.docs is None:
         args.docs = SMALL_DOCS if args.small else defaults.docs
     if (args.docs < 1 or args.doc_bytes < 1 or args.batch_size < 1 or args.restore_workers < 1
-            or args.live_write_rate <= 0):
-        parser.error("--docs, --doc-bytes, --batch-size, --restore-workers and --live-write-rate must be positive")
+            or args.live_write_rate <= 0 or args.import_mb <= 0 or args.import_ranges < 1):
+        parser.error("--docs, --doc-bytes, --batch-size, --restore-workers, --live-write-rate, --import-mb and "
+                     "--import-ranges must be positive")
     return args
 
 
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(
         docs=args.docs, doc_bytes=args.doc_bytes, collections=args.collections, seed=args.seed,
         batch_docs=args.batch_size, restore_workers=args.restore_workers, live_write_rate=args.live_write_rate,
+        import_mb=args.import_mb, import_ranges=args.import_ranges,
     )
     spec = DatasetSpec.plan(config.docs, config.doc_bytes, config.collections, config.seed)
     phases = select_phases([p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else None)

@@ -671,3 +671,65 @@ def live_cutover(
 __all__ = ["copy", "dump", "insert_ceiling", "live_backlog_catch_up", "live_cutover", "live_initial_copy",
            "live_role", "live_steady", "live_verify_compare", "live_verify_recheck", "live_writer", "read_ceiling",
            "restore", "tools_copy", "validate"]
+
+
+# ------------------------------------------------------------------------------------------- file import
+def file_import(
+    meter: Meter,
+    *,
+    target_uri: str,
+    path: str,
+    fmt: str,
+    db: str,
+    coll: str,
+    batch_docs: int,
+    split_bytes: int,
+    expected_rows: int,
+) -> None:
+    """The DAG's native file import: plan byte ranges (not measured: the plan task), then import each range
+    as its mapped task does (one section per range, one after another in this process)."""
+    import io
+    import os
+
+    from atlas_migration.engines import file_import as engine
+
+    options = engine.ImportOptions(fmt)
+    size = os.path.getsize(path)
+    started = time.perf_counter()
+    with open(path, "rb") as raw:
+        header, ranges = engine.plan_ranges(io.BufferedReader(raw, 1 << 20), size, options, split_bytes)
+    plan_seconds = time.perf_counter() - started
+    tag = engine.file_tag(path, size)
+    inserted = 0
+    with _client(target_uri) as client:
+        collection = client[db][coll]
+        for rng in ranges:
+            result = engine.RangeResult(file=path, namespace=f"{db}.{coll}", range_index=rng.index, mode="insert")
+            with meter.section(f"import {fmt} range {rng.index}") as section, open(path, "rb") as raw:
+                raw.seek(rng.start)
+                records = engine.records(engine.open_range(raw, rng, options), rng, options, header)
+                engine.import_records(collection, records, result=result, tag=tag, policy="stop", upsert_fields=[],
+                                      batch_size=batch_docs)
+            if result.rejected or result.already_present:
+                raise RuntimeError(f"range {rng.index}: {result.rejected} rejected, {result.already_present} present")
+            section.documents = result.inserted
+            section.bytes = (size if rng.end < 0 else rng.end) - rng.start
+            section.extra = {"plan_seconds": plan_seconds, "ranges": len(ranges)}
+            inserted += result.inserted
+    if inserted != expected_rows:
+        raise RuntimeError(f"imported {inserted:,} documents from {path}, which holds {expected_rows:,} records")
+
+
+def mongoimport_files(meter: Meter, *, target_uri: str, files: Sequence[tuple[str, str, str]], db: str) -> None:
+    """mongoimport of each (path, format, collection), insert mode, one section each; the count comes from the
+    target (mongoimport's summary line is not parsed)."""
+    from atlas_migration.engines import file_import as engine
+    from atlas_migration.file_import import mongoimport_argv
+
+    with mongotools.tool_config_file(target_uri) as config, _client(target_uri) as client:
+        for path, fmt, coll in files:
+            item = {"namespace": f"{db}.{coll}", "location": path, "mode": "insert", "upsert_fields": []}
+            with meter.section(f"mongoimport {fmt}") as section:
+                mongotools.run_tool(mongoimport_argv(str(config), item, engine.ImportOptions(fmt)), log=log)
+            section.documents = client[db][coll].estimated_document_count()
+            section.bytes = Path(path).stat().st_size

@@ -98,3 +98,32 @@ def test_flex_target_auto_picks_mongorestore_and_forced_live_pull_is_refused(air
     assert forced.state == "failed"
     assert "strategy 'live_pull' cannot migrate source 'mongo_source'" in forced.output
     assert "Atlas FLEX (flex) cluster" in forced.output
+
+
+def test_upsert_then_merge_into_an_occupied_target_change_only_the_keyed_documents(airflow_home, target, tmp_path):
+    # Insert-mode retries are covered in tests/engines/test_file_import.py (the same range imported twice:
+    # nothing duplicated, every row counted as already present).
+    with target.client() as client:
+        client.upmerge.people.insert_many([{"_id": 1, "name": "ann", "age": 30, "city": "Rome"},
+                                           {"_id": 2, "name": "bob", "age": 40, "city": "Oslo"},
+                                           {"_id": 3, "name": "cid", "age": 50}])
+    (tmp_path / "up").mkdir()
+    (tmp_path / "up" / "people.csv").write_text("name,city\nann,Paris\ndan,Lima\n")
+    (tmp_path / "merge").mkdir()
+    (tmp_path / "merge" / "people.jsonl").write_text('{"name": "bob", "age": 41}\n{"name": "eve", "age": 22}\n')
+    base = {"target_db": "upmerge", "upsert_fields": ["name"], "validation_mode": "counts"}
+    for mode, folder in (("upsert", "up"), ("merge", "merge")):
+        conf = {**base, "import_mode": mode, "source_files": [str(tmp_path / folder)]}
+        run = airflow_home.dags_test(DAG_ID, conf, env=_target_only(target.uri))
+        assert run.succeeded, failure_text(run)
+        assert reports_of(airflow_home, run.output)["verdict"] == "PASS"
+    with target.client() as client:
+        people = {d["name"]: d for d in client.upmerge.people.find()}
+        client.drop_database("upmerge")
+    strip = {name: {k: v for k, v in doc.items() if k != "_id"} for name, doc in people.items()}
+    # upsert replaces the whole document (ann loses age, keeps her _id); merge $sets only the file's fields
+    # (bob keeps city); unmatched keys are inserted; cid, in neither file, is untouched.
+    assert strip == {"ann": {"name": "ann", "city": "Paris"}, "bob": {"name": "bob", "age": 41, "city": "Oslo"},
+                     "cid": {"name": "cid", "age": 50}, "dan": {"name": "dan", "city": "Lima"},
+                     "eve": {"name": "eve", "age": 22}}
+    assert (people["ann"]["_id"], people["bob"]["_id"], people["cid"]["_id"]) == (1, 2, 3)

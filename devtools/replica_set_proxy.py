@@ -36,6 +36,10 @@ only member as far as they can tell) and the proxy adds, as MongoDB documents th
     represented by the handshake's application name being in ``bypass_app_names`` (``appname=`` in the
     URI). Likewise the ``setUserWriteBlockMode`` privilege (and ``appendOplogNote``'s): when
     ``privileged_app_names`` is given, other clients get Unauthorized (13); when it is None, any client may.
+    ``connectionStatus`` with ``showPrivileges``: for an authenticated client allowed to run these commands,
+    the privilege ``{resource: {cluster: true}, actions: [appendOplogNote, setUserWriteBlockMode]}`` is added
+    to ``authenticatedUserPrivileges``, as mongod lists a user's privileges (SecantusDB lists none, even for
+    root), so a pre-flight can check them.
     Reading the mode: mongod reports it in ``serverStatus`` as ``repl.userWriteBlockMode`` (1 disabled,
     2 enabled; 0 unknown), as mongod's own tests read it (jstests/noPassthrough/libs/user_write_blocking.js);
     the proxy adds that field to the backend's ``serverStatus`` reply.
@@ -483,6 +487,8 @@ class ReplicaSetProxy(WireProxy):
                         self._change_cursors.pop(int(cursor_id), None)
             elif name == "serverStatus":
                 rewrite = self._rewriter(self._server_status)
+            elif name == "connectionStatus" and body.get("showPrivileges"):
+                rewrite = self._rewriter(lambda reply: self._connection_status(conn, reply))
             elif name == "buildInfo" or name.lower() == "buildinfo":
                 rewrite = self._rewriter(self._build_info)
             elif name == "getParameter":
@@ -540,6 +546,17 @@ class ReplicaSetProxy(WireProxy):
             return hello
 
         return rewrite_reply_documents(reply, change)
+
+    def _connection_status(self, conn: Connection, reply: dict[str, Any]) -> dict[str, Any]:
+        """``connectionStatus`` with ``showPrivileges``: an authenticated client allowed to run the two commands
+        this proxy implements holds their privileges on the cluster resource, so mongod lists them among the
+        user's privileges (SecantusDB lists no privileges at all)."""
+        info = reply.get("authInfo")
+        if reply.get("ok") and isinstance(info, dict) and info.get("authenticatedUsers") and self._privileged(conn):
+            privileges = list(info.get("authenticatedUserPrivileges") or [])
+            privileges.append({"resource": {"cluster": True}, "actions": ["appendOplogNote", "setUserWriteBlockMode"]})
+            info["authenticatedUserPrivileges"] = privileges
+        return reply
 
     def _server_status(self, status: dict[str, Any]) -> dict[str, Any]:
         if status.get("ok"):

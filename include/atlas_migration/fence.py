@@ -87,7 +87,8 @@ def write_block_support(*, version: str | None, fcv: str | None, topology: str |
         return WriteBlockSupport(False, f"setUserWriteBlockMode needs MongoDB 6.0+ (the source runs {which})")
     if privileged is False:
         return WriteBlockSupport(False, "the source user lacks the setUserWriteBlockMode privilege (grant it on "
-                                        "the cluster resource, e.g. a custom role, or use the clusterManager role)")
+                                        "the cluster resource through a custom role with the action "
+                                        "setUserWriteBlockMode, or use root)")
     if privileged is None:
         return WriteBlockSupport(False, "the source user's privileges could not be read, so blocking writes "
                                         "cannot be relied on")

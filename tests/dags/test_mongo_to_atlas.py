@@ -7,6 +7,7 @@ checks the target (raw BSON, indexes, options), the reports and the logs.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def reports_of(home: AirflowHome, run_output: str) -> dict:
 
 
 def failure_text(run) -> str:
+    dump = os.environ.get("MIGRATION_TEST_RUN_OUTPUT")  # a file to keep the whole output of a failed run in
+    if dump and run is not None:
+        Path(dump).write_text(run.output)
     return f"state={run.state}\n{run.output[-6000:]}"
 
 

@@ -109,10 +109,20 @@ def compose_deployment(tmp_path_factory) -> Iterator[ComposeDeployment]:
         shard.destroy()
 
 
+def _unblock_writes(deployment: ComposeDeployment) -> None:
+    """A cutover leaves user writes blocked on the source (on purpose): unblock them, as a rollback would."""
+    import pymongo
+
+    with pymongo.MongoClient(deployment.mongos_uri) as client:
+        client.admin.command("setUserWriteBlockMode", 1, **{"global": False})
+
+
 @pytest.fixture
 def compose(compose_deployment) -> Iterator[ComposeDeployment]:
+    _unblock_writes(compose_deployment)
     compose_deployment.drop_user_databases()
     yield compose_deployment
+    _unblock_writes(compose_deployment)
     compose_deployment.drop_user_databases()
 
 

@@ -16,7 +16,7 @@ import pytest
 from devtools.airflow_env import AirflowHome, conn_env_name, mongo_connection_json
 from devtools.mongo_servers import start_server
 from devtools.sample_data import seed_sample_dataset
-from tests.helpers import assert_namespaces_identical, user_namespaces
+from tests.helpers import assert_namespaces_identical, user_namespaces, write_blocking_source
 
 pytestmark = pytest.mark.integration
 DAG_ID = "mongo_to_atlas"
@@ -86,8 +86,10 @@ def test_include_exclude_and_forced_strategy(airflow_home, source, target):
 def test_auto_on_replica_set_routes_to_live_pull(airflow_home, source, target):
     with source.client() as src:
         src.shop.orders.insert_many([{"_id": i, "v": i} for i in range(200)])
-    run = airflow_home.dags_test(DAG_ID, {"cutover": "auto", "quiet_period_seconds": 1},
-                                 env={**conns(source.uri, target.uri), "MIGRATION_POKE_INTERVAL_SECONDS": "2"})
+    # cutover=auto blocks user writes on the source at the fence: the test server needs the proxy for that.
+    with write_blocking_source(source) as source_uri:
+        run = airflow_home.dags_test(DAG_ID, {"cutover": "auto", "quiet_period_seconds": 1},
+                                     env={**conns(source_uri, target.uri), "MIGRATION_POKE_INTERVAL_SECONDS": "2"})
     assert run.succeeded, failure_text(run)
     assert "strategy: live_pull (chosen automatically; rule 'default')" in run.output
     with source.client() as src, target.client() as dst:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -719,6 +719,14 @@ def test_commit_stops_at_the_commit_point(server, source, target) -> None:
         hook.commit()
         time.sleep(1.0)  # the application has not stopped: these writes come after the commit point
         assert wait_event(server, "committed")["status"] == "success"
+        # The stand-in places its commit point when its current catch-up batch ends, so keep writing after
+        # COMMITTED: these writes, too, come after the commit point and must not reach the destination.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            point = server.state()["commitPoint"]
+            if point and sum(1 for _, ts in writer.acked if (ts.time, ts.inc) > tuple(point)) > 5:
+                break
+            time.sleep(0.2)
     point = server.state()["commitPoint"]
     assert point and server.state()["sourceWriteBlocked"] is False
     from bson import Timestamp
@@ -747,6 +755,19 @@ class FakeHook:
         self.commits += 1
 
 
+def write_after_fence(kept: list, write: Callable[[], object]) -> Callable[[object], None]:
+    """A ``keep`` callback that records each fence and, the first time, makes an application write: the write
+    lands after the fence whatever the machine's load (a timer could fire before the fence is taken)."""
+    pending = [write]
+
+    def keep(fence: object) -> None:
+        kept.append(fence)
+        if pending:
+            pending.pop()()
+
+    return keep
+
+
 def test_commit_decisions_behind_the_fence(source) -> None:
     selected = late_write_selector(NamespaceFilter.from_patterns(["shop.*"], []))
     kept: list = []
@@ -759,23 +780,20 @@ def test_commit_decisions_behind_the_fence(source) -> None:
         assert hook.commits == 1 and result["fence"]["blocked"] is False and result["fence"]["late_writes"] == {}
         assert result["fence"]["how"] == "operator_statement" and kept[-1].op_time == result["fence"]["op_time"]
         # A write after the fence: refused, /commit NOT sent, the count and namespace in the error.
+        # The application writes right after the fence is stored (keep runs then), however slow the machine.
         hook = FakeHook()
-        timer = threading.Timer(0.3, lambda: client.shop.orders.insert_many([{"_id": 2}, {"_id": 3}]))
-        timer.start()
         with pytest.raises(CutoverRefused) as refused:
             commit_with_fence(hook, client, source_blocked=False, max_lag_seconds=5, quiet_seconds=1.5,
-                              selected=selected, keep=kept.append)
-        timer.join()
+                              selected=selected,
+                              keep=write_after_fence(kept, lambda: client.shop.orders.insert_many([{"_id": 2},
+                                                                                                  {"_id": 3}])))
         assert isinstance(refused.value, LateWrites) and refused.value.late == {"shop.orders": 2}
         assert "2 application write(s)" in str(refused.value) and hook.commits == 0
         assert kept[-1].late_writes == {"shop.orders": 2}
         # A write elsewhere (not migrated) is not a late write.
         hook = FakeHook()
-        timer = threading.Timer(0.3, lambda: client.other.audit.insert_one({"y": 2}))
-        timer.start()
         commit_with_fence(hook, client, source_blocked=False, max_lag_seconds=5, quiet_seconds=1,
-                          selected=selected, keep=kept.append)
-        timer.join()
+                          selected=selected, keep=write_after_fence(kept, lambda: client.other.audit.insert_one({"y": 2})))
         assert hook.commits == 1
         # With source write blocking mongosync blocks the source itself: commit at once, fence after it.
         hook = FakeHook()

@@ -4,7 +4,12 @@ import pytest
 
 from atlas_migration.errors import ConfigurationError, TargetNotEmpty
 from atlas_migration.namespaces import NamespaceFilter
-from atlas_migration.planning import build_copy_plan, refuse_occupied_targets
+from atlas_migration.planning import (
+    DEFAULT_MAX_MAP_LENGTH,
+    build_copy_plan,
+    map_batches,
+    refuse_occupied_targets,
+)
 from atlas_migration.profile import CollectionInfo, SourceProfile
 
 
@@ -65,3 +70,30 @@ def test_profile_round_trips_through_json():
     again = SourceProfile.from_dict(json.loads(json.dumps(original.to_dict())))
     assert again == original
     assert again.total_documents == 1215 and again.databases == ["analytics", "logs", "shop"]
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 1024, 1025, 2000, 5000])
+def test_map_batches_stay_within_the_limit_and_keep_every_item_once(count: int) -> None:
+    items = list(range(count))
+    batches = map_batches(items, DEFAULT_MAX_MAP_LENGTH)
+    assert len(batches) == min(count, DEFAULT_MAX_MAP_LENGTH)
+    assert sorted(i for batch in batches for i in batch) == items
+    if count <= DEFAULT_MAX_MAP_LENGTH:
+        assert batches == [[i] for i in items]  # one task per item, as before
+    else:
+        sizes = {len(batch) for batch in batches}
+        assert max(sizes) - min(sizes) <= 1 and all(batch == sorted(batch) for batch in batches)
+
+
+def test_map_batches_deal_large_items_across_batches() -> None:
+    """Lists arrive largest first: the first batches must not take all the large collections."""
+    sizes = sorted(range(1, 101), reverse=True)
+    batches = map_batches(sizes, 10)
+    totals = [sum(batch) for batch in batches]
+    assert [batch[0] for batch in batches] == list(range(100, 90, -1))
+    assert max(totals) - min(totals) <= 10 * 9  # contiguous slices would differ by 900
+
+
+def test_map_batches_refuse_a_limit_below_one() -> None:
+    with pytest.raises(ConfigurationError, match="at least 1"):
+        map_batches([1, 2], 0)

@@ -1,7 +1,8 @@
 """The ``mongorestore`` strategy's tasks: dump each collection, restore it into Atlas, views last.
 
     prepare (target checks, one item per collection)
-      -> copy[i]: dump -> restore      (a mapped task group: one instance per collection)
+      -> copy[i]: dump -> restore      (a mapped task group: one instance per collection; beyond Airflow's
+                                        max_map_length, one per batch of collections)
       -> restore_views                 (after every collection: a view needs its source collection)
 
 Each collection's restore starts as soon as ITS dump is done (a mapped task group orders ``dump[i] ->
@@ -30,26 +31,30 @@ def add_restore_tasks(profile) -> None:
     being built."""
 
     @task
-    def prepare(profile: dict, params=None, dag=None, run_id=None) -> list[dict]:
-        return steps.prepare_restore(params, profile, _paths(params, dag, run_id))
+    def prepare(profile: dict, params=None, dag=None, run_id=None) -> list[list[dict]]:
+        from atlas_migration.mapping import batches_for_mapping
+
+        return batches_for_mapping(steps.prepare_restore(params, profile, _paths(params, dag, run_id)), "collections")
 
     @task(retries=2)
-    def dump(item: dict, params=None, dag=None, run_id=None) -> dict:
-        return steps.dump_namespace(params, item, _paths(params, dag, run_id))
+    def dump(items: list[dict], params=None, dag=None, run_id=None) -> list[dict]:
+        paths = _paths(params, dag, run_id)
+        return [steps.dump_namespace(params, item, paths) for item in items]
 
     @task(retries=2)
-    def restore(dumped: dict, params=None, dag=None, run_id=None) -> dict:
-        return steps.restore_namespace(params, dumped, _paths(params, dag, run_id))
+    def restore(dumped: list[dict], params=None, dag=None, run_id=None) -> list[dict]:
+        paths = _paths(params, dag, run_id)
+        return [steps.restore_namespace(params, one, paths) for one in dumped]
 
     @task_group(group_id="copy")
-    def copy(item) -> None:
-        restore(dump(item))
+    def copy(items) -> None:
+        restore(dump(items))
 
     @task(retries=2)
     def restore_views(profile: dict, params=None, dag=None, run_id=None) -> list[str]:
         return steps.restore_views(params, profile, _paths(params, dag, run_id))
 
-    copy.expand(item=prepare(profile)) >> restore_views(profile)
+    copy.expand(items=prepare(profile)) >> restore_views(profile)
 
 
 @task_group(group_id=GROUP_ID)

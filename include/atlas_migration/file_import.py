@@ -5,7 +5,8 @@ the Amazon provider's ``S3Hook``) instead of a source deployment.
 
     inspect_source (inspect_files: size, format, sample fields and types, estimated rows; no source server)
       -> route (rule 'source_files') -> file_import.plan (target checks; byte ranges per file)
-      -> file_import.import_range   (mapped: one task per byte range; several per large file)
+      -> file_import.import_range   (mapped: one task per byte range, several per large file; batched
+                                      beyond Airflow's max_map_length)
       -> validate (per namespace: documents = rows parsed - rows rejected; digest in full mode) -> report
 
 Each file goes to ``file_options[<pattern>].namespace`` or ``<target_db>.<file stem>``. The parsing engine is
@@ -38,7 +39,7 @@ ENGINES = ("auto", "native", "mongoimport")
 OVERRIDABLE = ("namespace", "format", "header_line", "fields", "columns_have_types", "ignore_blanks",
                "parse_errors", "mode", "upsert_fields")
 SAMPLE_ROWS = 20
-MAX_RANGES = 1000  # below Airflow's max_map_length (1024)
+MAX_RANGES_PER_FILE = 1000  # a larger file gets larger ranges (mapped tasks are batched beyond max_map_length)
 
 
 def file_import_params() -> dict[str, Any]:
@@ -446,12 +447,10 @@ def plan(params: dict[str, Any], profile: dict[str, Any]) -> list[dict[str, Any]
         if kind == "mongoimport":
             items.append({**base, "header": f["header"], "range": engine.ByteRange(0, 0, -1, 1).to_dict()})
             continue
-        split = max(p.split_bytes, f["size_bytes"] // MAX_RANGES + 1)
+        split = max(p.split_bytes, f["size_bytes"] // MAX_RANGES_PER_FILE + 1)
         with closing(open_at(f["location"], 0, p.aws_conn_id)) as raw:
             header, ranges = engine.plan_ranges(io.BufferedReader(raw, 1 << 20), f["size_bytes"], options, split)  # type: ignore[arg-type]
         items += [{**base, "header": header, "range": r.to_dict()} for r in ranges]
-    if len(items) > MAX_RANGES:
-        raise ConfigurationError(f"{len(items)} import tasks exceed {MAX_RANGES}: raise file_split_bytes")
     log.info("file import: %d file(s) -> %d task(s) into %s; mode %s, engine %s", len(files), len(items),
              ", ".join(namespaces), p.mode, kind)
     return items
@@ -646,11 +645,14 @@ def file_import_group(profile) -> None:
     """plan (target checks, byte ranges) -> import_range (mapped)."""
 
     @task
-    def plan_import(profile: dict, params=None) -> list[dict]:
-        return plan(params, profile)
+    def plan_import(profile: dict, params=None) -> list[list[dict]]:
+        from atlas_migration.mapping import batches_for_mapping
+
+        return batches_for_mapping(plan(params, profile), "byte ranges")
 
     @task(retries=2)
-    def import_file_range(item: dict, params=None) -> dict:
-        return import_range(params, item)
+    def import_file_range(items: list[dict], params=None) -> list[dict]:
+        # Each range is idempotent (documents keyed to file and line), so a retry of the batch repeats none.
+        return [import_range(params, item) for item in items]
 
-    import_file_range.expand(item=plan_import(profile))
+    import_file_range.expand(items=plan_import(profile))

@@ -5,9 +5,10 @@ with one of two engines (``pull_engine``):
 - ``native``: the project's engine (``engines.live.LiveSync``):
 
       start (resume point recorded BEFORE the copy) -> copy (mapped: one task per _id partition,
-      checkpointed) -> finish_copy -> catch_up (until lag < max_cutover_lag_seconds)
-      -> await_cutover_approval (manual only; keeps catching up while it waits) -> cutover (drain after a
-      quiet period: the operator has stopped writes) -> validate
+      checkpointed; batches of partitions beyond Airflow's max_map_length) -> finish_copy, with verify
+      (mapped like copy) beside catch_up (until lag < max_cutover_lag_seconds) -> await_cutover_approval
+      (manual only; keeps catching up while it waits) -> cutover (fence, drain to it, late-write grace,
+      rechecks) -> validate
 
 - ``mongosync``: a standalone mongosync (``mongosync_conn_id``) driven through its REST API:
 
@@ -560,16 +561,19 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
         return choose_engine(params, _group_of(ti))
 
     @task(task_id="start")
-    def start_sync(profile: dict, params=None, dag=None, run_id=None) -> list[dict]:
-        return start(params, profile, dag.dag_id, run_id, sources)
+    def start_sync(profile: dict, params=None, dag=None, run_id=None) -> list[list[dict]]:
+        from atlas_migration.mapping import batches_for_mapping
+
+        return batches_for_mapping(start(params, profile, dag.dag_id, run_id, sources), "partitions")
+
+    # A retried batch resumes each of its partitions from its checkpoint (copy) or its last compared _id.
+    @task(retries=3)
+    def copy(partitions: list[dict], params=None, dag=None, run_id=None) -> list[dict]:
+        return [copy_partition(params, one, dag.dag_id, run_id, sources) for one in partitions]
 
     @task(retries=3)
-    def copy(partition: dict, params=None, dag=None, run_id=None) -> dict:
-        return copy_partition(params, partition, dag.dag_id, run_id, sources)
-
-    @task(retries=3)
-    def verify(partition: dict, params=None, dag=None, run_id=None) -> dict:
-        return verify_partition(params, partition, dag.dag_id, run_id, sources)
+    def verify(partitions: list[dict], params=None, dag=None, run_id=None) -> list[dict]:
+        return [verify_partition(params, one, dag.dag_id, run_id, sources) for one in partitions]
 
     @task(retries=3)
     def finish_initial_copy(params=None, dag=None, run_id=None) -> None:
@@ -610,11 +614,11 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
         poll_interval=poke_interval())
 
     partitions = start_sync(profile)
-    copied = copy.expand(partition=partitions)
+    copied = copy.expand(partitions=partitions)
     finished = finish_initial_copy()
     copied >> finished
     # The verifier compares every copied partition while catch-up runs; cutover waits for both.
-    verified = verify.expand(partition=partitions)
+    verified = verify.expand(partitions=partitions)
     finished >> verified
     approved = finished >> catch_up_to_lag() >> await_native()
     [approved, verified] >> cutover_native()

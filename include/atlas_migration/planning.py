@@ -5,11 +5,18 @@ Pure functions over the ``SourceProfile``, apart from ``find_occupied_targets`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 from atlas_migration.errors import ConfigurationError, TargetNotEmpty
 from atlas_migration.namespaces import NamespaceFilter
 from atlas_migration.profile import SourceProfile, describe_refused
+
+T = TypeVar("T")
+
+# Airflow's default [core] max_map_length: a task whose return value maps more items fails after it ran.
+DEFAULT_MAX_MAP_LENGTH = 1024
 
 
 @dataclass(frozen=True)
@@ -129,3 +136,20 @@ def refuse_occupied_targets(occupied: list[str], target_conn_id: str) -> None:
             "start a new run with drop_target=true, which replaces exactly these namespaces. To keep them as they "
             "are, exclude them with exclude_namespaces."
         )
+
+
+def map_batches(items: Sequence[T], limit: int = DEFAULT_MAX_MAP_LENGTH) -> list[list[T]]:
+    """Cut ``items`` into at most ``limit`` batches, one mapped task instance each.
+
+    Up to ``limit`` items, each batch holds one item (one task per collection, partition or byte range, as the
+    UI shows them). Beyond it, items are dealt round-robin: the lists arrive largest first, so every batch
+    gets a share of the large and the small ones and no single task instance holds all the big collections.
+    A batch's items keep their relative order; every item is in exactly one batch.
+    """
+    if limit < 1:
+        raise ConfigurationError(f"max_map_length must be at least 1, not {limit}")
+    count = min(len(items), limit)
+    batches: list[list[T]] = [[] for _ in range(count)]
+    for i, item in enumerate(items):
+        batches[i % count].append(item)
+    return batches

@@ -452,8 +452,9 @@ def file_import_results(ti) -> list[dict[str, Any]]:
     """Every mapped ``file_import`` task's result (XCom)."""
     if ti is None:
         return []
-    pulled = ti.xcom_pull(task_ids="file_import.import_file_range", default=None) or []
-    return [r for r in (pulled if isinstance(pulled, list) else [pulled]) if r]
+    from atlas_migration.mapping import flatten_batches
+
+    return flatten_batches(ti.xcom_pull(task_ids="file_import.import_file_range", default=None))
 
 
 def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dict[str, Any],
@@ -608,6 +609,7 @@ def record_rehearsal(params: dict[str, Any], paths: RunPaths, ti, dag_run) -> di
     """Append this rehearsal's durations, volumes and verdict to the history, rewrite the trend table, and
     fail when the rehearsal did (the history keeps failed rehearsals too)."""
     from atlas_migration import rehearsal
+    from atlas_migration.mapping import flatten_batches
 
     p = MigrationParams.parse(params)
 
@@ -620,7 +622,7 @@ def record_rehearsal(params: dict[str, Any], paths: RunPaths, ti, dag_run) -> di
         started_at=getattr(dag_run, "start_date", None),
         profile=pull("inspect_source"),
         decision=decision,
-        restored=[r for r in (pull("mongorestore.copy.restore") or []) if r],
+        restored=flatten_batches(pull("mongorestore.copy.restore")),
         validation_report=_read_json(paths.report_dir / "validation.json"),
     )
     history_dir = p.work_dir / paths.dag_id

@@ -250,20 +250,29 @@ def _check_mode(mode: str) -> None:
         raise ConfigurationError(f"validation mode {mode!r} is not one of {', '.join(MODES)}")
 
 
+def list_catalog(client: MongoClient, db: str) -> dict[str, Mapping[str, Any]]:
+    """One database's ``listCollections`` entries by name: one round trip for all of its namespaces."""
+    return {entry["name"]: entry for entry in client[db].list_collections()}
+
+
 def snapshot_namespace(
-    client: MongoClient, db: str, coll: str, *, mode: str = "counts", batch_size: int = DEFAULT_SCAN_BATCH_SIZE
+    client: MongoClient, db: str, coll: str, *, mode: str = "counts", batch_size: int = DEFAULT_SCAN_BATCH_SIZE,
+    catalog: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> NamespaceSnapshot:
     """Read one namespace's existence, type, exact count, indexes, options and (full mode) content digest.
 
     The digest comes from one natural-order scan of raw BSON in ``batch_size`` batches (see
-    ``multiset_digest``); nothing is sorted and no document is decoded.
+    ``multiset_digest``); nothing is sorted and no document is decoded. ``catalog``: the database's
+    ``list_catalog``, when the caller validates many of its namespaces (else one filtered listing here).
     """
     _check_mode(mode)
     database = client[db]
-    entries = list(database.list_collections(filter={"name": coll}))
-    if not entries:
+    if catalog is not None:
+        entry = catalog.get(coll)
+    else:
+        entry = next(iter(database.list_collections(filter={"name": coll})), None)
+    if entry is None:
         return NamespaceSnapshot(db=db, coll=coll, mode=mode)
-    entry = entries[0]
     kind = collection_type(entry)
     options = normalize_collection_options(entry.get("options") or {})
     collection = database[coll]
@@ -805,15 +814,26 @@ def validate_namespaces(
     db_map = dict(target_db_map or {})
     started_at, clock = _utc_now(), time.monotonic()
     results: list[NamespaceResult] = []
+    # Each database's catalog is listed once per side (a deployment may hold thousands of collections, and
+    # a listing per namespace is a round trip each); the entries are read at the database's first namespace.
+    catalogs: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = {}
+
+    def catalog(side: str, client: MongoClient, db: str) -> dict[str, Mapping[str, Any]]:
+        if (side, db) not in catalogs:
+            catalogs[(side, db)] = list_catalog(client, db)
+        return catalogs[(side, db)]
+
     # Source and target are different deployments: reading both at once halves the wall-clock time.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="validation") as pool:
         for db, coll in selected:
             target_db = db_map.get(db, db)
             source_future = pool.submit(
-                snapshot_namespace, source_client, db, coll, mode=mode, batch_size=batch_size
+                snapshot_namespace, source_client, db, coll, mode=mode, batch_size=batch_size,
+                catalog=catalog("source", source_client, db),
             )
             target_future = pool.submit(
-                snapshot_namespace, target_client, target_db, coll, mode=mode, batch_size=batch_size
+                snapshot_namespace, target_client, target_db, coll, mode=mode, batch_size=batch_size,
+                catalog=catalog("target", target_client, target_db),
             )
             result = compare_namespace(source_future.result(), target_future.result())
             if result.digest_differs:

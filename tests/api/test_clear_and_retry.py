@@ -115,7 +115,8 @@ def test_clear_and_retry_resumes_a_killed_live_pull_copy(tmp_path_factory, sourc
         assert run_state() == "success", services.logs_tail()
         xcom = api.get(f"{base}/dagRuns/{run}/taskInstances/live_pull.copy/xcomEntries/return_value",
                        params={"map_index": 0}, timeout=30).json()
-        result = xcom["value"] if isinstance(xcom["value"], dict) else json.loads(xcom["value"])
+        value = xcom["value"] if isinstance(xcom["value"], list) else json.loads(xcom["value"])
+        [result] = value  # one partition per mapped copy task (batches only beyond max_map_length)
         assert result["resumed_from"] is not None, result  # resumed after the checkpoint, not from scratch
     finally:
         survivors = services.stop()

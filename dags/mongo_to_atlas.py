@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from airflow.sdk import dag
 
+from atlas_migration.dag_params import dag_params
 from atlas_migration.flow import migration_flow
-from atlas_migration.params import dag_params
 from atlas_migration.retry_policy import default_args
 
 

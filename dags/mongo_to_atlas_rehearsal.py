@@ -19,8 +19,8 @@ import os
 
 from airflow.sdk import dag
 
+from atlas_migration.dag_params import rehearsal_params
 from atlas_migration.flow import migration_flow
-from atlas_migration.params import rehearsal_params
 from atlas_migration.retry_policy import default_args
 
 _schedule = os.environ.get("MIGRATION_REHEARSAL_SCHEDULE", "@weekly").strip()

@@ -2,8 +2,9 @@
 
 import pytest
 
+from atlas_migration.dag_params import dag_params
 from atlas_migration.errors import ConfigurationError
-from atlas_migration.params import MigrationParams, dag_params
+from atlas_migration.params import MigrationParams
 
 
 def defaults() -> dict:

@@ -6,8 +6,9 @@ import datetime as dt
 
 import pytest
 
+from atlas_migration.dag_params import rehearsal_params
 from atlas_migration.errors import ConfigurationError
-from atlas_migration.params import MigrationParams, rehearsal_params
+from atlas_migration.params import MigrationParams
 from atlas_migration.rehearsal import append_history, render_trend, summarise_run
 
 T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from atlas_migration.errors import ImpossibleStrategy
-from atlas_migration.routing import choose_for_files, choose_strategy
-from atlas_migration.target_inspection import TargetProfile, target_problems, tier_from_cluster, tier_kind
+from atlas_migration.routing import choose_for_files, choose_strategy, target_problems
+from atlas_migration.target_inspection import TargetProfile, tier_from_cluster, tier_kind
 from tests.test_routing import make_profile
 
 

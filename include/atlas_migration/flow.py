@@ -15,7 +15,7 @@ from airflow.sdk import TriggerRule, get_current_context, setup, task, teardown
 
 from atlas_migration import tasks as steps
 from atlas_migration.aws_replica_set import aws_replica_set_group
-from atlas_migration.compose import compose_group
+from atlas_migration.compose import compose_group, report_notes
 from atlas_migration.dump_restore import mongorestore_group
 from atlas_migration.file_import import file_import_group
 from atlas_migration.live_pull import live_pull_group
@@ -28,6 +28,20 @@ AVAILABLE_STRATEGIES = frozenset({"mongorestore", "live_pull", "live_push", "com
 
 def _paths(params, dag, run_id) -> steps.RunPaths:
     return steps.run_paths(params, dag.dag_id, run_id)
+
+
+def strategy_notes(decision: dict, ti) -> list[str]:
+    """Lines the strategy's group left for the report (read from its XCom).
+
+    Here, above the strategy modules, rather than in ``tasks``: the Compose group's tasks are built on
+    ``tasks`` (through ``dump_restore``), so ``tasks`` importing ``compose`` for its notes made a circle."""
+    notes: list[str] = []
+    strategy = decision.get("strategy")
+    if strategy == "compose":
+        notes += report_notes(ti.xcom_pull(task_ids="compose.preflight", default=None))
+    for task_id in steps.CUTOVER_TASKS.get(strategy or "", ()):
+        notes += steps.fence_notes(ti.xcom_pull(task_ids=task_id, default=None))
+    return notes
 
 
 def migration_flow(*, rehearsal: bool = False) -> None:
@@ -46,7 +60,7 @@ def migration_flow(*, rehearsal: bool = False) -> None:
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def validate(profile: dict, decision: dict, params=None, dag=None, run_id=None, ti=None) -> dict:
         return steps.validate(params, profile, decision, _paths(params, dag, run_id),
-                              notes=steps.strategy_notes(decision, ti), notes_source=ti)
+                              notes=strategy_notes(decision, ti), notes_source=ti)
 
     @task
     def report(profile: dict, decision: dict, result: dict) -> dict:

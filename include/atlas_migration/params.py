@@ -1,10 +1,12 @@
-"""The DAG's parameters: the trigger-form definitions and ``MigrationParams``, their checked, typed form.
+"""The DAG's parameters in their checked, typed form: ``MigrationParams`` (and ``DumpSource``).
 
-The JSON schema on each ``Param`` makes the UI and the REST API refuse invalid values when the run is
-created; ``MigrationParams.parse`` re-checks what a schema cannot express (pattern syntax, S3 URIs) before
-anything touches a server.
+The JSON schema on each ``Param`` (the trigger form is built in ``dag_params``) makes the UI and the REST API
+refuse invalid values when the run is created; ``MigrationParams.parse`` re-checks what a schema cannot
+express (pattern syntax, S3 URIs) before anything touches a server.
+
+Part of the pure core: every strategy module imports ``MigrationParams``, so this module imports none of
+them (the form, which gathers each strategy's params, lives above them in ``dag_params``).
 """
-
 from __future__ import annotations
 
 import os
@@ -22,151 +24,32 @@ DEFAULT_REHEARSAL_PREFIX = "rehearsal__"
 REHEARSAL_PREFIX_PATTERN = r"^[A-Za-z0-9_-]{3,24}$"
 
 
-def dag_params() -> dict[str, Any]:
-    """``Param`` objects for the trigger form, grouped in sections."""
-    from airflow.sdk import Param
-
-    def section(name: str, **params: Param) -> dict[str, Param]:
-        for p in params.values():
-            p.schema["section"] = name
-        return params
-
-    return {
-        **section(
-            "Source",
-            source_conn_id=Param("mongo_source", type="string", minLength=1, title="Source connection",
-                                 description="Airflow connection (type mongo) of the deployment to migrate."),
-            source_managed_by=Param("detect", type="string", enum=["detect", "none", "cloud_manager", "ops_manager"],
-                                    title="Managed by",
-                                    description="Whether Cloud Manager or Ops Manager manages the source. 'detect' uses "
-                                                "the connection's extra migration.managed_by, else 'none'."),
-            source_hosting=Param("detect", type="string",
-                                 enum=["detect", "other", "atlas_shared_tier", "compose", "aws"],
-                                 title="Hosting",
-                                 description="Where the source runs. 'detect' reads host names (and EC2 when an AWS "
-                                             "connection is set)."),
-            source_dump_uri=Param("", type="string", title="Restore from a dump instead",
-                                  description="A mongodump output to restore instead of reading a source server: an "
-                                              "absolute path to a dump folder (plain or gzip) or to a mongodump "
-                                              "--archive file, or s3://bucket/prefix of a dump folder or "
-                                              "s3://bucket/key of an archive. Runs the mongorestore group and "
-                                              "validates against the dump's own documents. Empty: read the source "
-                                              "connection."),
-            aws_conn_id=Param("", type="string", title="AWS connection",
-                              description="Optional Airflow AWS connection: EC2 lookup of the source hosts and S3 staging."),
-        ),
-        **section(
-            "Target",
-            target_conn_id=Param("atlas_target", type="string", minLength=1, title="Atlas connection",
-                                 description="Airflow connection (type mongo) of the Atlas cluster to import into."),
-        ),
-        **section(
-            "Strategy",
-            strategy=Param(AUTO, type="string", enum=STRATEGY_CHOICES, title="Import strategy",
-                           description="'auto' follows MongoDB's guidance; any other value forces a strategy and fails "
-                                       "clearly if it cannot work for this source."),
-            dry_run=Param(False, type="boolean", title="Dry run",
-                          description="Inspect and route only: print the plan, write nothing."),
-        ),
-        **section(
-            "Namespaces",
-            include_namespaces=Param([], type="array", items={"type": "string"}, title="Include",
-                                     description="mongodump --nsInclude patterns: 'db.coll', 'db.*', '*.coll'. Empty = all."),
-            exclude_namespaces=Param([], type="array", items={"type": "string"}, title="Exclude",
-                                     description="mongodump --nsExclude patterns, applied after the includes."),
-            drop_target=Param(False, type="boolean", title="Drop target namespaces",
-                              description="Replace target namespaces that already hold data. Off: such a target is refused."),
-        ),
-        **section(
-            "Copy",
-            dump_engine=Param("auto", type="string", enum=["auto", "mongodump", "native"], title="Dump engine",
-                              description="'auto' uses mongodump/mongorestore when on PATH, else the built-in raw-BSON engine."),
-            dump_gzip=Param(True, type="boolean", title="Compress dumps",
-                            description="gzip the dump files (mongodump --gzip). Off: faster dumps on a fast local "
-                                        "disk, at about twice the disk space and S3 traffic."),
-            restore_workers=Param(4, type="integer", minimum=1, maximum=32, title="Insertion workers per collection",
-                                  description="Parallel insert threads per collection (mongorestore "
-                                              "--numInsertionWorkersPerCollection). Capped collections use one."),
-            batch_size=Param(1000, type="integer", minimum=10, maximum=100_000, title="Documents per batch",
-                             description="Documents per read and insert batch; batches are also bounded in bytes, "
-                                         "so memory stays bounded whatever the document size."),
-            work_dir=Param("", type="string", title="Work directory",
-                           description="Where dumps and reports go (shared by workers unless S3 staging is used). "
-                                       "Empty: $MIGRATION_WORK_DIR or $AIRFLOW_HOME/atlas_migration."),
-        ),
-        **section(
-            "Staging",
-            staging_s3_uri=Param("", type="string", pattern=r"^$|^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
-                                 title="S3 staging location",
-                                 description="s3://bucket/prefix to stage dumps and reports through (workers need no "
-                                             "shared disk). Empty: no staging."),
-        ),
-        **_live_pull_params(),
-        **_compose_params(),
-        **_aws_params(),
-        **_live_push_params(),
-        **_file_import_params(),
-        **section(
-            "Validation",
-            validation_mode=Param("counts", type="string", enum=["counts", "full"], title="Validation mode",
-                                  description="'counts': exact counts, indexes and options. 'full': also a digest of "
-                                              "every document's raw BSON (read unsorted; the _ids of differing "
-                                              "documents are named when digests differ)."),
-        ),
-    }
+# What ``source_dump_uri`` names (``source_dump.DumpReader`` tells a local folder from an archive file).
+FOLDER, ARCHIVE, S3 = "folder", "archive", "s3"
 
 
-def rehearsal_params() -> dict[str, Any]:
-    """The rehearsal DAG's params: the migration's, plus where the scratch copy goes."""
-    from airflow.sdk import Param
+@dataclass(frozen=True)
+class DumpSource:
+    """Where the user's dump is: ``kind`` is ``folder``/``archive`` (local) or ``s3`` (prefix or object)."""
 
-    params = dag_params()
-    params["rehearsal_db_prefix"] = Param(
-        DEFAULT_REHEARSAL_PREFIX, type="string", pattern=REHEARSAL_PREFIX_PATTERN, title="Scratch database prefix",
-        description="Every rehearsed database is written as <prefix><db> on the rehearsal target, then dropped. "
-                    "The real target namespaces are never touched.", section="Rehearsal")
-    params["rehearsal_target_conn_id"] = Param(
-        "", type="string", title="Rehearsal target connection",
-        description="Optional separate Airflow connection (type mongo) for the scratch copy; empty: the target "
-                    "connection, with the prefix above.", section="Rehearsal")
-    params["rehearsal_network_dry_run"] = Param(
-        False, type="boolean", title="Dry run of the network preparation",
-        description="AWS replica-set path: a rehearsal never prepares networking. On: read AWS and Atlas and log "
-                    "what network_mode=prepare would add, changing nothing.", section="Rehearsal")
-    params["keep_history"] = Param(
-        50, type="integer", minimum=1, maximum=10_000, title="Runs in the trend table",
-        description="How many past rehearsals the trend table shows.", section="Rehearsal")
-    return params
+    uri: str
+    kind: str
 
-
-def _live_pull_params() -> dict[str, Any]:
-    from atlas_migration.live_pull import live_pull_params
-
-    return live_pull_params()
-
-
-def _compose_params() -> dict[str, Any]:
-    from atlas_migration.compose import compose_params
-
-    return compose_params()
-
-
-def _aws_params() -> dict[str, Any]:
-    from atlas_migration.aws_replica_set import aws_params
-
-    return aws_params()
-
-
-def _file_import_params() -> dict[str, Any]:
-    from atlas_migration.file_import import file_import_params
-
-    return file_import_params()
-
-
-def _live_push_params() -> dict[str, Any]:
-    from atlas_migration.live_push import live_push_params
-
-    return live_push_params()
+    @classmethod
+    def parse(cls, uri: str) -> DumpSource:
+        """Check the form only (no I/O): an ``s3://bucket/key-or-prefix`` or an absolute local path."""
+        uri = uri.strip()
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[5:].partition("/")
+            if not bucket or not key.strip("/"):
+                raise ConfigurationError(f"source_dump_uri {uri!r} must name a bucket and a prefix or object key")
+            return cls(uri.rstrip("/"), S3)
+        if "://" in uri or not Path(uri).is_absolute():
+            raise ConfigurationError(
+                f"source_dump_uri {uri!r} must be an absolute local path (a dump folder or an archive file) or "
+                "s3://bucket/prefix"
+            )
+        return cls(uri, FOLDER)  # folder or archive: told apart when it is opened
 
 
 @dataclass(frozen=True)
@@ -244,8 +127,6 @@ class MigrationParams:
             raise ConfigurationError(f"staging_s3_uri must look like s3://bucket/prefix, got {staging!r}")
         source_dump_uri = text("source_dump_uri")
         if source_dump_uri:
-            from atlas_migration.source_dump import DumpSource
-
             DumpSource.parse(source_dump_uri)  # the form only; opening it is the inspection's job
         work_dir = text("work_dir") or os.environ.get("MIGRATION_WORK_DIR") or str(
             Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "atlas_migration")

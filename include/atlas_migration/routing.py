@@ -14,9 +14,10 @@ The table (from "Migrate or Import Data" in the Atlas docs), checked in this ord
 | default | not managed, oplog readable | live_pull |
 
 Before the table: a run that names files (``source_files``) is a file import (rule ``source_files``). After
-it: a live choice that the target cannot receive (``target_inspection.target_problems``: an Atlas shared,
-Flex or serverless tier, a target older than the source, or below a live path's version) becomes
-mongorestore (rule ``target_restricted``), and a forced live strategy is refused with the reason.
+it: a live choice that the target cannot receive (``target_problems``, on the facts ``target_inspection``
+gathers: an Atlas shared, Flex or serverless tier, a target older than the source, or below a live path's
+version) becomes mongorestore (rule ``target_restricted``), and a forced live strategy is refused with the
+reason. This module is part of the pure core: it imports no module that talks to a server.
 
 Ops Manager push is deprecated for sources on 5.0 and earlier and not supported on 6.0+, and Cloud Manager
 push needs 6.0.17+/7.0.13+: such sources fall through to the pull rules, and the decision says so.
@@ -26,9 +27,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from atlas_migration.errors import ImpossibleStrategy, StrategyNotAvailable
-from atlas_migration.profile import SourceProfile
+from atlas_migration.profile import SourceProfile, parse_version
 
 
 class Strategy(StrEnum):
@@ -197,12 +199,52 @@ def _warnings(strategy: Strategy, profile: SourceProfile) -> list[str]:
     return warnings
 
 
-def choose_strategy(profile: SourceProfile, requested: str = AUTO, target=None) -> RoutingDecision:
+# What the target can receive (the facts come from ``target_inspection``; the rules are decided here).
+RESTRICTED_KINDS = ("shared", "flex", "serverless")
+LIVE_STRATEGIES = ("live_pull", "live_push", "compose", "aws_replica_set")
+PULL_TARGET_MINIMUM = (6, 0)  # mongosync destination minimum (Atlas pull runs mongosync)
+PUSH_TARGET_MINIMUMS = {(6, 0): (6, 0, 17), (7, 0): (7, 0, 13), (8, 0): (8, 0, 0)}
+
+
+class TargetFacts(Protocol):
+    """What routing reads of the target: ``target_inspection.TargetProfile`` has these (routing takes any
+    object that does, so that it needs nothing from the module that talks to the target)."""
+
+    version: str | None
+    tier: str | None
+
+    @property
+    def tier_kind(self) -> str | None: ...
+
+
+def target_problems(strategy: str, source_version: str | None, target: TargetFacts | None) -> list[str]:
+    """Why the target cannot receive ``strategy`` (empty when it can, or when nothing is known)."""
+    if target is None or strategy not in LIVE_STRATEGIES:
+        return []
+    problems: list[str] = []
+    kind = target.tier_kind
+    if kind in RESTRICTED_KINDS:
+        problems.append(f"the target is an Atlas {target.tier} ({kind}) cluster, which takes data only through "
+                        "self-managed tools (mongorestore, file import), not live migration")
+    t = parse_version(target.version)
+    s = parse_version(source_version)
+    if t and s and t[:2] < s[:2]:
+        problems.append(f"the target runs MongoDB {target.version}, older than the source's {source_version}")
+    if t:
+        if strategy == "live_push":
+            if not meets_minimum(t, PUSH_TARGET_MINIMUMS):
+                problems.append(f"the target runs MongoDB {target.version}; live migration (push) needs a target on "
+                                "6.0.17+, 7.0.13+ or 8.0+")
+        elif t[:2] < PULL_TARGET_MINIMUM:
+            problems.append(f"the target runs MongoDB {target.version}; live pull (mongosync) needs a target on 6.0+")
+    return problems
+
+
+def choose_strategy(profile: SourceProfile, requested: str = AUTO,
+                    target: TargetFacts | None = None) -> RoutingDecision:
     """Pick the import strategy; an override that cannot work raises ``ImpossibleStrategy``.
 
     ``target`` (a ``TargetProfile``, optional) adds what the target can take."""
-    from atlas_migration.target_inspection import target_problems
-
     if requested in (None, "", AUTO):
         strategy, rule, reasons = _auto(profile)
         blocked = target_problems(str(strategy), profile.version, target)
@@ -231,7 +273,8 @@ def choose_strategy(profile: SourceProfile, requested: str = AUTO, target=None) 
     return RoutingDecision(str(strategy), "override", reasons, _warnings(strategy, profile), str(strategy))
 
 
-def choose_for_files(requested: str = AUTO, file_count: int = 0, target=None) -> RoutingDecision:
+def choose_for_files(requested: str = AUTO, file_count: int = 0,
+                     target: TargetFacts | None = None) -> RoutingDecision:
     """A run that names files: the file import, whatever the target's tier (it takes self-managed imports)."""
     if requested not in (None, "", AUTO, Strategy.FILE_IMPORT.value):
         raise ImpossibleStrategy(f"strategy '{requested}' needs a source deployment, but this run names files "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,36 +31,10 @@ from atlas_migration.engines.dump_layout import (
 )
 from atlas_migration.errors import ConfigurationError, DumpFormatError
 from atlas_migration.namespaces import is_never_migrated
+from atlas_migration.params import ARCHIVE, FOLDER, S3, DumpSource  # the URI's form is checked in the core
 from atlas_migration.profile import CollectionInfo, SourceProfile
 
 log = logging.getLogger(__name__)
-
-FOLDER, ARCHIVE, S3 = "folder", "archive", "s3"
-
-
-@dataclass(frozen=True)
-class DumpSource:
-    """Where the user's dump is: ``kind`` is ``folder``/``archive`` (local) or ``s3`` (prefix or object)."""
-
-    uri: str
-    kind: str
-
-    @classmethod
-    def parse(cls, uri: str) -> DumpSource:
-        """Check the form only (no I/O): an ``s3://bucket/key-or-prefix`` or an absolute local path."""
-        uri = uri.strip()
-        if uri.startswith("s3://"):
-            bucket, _, key = uri[5:].partition("/")
-            if not bucket or not key.strip("/"):
-                raise ConfigurationError(f"source_dump_uri {uri!r} must name a bucket and a prefix or object key")
-            return cls(uri.rstrip("/"), S3)
-        if "://" in uri or not Path(uri).is_absolute():
-            raise ConfigurationError(
-                f"source_dump_uri {uri!r} must be an absolute local path (a dump folder or an archive file) or "
-                "s3://bucket/prefix"
-            )
-        return cls(uri, FOLDER)  # folder or archive: told apart when it is opened
-
 
 def _local_kind(path: Path) -> str:
     if path.is_dir():

@@ -1,15 +1,16 @@
-"""What the Atlas target can take: its version, topology and tier, and the routing rules that follow.
+"""What the Atlas target can take: its version, topology and tier, read into a ``TargetProfile``.
 
 Facts come from the target server (``buildInfo``, ``hello``) and its tier from, in order: the Atlas Admin API
 (``GET /api/atlas/v2/groups/{groupId}/clusters/{clusterName}``) when the run names an Atlas connection that
 exists and a ``target_cluster_name``; else the target connection's ``migration`` extra
 (``{"tier": "FLEX"}``, ``"M0"``, ``"M10"``, ``"SERVERLESS"``...).
 
-Rules (pure, in ``target_problems``): a shared tier (M0, M2, M5), Flex or serverless target takes data only
-through self-managed tools (mongorestore, file import): every live strategy is refused with that reason,
-and ``auto`` routes to mongorestore. A target older than the source (major.minor), or one below the version
-a live path needs (push: 6.0.17+/7.0.13+; pull and mongosync: 6.0+), is refused for live strategies the same
-way.
+The rules live in the pure core, ``routing.target_problems``, which reads the ``TargetProfile`` built here
+(routing imports nothing from this module): a shared tier (M0, M2, M5), Flex or serverless target takes data
+only through self-managed tools (mongorestore, file import): every live strategy is refused with that
+reason, and ``auto`` routes to mongorestore. A target older than the source (major.minor), or one below the
+version a live path needs (push: 6.0.17+/7.0.13+; pull and mongosync: 6.0+), is refused for live strategies
+the same way.
 """
 
 from __future__ import annotations
@@ -18,14 +19,8 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from atlas_migration.profile import parse_version
-
 log = logging.getLogger("atlas_migration")
 SHARED_TIERS = ("M0", "M2", "M5")
-RESTRICTED_KINDS = ("shared", "flex", "serverless")
-LIVE = ("live_pull", "live_push", "compose", "aws_replica_set")
-PULL_TARGET_MINIMUM = (6, 0)  # mongosync destination minimum (Atlas pull runs mongosync)
-PUSH_TARGET_MINIMUMS = {(6, 0): (6, 0, 17), (7, 0): (7, 0, 13), (8, 0): (8, 0, 0)}
 
 
 @dataclass
@@ -110,28 +105,3 @@ def inspect_target(client, conn_id: str, facts: dict[str, Any], cluster: dict[st
     else:
         profile.unknown["tier"] = cluster_error or "no Atlas connection/cluster name and no migration.tier extra"
     return profile
-
-
-def target_problems(strategy: str, source_version: str | None, target: TargetProfile | None) -> list[str]:
-    """Why the target cannot receive ``strategy`` (empty when it can, or when nothing is known)."""
-    if target is None or strategy not in LIVE:
-        return []
-    problems: list[str] = []
-    kind = target.tier_kind
-    if kind in RESTRICTED_KINDS:
-        problems.append(f"the target is an Atlas {target.tier} ({kind}) cluster, which takes data only through "
-                        "self-managed tools (mongorestore, file import), not live migration")
-    t = parse_version(target.version)
-    s = parse_version(source_version)
-    if t and s and t[:2] < s[:2]:
-        problems.append(f"the target runs MongoDB {target.version}, older than the source's {source_version}")
-    if t:
-        if strategy == "live_push":
-            from atlas_migration.routing import meets_minimum
-
-            if not meets_minimum(t, PUSH_TARGET_MINIMUMS):
-                problems.append(f"the target runs MongoDB {target.version}; live migration (push) needs a target on "
-                                "6.0.17+, 7.0.13+ or 8.0+")
-        elif t[:2] < PULL_TARGET_MINIMUM:
-            problems.append(f"the target runs MongoDB {target.version}; live pull (mongosync) needs a target on 6.0+")
-    return problems

@@ -435,19 +435,6 @@ def fence_notes(result: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def strategy_notes(decision: dict[str, Any], ti) -> list[str]:
-    """Lines the strategy's group left for the report (read from its XCom)."""
-    notes: list[str] = []
-    strategy = decision.get("strategy")
-    if strategy == "compose":
-        from atlas_migration.compose import report_notes
-
-        notes += report_notes(ti.xcom_pull(task_ids="compose.preflight", default=None))
-    for task_id in CUTOVER_TASKS.get(strategy or "", ()):
-        notes += fence_notes(ti.xcom_pull(task_ids=task_id, default=None))
-    return notes
-
-
 def file_import_results(ti) -> list[dict[str, Any]]:
     """Every mapped ``file_import`` task's result (XCom)."""
     if ti is None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from atlas_migration.dag_params import dag_params
+from atlas_migration.dag_params import JSON_SCHEMA_DRAFT, dag_params, rehearsal_params
 from atlas_migration.errors import ConfigurationError
 from atlas_migration.params import MigrationParams
 
@@ -51,3 +51,18 @@ def test_bad_values_are_refused(override, fragment):
 def test_single_pattern_string_is_accepted():
     p = MigrationParams.parse({**defaults(), "include_namespaces": "shop.*"})
     assert p.namespaces.include == ("shop.*",)
+
+
+@pytest.mark.parametrize("builder", [dag_params, rehearsal_params])
+def test_every_param_schema_is_a_valid_draft_07_schema(builder):
+    """Each Param names draft-07 (cheap for Airflow to check at every serialization), so each schema must be
+    one: a keyword that only a later draft knows would be ignored silently, not enforced."""
+    from jsonschema import Draft7Validator
+
+    later_drafts_only = {"prefixItems", "$defs", "dependentRequired", "dependentSchemas", "unevaluatedItems",
+                         "unevaluatedProperties", "minContains", "maxContains", "$dynamicRef", "$anchor"}
+    for name, param in builder().items():
+        assert param.schema["$schema"] == JSON_SCHEMA_DRAFT, name
+        Draft7Validator.check_schema(param.schema)
+        assert not later_drafts_only & set(param.schema), name
+        assert param.resolve() == param.value  # each default is valid under its own schema

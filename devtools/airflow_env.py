@@ -109,8 +109,8 @@ class AirflowHome:
             raise RuntimeError(f"airflow db migrate failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         done.touch()
 
-    def dags_test(self, dag_id: str, conf: dict, env: dict[str, str] | None = None) -> DagTestRun:
-        result = self.airflow("dags", "test", dag_id, "-c", json.dumps(conf), env=env)
+    def dags_test(self, dag_id: str, conf: dict, env: dict[str, str] | None = None, timeout: float = 900) -> DagTestRun:
+        result = self.airflow("dags", "test", dag_id, "-c", json.dumps(conf), env=env, timeout=timeout)
         output = result.stdout + "\n" + result.stderr
         match = re.findall(r"DagRun Finished: .*?state=(\w+)", output)
         return DagTestRun(returncode=result.returncode, state=match[-1] if match else None, output=output)

@@ -87,3 +87,29 @@ def test_late_writes_are_counted_by_namespace_after_the_fence(source):
         finally:
             writer.join()
         assert dict(late) == {"shop.orders": 2}
+
+
+class SlowToOpen:
+    """The real client, but its change streams take ``delay`` seconds to open, as a loaded server's do when
+    it has a long oplog to scan to the start point (about 3 s for 300,000 entries on the test server)."""
+
+    def __init__(self, client, delay: float) -> None:
+        self.client, self.delay = client, delay
+        self.admin = client.admin
+
+    def watch(self, *args, **kwargs):
+        stream = self.client.watch(*args, **kwargs)
+        time.sleep(self.delay)
+        return stream
+
+
+@pytest.mark.integration
+def test_late_writes_are_found_when_the_stream_opens_slower_than_the_watch_lasts(source):
+    """The watch lasts ``seconds`` from the moment the stream is open, and ends only once the stream has
+    delivered every write up to the deadline: a slow open used to end the watch before its first read."""
+    with source.client() as client:
+        fence = take_fence(client, block=False)
+        wait_majority_committed(client, fence, timeout=10)
+        client.shop.orders.insert_many([{"_id": 2}, {"_id": 3}])  # after the fence
+        late = count_late_writes(SlowToOpen(client, delay=2.0), fence, 1.0, selected=lambda db, coll: True)
+        assert dict(late) == {"shop.orders": 2}

@@ -272,6 +272,13 @@ def wait_majority_committed(client, fence: Fence, timeout: float = 120.0, poll: 
         time.sleep(poll)
 
 
+def _current_op_time(client) -> Any:
+    """The source's latest op time (a replica set's last write, a mongos's cluster time); None if unknown."""
+    reply = client.admin.command("hello")
+    last = ((reply.get("lastWrite") or {}).get("opTime") or {}).get("ts")
+    return last or (reply.get("$clusterTime") or {}).get("clusterTime")
+
+
 def count_late_writes(client, fence: Fence, seconds: float, *, selected: Callable[[str, str | None], bool],
                       ignore_databases: frozenset[str] = frozenset()) -> Counter[str]:
     """Watch the source's change stream from just after the fence for ``seconds``: every event on a selected
@@ -281,18 +288,30 @@ def count_late_writes(client, fence: Fence, seconds: float, *, selected: Callabl
 
     late: Counter[str] = Counter()
     start = Timestamp(fence.op_time[0], fence.op_time[1] + 1)
-    deadline = time.monotonic() + seconds
     pipeline = [{"$match": {"ns.db": {"$nin": sorted({"admin", "local", "config", *ignore_databases})}}},
                 {"$project": {"fullDocument": 0, "updateDescription": 0}}]
     with client.watch(pipeline, start_at_operation_time=start, max_await_time_ms=500) as stream:
-        while time.monotonic() < deadline:
+        # The watch starts once the stream is open (opening it can take longer than the whole watch on a
+        # loaded server). It ends when the stream has delivered everything up to the source's op time read
+        # at the deadline: an empty batch from a getMore issued after that read, or an event past it. A
+        # clock alone would report a clean fence without having read the writes it was meant to find.
+        deadline = time.monotonic() + seconds
+        end: Timestamp | None = None
+        read_end = False
+        while True:
+            if not read_end and time.monotonic() >= deadline:
+                end, read_end = _current_op_time(client), True
             change = stream.try_next()
             if change is None:
+                if read_end:
+                    break
                 continue
             ns = change.get("ns") or {}
             db, coll = ns.get("db"), ns.get("coll")
             if db and selected(db, coll):
-                late[f"{db}.{coll}" if coll else db] += 1
+                late[f"{db}.{coll}" if coll else db] += 1  # after the fence: late, whenever it came
+            if end is not None and change["clusterTime"] > end:
+                break  # the stream is past the op time read at the deadline
     return late
 
 

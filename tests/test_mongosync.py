@@ -500,7 +500,12 @@ def test_pause_and_resume_from_checkpoints(source, target) -> None:
         assert 2 <= snapshot["partitions"]["copied"] < snapshot["partitions"]["total"], snapshot
         with target.client() as dst:
             before, writes = dst.shop.orders.count_documents({}), writer.writes
-            time.sleep(0.6)  # the writer keeps writing to the source; a paused sync moves nothing
+            # The writer keeps writing to the source (at least a few writes, however slow the server is);
+            # a paused sync moves nothing.
+            time.sleep(0.6)
+            wait_until = time.monotonic() + 30
+            while writer.writes < writes + 5 and time.monotonic() < wait_until:
+                time.sleep(0.1)
             after = dst.shop.orders.count_documents({})
         assert before == after and writer.writes > writes
         with pytest.raises(MongosyncError) as again:

@@ -272,13 +272,6 @@ def wait_majority_committed(client, fence: Fence, timeout: float = 120.0, poll: 
         time.sleep(poll)
 
 
-def _current_op_time(client) -> Any:
-    """The source's latest op time (a replica set's last write, a mongos's cluster time); None if unknown."""
-    reply = client.admin.command("hello")
-    last = ((reply.get("lastWrite") or {}).get("opTime") or {}).get("ts")
-    return last or (reply.get("$clusterTime") or {}).get("clusterTime")
-
-
 def count_late_writes(client, fence: Fence, seconds: float, *, selected: Callable[[str, str | None], bool],
                       ignore_databases: frozenset[str] = frozenset()) -> Counter[str]:
     """Watch the source's change stream from just after the fence for ``seconds``: every event on a selected
@@ -300,7 +293,7 @@ def count_late_writes(client, fence: Fence, seconds: float, *, selected: Callabl
         read_end = False
         while True:
             if not read_end and time.monotonic() >= deadline:
-                end, read_end = _current_op_time(client), True
+                end, read_end = source_op_times(client)[0], True
             change = stream.try_next()
             if change is None:
                 if read_end:

@@ -407,6 +407,11 @@ class Writer:
         self.thread.start()
         return self
 
+    def wait_for_writes(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.writes < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(10)
@@ -450,9 +455,12 @@ def test_sync_with_a_writer_then_commit(server, source, target) -> None:
         ready = wait_event(server, "can_commit", max_lag_seconds=5)
         assert ready["status"] == "success", ready
         assert ready["progress"]["canCommit"] and ready["progress"]["info"] == "change event application"
-        time.sleep(0.5)  # writes keep flowing through change event application
+        # Writes keep flowing through change event application: wait for 30 more (a count, not a sleep, so a
+        # slow machine proves the same thing).
+        at_ready = writer.writes
+        writer.wait_for_writes(at_ready + 30, timeout=60)
         writer.stop()
-    assert writer.writes > 50
+    assert writer.writes >= at_ready + 30
     # As the DAG does (wait_can_commit): the last writes may have put the lag above the threshold again.
     assert wait_event(server, "can_commit", max_lag_seconds=5)["status"] == "success"
     decision = commit_decision(hook.progress(), max_lag_seconds=5)

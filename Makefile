@@ -14,7 +14,7 @@ demo: .venv/.installed
 	$(PY) -m devtools.demo $(ARGS)
 
 test: .venv/.installed
-	$(PY) -m pytest --durations=25 $(ARGS)
+	$(PY) -m pytest --durations=60 $(ARGS)
 
 lint: .venv/.installed
 	.venv/bin/ruff check .

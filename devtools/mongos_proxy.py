@@ -8,7 +8,14 @@ one-node replica set (SecantusDB) into what a client of such a mongos sees:
   and none of the replica-set fields (``setName``, ``hosts``, ``primary``, ``me``, ``topologyVersion`` ...),
   so drivers classify the server as a Mongos. Compression is removed from the handshake, so OP_COMPRESSED
   never appears on the wire.
-- ``listShards`` (one shard: the backend's replica set) and ``balancerStatus`` are answered by the proxy.
+- ``listShards`` answers with one shard, the backend's replica set, whose ``host`` is what a real mongos
+  stores for a replica-set shard: ``<setName>/<member>,...`` with the members as the backend's own hello
+  lists them (``hosts``), so a client can connect to the shard as a replica set with ``replicaSet=<setName>``.
+- The balancer commands are answered by the proxy with their documented behaviour: ``balancerStatus``
+  (``mode``, ``inBalancerRound``, ``numBalancerRounds``), ``balancerStop`` (mode ``off``; a real one first
+  waits for a balancing round in progress to end: none ever runs here) and ``balancerStart`` (mode
+  ``full``), both answering ``{ok: 1}``. The mode is kept per proxy, as a cluster keeps it in its config
+  servers; ``numBalancerRounds`` counts the status requests made while the mode is ``full``.
 - Commands on the ``local`` database are refused with Unauthorized (code 13), as Compose's mongos refuses
   the oplog to its users (which is why Oplog Access exists).
 - Everything else (authentication, CRUD, getMore, change streams, listCollections, index builds ...) is
@@ -16,10 +23,13 @@ one-node replica set (SecantusDB) into what a client of such a mongos sees:
   ``$readPreference``, which drivers add for a mongos: the replica-set member accepts it (checked with
   SecantusDB; mongod does too), so it needs no stripping.
 
-What it does NOT imitate: chunk routing, config servers, more than one shard, ``$readPreference``
-routing to secondaries, mongos-only admin commands other than the two above (``addShard``,
-``enableSharding``, ``shardCollection``, ``getShardMap`` ... are forwarded and fail as the replica set
-fails them), and the privilege checks of the commands it answers itself (``listShards`` answers any client).
+What it does NOT imitate: chunk routing and chunk migrations (there is one shard, so the balancer never
+moves anything and ``inBalancerRound`` is always false), config servers (``config.collections``,
+``config.shards`` ... are read from the backend, which has no sharding metadata: no collection is sharded),
+more than one shard, ``$readPreference`` routing to secondaries, mongos-only admin commands other than the
+ones above (``addShard``, ``enableSharding``, ``shardCollection``, ``getShardMap`` ... are forwarded and fail
+as the replica set fails them), ``maxTimeMS`` of the balancer commands, and the privilege checks of the
+commands it answers itself (``listShards`` and the balancer commands answer any client).
 
 It also implements, through ``devtools.replica_set_proxy.ReplicaSetProxy`` which it extends, the commands a
 mongos shares with mongod and the test server lacks: ``setUserWriteBlockMode`` (user writes through this
@@ -116,7 +126,9 @@ class MongosProxy(ReplicaSetProxy):
                          backend_ca=backend_ca, backend_tls=backend_tls, bypass_app_names=bypass_app_names,
                          privileged_app_names=privileged_app_names)
         self._set_name: str | None = None
+        self._members: list[str] = []
         self.balancer_rounds = 0
+        self.balancer_mode = "full"  # a new cluster's balancer is on
 
     def handle_request(self, conn: Connection, request: Message) -> Decision:
         if request.op_code == OP_MSG:
@@ -145,6 +157,7 @@ class MongosProxy(ReplicaSetProxy):
     def _remember_set_name(self, hello: dict[str, Any]) -> None:
         if hello.get("setName"):
             self._set_name = str(hello["setName"])
+            self._members = [str(h) for h in hello.get("hosts") or []]
 
     def _local_reply(self, command: str, db: str) -> dict[str, Any] | None:
         """The answer the proxy gives itself, or None to forward the command."""
@@ -154,14 +167,25 @@ class MongosProxy(ReplicaSetProxy):
             return None
         if command == "listShards":
             set_name = self.set_name()
-            return {"shards": [{"_id": set_name, "host": f"{set_name}/{self.backend[0]}:{self.backend[1]}",
-                                "state": 1}], "ok": 1.0}
+            return {"shards": [{"_id": set_name, "host": self.shard_host(), "state": 1}], "ok": 1.0}
         if command == "balancerStatus":
             with self._lock:
-                self.balancer_rounds += 1
-                rounds = self.balancer_rounds
-            return {"mode": "full", "inBalancerRound": False, "numBalancerRounds": bson.Int64(rounds), "ok": 1.0}
+                if self.balancer_mode == "full":
+                    self.balancer_rounds += 1
+                mode, rounds = self.balancer_mode, self.balancer_rounds
+            return {"mode": mode, "inBalancerRound": False, "numBalancerRounds": bson.Int64(rounds), "ok": 1.0}
+        if command in ("balancerStop", "balancerStart"):
+            with self._lock:
+                self.balancer_mode = "off" if command == "balancerStop" else "full"
+            return {"ok": 1.0}
         return None
+
+    def shard_host(self) -> str:
+        """The one shard's ``listShards`` host: ``<setName>/<member>,...`` (the backend's own member list;
+        the backend address when its hello lists none)."""
+        set_name = self.set_name()
+        members = self._members or [f"{self.backend[0]}:{self.backend[1]}"]
+        return f"{set_name}/{','.join(members)}"
 
     def set_name(self) -> str:
         """The backend's replica-set name (read on the first hello relayed, or asked for now)."""

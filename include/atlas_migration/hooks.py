@@ -103,6 +103,31 @@ class MongoEndpoint:
             ) from None
         return client
 
+    def for_replica_set(self, set_name: str | None, hosts: list[str]) -> MongoEndpoint:
+        """The same credentials and TLS options, pointed at another replica set of the deployment (a shard
+        that ``listShards`` names): only the hosts and ``replicaSet`` change.
+
+        The user name, password and the URI's path (its authentication database) are kept, so is every
+        extra (``authSource``, ``authMechanism``, ``tls``, ``tlsCAFile`` ...). ``directConnection`` is dropped
+        (it would pin the client to one member) unless the shard is a single host outside a replica set.
+        An SRV source (``mongodb+srv``) becomes a plain ``mongodb://`` address with ``tls`` on, as SRV implies;
+        options its DNS TXT record carried are not known here, so give ``authSource`` as an extra if it is
+        not ``admin``."""
+        scheme, rest = self.uri.split("://", 1)
+        netloc, slash, path = rest.partition("/")
+        userinfo, at, _ = netloc.rpartition("@")
+        uri = f"mongodb://{userinfo}{at}{','.join(hosts)}{slash}{path}"
+        options = {k: v for k, v in self.client_options.items()
+                   if k.lower() not in ("replicaset", "directconnection", "srv")}
+        if scheme == "mongodb+srv" and not any(k in options for k in ("tls", "ssl")):
+            options["tls"] = True
+        if set_name:
+            options["replicaSet"] = set_name
+        elif len(hosts) == 1:
+            options["directConnection"] = True
+        return MongoEndpoint(conn_id=self.conn_id, role=self.role, uri=uri, client_options=options,
+                             hosts=list(hosts), secrets=list(self.secrets), deployment_facts={})
+
     def tool_uri(self) -> str:
         """The full connection string for mongodump/mongorestore (passed in a 0600 config file, never argv)."""
         # The tools refuse --db values that differ from a database in the URI path; that path only names

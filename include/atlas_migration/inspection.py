@@ -2,6 +2,12 @@
 
 Every probe is independent: a command the user may not run (restricted users, managed services) leaves
 that fact unknown, with the server's reason, and inspection carries on. Nothing here writes.
+
+A sharded source (a mongos) has no oplog of its own, and its mongos refuses ``local``: the oplog window is
+measured on every shard, each reached as its own replica set (``listShards`` gives ``<set>/<host:port,...>``)
+with the source connection's credentials and TLS options (``shard_connect``), and the smallest window is the
+source's (``profile.apply_shard_windows``). A shard that cannot be reached or read leaves the window unknown,
+naming the shard: the live pull's preflight then refuses, rather than trusting a guess.
 """
 
 from __future__ import annotations
@@ -14,7 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from atlas_migration.namespaces import is_never_migrated
-from atlas_migration.profile import HOSTINGS, MANAGERS, CollectionInfo, SourceProfile
+from atlas_migration.profile import (
+    HOSTINGS,
+    MANAGERS,
+    CollectionInfo,
+    ShardOplog,
+    SourceProfile,
+    apply_shard_windows,
+    parse_shard_host,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +37,8 @@ COMPOSE_SUFFIXES = (".composedb.com", ".compose.direct", ".compose.io")
 AWS_SUFFIXES = (".amazonaws.com", ".compute.internal")
 ATLAS_SUFFIXES = (".mongodb.net",)
 MANAGEMENT_AGENT_USERS = ("mms-automation", "mms-monitoring-agent", "mms-backup-agent")
+# Connects to one shard: (replica-set name or None, ["host:port", ...]) -> a client that answered ping.
+ShardConnect = Callable[[str | None, list[str]], Any]
 
 
 @dataclass(frozen=True)
@@ -91,8 +107,12 @@ def inspect_source(
     hosts: list[str],
     hints: DeploymentHints = DeploymentHints(),
     aws_lookup: Callable[[list[str]], str | None] | None = None,
+    shard_connect: ShardConnect | None = None,
 ) -> SourceProfile:
-    """Inspect the deployment behind ``client`` (already connected and pinged)."""
+    """Inspect the deployment behind ``client`` (already connected and pinged).
+
+    ``shard_connect`` reaches a shard of a sharded source (see ``ShardConnect``); without it a sharded
+    source's oplog window stays unknown. The caller closes nothing: inspection closes every shard client."""
     from pymongo.errors import PyMongoError
 
     profile = SourceProfile(conn_id=conn_id, hosts=list(hosts),
@@ -114,28 +134,34 @@ def inspect_source(
         profile.fcv = value.get("version") if isinstance(value, dict) else value
 
     hello = probe("topology", lambda: client.admin.command("hello")) or {}
-    _read_topology(client, profile, hello, probe)
+    list_shards = _read_topology(client, profile, hello, probe)
     _read_oplog(client, profile, probe)
+    if profile.topology == "sharded":
+        _read_shard_oplogs(profile, list_shards, shard_connect)
+        _read_sharding_facts(client, profile, probe)
     _read_management(client, profile, hints, probe)
     _read_hosting(profile, hints, aws_lookup)
     _read_inventory(client, profile, probe)
     return profile
 
 
-def _read_topology(client, profile: SourceProfile, hello: dict, probe) -> None:
+def _read_topology(client, profile: SourceProfile, hello: dict, probe) -> dict | None:
+    """Topology facts; returns the ``listShards`` reply of a sharded source (None otherwise or unreadable)."""
     if not hello:
-        return
+        return None
     if hello.get("msg") == "isdbgrid":
         profile.topology = "sharded"
         shards = probe("shards", lambda: client.admin.command("listShards"))
         if shards:
             profile.shards = [s.get("_id") for s in shards.get("shards", [])]
+        return shards
     elif hello.get("setName"):
         profile.topology = "replica_set"
         profile.set_name = hello["setName"]
         profile.members = sorted(set(hello.get("hosts", []) + hello.get("passives", []) + hello.get("arbiters", [])))
     else:
         profile.topology = "standalone"
+    return None
 
 
 def _read_oplog(client, profile: SourceProfile, probe) -> None:
@@ -159,8 +185,7 @@ def _read_oplog(client, profile: SourceProfile, probe) -> None:
         profile.unknown["oplog_access"] = f"cannot open a change stream on the deployment: {_reason(exc)}"
         return
     if profile.topology == "sharded":
-        profile.unknown["oplog_window_hours"] = "each shard has its own oplog; read it on the shards"
-        return
+        return  # each shard has its own oplog: _read_shard_oplogs measures them on the shards
 
     def window() -> float | None:
         hours = read_oplog_window_hours(client)
@@ -170,6 +195,76 @@ def _read_oplog(client, profile: SourceProfile, probe) -> None:
         return round(hours, 3)
 
     profile.oplog_window_hours = probe("oplog_window_hours", window)
+
+
+def shard_oplog(entry: dict, shard_connect: ShardConnect | None) -> ShardOplog:
+    """One ``listShards`` entry -> its oplog window, measured on the shard's replica set with the same code
+    as a replica-set source (``read_oplog_window_hours``); the reason instead when it cannot be."""
+    from pymongo.errors import PyMongoError
+
+    from atlas_migration.errors import MigrationError
+
+    name = str(entry.get("_id") or "?")
+    try:
+        set_name, hosts = parse_shard_host(str(entry.get("host") or ""))
+    except ValueError as exc:
+        return ShardOplog(name, [], reason=str(exc))
+    shard = ShardOplog(name, hosts, set_name)
+    if set_name is None:
+        shard.reason = "not a replica set (no '<set>/' in its listShards host), so it has no oplog"
+        return shard
+    if shard_connect is None:
+        shard.reason = "no connection to the shards was given to inspection"
+        return shard
+    try:
+        client = shard_connect(set_name, hosts)
+    except MigrationError as exc:  # unreachable, credentials refused: the message is already redacted
+        shard.reason = f"cannot connect to replica set {set_name} ({','.join(hosts)}): {exc}"
+        return shard
+    try:
+        hours = read_oplog_window_hours(client)
+    except PyMongoError as exc:
+        shard.reason = f"cannot read local.oplog.rs on {set_name}: {_reason(exc)}"
+        return shard
+    finally:
+        client.close()
+    if hours is None:
+        shard.reason = f"local.oplog.rs on {set_name} is empty"
+    else:
+        shard.window_hours = round(hours, 3)
+    return shard
+
+
+def _read_shard_oplogs(profile: SourceProfile, list_shards: dict | None, shard_connect: ShardConnect | None) -> None:
+    if list_shards is None:
+        reason = profile.unknown.get("shards", "listShards was not answered")
+        profile.unknown["oplog_window_hours"] = f"the shards could not be listed ({reason}), so their oplogs were not read"
+        return
+    shards = [shard_oplog(entry, shard_connect) for entry in list_shards.get("shards", [])]
+    for shard in shards:
+        log.info("shard oplog: %s", shard.describe())
+    apply_shard_windows(profile, shards)
+
+
+def _read_sharding_facts(client, profile: SourceProfile, probe) -> None:
+    """Inventory facts of a sharded source: the balancer state and the shard keys of sharded collections."""
+    status = probe("balancer", lambda: client.admin.command("balancerStatus"))
+    if status:
+        profile.balancer = {"mode": status.get("mode"), "in_balancer_round": bool(status.get("inBalancerRound"))}
+
+    def shard_keys() -> list[dict[str, Any]]:
+        # Dropped collections (``dropped: true`` before 5.0) and, from 8.0, tracked unsharded collections
+        # (``unsplittable: true``) are listed too: neither has a shard key of its own.
+        found = client.config.collections.find({"dropped": {"$ne": True}, "unsplittable": {"$ne": True}},
+                                               projection={"_id": 1, "key": 1, "unique": 1})
+        keys = []
+        for doc in found:
+            db_name, _, coll = str(doc["_id"]).partition(".")
+            if "key" in doc and not is_never_migrated(db_name, coll):
+                keys.append({"namespace": doc["_id"], "key": _jsonable(doc["key"]), "unique": bool(doc.get("unique"))})
+        return sorted(keys, key=lambda k: k["namespace"])
+
+    profile.shard_keys = probe("shard_keys", shard_keys) or []
 
 
 def _read_management(client, profile: SourceProfile, hints: DeploymentHints, probe) -> None:

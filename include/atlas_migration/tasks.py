@@ -81,6 +81,10 @@ def _dump_reader(p: MigrationParams, paths: RunPaths):
     return DumpReader(p.source_dump_uri, paths.root, p.aws_conn_id)
 
 
+# Connecting to one shard of a sharded source during inspection (milliseconds).
+SHARD_TIMEOUT_MS = 5_000
+
+
 def inspect(params: dict[str, Any], paths: RunPaths | None = None) -> dict[str, Any]:
     p = MigrationParams.parse(params)
     if p.source_dump_uri:
@@ -106,9 +110,14 @@ def inspect(params: dict[str, Any], paths: RunPaths | None = None) -> dict[str, 
         from atlas_migration.aws import ec2_host_lookup
 
         aws_lookup = ec2_host_lookup(p.aws_conn_id)
+    def shard_connect(set_name: str | None, hosts: list[str]):
+        # A shard of a sharded source, with the source's credentials and TLS options; a short timeout so an
+        # unreachable shard costs seconds (its window is then recorded as unknown, naming it).
+        return source.for_replica_set(set_name, hosts).connect(timeout_ms=SHARD_TIMEOUT_MS)
+
     with closing(source.connect()) as client:
         profile = inspect_source(client, conn_id=p.source_conn_id, hosts=source.hosts, hints=hints,
-                                 aws_lookup=aws_lookup)
+                                 aws_lookup=aws_lookup, shard_connect=shard_connect)
     _log_block("Source profile", profile.summary_lines())
     if profile.unknown:
         _log_block("Facts that could not be read", [f"{k}: {v}" for k, v in sorted(profile.unknown.items())])

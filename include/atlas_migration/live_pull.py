@@ -22,6 +22,13 @@ with one of two engines (``pull_engine``):
   the source for ``quiet_period_seconds`` after the fence, or ``/commit`` is not sent; after COMMITTED a
   write after the fence fails the run (it may be missing from Atlas).
 
+A sharded source (a mongos): ``stop_balancer`` (default on) stops the source's balancer before either
+engine starts (``stop_balancer``, the group's root) and a teardown (``restart_balancer``) starts it again
+once the pull is over, whatever happened, but only when this run stopped it. MongoDB's guidance for live
+migrations out of a sharded cluster is to stop the balancer for the whole migration (mongosync refuses to
+run otherwise without namespace filtering): a chunk migration during the copy moves documents between
+shards while they are read and replays them as ``fromMigrate`` oplog entries on two shards.
+
 ``auto`` picks mongosync when its connection exists, else native. Every task is safe to retry: the native
 engine resumes from checkpoints stored on the target (``__atlas_migration.live_sync``), and mongosync
 calls are made only in the state that accepts them.
@@ -92,6 +99,14 @@ def live_pull_params() -> dict[str, Any]:
                                           title="Catch-up timeout (s)",
                                           description="Fail when the target has not caught up "
                                                       "(lag under the cutover threshold) by then."),
+        "stop_balancer": Param(True, type="boolean", title="Stop the source's balancer", section="Live pull",
+                               description="Sharded source: stop its balancer (balancerStop) before the pull starts "
+                                           "and start it again when the pull is over, whatever the outcome, if this "
+                                           "run stopped it (MongoDB's guidance for live migrations: no chunk "
+                                           "migrations during the copy and sync). A balancer that was already off is "
+                                           "left off. The source's user needs the balancer privileges "
+                                           "(clusterManager). Off: the operator manages the balancer. Ignored for "
+                                           "replica sets and rehearsals."),
         "cutover": Param("auto", type="string", enum=["auto", "manual"], title="Cutover", section="Cutover",
                          description="'auto': once the lag is under max_cutover_lag_seconds, block user writes on the "
                                      "source (needs source write blocking) and cut over at that fence. 'manual': wait "
@@ -133,6 +148,7 @@ class LivePullParams:
     quiet_period_seconds: int
     cutover_timeout_seconds: int
     source_write_block: str = "auto"
+    stop_balancer: bool = True
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]) -> LivePullParams:
@@ -151,6 +167,9 @@ class LivePullParams:
         write_block = params.get("source_write_block") or "auto"
         if write_block not in WRITE_BLOCK_MODES:
             raise ConfigurationError(f"source_write_block={write_block!r} is not one of {', '.join(WRITE_BLOCK_MODES)}")
+        stop_balancer = params.get("stop_balancer", True)
+        if not isinstance(stop_balancer, bool):
+            raise ConfigurationError(f"parameter stop_balancer must be true or false, got {stop_balancer!r}")
         return cls(
             engine=engine,
             mongosync_conn_id=str(params.get("mongosync_conn_id") or "mongosync_api"),
@@ -162,6 +181,7 @@ class LivePullParams:
             quiet_period_seconds=integer("quiet_period_seconds", 5, 1),
             cutover_timeout_seconds=integer("cutover_timeout_seconds", 600, 10),
             source_write_block=write_block,
+            stop_balancer=stop_balancer,
         )
 
 
@@ -324,6 +344,8 @@ def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, 
         stream_conn = sources.conn_id(params, "stream")
         window, whose = _oplog_window_hours(endpoint_from_connection(stream_conn, "source")), f"'{stream_conn}'"
     ok, message = check_oplog_window(window, estimated)
+    if window is None and whose == "the source" and profile.unknown.get("oplog_window_hours"):
+        message += f" (inspection: {profile.unknown['oplog_window_hours']})"
     log.info("oplog window check (oplog of %s): %s", whose, message)
     if not ok:
         raise ConfigurationError(f"live pull refused before writing anything: {message}")
@@ -433,6 +455,93 @@ def cutover(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSo
              f"{verification['documents_compared']:,}", verification["mismatches"]["resolved"],
              verification["mismatches"]["open"])
     return {**result.to_dict(), "verification": verification}
+
+
+# ---------------------------------------------------------------- the source's balancer (sharded sources)
+
+# After balancerStop (which itself waits for a balancing round in progress), how long to wait for
+# balancerStatus to report no round under way: mongosync's documentation allows 15 minutes for in-progress
+# chunk migrations to finish.
+BALANCER_SETTLE_SECONDS = 900.0
+
+
+def _balancer_command(client, command: str, endpoint: MongoEndpoint) -> dict[str, Any]:
+    from pymongo.errors import OperationFailure
+
+    try:
+        return client.admin.command(command)
+    except OperationFailure as exc:
+        message = (f"{command} was refused by the source '{endpoint.conn_id}' (code {exc.code}: "
+                   f"{endpoint.redact(exc.details.get('errmsg') if exc.details else exc)})")
+        if exc.code == 13:  # Unauthorized: no retry helps, the operator must grant or opt out
+            raise ConfigurationError(f"{message}: the source's user needs the balancer privileges (e.g. the "
+                                     "clusterManager role), or set stop_balancer=false and manage the balancer "
+                                     "yourself") from None
+        raise MigrationError(message) from None
+
+
+def wait_balancer_settled(client, endpoint: MongoEndpoint, timeout: float = BALANCER_SETTLE_SECONDS,
+                          poll: float = 2.0) -> dict[str, Any]:
+    """Poll ``balancerStatus`` until no balancing round is under way; raises ``MigrationError`` at ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _balancer_command(client, "balancerStatus", endpoint)
+        if not status.get("inBalancerRound"):
+            return status
+        if time.monotonic() >= deadline:
+            raise MigrationError(f"the source's balancer was stopped but a balancing round was still under way "
+                                 f"after {timeout:.0f} s: chunk migrations are still moving documents")
+        time.sleep(poll)
+
+
+def stop_balancer(params: Mapping[str, Any], sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
+    """Stop the sharded source's balancer before the pull (``stop_balancer``). XCom: ``stopped_by_run`` (the
+    teardown restarts it only then), ``mode_before`` and ``reason``. Nothing is written to the target."""
+    p = MigrationParams.parse(params)
+    lp = LivePullParams.parse(params)
+
+    def untouched(reason: str, mode: str | None = None) -> dict[str, Any]:
+        log.info("balancer: %s", reason)
+        return {"stopped_by_run": False, "mode_before": mode, "reason": reason}
+
+    if p.rehearsal:
+        return untouched("a rehearsal never stops the source's balancer (as it never blocks writes)")
+    if not lp.stop_balancer:
+        return untouched("stop_balancer=false: the operator manages the source's balancer")
+    endpoint = endpoint_from_connection(sources.conn_id(params, "copy"), "source")
+    with closing(endpoint.connect()) as client:
+        if client.admin.command("hello").get("msg") != "isdbgrid":
+            return untouched("the source is not a sharded cluster: it has no balancer")
+        mode = _balancer_command(client, "balancerStatus", endpoint).get("mode")
+        if mode == "off":
+            return untouched("the source's balancer was already off: left off, and not restarted afterwards", mode)
+        _balancer_command(client, "balancerStop", endpoint)
+        try:
+            status = wait_balancer_settled(client, endpoint)
+        except BaseException:
+            # The teardown runs only after a successful stop: undo the stop here rather than leave it off.
+            _balancer_command(client, "balancerStart", endpoint)
+            raise
+    log.info("balancer: was '%s', now '%s' (stopped by this run; restarted by restart_balancer when the pull is "
+             "over)", mode, status.get("mode"))
+    return {"stopped_by_run": True, "mode_before": mode, "reason": f"stopped by this run (was '{mode}')"}
+
+
+def restart_balancer(params: Mapping[str, Any], stopped: Mapping[str, Any] | None,
+                     sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
+    """The teardown of ``stop_balancer``: ``balancerStart`` when this run stopped the balancer, else nothing."""
+    if not stopped or not stopped.get("stopped_by_run"):
+        reason = (stopped or {}).get("reason") or "the balancer was not stopped by this run"
+        log.info("balancer: not restarted (%s)", reason)
+        return {"restarted": False, "reason": reason}
+    endpoint = endpoint_from_connection(sources.conn_id(params, "copy"), "source")
+    with closing(endpoint.connect()) as client:
+        _balancer_command(client, "balancerStart", endpoint)
+        mode = _balancer_command(client, "balancerStatus", endpoint).get("mode")
+    log.info("balancer: restarted (was '%s' before the run, now '%s')", stopped.get("mode_before"), mode)
+    return {"restarted": True, "mode": mode}
 
 
 # ---------------------------------------------------------------- mongosync engine
@@ -549,11 +658,12 @@ def _group_of(ti) -> str:
     return ti.task_id.rpartition(".")[0]
 
 
-def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
+def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES, *, manage_balancer: bool = False) -> None:
     """Add the pull's tasks (engine branch, native path, mongosync path) to the task group being built.
 
     Call inside a task group (never at DAG level: the branch names its tasks relative to its group). The
-    group's root is the ``choose_pull_engine`` branch.
+    group's root is the ``choose_pull_engine`` branch, or with ``manage_balancer`` the ``stop_balancer``
+    setup before it, whose teardown ``restart_balancer`` runs after both engines' last tasks.
     """
 
     @task.branch
@@ -621,14 +731,35 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES) -> None:
     verified = verify.expand(partitions=partitions)
     finished >> verified
     approved = finished >> catch_up_to_lag() >> await_native()
-    [approved, verified] >> cutover_native()
+    native_done = cutover_native()
+    [approved, verified] >> native_done
     started = start_mongosync(profile)
     started >> wait_can_commit >> await_mongosync() >> commit_mongosync(started) >> wait_committed
-    wait_committed >> check_mongosync_fence()
-    choose_pull_engine() >> [partitions, started]
+    mongosync_done = check_mongosync_fence()
+    wait_committed >> mongosync_done
+    branch = choose_pull_engine()
+    branch >> [partitions, started]
+    if manage_balancer:
+
+        @task(task_id="stop_balancer")
+        def stop_source_balancer(params=None) -> dict:
+            return stop_balancer(params, sources)
+
+        @task(task_id="restart_balancer")
+        def restart_source_balancer(stopped: dict, params=None) -> dict:
+            return restart_balancer(params, stopped, sources)
+
+        stopped = stop_source_balancer()
+        stopped >> branch
+        restarted = restart_source_balancer(stopped)
+        [native_done, mongosync_done] >> restarted
+        # Runs once both engine paths are done (one is always skipped), whatever their outcome; a failed
+        # restart fails the run, so a balancer left off does not go unnoticed.
+        restarted.as_teardown(setups=stopped.operator, on_failure_fail_dagrun=True)
 
 
 @task_group(group_id=GROUP_ID)
 def live_pull_group(profile) -> None:
-    """The ``live_pull`` task group: a branch per engine (call inside a DAG; returns nothing)."""
-    add_pull_tasks(profile)
+    """The ``live_pull`` task group: a branch per engine, inside the balancer's stop and restart (call inside a
+    DAG; returns nothing)."""
+    add_pull_tasks(profile, manage_balancer=True)

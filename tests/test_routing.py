@@ -5,7 +5,13 @@ from dataclasses import replace
 import pytest
 
 from atlas_migration.errors import ImpossibleStrategy, StrategyNotAvailable
-from atlas_migration.profile import CollectionInfo, SourceProfile, parse_version
+from atlas_migration.profile import (
+    CollectionInfo,
+    ShardOplog,
+    SourceProfile,
+    apply_shard_windows,
+    parse_version,
+)
 from atlas_migration.routing import (
     LIVE_MIGRATION_MINIMUMS,
     PUSH_MINIMUMS,
@@ -25,13 +31,57 @@ def make_profile(**overrides) -> SourceProfile:
     return replace(base, **overrides)
 
 
+# Measured shard windows (hours) of a two-shard cluster, as inspection records them.
+SHARD_WINDOWS = {"shard01": 96.0, "shard02": 30.5}
+
+
+def sharded_profile(windows: dict[str, float | None] | None = None, **overrides) -> SourceProfile:
+    """A sharded source as inspection builds it: a mongos (no set name, no members) whose oplog window is
+    the smallest of its shards' windows, through ``apply_shard_windows``; a None window is an unreadable
+    shard."""
+    profile = make_profile(hosts=["mongos0.internal:27017"], topology="sharded", set_name=None, members=[],
+                           oplog_window_hours=None, **overrides)
+    apply_shard_windows(profile, [
+        ShardOplog(name, [f"{name}-a.internal:27018", f"{name}-b.internal:27018"], name, hours,
+                   "" if hours is not None else f"cannot connect to replica set {name}")
+        for name, hours in (SHARD_WINDOWS if windows is None else windows).items()])
+    return profile
+
+
+def profile_from(overrides: dict) -> SourceProfile:
+    """A table row's profile: ``sharded`` (with optional shard ``windows``) builds it as inspection does."""
+    overrides = dict(overrides)
+    if overrides.pop("sharded", False):
+        return sharded_profile(overrides.pop("windows", None), **overrides)
+    return make_profile(**overrides)
+
+
+def test_a_sharded_profile_gets_its_window_from_its_smallest_shard():
+    profile = sharded_profile()
+    assert profile.oplog_window_hours == 30.5 and profile.shards == ["shard01", "shard02"]
+    decision = choose_strategy(profile)
+    assert (decision.strategy, decision.rule) == ("live_pull", "default")
+    assert not any("oplog window" in w for w in decision.warnings)
+    short = choose_strategy(sharded_profile({"shard01": 96.0, "shard02": 6.0}))
+    assert any("oplog window is 6.0 h" in w for w in short.warnings)
+
+
+def test_a_sharded_profile_with_an_unreadable_shard_has_no_window_and_routing_warns_nothing_false():
+    profile = sharded_profile({"shard01": 96.0, "shard02": None})
+    assert profile.oplog_window_hours is None
+    assert "shard shard02: cannot connect" in profile.unknown["oplog_window_hours"]
+    # Routing still picks the live pull (the oplog is readable through mongos); its preflight refuses the
+    # unknown window before writing anything (live_pull.start).
+    assert choose_strategy(profile).strategy == "live_pull"
+
+
 @pytest.mark.parametrize(
     ("overrides", "strategy", "rule"),
     [
         ({"managed_by": "cloud_manager"}, "live_push", "cloud_manager"),
-        ({"managed_by": "cloud_manager", "topology": "sharded", "set_name": None}, "live_push", "cloud_manager"),
+        ({"sharded": True, "managed_by": "cloud_manager"}, "live_push", "cloud_manager"),
         ({}, "live_pull", "default"),
-        ({"topology": "sharded", "set_name": None, "shards": ["s0", "s1"]}, "live_pull", "default"),
+        ({"sharded": True}, "live_pull", "default"),
         ({"hosting": "atlas_shared_tier"}, "mongorestore", "shared_tier"),
         ({"oplog_readable": False}, "mongorestore", "no_oplog"),
         ({"oplog_readable": None}, "mongorestore", "no_oplog"),
@@ -41,12 +91,12 @@ def make_profile(**overrides) -> SourceProfile:
         ({"version": "7.0.14"}, "mongorestore", "below_live_minimum"),
         ({"version": "7.0.14", "managed_by": "cloud_manager"}, "live_push", "cloud_manager"),
         ({"version": "6.1.0"}, "mongorestore", "unsupported_version"),  # rapid release: not a live-migration source
-        ({"hosting": "compose", "topology": "sharded", "shards": ["rs0"]}, "compose", "compose"),
+        ({"sharded": True, "windows": {"rs0": 48.0}, "hosting": "compose"}, "compose", "compose"),
         ({"hosting": "aws"}, "aws_replica_set", "aws_replica_set"),
     ],
 )
 def test_every_row_of_the_table(overrides, strategy, rule):
-    decision = choose_strategy(make_profile(**overrides))
+    decision = choose_strategy(profile_from(overrides))
     assert (decision.strategy, decision.rule) == (strategy, rule)
     assert decision.reasons and decision.requested == "auto"
 
@@ -81,7 +131,7 @@ def test_shared_tier_wins_over_management_and_oplog():
 
 
 def test_aws_sharded_is_plain_pull():
-    assert choose_strategy(make_profile(hosting="aws", topology="sharded")).strategy == "live_pull"
+    assert choose_strategy(sharded_profile(hosting="aws")).strategy == "live_pull"
 
 
 def test_short_oplog_window_warns():
@@ -109,13 +159,13 @@ def test_mongorestore_on_live_replica_set_warns_about_writes():
         ({}, "compose", "not a Compose deployment"),
         ({"hosting": "compose"}, "compose", "needs a sharded cluster"),
         ({}, "aws_replica_set", "not found on AWS"),
-        ({"hosting": "aws", "topology": "sharded"}, "aws_replica_set", "needs a replica set"),
+        ({"sharded": True, "hosting": "aws"}, "aws_replica_set", "needs a replica set"),
         ({}, "live_sideways", "unknown strategy"),
     ],
 )
 def test_impossible_overrides_fail_clearly(overrides, requested, fragment):
     with pytest.raises(ImpossibleStrategy, match="cannot migrate|unknown strategy") as excinfo:
-        choose_strategy(make_profile(**overrides), requested)
+        choose_strategy(profile_from(overrides), requested)
     assert fragment in str(excinfo.value)
 
 

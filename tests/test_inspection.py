@@ -179,3 +179,84 @@ def test_names_the_driver_refuses_are_listed_by_name(source):
     assert [i.namespace for i in plan.collections] == ["shop.orders"]
     assert any("a/../escape" in line for line in plan.describe())
     assert build_copy_plan(profile, NamespaceFilter.from_patterns(["shop.orders"], [])).collections
+
+
+@pytest.fixture
+def mongos_source(source):
+    """The mongos stand-in in front of the session ``source`` replica set (its one shard)."""
+    if source.local is None:
+        pytest.skip("the mongos stand-in needs the local test server behind it")
+    from devtools.mongos_proxy import MongosProxy
+
+    with MongosProxy(source.local.port) as proxy:
+        yield proxy
+
+
+def shard_connect_via(endpoint_uri: str):
+    """What the DAG's inspect task passes: the source connection pointed at one shard, short timeout."""
+    from atlas_migration.hooks import MongoEndpoint
+
+    source = MongoEndpoint(conn_id="mongo_source", role="source", uri=endpoint_uri, client_options={},
+                           hosts=["mongos"], secrets=[])
+
+    def connect(set_name, hosts):
+        return source.for_replica_set(set_name, hosts).connect(timeout_ms=1_500)
+
+    return connect
+
+
+def test_sharded_source_window_is_measured_on_its_shard(source, mongos_source):
+    import pymongo
+
+    from atlas_migration.inspection import read_oplog_window_hours
+
+    with source.client() as direct:
+        direct.shop.orders.insert_many([{"_id": i} for i in range(5)])
+    with pymongo.MongoClient(f"mongodb://{mongos_source.host}/", serverSelectionTimeoutMS=10_000) as client:
+        assert client.admin.command("listShards")["shards"] == [
+            {"_id": "secantus", "host": f"secantus/{source.local.host}", "state": 1}]
+        profile = inspect_source(client, conn_id="mongo_source", hosts=[mongos_source.host],
+                                 shard_connect=shard_connect_via(f"mongodb://{mongos_source.host}"))
+        with source.client() as direct:
+            after = read_oplog_window_hours(direct)
+        # The balancer commands behave as documented: stop -> off, start -> full, seen by balancerStatus.
+        client.admin.command("balancerStop")
+        stopped = inspect_source(client, conn_id="mongo_source", hosts=[mongos_source.host])
+        client.admin.command("balancerStart")
+        assert client.admin.command("balancerStatus")["mode"] == "full"
+    assert profile.topology == "sharded" and profile.oplog_readable is True
+    [shard] = profile.shard_oplogs
+    assert (shard.name, shard.replica_set, shard.hosts, shard.reason) == ("secantus", "secantus", [source.local.host], "")
+    # Read on the shard itself (the mongos refuses local): the same window a direct read gives, up to the
+    # writes made between the two reads.
+    assert shard.window_hours is not None and 0 <= after - shard.window_hours < 0.01
+    assert profile.oplog_window_hours == shard.window_hours and "oplog_window_hours" not in profile.unknown
+    assert any(n.endswith("the oplog window of the only shard, secantus") for n in profile.notes)
+    assert profile.balancer == {"mode": "full", "in_balancer_round": False}
+    assert profile.shard_keys == []  # the stand-in's shard has no sharding metadata: nothing is sharded
+    assert "shop.orders" in {c.namespace for c in profile.collections}
+    # Without a way to reach the shards, the window stays unknown and says which shard and why.
+    assert stopped.balancer == {"mode": "off", "in_balancer_round": False}
+    assert stopped.oplog_window_hours is None
+    assert stopped.unknown["oplog_window_hours"] == ("not every shard's oplog window could be read: shard secantus: "
+                                                      "no connection to the shards was given to inspection")
+
+
+def test_an_unreachable_shard_leaves_the_window_unknown_naming_it(source, mongos_source):
+    import pymongo
+
+    from devtools.mongo_servers import free_port
+
+    port = free_port()  # nothing listens there: the shard is down or not allow-listed
+
+    def connect_elsewhere(set_name, hosts):
+        return shard_connect_via(f"mongodb://{mongos_source.host}")(set_name, [f"127.0.0.1:{port}"])
+
+    with pymongo.MongoClient(f"mongodb://{mongos_source.host}/", serverSelectionTimeoutMS=10_000) as client:
+        profile = inspect_source(client, conn_id="mongo_source", hosts=[mongos_source.host],
+                                 shard_connect=connect_elsewhere)
+    assert profile.oplog_window_hours is None and profile.shard_oplogs[0].window_hours is None
+    reason = profile.unknown["oplog_window_hours"]
+    assert reason.startswith("not every shard's oplog window could be read: shard secantus: cannot connect to "
+                             f"replica set secantus ({source.local.host}): cannot reach source 'mongo_source' at "
+                             f"127.0.0.1:{port}"), reason

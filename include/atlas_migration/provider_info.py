@@ -34,9 +34,9 @@ def get_provider_info() -> dict[str, Any]:
     return {
         "package-name": PACKAGE_NAME,
         "name": "MongoDB to Atlas migration",
-        "description": "Migrates MongoDB deployments into MongoDB Atlas (DAG ``mongo_to_atlas``): hooks for the "
-                       "Atlas Administration API, the Cloud Manager API and mongosync, and the triggers that "
-                       "wait on live migrations.",
+        # Plain text: `airflow providers list` renders underscores and backquotes as markup.
+        "description": "Migrates MongoDB deployments into MongoDB Atlas: hooks for the Atlas Administration API, "
+                       "the Cloud Manager API and mongosync, and the triggers that wait on live migrations.",
         "versions": [__version__],
         "integrations": [
             {"integration-name": ATLAS_INTEGRATION, "external-doc-url":

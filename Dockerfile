@@ -32,6 +32,13 @@ RUN pip install --no-cache-dir -r /requirements.txt
 COPY --chown=airflow:root dags/ /opt/airflow/dags/
 COPY --chown=airflow:root plugins/ /opt/airflow/plugins/
 COPY --chown=airflow:root include/ /opt/airflow/include/
+# The library as a distribution too: its apache_airflow_provider entry point registers the connection
+# types (Admin > Connections), hooks and triggers. --no-deps: requirements.txt above installed the pinned
+# dependencies; the wheel is built from the same include/ tree that PYTHONPATH points at.
+COPY --chown=airflow:root pyproject.toml README.md /tmp/mongo-to-atlas/
+COPY --chown=airflow:root include/ /tmp/mongo-to-atlas/include/
+RUN pip install --no-cache-dir --no-deps /tmp/mongo-to-atlas && rm -rf /tmp/mongo-to-atlas \
+    && python -c "from importlib.metadata import version; print('mongo-to-atlas', version('mongo-to-atlas'))"
 # The atlas_migration package (and the triggers the triggerer imports) live outside the DAG folder.
 ENV PYTHONPATH=/opt/airflow/include \
     MIGRATION_WORK_DIR=/opt/airflow/migration-work

@@ -4,7 +4,7 @@ ARGS ?=
 
 .PHONY: demo test lint bench env clean
 
-.venv/.installed: requirements.txt requirements-dev.txt scripts/bootstrap.sh
+.venv/.installed: requirements.txt requirements-dev.txt pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
 	touch $@
 

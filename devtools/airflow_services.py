@@ -11,7 +11,8 @@ needs the real components instead:
 - ``airflow dag-processor``: parses ``dags/`` and serialises the DAG, without which the API answers 404.
 
 The triggerer runs deferred tasks only (the live strategies' waits on a migration); the mongorestore
-path has none, so it starts only with ``triggerer=True`` (about 170 MiB more). Every component runs in
+path has none, so it starts only with ``triggerer=True`` (about 170 MiB more). ``api_only=True`` starts the
+api-server alone, for tests that read the API (connection forms, providers) and run no DAG. Every component runs in
 its own session in an isolated ``AIRFLOW_HOME`` (``AirflowHome`` provides the environment and
 ``airflow db migrate``); every process of every session is recorded and SIGTERM'd, then SIGKILL'd, on
 ``stop()``: Airflow's task supervisor puts each task in its own process group, so signalling process
@@ -138,7 +139,7 @@ class ServicesError(RuntimeError):
 
 
 class AirflowServices:
-    """api-server + scheduler + dag-processor (+ triggerer) for one isolated Airflow home.
+    """api-server + scheduler + dag-processor (+ triggerer), or the api-server alone, for one isolated Airflow home.
 
     ``env``: extra environment for every component, e.g. ``AIRFLOW_CONN_*`` variables (tasks inherit the
     scheduler's environment, so connections defined there reach them). A random password for the user
@@ -147,7 +148,9 @@ class AirflowServices:
     """
 
     def __init__(self, home: AirflowHome, env: dict[str, str] | None = None, *, port: int | None = None,
-                 triggerer: bool = False, settings: dict[str, str] | None = None) -> None:
+                 triggerer: bool = False, api_only: bool = False, settings: dict[str, str] | None = None) -> None:
+        if api_only and triggerer:
+            raise ValueError("api_only starts the api-server alone: no triggerer")
         self.home = home
         self.port = port or free_port()
         self._port_given = port is not None
@@ -157,6 +160,7 @@ class AirflowServices:
         self._extra_env = dict(env or {})
         self._settings = {**LEAN_SETTINGS, **(settings or {})}
         self._triggerer = triggerer
+        self._api_only = api_only
         self._jwt_secret = secrets.token_urlsafe(32)
         self.components: list[Component] = []
         self.started_at: float | None = None
@@ -205,13 +209,12 @@ class AirflowServices:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._write_password_file()
         airflow = str(Path(sys.executable).parent / "airflow")
-        commands = {
-            "api-server": [airflow, "api-server", "--host", "127.0.0.1", "--port", str(self.port)],
+        commands = {"api-server": [airflow, "api-server", "--host", "127.0.0.1", "--port", str(self.port)]}
+        if not self._api_only:
             # --skip-serve-logs: the api-server reads task logs from the shared local folder; the log server
             # would only cost a process and a fixed port (8793) that concurrent test runs would fight over.
-            "scheduler": [airflow, "scheduler", "--skip-serve-logs"],
-            "dag-processor": [airflow, "dag-processor"],
-        }
+            commands["scheduler"] = [airflow, "scheduler", "--skip-serve-logs"]
+            commands["dag-processor"] = [airflow, "dag-processor"]
         if self._triggerer:
             commands["triggerer"] = [airflow, "triggerer", "--skip-serve-logs"]
         env = self.environment()
@@ -256,7 +259,10 @@ class AirflowServices:
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        wanted = ["metadatabase", "scheduler", "dag_processor"] + (["triggerer"] if self._triggerer else [])
+        if self._api_only:  # health answers at all once the api-server serves; the DB must be reachable
+            wanted = ["metadatabase"]
+        else:
+            wanted = ["metadatabase", "scheduler", "dag_processor"] + (["triggerer"] if self._triggerer else [])
         last: dict[str, Any] | None = None
         while time.monotonic() < deadline:
             self.check_running()

@@ -62,3 +62,23 @@ def write_blocking_source(source):
 
     with ReplicaSetProxy(source.local.port) as proxy:
         yield f"mongodb://{proxy.host}/?directConnection=true"
+
+
+PROVIDER_DISTRIBUTION = "mongo-to-atlas"
+PROVIDER_ENTRY_POINT = "atlas_migration.provider_info:get_provider_info"
+
+
+def require_provider_distribution() -> None:
+    """Fail (never skip) unless the project is installed as a distribution with its provider entry point:
+    Airflow discovers providers only through installed distributions, and scripts/bootstrap.sh installs it."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    how = ("run `make env` (scripts/bootstrap.sh), or `uv pip install --python .venv/bin/python -e .` in the "
+           "repository, to install it")
+    try:
+        dist = distribution(PROVIDER_DISTRIBUTION)
+    except PackageNotFoundError:
+        raise AssertionError(f"the {PROVIDER_DISTRIBUTION} distribution is not installed: {how}") from None
+    points = [ep.value for ep in dist.entry_points if ep.group == "apache_airflow_provider"]
+    assert points == [PROVIDER_ENTRY_POINT], (
+        f"{PROVIDER_DISTRIBUTION} is installed without its apache_airflow_provider entry point ({points}): {how}")

@@ -26,3 +26,36 @@ def test_restore_is_mapped_per_collection_with_dump(dag, group):
     assert dump.upstream_task_ids == {f"{group}.prepare"}
     assert restore.task_id in dag.get_task(f"{group}.restore_views").upstream_task_ids
     assert dump.retries == restore.retries == 2  # both are safe to retry
+
+
+@pytest.mark.integration
+def test_a_batch_dumps_and_restores_over_one_connection_each_side(source, target, tmp_path, monkeypatch):
+    """A mapped instance holds a batch of collections: one source and one target connection serve the whole
+    batch (a TLS handshake and authentication per collection would dominate against a remote Atlas)."""
+    from atlas_migration import tasks
+    from atlas_migration.hooks import MongoEndpoint
+    from devtools.airflow_env import conn_env_name, mongo_connection_json
+
+    monkeypatch.setenv(conn_env_name("mongo_source"), mongo_connection_json(source.uri))
+    monkeypatch.setenv(conn_env_name("atlas_target"), mongo_connection_json(target.uri))
+    connected: list[str] = []
+    real_connect = MongoEndpoint.connect
+
+    def counting_connect(self, *args, **kwargs):
+        connected.append(self.role)
+        return real_connect(self, *args, **kwargs)
+
+    monkeypatch.setattr(MongoEndpoint, "connect", counting_connect)
+    names = [f"c{i}" for i in range(6)]
+    with source.client() as src:
+        for i, name in enumerate(names):
+            src.batch[name].insert_many([{"_id": j, "n": i} for j in range(3 + i)])
+    paths = tasks.RunPaths(tmp_path, "mongo_to_atlas", "run_1")
+    items = [{"db": "batch", "collection": name, "type": "collection", "documents": 3 + i, "size_bytes": 0,
+              "target_db": "", "engine": "native", "gzip": True, "replace": True} for i, name in enumerate(names)]
+    dumped = tasks.dump_namespaces({}, items, paths)
+    restored = tasks.restore_namespaces({}, dumped, paths)
+    assert connected == ["source", "target"]
+    assert [r["documents"] for r in restored] == [3 + i for i in range(6)]
+    with target.client() as dst:
+        assert {n: dst.batch[n].count_documents({}) for n in names} == {n: 3 + i for i, n in enumerate(names)}

@@ -32,9 +32,10 @@ carry the ``http://`` of a base URL in the host field)::
         "host": "https://cloud.mongodb.com", "login": "<public key>", "password": "<private key>",
         "extra": {"org_id": "<24-hex Cloud Manager org id>"}}'
 
-``host`` defaults to ``https://cloud.mongodb.com``. The connection types are not registered with Airflow
-(that takes a provider package), so the UI shows them as custom types; ``get_connection_form_widgets`` /
-``get_ui_field_behaviour`` describe the fields for the day they are.
+``host`` defaults to ``https://cloud.mongodb.com``. Installed as a distribution (``pip install -e .``), the
+package registers both connection types with Airflow (``atlas_migration.provider_info``), and Admin >
+Connections shows their forms (``atlas_migration.connection_forms``); the form stores extras under their
+plain names, an Airflow 2 form under ``extra__<type>__<name>``: the hooks read both.
 
 Hooks read their connection on first use, never in ``__init__``, so building one at DAG parse time is free.
 """
@@ -54,11 +55,20 @@ import requests
 from airflow.sdk import BaseHook
 from requests.auth import HTTPBasicAuth, HTTPDigestAuth
 
+from atlas_migration.connection_forms import (
+    ATLAS_CONN_TYPE,
+    CLOUD_MANAGER_CONN_TYPE,
+    DEFAULT_CLOUD_BASE_URL,
+    HOOK_NAMES,
+    field_behaviour,
+    form_widgets,
+    read_extra,
+)
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.redaction import redact
 from atlas_migration.token_cache import SharedTokenCache
 
-DEFAULT_BASE_URL = "https://cloud.mongodb.com"
+DEFAULT_BASE_URL = DEFAULT_CLOUD_BASE_URL
 ATLAS_PATH = "/api/atlas/v2"
 CLOUD_MANAGER_PATH = "/api/public/v1.0"
 TOKEN_PATH = "/api/oauth/token"
@@ -252,12 +262,8 @@ class ApiConnectionConfig:
         return [s for s in (self.private_key, self.client_secret, self.public_key) if s]
 
 
-def _extra(extras: dict[str, Any], conn_type: str, name: str) -> Any:
-    """Read an extra written either plainly or with the UI form's ``extra__<type>__`` prefix."""
-    value = extras.get(name)
-    if value in (None, ""):
-        value = extras.get(f"extra__{conn_type}__{name}")
-    return value or None
+# An extra written either plainly (Airflow 3's form, JSON connections) or with Airflow 2's form prefix.
+_extra = read_extra
 
 
 def _base_url(host: str | None, port: int | None) -> str:
@@ -645,8 +651,8 @@ class AtlasAdminHook(_MongoCloudApiHook):
 
     conn_name_attr = "atlas_conn_id"
     default_conn_name = "mongodb_atlas_default"
-    conn_type = "mongodb_atlas"
-    hook_name = "MongoDB Atlas Administration API"
+    conn_type = ATLAS_CONN_TYPE
+    hook_name = HOOK_NAMES[ATLAS_CONN_TYPE]
     service_name = "Atlas Administration API"
     api_path = ATLAS_PATH
     supports_service_account = True
@@ -658,36 +664,14 @@ class AtlasAdminHook(_MongoCloudApiHook):
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """Extra fields for the connection form (needs the Flask AppBuilder UI stack, imported lazily)."""
-        from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget
-        from flask_babel import lazy_gettext
-        from wtforms import PasswordField, StringField
-
-        return {
-            "org_id": StringField(lazy_gettext("Organization ID"), widget=BS3TextFieldWidget(),
-                                  description="24-hex Atlas organization id (link-tokens, available projects)"),
-            "project_id": StringField(lazy_gettext("Project ID"), widget=BS3TextFieldWidget(),
-                                      description="24-hex id of the destination Atlas project (group)"),
-            "client_id": StringField(lazy_gettext("Service account client ID"), widget=BS3TextFieldWidget(),
-                                     description="Service account instead of an API key: leave Public/Private "
-                                                 "key empty"),
-            "client_secret": PasswordField(lazy_gettext("Service account client secret"),
-                                           widget=BS3PasswordFieldWidget()),
-        }
+        """Extra fields of the connection form: org and project ids, service-account client id and secret
+        (a password field). Airflow 3.2+ reads the same fields from the provider info instead."""
+        return form_widgets(cls.conn_type)
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["schema", "port"],
-            "relabeling": {"host": "Base URL", "login": "Public API key", "password": "Private API key"},
-            "placeholders": {
-                "host": DEFAULT_BASE_URL,
-                "login": "public key (HTTP Digest); empty when using a service account",
-                "password": "private key",
-                "org_id": "5f1d7f3a2b4c6d8e0f1a2b3c",
-                "project_id": "32b6e34b3d91647abb20e7b8",
-            },
-        }
+        """Base URL instead of host/scheme/port; login/password are the API key pair."""
+        return field_behaviour(cls.conn_type)
 
     def _org(self, org_id: str | None) -> str:
         return self._require(org_id, "organization id", "org_id")
@@ -829,8 +813,8 @@ class CloudManagerHook(_MongoCloudApiHook):
 
     conn_name_attr = "cloud_manager_conn_id"
     default_conn_name = "mongodb_cloud_manager_default"
-    conn_type = "mongodb_cloud_manager"
-    hook_name = "MongoDB Cloud Manager API"
+    conn_type = CLOUD_MANAGER_CONN_TYPE
+    hook_name = HOOK_NAMES[CLOUD_MANAGER_CONN_TYPE]
     service_name = "Cloud Manager API"
     api_path = CLOUD_MANAGER_PATH
     supports_service_account = False
@@ -842,20 +826,12 @@ class CloudManagerHook(_MongoCloudApiHook):
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
-        from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
-        from flask_babel import lazy_gettext
-        from wtforms import StringField
-
-        return {"org_id": StringField(lazy_gettext("Organization ID"), widget=BS3TextFieldWidget(),
-                                      description="24-hex id of the source Cloud Manager organization")}
+        """Extra field of the connection form: the Cloud Manager organization id (API keys only)."""
+        return form_widgets(cls.conn_type)
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["schema", "port"],
-            "relabeling": {"host": "Base URL", "login": "Public API key", "password": "Private API key"},
-            "placeholders": {"host": DEFAULT_BASE_URL, "org_id": "5f1d7f3a2b4c6d8e0f1a2b3c"},
-        }
+        return field_behaviour(cls.conn_type)
 
     def _org(self, org_id: str | None) -> str:
         return self._require(org_id, "Cloud Manager organization id", "org_id")

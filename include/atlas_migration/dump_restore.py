@@ -38,13 +38,11 @@ def add_restore_tasks(profile) -> None:
 
     @task(retries=2)
     def dump(items: list[dict], params=None, dag=None, run_id=None) -> list[dict]:
-        paths = _paths(params, dag, run_id)
-        return [steps.dump_namespace(params, item, paths) for item in items]
+        return steps.dump_namespaces(params, items, _paths(params, dag, run_id))
 
     @task(retries=2)
     def restore(dumped: list[dict], params=None, dag=None, run_id=None) -> list[dict]:
-        paths = _paths(params, dag, run_id)
-        return [steps.restore_namespace(params, one, paths) for one in dumped]
+        return steps.restore_namespaces(params, dumped, _paths(params, dag, run_id))
 
     @task_group(group_id="copy")
     def copy(items) -> None:

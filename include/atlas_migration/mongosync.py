@@ -41,6 +41,14 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowFailException
 
 from atlas_migration.atlas_api import RetryPolicy
+from atlas_migration.connection_forms import (
+    MONGOSYNC_CONN_TYPE,
+    MONGOSYNC_DEFAULT_PORT,
+    WRITE_BLOCKING_VALUES,
+    field_behaviour,
+    form_widgets,
+    read_extra,
+)
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.fence import LateWrites
 from atlas_migration.namespaces import (
@@ -51,9 +59,9 @@ from atlas_migration.namespaces import (
 from atlas_migration.redaction import redact
 
 DEFAULT_BASE_URL = "http://localhost:27182/api/v1"
-DEFAULT_PORT = 27182
+DEFAULT_PORT = MONGOSYNC_DEFAULT_PORT
 API_PATH = "/api/v1"
-CONN_TYPE = "mongosync"
+CONN_TYPE = MONGOSYNC_CONN_TYPE
 ACCEPTED_CONN_TYPES = frozenset({"mongosync", "http", "https"})
 # mongosync turns canCommit false while the lag exceeds this (contracts README, section 3).
 COMMIT_LAG_LIMIT_SECONDS = 30
@@ -70,7 +78,7 @@ INFO_WAITING_FOR_COMMIT = "waiting for commit to complete"
 INFO_COMMIT_COMPLETED = "commit completed"
 
 BUILD_INDEXES_OPTIONS = ("afterDataCopy", "beforeDataCopy", "excludeHashed", "excludeHashedAfterCopy", "never")
-WRITE_BLOCKING_OPTIONS = ("sourceAndDestination", "destinationOnly", "none")
+WRITE_BLOCKING_OPTIONS = WRITE_BLOCKING_VALUES
 
 
 class MongosyncError(MigrationError):
@@ -635,10 +643,15 @@ class MongosyncHook(BaseHook):
         return f"MongosyncHook(conn_id={self.mongosync_conn_id!r}, base_url={self._base_url!r})"
 
     @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Extra fields of the connection form: the mongosync release and its write-blocking startup option
+        (the extras ``decide_start`` reads). Airflow 3.2+ reads the same fields from the provider info."""
+        return form_widgets(cls.conn_type)
+
+    @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {"hidden_fields": ["login", "password"],
-                "relabeling": {"schema": "Scheme (http or https)"},
-                "placeholders": {"host": "mongosync-host", "port": str(DEFAULT_PORT), "schema": "http"}}
+        """No login/password (mongosync's API has no authentication); schema is the URL scheme."""
+        return field_behaviour(cls.conn_type)
 
     # ---- configuration ------------------------------------------------------------------------
 
@@ -848,12 +861,13 @@ def decide_start(hook: MongosyncHook, progress: MongosyncProgress, source_client
     refuse a cutover that would have to guess that writes stopped."""
     from atlas_migration.fence import cutover_problems, decide_write_block, read_write_block_support
 
+    # Stored plainly (Airflow 3's form, JSON connections) or as extra__mongosync__<name> (Airflow 2's form).
     extras = hook.extras
-    version = resolve_version(extras.get(VERSION_EXTRA), progress.raw)
+    version = resolve_version(read_extra(extras, CONN_TYPE, VERSION_EXTRA), progress.raw)
     support = read_write_block_support(source_client)
     block, why = decide_write_block(mode, support)
     plan = plan_write_blocking(version, block=block, block_reason=why, mode=mode,
-                               startup=extras.get(WRITE_BLOCKING_EXTRA))
+                               startup=read_extra(extras, CONN_TYPE, WRITE_BLOCKING_EXTRA))
     problems = cutover_problems(cutover, plan.source_blocked)
     if problems:
         raise ConfigurationError(" ".join(problems) + ". Nothing was started")

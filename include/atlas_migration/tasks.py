@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,21 @@ def _existing_namespaces(client, items: list[NamespaceItem]) -> set[str]:
     return found
 
 
-def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
+def dump_namespaces(params: dict[str, Any], items: list[dict[str, Any]], paths: RunPaths) -> list[dict[str, Any]]:
+    """Dump a batch of collections (one mapped task instance) over ONE source connection: against a remote
+    deployment, a TLS handshake and SCRAM authentication per collection cost more than dumping a small
+    collection, and a batch holds up to thousands of them."""
+    p = MigrationParams.parse(params)
+    if p.source_dump_uri or not any(item["engine"] != "mongodump" for item in items):
+        return [dump_namespace(params, item, paths) for item in items]
+    source = endpoint_from_connection(p.source_conn_id, "source")
+    with closing(source.connect()) as client:
+        return [dump_namespace(params, item, paths, client=client) for item in items]
+
+
+def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths, *,
+                   client: Any = None) -> dict[str, Any]:
+    """Dump one collection; ``client`` is an open source client to reuse (the batch's), or None to connect."""
     p = MigrationParams.parse(params)
     if p.source_dump_uri:
         return _stage_source_dump(p, item, paths)
@@ -277,7 +292,7 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
         from atlas_migration.engines import native
 
         progress = Progress(f"dump {item['db']}.{item['collection']}", item.get("documents"), log)
-        with closing(source.connect()) as client:
+        with _borrowed(client) if client is not None else closing(source.connect()) as client:
             # The inventory's average size sizes the cursor batches (no extra query per collection).
             average = item["size_bytes"] // item["documents"] if item.get("documents") and item.get("size_bytes") else None
             dumped = native.dump_collection(client, item["db"], item["collection"], paths.dump_dir,
@@ -298,6 +313,12 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
              f" ({docs / seconds:,.0f} docs/s)" if docs and seconds else "")
     return {**item, **result, "files": files, "staged": staged, "dump_seconds": round(seconds, 3),
             "dump_started": round(time.time() - seconds, 3), "dump_finished": round(time.time(), 3)}
+
+
+@contextmanager
+def _borrowed(client: Any) -> Iterator[Any]:
+    """A client owned by the caller, used in a ``with`` block without closing it."""
+    yield client
 
 
 def _stage_source_dump(p: MigrationParams, item: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
@@ -328,7 +349,19 @@ def _dump_with_tools(source: MongoEndpoint, item: dict[str, Any], paths: RunPath
         mongotools.run_tool(argv, secrets=source.secrets, log=log)
 
 
-def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
+def restore_namespaces(params: dict[str, Any], dumped: list[dict[str, Any]], paths: RunPaths) -> list[dict[str, Any]]:
+    """Restore a batch of dumped collections over ONE target connection (see ``dump_namespaces``)."""
+    if not dumped:
+        return []
+    p = MigrationParams.parse(params)
+    target = endpoint_from_connection(p.target_conn_id, "target")
+    with closing(target.connect()) as client:
+        return [restore_namespace(params, one, paths, client=client) for one in dumped]
+
+
+def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: RunPaths, *,
+                      client: Any = None) -> dict[str, Any]:
+    """Restore one dumped collection; ``client`` is an open target client to reuse, or None to connect."""
     p = MigrationParams.parse(params)
     target = endpoint_from_connection(p.target_conn_id, "target")
     stager = _stager(p, paths)
@@ -336,7 +369,7 @@ def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: Run
         stager.download(paths.root, [f"{paths.dump_dir.name}/{f}" for f in dumped["files"]])
     target_db = dumped.get("target_db") or dumped["db"]
     started = time.monotonic()
-    with closing(target.connect()) as client:
+    with _borrowed(client) if client is not None else closing(target.connect()) as client:
         if not dumped["replace"]:
             # A pre-existing collection that was empty at preflight: anything in it now is ours from an
             # earlier attempt of this task, so empty it (keeping its options and indexes) before refilling.

@@ -506,6 +506,11 @@ def run_live(ctx: BenchContext) -> list[Figure]:
             client[ctx.db].drop_collection(LIVE_COLLECTION)
 
 
+def _share(part: float | None, whole: float | None) -> str:
+    """``part`` as a percentage of ``whole`` ("?" when either is unknown)."""
+    return f"{100 * part / whole:.0f}%" if part is not None and whole else "?"
+
+
 def _live_figures(ctx: BenchContext, common: dict[str, Any], writer: dict[str, Any],
                   partition_docs: int) -> list[Figure]:
     cfg, spec = ctx.config, ctx.dataset.spec
@@ -516,9 +521,11 @@ def _live_figures(ctx: BenchContext, common: dict[str, Any], writer: dict[str, A
     figures = [figure_from(
         "live.initial_copy", "live", "live: initial copy (start..finish_initial_copy)", [section], [copied],
         ratio_to=INSERT_CEILING,
-        note=f"{partitions} partitions of <= {partition_docs:,} docs, 1 process; incl. index builds; "
-             "_id-range reads (a collection scan each on SecantusDB)",
-        details={"partitions": partitions, "partition_docs": partition_docs},
+        note=f"{partitions} partitions of <= {partition_docs:,} docs, 1 process; incl. index builds "
+             f"({_share(section.extra.get('index_seconds'), section.seconds)} of the time, collections in "
+             "parallel); _id-range reads (a collection scan each on SecantusDB)",
+        details={"partitions": partitions, "partition_docs": partition_docs,
+                 "index_seconds": section.extra.get("index_seconds")},
     )]
 
     # The verifier's generation 0: every partition of the copy compared (nothing writing).

@@ -44,6 +44,12 @@ LIVE_QUIET_SECONDS = 2.0
 VERIFY_SETTLE_SECONDS = 30.0  # after the writer stops, how long rechecks may take to verify the last writes
 
 
+# The file_import phase's generated files: format name -> file suffix, and how figures name them.
+IMPORT_SUFFIXES = {"csv": "csv", "json": "jsonl"}
+IMPORT_NAMES = {"csv": "CSV", "json": "JSON Lines"}
+IMPORT_FORMATS = tuple(IMPORT_SUFFIXES)
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What to generate and how to run the engine (defaults: the DAG's parameter defaults)."""
@@ -63,6 +69,7 @@ class BenchConfig:
     live_backlog_ops: int | None = None  # ops written while catch-up is stopped; None: see live_backlog
     import_mb: float = 8.0  # size of each generated import file (one CSV, one JSON Lines)
     import_ranges: int = 4  # byte ranges (the DAG's mapped import tasks) each import file is cut into
+    import_formats: tuple[str, ...] = IMPORT_FORMATS  # which generated files the file_import phase imports
 
     @property
     def live_duration(self) -> float:
@@ -374,7 +381,7 @@ def run_file_import(ctx: BenchContext) -> list[Figure]:
     root.mkdir(parents=True)
     target_bytes = max(4096, int(cfg.import_mb * 1_000_000))
     files: list[tuple[str, str, str, int, int]] = []  # path, format, collection, records, bytes
-    for fmt, suffix in (("csv", "csv"), ("json", "jsonl")):
+    for fmt, suffix in ((f, IMPORT_SUFFIXES[f]) for f in cfg.import_formats):
         path = root / f"people.{suffix}"
         rows, size = write_import_file(path, fmt, target_bytes, cfg.seed)
         files.append((str(path), fmt, f"people_{fmt}", rows, size))
@@ -390,14 +397,15 @@ def run_file_import(ctx: BenchContext) -> list[Figure]:
         sections = outcome.sections
         figures.append(figure_from(
             f"file_import.{fmt}", "file_import",
-            f"file import: native, {'CSV' if fmt == 'csv' else 'JSON Lines'} in {len(sections)} ranges",
+            f"file import: native, {IMPORT_NAMES[fmt]} in {len(sections)} ranges",
             sections, [outcome], ratio_to=INSERT_CEILING,
             note=(f"{size / 1e6:.1f} MB file, {rows:,} records; plan (range scan) "
                   f"{sections[0].extra['plan_seconds']:.2f}s not counted; RSS: ranges one after another in one "
                   "process (as many tasks)"),
         ))
         ctx.drop_target_databases([IMPORT_DB])
-    total = figure_from("file_import.native", "file_import", "file import: native, both files",
+    total = figure_from("file_import.native", "file_import",
+                        f"file import: native, {' and '.join(IMPORT_NAMES[f] for f in cfg.import_formats)}",
                         [s for o in outcomes for s in o.sections], outcomes, ratio_to=INSERT_CEILING,
                         note="the file-import throughput row")
     figures.insert(0, total)
@@ -412,7 +420,8 @@ def run_file_import(ctx: BenchContext) -> list[Figure]:
         ctx.drop_target_databases([IMPORT_DB])
         for section, (_, fmt, _, rows, _) in zip(outcome.sections, files, strict=True):
             _check_documents(f"mongoimport of the {fmt} file", section.documents, rows)
-        figure = figure_from("file_import.mongoimport", "file_import", "file import: mongoimport, both files",
+        figure = figure_from("file_import.mongoimport", "file_import",
+                             f"file import: mongoimport, {' and '.join(IMPORT_NAMES[f] for f in cfg.import_formats)}",
                              outcome.sections, [outcome], ratio_to=INSERT_CEILING)
         figure.peak_rss_mb = outcome.tool_peak_rss_mb  # the tool's own high-water mark, as for mongorestore
         figures.append(figure)
@@ -506,6 +515,11 @@ def run_live(ctx: BenchContext) -> list[Figure]:
             client[ctx.db].drop_collection(LIVE_COLLECTION)
 
 
+def _share(part: float | None, whole: float | None) -> str:
+    """``part`` as a percentage of ``whole`` ("?" when either is unknown)."""
+    return f"{100 * part / whole:.0f}%" if part is not None and whole else "?"
+
+
 def _live_figures(ctx: BenchContext, common: dict[str, Any], writer: dict[str, Any],
                   partition_docs: int) -> list[Figure]:
     cfg, spec = ctx.config, ctx.dataset.spec
@@ -516,9 +530,11 @@ def _live_figures(ctx: BenchContext, common: dict[str, Any], writer: dict[str, A
     figures = [figure_from(
         "live.initial_copy", "live", "live: initial copy (start..finish_initial_copy)", [section], [copied],
         ratio_to=INSERT_CEILING,
-        note=f"{partitions} partitions of <= {partition_docs:,} docs, 1 process; incl. index builds; "
-             "_id-range reads (a collection scan each on SecantusDB)",
-        details={"partitions": partitions, "partition_docs": partition_docs},
+        note=f"{partitions} partitions of <= {partition_docs:,} docs, 1 process; incl. index builds "
+             f"({_share(section.extra.get('index_seconds'), section.seconds)} of the time, collections in "
+             "parallel); _id-range reads (a collection scan each on SecantusDB)",
+        details={"partitions": partitions, "partition_docs": partition_docs,
+                 "index_seconds": section.extra.get("index_seconds")},
     )]
 
     # The verifier's generation 0: every partition of the copy compared (nothing writing).

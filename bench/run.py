@@ -33,7 +33,7 @@ import pymongo  # noqa: E402
 
 from bench.datagen import DatasetSpec, seed_source  # noqa: E402
 from bench.measure import LoadMonitor, psutil  # noqa: E402
-from bench.phases import PHASES, BenchConfig, BenchContext, run_phases, select_phases  # noqa: E402
+from bench.phases import IMPORT_FORMATS, PHASES, BenchConfig, BenchContext, run_phases, select_phases  # noqa: E402
 from bench.report import evaluate_targets, fill_ratios, render_table, write_json  # noqa: E402
 from devtools.mongo_servers import LocalMongoServer, start_server  # noqa: E402
 
@@ -63,11 +63,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="file_import phase: size in MB of each generated file (one CSV, one JSON Lines)")
     parser.add_argument("--import-ranges", type=int, default=defaults.import_ranges,
                         help="file_import phase: byte ranges (import tasks) each file is cut into")
+    parser.add_argument("--import-formats", default=",".join(defaults.import_formats),
+                        help=f"file_import phase: which generated files to import, comma-separated subset of "
+                             f"{', '.join(IMPORT_FORMATS)} (a 1 GB run of one format takes half the time)")
     parser.add_argument("--phases", help=f"comma-separated subset of: {', '.join(p.name for p in PHASES)}")
     parser.add_argument("--profile", metavar="PHASE", help="run that phase's child processes under cProfile")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--workdir", type=Path, help="where server storage and dumps go (default: system temp)")
     args = parser.parse_args(argv)
+    args.import_formats = tuple(f.strip() for f in args.import_formats.split(",") if f.strip())
+    if not args.import_formats or set(args.import_formats) - set(IMPORT_FORMATS):
+        parser.error(f"--import-formats takes a comma-separated subset of {', '.join(IMPORT_FORMATS)}")
     if args.docs is None:
         args.docs = SMALL_DOCS if args.small else defaults.docs
     if (args.docs < 1 or args.doc_bytes < 1 or args.batch_size < 1 or args.restore_workers < 1
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(
         docs=args.docs, doc_bytes=args.doc_bytes, collections=args.collections, seed=args.seed,
         batch_docs=args.batch_size, restore_workers=args.restore_workers, live_write_rate=args.live_write_rate,
-        import_mb=args.import_mb, import_ranges=args.import_ranges,
+        import_mb=args.import_mb, import_ranges=args.import_ranges, import_formats=args.import_formats,
     )
     spec = DatasetSpec.plan(config.docs, config.doc_bytes, config.collections, config.seed)
     phases = select_phases([p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else None)

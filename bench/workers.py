@@ -345,7 +345,8 @@ def live_initial_copy(
         sync.catch_up()
         section.documents = sum(r.documents for r in results)
         section.bytes = sum(r.bytes for r in results)
-        section.extra = {"partitions": len(partitions), "collections": len({p.namespace for p in partitions})}
+        section.extra = {"partitions": len(partitions), "collections": len({p.namespace for p in partitions}),
+                         "index_seconds": sync.index_build_seconds() or 0.0}
     return {"partitions": len(partitions)}
 
 

@@ -678,3 +678,45 @@ def test_change_events_over_16_mib(source, target, server_version, outcome):
                 assert state_doc(dst)["split_events"] is True
                 sync.catch_up()
                 assert_namespaces_identical(direct, dst, [("big", "docs")])
+
+
+def test_index_builds_run_across_collections_in_parallel_one_per_collection(source, target, monkeypatch):
+    """After the copy, collections build their secondary indexes concurrently (up to index_build_workers),
+    each collection's indexes in ONE createIndexes; every index arrives."""
+    import atlas_migration.engines.live as live_module
+
+    real_create = live_module._create_indexes
+    running: list[str] = []
+    seen: dict[str, int] = {}
+    peak = [0]
+    lock = threading.Lock()
+
+    def slow_create(database, coll, meta):
+        with lock:
+            assert coll not in running, f"two builds at once on {coll}"
+            running.append(coll)
+            seen[coll] = seen.get(coll, 0) + 1
+            peak[0] = max(peak[0], len(running))
+        try:
+            time.sleep(0.3)  # long enough for the pool to start the other builds meanwhile
+            return real_create(database, coll, meta)
+        finally:
+            with lock:
+                running.remove(coll)
+
+    monkeypatch.setattr(live_module, "_create_indexes", slow_create)
+    with source.client() as src, target.client() as dst:
+        names = [f"c{i}" for i in range(5)]
+        for name in names:
+            src.idx[name].insert_many([{"_id": i, "a": i, "b": -i} for i in range(20)])
+            src.idx[name].create_index("a", name="a_1")
+            src.idx[name].create_index([("b", 1), ("a", 1)], name="b_a")
+        src.idx.plain.insert_one({"_id": 1})  # no secondary index: no build
+        sync = make_sync(src, dst, ["idx.*"])
+        sync.index_build_workers = 3
+        initial_copy(sync)
+        assert seen == dict.fromkeys(names, 1)
+        assert peak[0] == 3
+        for name in names:
+            assert set(dst.idx[name].index_information()) == {"_id_", "a_1", "b_a"}
+        assert state_doc(dst)["index_seconds"] > 0

@@ -120,6 +120,8 @@ _ID_JSON_OPTIONS = RELAXED_JSON_OPTIONS.with_options(
 )
 
 DEFAULT_MAX_AWAIT_MS = 1_000
+# Collections whose secondary indexes build at once after the copy: mongod's maxNumActiveUserIndexBuilds default.
+DEFAULT_INDEX_BUILD_WORKERS = 3
 # Server codes meaning the stream cannot continue from the saved point: ChangeStreamHistoryLost (286),
 # ChangeStreamFatalError (280: resume token not found), InvalidResumeToken (260), CappedPositionLost (136).
 HISTORY_LOST_CODES = frozenset({286, 280, 260, 136})
@@ -648,6 +650,7 @@ class LiveSync:
         self.log = log or logging.getLogger(__name__)
         self.max_await_ms = DEFAULT_MAX_AWAIT_MS
         self.log_interval = DEFAULT_INTERVAL_SECONDS
+        self.index_build_workers = DEFAULT_INDEX_BUILD_WORKERS
         # Test seam: called as fault_hook(stage, n) after batch n of a copy ("copy") or of a catch-up
         # ("catch_up") has been written to the target and BEFORE its checkpoint/resume token is saved,
         # the worst moment for a crash. Raising from it simulates a killed task.
@@ -1082,6 +1085,7 @@ class LiveSync:
                 "copy_partition for each before finishing the initial copy"
             )
         deferred: list[str] = []
+        builds: list[tuple[str, str, CollectionMetadata]] = []
         for db, coll in sorted({(p.db, p.collection) for p in self._stored_partitions()}):
             info = _collection_info(self.source[db], coll)
             if info is None:
@@ -1089,16 +1093,48 @@ class LiveSync:
             specs = index_specs_for_restore(self.source[db][coll].list_indexes())
             now = [s for s in specs if not s.get("unique")]
             deferred += [f"{db}.{coll}:{s['name']}" for s in specs if s.get("unique")]
-            meta = CollectionMetadata(collection_name=coll, indexes=now)
-            _create_indexes(self.target[self._target_db(db)], coll, meta)
+            if now:
+                builds.append((db, coll, CollectionMetadata(collection_name=coll, indexes=now)))
+        index_seconds = self._build_indexes(builds)
         self._create_views()
         _, copy_end = self._source_times()
         self._update_sync({"$set": {"copy_finished": True, "copy_finished_cluster_time": copy_end,
-                                    "status": "catching_up"}})
+                                    "status": "catching_up", "index_seconds": round(index_seconds, 3)}})
         if deferred:
             self.log.info("live pull %s: unique indexes built at cutover, once the target has converged: %s",
                           self.sync_id, ", ".join(deferred))
         self.log.info("live pull %s: initial copy finished", self.sync_id)
+
+    def index_build_seconds(self) -> float | None:
+        """Seconds the secondary index builds after the copy took (None before ``finish_initial_copy``)."""
+        return (self._sync_doc() or {}).get("index_seconds")
+
+    def _build_indexes(self, builds: list[tuple[str, str, CollectionMetadata]]) -> float:
+        """Build each collection's secondary indexes, several collections at a time; returns the seconds taken.
+
+        One ``createIndexes`` per collection builds all of its indexes in one pass over the data, and only one
+        build runs per collection at a time; different collections build concurrently, up to
+        ``index_build_workers`` (mongod admits 3 user index builds at once by default:
+        ``maxNumActiveUserIndexBuilds``; more would queue on the server and hold a connection each)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not builds:
+            return 0.0
+        started = time.monotonic()
+        workers = max(1, min(self.index_build_workers, len(builds)))
+
+        def build(job: tuple[str, str, CollectionMetadata]) -> int:
+            db, coll, meta = job
+            return _create_indexes(self.target[self._target_db(db)], coll, meta)
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="index-build") as pool:
+            # list(): every build finishes (or fails) before this returns; the first failure is raised, naming
+            # its collection and indexes (_create_indexes).
+            created = sum(pool.map(build, builds))
+        seconds = time.monotonic() - started
+        self.log.info("live pull %s: built %d secondary index(es) on %d collection(s) in %.1fs, up to %d "
+                      "collection(s) at a time", self.sync_id, created, len(builds), seconds, workers)
+        return seconds
 
     def _create_views(self) -> None:
         for db, info in self._selected_collections():

@@ -260,3 +260,57 @@ def test_an_unreachable_shard_leaves_the_window_unknown_naming_it(source, mongos
     assert reason.startswith("not every shard's oplog window could be read: shard secantus: cannot connect to "
                              f"replica set secantus ({source.local.host}): cannot reach source 'mongo_source' at "
                              f"127.0.0.1:{port}"), reason
+
+
+def test_a_retried_stop_balancer_still_owns_the_restart(source, mongos_source, monkeypatch):
+    """A try killed between balancerStop and its XCom: the retry finds the balancer off but the run's marker
+    (written before the stop) says this run stopped it, so the teardown restarts it and removes the marker.
+    A balancer that was off before the run stays off."""
+    import pymongo
+
+    from atlas_migration.live_pull import RunMarker, restart_balancer, stop_balancer
+    from devtools.airflow_env import conn_env_name, mongo_connection_json
+
+    monkeypatch.setenv(conn_env_name("mongo_source"), mongo_connection_json(f"mongodb://{mongos_source.host}/"))
+    store: dict[str, str] = {}
+    marker = RunMarker("balancer-marker", lambda: store.get("m"), lambda v: store.__setitem__("m", v),
+                       lambda: store.pop("m", None))
+
+    class Killed(Exception):
+        """The worker dies right after balancerStop."""
+
+    import atlas_migration.live_pull as live_pull
+
+    real_command = live_pull._balancer_command
+    with pymongo.MongoClient(f"mongodb://{mongos_source.host}/", serverSelectionTimeoutMS=10_000) as client:
+        assert client.admin.command("balancerStatus")["mode"] == "full"
+        # Dies right after balancerStop, before the task's own clean-up could run (as a killed worker).
+        monkeypatch.setattr(live_pull, "_balancer_command",
+                            _stop_then_die(live_pull._balancer_command, Killed))
+        with pytest.raises(Killed):
+            stop_balancer({}, marker=marker)
+        assert client.admin.command("balancerStatus")["mode"] == "off" and "m" in store
+        monkeypatch.setattr(live_pull, "_balancer_command", real_command)
+        retried = stop_balancer({}, marker=marker)
+        assert retried["stopped_by_run"] is True and retried["mode_before"] == "full"
+        assert restart_balancer({}, retried, marker=marker)["restarted"] is True
+        assert client.admin.command("balancerStatus")["mode"] == "full" and store == {}
+        # Off before the run, no marker: left off, and the teardown does nothing.
+        client.admin.command("balancerStop")
+        untouched = stop_balancer({}, marker=marker)
+        assert untouched["stopped_by_run"] is False and store == {}
+        assert restart_balancer({}, untouched, marker=marker)["restarted"] is False
+        assert client.admin.command("balancerStatus")["mode"] == "off"
+        client.admin.command("balancerStart")
+
+
+def _stop_then_die(real, killed):
+    """``_balancer_command`` that runs balancerStop and then dies, like a worker killed right after it."""
+
+    def command(client, name, endpoint):
+        reply = real(client, name, endpoint)
+        if name == "balancerStop":
+            raise killed()
+        return reply
+
+    return command

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
@@ -496,9 +496,40 @@ def wait_balancer_settled(client, endpoint: MongoEndpoint, timeout: float = BALA
         time.sleep(poll)
 
 
-def stop_balancer(params: Mapping[str, Any], sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
+BALANCER_PREFIX = "atlas_migration_balancer"
+
+
+@dataclass(frozen=True)
+class RunMarker:
+    """A per-run record that outlives a killed try (a failed try's XCom does not): an Airflow Variable in the
+    DAG, plain callables in tests."""
+
+    key: str
+    read: Callable[[], str | None]
+    write: Callable[[str], None]
+    remove: Callable[[], None]
+
+
+def balancer_marker(dag_id: str, run_id: str) -> RunMarker:
+    """The Variable ``atlas_migration_balancer__<dag_id>__<run_id>``: written BEFORE ``balancerStop``, so a
+    retry after a try killed between the stop and its XCom still knows that this run stopped the balancer
+    (it finds it off, and would otherwise take it for "already off" and never restart it)."""
+    from airflow.sdk import Variable
+
+    from atlas_migration.approval import approval_key
+
+    key = approval_key(dag_id, run_id, prefix=BALANCER_PREFIX)
+    return RunMarker(key, lambda: Variable.get(key, default=None),
+                     lambda value: Variable.set(key, value, description="live_pull: this run stopped the source's "
+                                                                        "balancer; restart_balancer restarts it"),
+                     lambda: Variable.delete(key))
+
+
+def stop_balancer(params: Mapping[str, Any], sources: PullSources = DEFAULT_SOURCES,
+                  marker: RunMarker | None = None) -> dict[str, Any]:
     """Stop the sharded source's balancer before the pull (``stop_balancer``). XCom: ``stopped_by_run`` (the
-    teardown restarts it only then), ``mode_before`` and ``reason``. Nothing is written to the target."""
+    teardown restarts it only then), ``mode_before`` and ``reason``. Nothing is written to the target; the
+    run's ``marker`` records the stop before it is made."""
     p = MigrationParams.parse(params)
     lp = LivePullParams.parse(params)
 
@@ -514,24 +545,37 @@ def stop_balancer(params: Mapping[str, Any], sources: PullSources = DEFAULT_SOUR
     with closing(endpoint.connect()) as client:
         if client.admin.command("hello").get("msg") != "isdbgrid":
             return untouched("the source is not a sharded cluster: it has no balancer")
-        mode = _balancer_command(client, "balancerStatus", endpoint).get("mode")
-        if mode == "off":
-            return untouched("the source's balancer was already off: left off, and not restarted afterwards", mode)
+        recorded = marker.read() if marker else None
+        if recorded is not None:
+            # An earlier try of this run stopped it (or was about to): make sure it is off, and own the restart.
+            mode = json.loads(recorded).get("mode_before")
+            log.info("balancer: an earlier try of this run stopped it (Variable '%s'); making sure it is off",
+                     marker.key)
+        else:
+            mode = _balancer_command(client, "balancerStatus", endpoint).get("mode")
+            if mode == "off":
+                return untouched("the source's balancer was already off: left off, and not restarted afterwards",
+                                 mode)
+            if marker:
+                marker.write(json.dumps({"mode_before": mode}))
         _balancer_command(client, "balancerStop", endpoint)
         try:
             status = wait_balancer_settled(client, endpoint)
         except BaseException:
             # The teardown runs only after a successful stop: undo the stop here rather than leave it off.
             _balancer_command(client, "balancerStart", endpoint)
+            if marker:
+                marker.remove()
             raise
-    log.info("balancer: was '%s', now '%s' (stopped by this run; restarted by restart_balancer when the pull is "
-             "over)", mode, status.get("mode"))
+    log.info("balancer: was '%s', now '%s' (stopped by this run%s; restarted by restart_balancer when the pull "
+             "is over)", mode, status.get("mode"), f", recorded in Variable '{marker.key}'" if marker else "")
     return {"stopped_by_run": True, "mode_before": mode, "reason": f"stopped by this run (was '{mode}')"}
 
 
 def restart_balancer(params: Mapping[str, Any], stopped: Mapping[str, Any] | None,
-                     sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
-    """The teardown of ``stop_balancer``: ``balancerStart`` when this run stopped the balancer, else nothing."""
+                     sources: PullSources = DEFAULT_SOURCES, marker: RunMarker | None = None) -> dict[str, Any]:
+    """The teardown of ``stop_balancer``: ``balancerStart`` when this run stopped the balancer (then the run's
+    marker is removed), else nothing."""
     if not stopped or not stopped.get("stopped_by_run"):
         reason = (stopped or {}).get("reason") or "the balancer was not stopped by this run"
         log.info("balancer: not restarted (%s)", reason)
@@ -540,6 +584,8 @@ def restart_balancer(params: Mapping[str, Any], stopped: Mapping[str, Any] | Non
     with closing(endpoint.connect()) as client:
         _balancer_command(client, "balancerStart", endpoint)
         mode = _balancer_command(client, "balancerStatus", endpoint).get("mode")
+    if marker:
+        marker.remove()
     log.info("balancer: restarted (was '%s' before the run, now '%s')", stopped.get("mode_before"), mode)
     return {"restarted": True, "mode": mode}
 
@@ -741,13 +787,13 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES, *, manage_ba
     branch >> [partitions, started]
     if manage_balancer:
 
-        @task(task_id="stop_balancer")
-        def stop_source_balancer(params=None) -> dict:
-            return stop_balancer(params, sources)
+        @task(task_id="stop_balancer", retries=2)
+        def stop_source_balancer(params=None, dag=None, run_id=None) -> dict:
+            return stop_balancer(params, sources, balancer_marker(dag.dag_id, run_id))
 
-        @task(task_id="restart_balancer")
-        def restart_source_balancer(stopped: dict, params=None) -> dict:
-            return restart_balancer(params, stopped, sources)
+        @task(task_id="restart_balancer", retries=2)
+        def restart_source_balancer(stopped: dict, params=None, dag=None, run_id=None) -> dict:
+            return restart_balancer(params, stopped, sources, balancer_marker(dag.dag_id, run_id))
 
         stopped = stop_source_balancer()
         stopped >> branch

@@ -11,6 +11,7 @@ application keeps writing through the mongos until the automatic cutover blocks 
 from __future__ import annotations
 
 import re
+import sqlite3
 
 import pytest
 
@@ -53,6 +54,13 @@ def test_sharded_source_pulls_live_with_the_balancer_stopped_and_restarted(airfl
     assert out.index("now 'off' (stopped by this run") < out.index("change stream resume point recorded")
     assert out.index("cutover complete") < out.index("balancer: restarted (was 'full' before the run, now 'full')")
     assert balancer_after == "full"
+    # The run's marker (written before balancerStop, so a retry after a kill still owns the restart) is gone.
+    with sqlite3.connect(airflow_home.path / "airflow.db") as db:
+        markers = db.execute("SELECT key FROM variable WHERE key LIKE 'atlas_migration_balancer__%'").fetchall()
+    assert markers == []
+    assert re.search(r"now 'off' \(stopped by this run, recorded in Variable 'atlas_migration_balancer__"
+                     rf"{DAG_ID}__[^']+'", out)
+    assert "an earlier try of this run stopped it" not in out
     # Writes through the mongos kept coming until the cutover blocked them, and reached the target.
     assert all(counts.values()) and writer.refused == 1, (counts, writer.refused)
     applied = [int(n.replace(",", "")) for n in re.findall(r"catch-up: ([\d,]+) events applied", out)]

@@ -26,6 +26,10 @@ cutover window left, the oplog headroom), each minus its safety margin (``bounde
 unanswered approval fails clearly while there is still time to act. Whatever the approval said, the step it
 approves re-checks the state before acting: the evidence in the body is what was true when it was asked.
 
+The live pull's approvals (``await_cutover_approval``, ``await_mongosync_approval``) have not moved yet: they
+still use the Variable-based reschedule sensor at the end of this module (``approval_sensor``), which goes
+with them.
+
 Also here: ``run_variable_key`` (the per-run Variable layout other modules keep their run records under) and
 ``waited_seconds`` (how long a reschedule-mode sensor has been waiting).
 """

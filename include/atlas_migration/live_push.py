@@ -1,7 +1,7 @@
 """The ``live_push`` task group: Cloud Manager pushes the source into Atlas (Atlas live migration, push).
 
     preflight -> link_organizations (setup) -> wait_for_link -> validate_request -> wait_for_validation
-      -> start_migration -> wait_for_sync (deferrable) -> approve_cutover -> cutover
+      -> start_migration -> wait_for_sync (deferrable) -> cutover_evidence -> approve_cutover -> cutover
       -> wait_for_completion (deferrable) -> [the flow's validate]
     cleanup: teardown of link_organizations; removes the migration link and the link-tokens once the migration
              is over (or was never created), or on an operator's abandon; keeps them while it still runs
@@ -201,7 +201,7 @@ def live_push_params() -> dict[str, Any]:
             type="integer", minimum=10, maximum=int(7 * _DAY)),
         "api_outage_tolerance_seconds": param(
             int(DEFAULT_TOLERANCE_SECONDS), "API outage tolerance (s)",
-            "While the run watches the migration (wait_for_sync, the approval wait, cutover, wait_for_completion), "
+            "While the run watches the migration (wait_for_sync, cutover_evidence, cutover, wait_for_completion), "
             "Atlas API failures that can pass (unreachable, timeouts, 5xx, 429) are retried with backoff for this "
             "long, each retry logged; 401/403/404 are not retried. Past it the task fails, but the migration keeps "
             "running in Atlas: clear the task to resume watching it.", type="integer", minimum=0,

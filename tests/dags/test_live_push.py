@@ -307,6 +307,10 @@ def test_manual_cutover_waits_for_an_approval_in_required_actions(airflow_home, 
                      key=lambda path: path.stat().st_mtime)
     notes = json.loads(reports[-1].read_text())["notes"]
     assert any(note.startswith("The cutover was approved by admin at ") for note in notes), notes
+    tokens = [t["token"] for t in stand_in.get("state")["link_tokens"]]
+    for secret in (ATLAS_PRIVATE, CM_PRIVATE, *tokens):
+        assert secret not in json.dumps(detail), "secret leaked into the approval's HITL detail"
+    assert_no_secrets(airflow_home, run.output, [ATLAS_PRIVATE, CM_PRIVATE, *tokens])
 
 
 @pytest.mark.parametrize("changes, expected", [

@@ -34,7 +34,21 @@ def test_a_live_cutover_fence_is_reported_and_a_dump_strategy_reads_nothing():
     notes = strategy_notes({"strategy": "live_push"}, ti)
     assert notes[0].startswith("Cutover fence: ") and "Writes were BLOCKED" in notes[1]
     assert notes[2] == "Late writes after the fence: app.orders (2)"
-    assert ti.pulled == ["live_push.cutover"]
+    assert ti.pulled == ["live_push.approve_cutover", "live_push.cutover"]
 
     nothing = RecordingTI({})
     assert strategy_notes({"strategy": "mongorestore"}, nothing) == [] and nothing.pulled == []
+
+
+def test_the_cutover_approver_is_reported_before_the_fence():
+    approval = {"required": True, "approved": True, "what": "cutover", "approved_by": "ops-oncall",
+                "approved_by_id": "ops-oncall", "responded_at": "2026-11-01T11:58:00+00:00",
+                "asked_at": "2026-11-01 11:50:00 UTC"}
+    ti = RecordingTI({"live_push.approve_cutover": approval})
+    assert strategy_notes({"strategy": "live_push"}, ti) == [
+        "The cutover was approved by ops-oncall at 2026-11-01T11:58:00+00:00 (asked at 2026-11-01 11:50:00 UTC) "
+        "in Airflow's Required Actions"]
+    auto = RecordingTI({"live_push.approve_cutover": {"required": False, "what": "cutover",
+                                                       "reason": "cutover=auto: no approval"}})
+    assert strategy_notes({"strategy": "live_push"}, auto) == ["The cutover needed no approval (cutover=auto: no "
+                                                                "approval)"]

@@ -1,5 +1,6 @@
 """The live-push path without Airflow runs: pure decisions (pre-flight, cutover, the cutover window), the
-trigger and its operator against the in-thread Atlas stand-in, approval keys, and the stand-in's data copy.
+trigger and its operator against the in-thread Atlas stand-in, the cutover's approval request, and the
+stand-in's data copy.
 """
 
 from __future__ import annotations
@@ -15,15 +16,7 @@ from dataclasses import replace
 import pytest
 
 from atlas_migration import live_push
-from atlas_migration.approval import (
-    APPROVED,
-    ApprovalRejected,
-    approval_instructions,
-    approval_key,
-    approval_sensor,
-    is_approved,
-    read_approval,
-)
+from atlas_migration.approval import TooLateToAsk
 from atlas_migration.atlas_api import (
     ApiConnectionConfig,
     AtlasAdminHook,
@@ -447,50 +440,80 @@ def test_poke_cutover_fences_the_source_then_cuts_over(server, monkeypatch):
     assert poke().done and not outcomes  # under way: done without fencing again
 
 
-# ---------------------------------------------------------------- approvals
+# ---------------------------------------------------------------- the cutover's approval request
 
-RUN_ID = "manual__2026-01-05T10:00:00+00:00"
-
-
-def test_approval_key_is_per_run():
-    assert approval_key("mongo_to_atlas", RUN_ID) == f"atlas_migration_cutover__mongo_to_atlas__{RUN_ID}"
-    other_prefix = approval_key("mongo_to_atlas", RUN_ID, prefix="atlas_migration_pull")
-    assert other_prefix == f"atlas_migration_pull__mongo_to_atlas__{RUN_ID}" != approval_key("mongo_to_atlas", RUN_ID)
-    assert approval_key("a", "run1") != approval_key("a", "run2")
-    with pytest.raises(ValueError):
-        approval_key("mongo_to_atlas", "")
-    with pytest.raises(ValueError, match="at most 250"):
-        approval_key("d" * 200, "r" * 60)
+HOUR = 3600.0
 
 
-@pytest.mark.parametrize("value, status", [
-    (None, "pending"), ("approved", "approved"), ("  Approved\n", "approved"), ("rejected", "rejected"),
-    ("yes", "pending"), ("", "pending"),
-])
-def test_read_approval(value, status):
-    store = {approval_key("dag", RUN_ID): value}
-    state = read_approval("dag", RUN_ID, get=store.get)
-    assert state.status == status and state.approved == (status == "approved")
+def ask(mig: dict | None = None, *, ready_for: float = HOUR, write_block: bool = True, **changes):
+    return live_push.cutover_approval_request(migration() if mig is None else mig,
+                                              good_params(cutover="manual", **changes), NOW,
+                                              ready_since=NOW - ready_for, write_block=write_block)
 
 
-def test_is_approved_reads_the_airflow_variable(monkeypatch):
-    key = approval_key("mongo_to_atlas", RUN_ID)
-    assert not is_approved("mongo_to_atlas", RUN_ID)
-    monkeypatch.setenv(f"AIRFLOW_VAR_{key.upper()}", APPROVED)  # the env-var Variables backend
-    assert is_approved("mongo_to_atlas", RUN_ID)
-    assert not is_approved("mongo_to_atlas", "manual__another-run")
-    assert any(f"airflow variables set '{key}' approved" in line for line in approval_instructions(key, "cutover"))
-    assert issubclass(ApprovalRejected, Exception)
+def test_the_approval_body_shows_the_evidence_when_asked():
+    request = ask(migration(lag=4), ready_for=2 * HOUR + 5 * 60, write_block=True, approval_timeout_seconds=6 * HOUR)
+    assert request.required and request.what == "cutover" and request.asked_at == NOW
+    assert request.subject == "Approve the cutover of live migration 65aa00000000000000000001 into 'Cluster0'"
+    body = request.body
+    assert body.startswith("### Cutover of Atlas live migration `65aa00000000000000000001`")
+    assert "Evidence read from Atlas at 2027-01-15 08:00 UTC" in body
+    assert "| Migration status | status WORKING, readyForCutover true, lag 4 s |" in body
+    assert "| Lag | 4 s (the cutover needs at most 10 s) |" in body
+    assert "| Ready for cutover since | 2027-01-15 05:55 UTC (2 h 05 min ago) |" in body
+    assert "| Cutover window | cutover window: 117 h 55 min left (Atlas expires the migration at about" in body
+    assert "| Source writes at cutover | BLOCKED by the run at cutover" in body
+    assert "| If approved now | ready for cutover with lag 4 s (<= 10 s), approved by an operator |" in body
+    assert "**Warnings**" not in body
+    assert ("**Times out:** after 6 h 00 min (at about 2027-01-15 14:00:00 UTC), bounded by the approval timeout "
+            "(approval_timeout_seconds = 21,600 s)") in body
+    assert request.evidence["lag_seconds"] == 4 and request.evidence["window_remaining_seconds"] == 117 * 3600 + 55 * 60
+    assert request.evidence["ready_for_seconds"] == 2 * 3600 + 5 * 60 and request.evidence["warnings"] == []
 
 
-def test_approval_sensor_is_a_reschedule_sensor():
-    import pendulum
-    from airflow.sdk import DAG
+def test_the_body_carries_the_decisions_warnings_and_what_approving_states():
+    request = ask(migration(lag=40), ready_for=CUTOVER_WINDOW_SECONDS - 5 * HOUR, write_block=False)
+    assert "**Warnings**\n- cutover window: less than 6 h left (5 h 00 min)" in request.body
+    assert "| If approved now | lag 40 s is above max_cutover_lag_seconds (10 s) |" in request.body
+    assert "NOT blocked by the run: approving states that application writes to the source have stopped" in request.body
+    assert request.evidence["source_writes_blocked"] is False
 
-    with DAG("approval_probe", schedule=None, start_date=pendulum.datetime(2026, 1, 1)) as dag:
-        approval_sensor(task_id="approve", poke_interval=7, timeout=100)()
-    task = dag.get_task("approve")
-    assert task.mode == "reschedule" and task.poke_interval == 7 and task.timeout == 100
+
+def test_the_window_left_minus_the_margin_bounds_the_timeout():
+    # 5 h of the window left, a 1 h margin: the 120 h approval timeout param gives way to 4 h.
+    request = ask(ready_for=CUTOVER_WINDOW_SECONDS - 5 * HOUR)
+    assert request.timeout_seconds == 4 * HOUR
+    assert request.timeout_explanation == ("the 120-hour cutover window: 5 h 00 min left, minus a safety margin of "
+                                           "1 h 00 min")
+    # A cutover that may take longer than an hour widens the margin.
+    longer = ask(ready_for=CUTOVER_WINDOW_SECONDS - 5 * HOUR, cutover_timeout_seconds=2 * HOUR, quiet_period_seconds=60)
+    assert longer.timeout_seconds == 5 * HOUR - (2 * HOUR + 60)
+    # Far from the window's end, the param decides.
+    assert ask(approval_timeout_seconds=600).timeout_seconds == 600
+
+
+def test_too_late_to_ask_fails_instead_of_asking():
+    with pytest.raises(TooLateToAsk, match="too late to ask for approval of the cutover.*Cut over from the Atlas UI"):
+        ask(ready_for=CUTOVER_WINDOW_SECONDS - HOUR - 30)
+
+
+@pytest.mark.parametrize("status, reason", [("FAILED", "FAILED"), ("EXPIRED", "EXPIRED: the 120-hour cutover window")])
+def test_a_failed_or_expired_migration_is_not_put_to_an_operator(status, reason):
+    with pytest.raises(LiveMigrationFailed, match=f"not asking for approval: .*{reason}"):
+        ask(migration(status, False, None))
+
+
+def test_no_approval_for_auto_or_for_a_cutover_already_under_way():
+    auto = live_push.cutover_approval_request({}, good_params(cutover="auto"), NOW, ready_since=None, write_block=True)
+    assert not auto.required and "cutover=auto" in auto.reason
+    under_way = ask(migration("WORKING", True, None))
+    assert not under_way.required and "under way" in under_way.reason
+
+
+def test_the_body_escapes_table_breakers():
+    request = ask(migration(lag=4), source_cluster_name="rs|0")
+    assert "`rs|0`" in request.body  # prose keeps it; only table cells need the escape
+    assert live_push._md_cell("a|b\nc") == "a\\|b c"
 
 
 # ---------------------------------------------------------------- the stand-in moves data at cutover

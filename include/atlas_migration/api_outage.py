@@ -2,7 +2,7 @@
 
 A live migration runs in Atlas (on the migration host), not in Airflow: the API being unreachable for a while
 says nothing about the migration. The tasks that only *watch* it (``wait_for_sync``, ``wait_for_completion``,
-the approval's ``check_while_awaiting_approval``, the ``cutover`` sensor's reads) therefore retry transient
+``cutover_evidence``, the ``cutover`` sensor's reads) therefore retry transient
 failures with a growing delay for up to ``api_outage_tolerance_seconds``, logging on every retry what failed
 and for how long the API has been failing. Past the bound the task fails with a message that says the
 migration is still running and how to resume watching it.

@@ -14,6 +14,7 @@ from __future__ import annotations
 from airflow.sdk import TriggerRule, get_current_context, setup, task, teardown
 
 from atlas_migration import tasks as steps
+from atlas_migration.approval import approval_notes
 from atlas_migration.aws_replica_set import aws_replica_set_group
 from atlas_migration.compose import compose_group, report_notes
 from atlas_migration.dump_restore import mongorestore_group
@@ -39,6 +40,8 @@ def strategy_notes(decision: dict, ti) -> list[str]:
     strategy = decision.get("strategy")
     if strategy == "compose":
         notes += report_notes(ti.xcom_pull(task_ids="compose.preflight", default=None))
+    for task_id in steps.APPROVAL_TASKS.get(strategy or "", ()):
+        notes += approval_notes(ti.xcom_pull(task_ids=task_id, default=None))
     for task_id in steps.CUTOVER_TASKS.get(strategy or "", ()):
         notes += steps.fence_notes(ti.xcom_pull(task_ids=task_id, default=None))
     return notes

@@ -110,7 +110,8 @@ def live_pull_params() -> dict[str, Any]:
         "cutover": Param("auto", type="string", enum=["auto", "manual"], title="Cutover", section="Cutover",
                          description="'auto': once the lag is under max_cutover_lag_seconds, block user writes on the "
                                      "source (needs source write blocking) and cut over at that fence. 'manual': wait "
-                                     "for the operator's approval (Airflow Variable "
+                                     "for the operator's approval (live push: the run's Required Actions, a human-in-the-loop "
+                                     "approval; live pull: the Airflow Variable "
                                      "atlas_migration_cutover__<dag_id>__<run_id> = approved), which also states that "
                                      "application writes have stopped when writes are not blocked."),
         "source_write_block": Param("auto", type="string", enum=list(WRITE_BLOCK_MODES), section="Cutover",
@@ -132,7 +133,9 @@ def live_pull_params() -> dict[str, Any]:
                                          description="Fail the cutover when writes do not stop within this time."),
         "approval_timeout_seconds": Param(120 * 3600, type="integer", minimum=60, section="Cutover",
                                           title="Approval timeout (s)",
-                                          description="Manual cutover: give up when no approval arrives by then."),
+                                          description="Manual cutover: give up when no approval arrives by then (live push: "
+                                                      "also bounded by the 120-hour cutover window left, minus a "
+                                                      "safety margin)."),
     }
 
 

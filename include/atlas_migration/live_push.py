@@ -1,7 +1,7 @@
 """The ``live_push`` task group: Cloud Manager pushes the source into Atlas (Atlas live migration, push).
 
     preflight -> link_organizations (setup) -> wait_for_link -> validate_request -> wait_for_validation
-      -> start_migration -> wait_for_sync (deferrable) -> approve_cutover -> cutover
+      -> start_migration -> wait_for_sync (deferrable) -> cutover_evidence -> approve_cutover -> cutover
       -> wait_for_completion (deferrable) -> [the flow's validate]
     cleanup: teardown of link_organizations; removes the migration link and the link-tokens once the migration
              is over (or was never created), or on an operator's abandon; keeps them while it still runs
@@ -23,16 +23,29 @@
    earlier one is FAILED / EXPIRED, and stops with instructions when an earlier POST's outcome is unknown
    (``start_decision``). ``wait_for_sync`` defers to ``LiveMigrationTrigger`` until ``readyForCutover`` with the
    lag at or under ``max_cutover_lag_seconds``.
-5. Cutover. ``manual``: ``approve_cutover`` waits (reschedule mode) for the run's approval Variable
-   (``atlas_migration.approval``), re-checking the migration on every poke and warning as the 120-hour
-   window runs down; ``auto``: no approval. ``cutover`` then asks Atlas to cut over once the decision
-   (``cutover_decision``) says so and a quiet period on the source's change stream confirms that application
-   writes have stopped (``auto`` requires that evidence; ``manual`` uses it when the source connection can
-   read change streams, else relies on the operator); FAILED and EXPIRED end the run.
+5. Cutover. ``manual``: ``cutover_evidence`` reads the migration and builds the approval request
+   (``cutover_approval_request``): a Markdown body with the status, the lag, how long it has been ready, the
+   120-hour window left, what the cutover does to source writes and what ``cutover_decision`` warns about; a
+   FAILED or EXPIRED migration fails there, before anyone is asked. ``approve_cutover`` (Airflow's
+   human-in-the-loop ``ApprovalOperator``, ``atlas_migration.approval``) parks in ``awaiting_input`` until an
+   operator answers in Required Actions or through the HITL REST endpoint; Reject fails the run; the response
+   timeout is the smaller of ``approval_timeout_seconds`` and the window left minus a safety margin
+   (``approval_margin_seconds``), so an unanswered approval fails while the migration can still be cut over.
+   ``auto``: both succeed at once, without an API call. ``cutover`` then asks Atlas to cut over once the
+   decision (``cutover_decision``) says so and a quiet period on the source's change stream confirms that
+   application writes have stopped (``auto`` requires that evidence; ``manual`` uses it when the source
+   connection can read change streams, else relies on the operator); FAILED and EXPIRED end the run.
+
+   While the approval waits nothing watches the migration: a parked HITL task runs no code (the old
+   Variable sensor re-read it on every poke). What replaces that watch: the body shows the evidence as it was
+   when asked (with its time); the timeout ends the wait before the window does; and ``cutover`` re-reads the
+   migration after the approval and refuses a FAILED or EXPIRED one, naming why, and waits while the lag is
+   above ``max_cutover_lag_seconds``. A migration that fails while the approval waits is therefore reported
+   when someone answers (or at the timeout), not at the moment it fails; Atlas's own alerts cover that gap.
 6. ``wait_for_completion`` (deferred) until COMPLETE; the flow's ``validate`` compares source and Atlas.
 
 An API outage does not end a migration (``atlas_migration.api_outage``): every read of the watching tasks
-(the two triggers, the approval's ``check_while_awaiting_approval``, the ``cutover`` sensor's reads) retries
+(the two triggers, ``cutover_evidence``, the ``cutover`` sensor's reads) retries
 unreachable / timeout / 5xx / 429 with backoff for ``api_outage_tolerance_seconds``, logging each retry; past
 that the task fails saying the migration still runs and to clear the task to resume watching. ``cleanup``
 (``cleanup_decision``) removes the link and the link-tokens only when no migration was created, once it is
@@ -58,13 +71,23 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from airflow.sdk import get_current_context, setup, task, task_group, teardown
 
 from atlas_migration.api_outage import DEFAULT_TOLERANCE_SECONDS, OutagePolicy, call_through_outage
-from atlas_migration.approval import approval_key, approval_sensor, waited_seconds
+from atlas_migration.approval import (
+    ApprovalRequest,
+    Deadline,
+    RunApprovalOperator,
+    TooLateToAsk,
+    bounded_response_timeout,
+    format_duration,
+    run_variable_key,
+    timeout_line,
+    waited_seconds,
+)
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.profile import SourceProfile, parse_version
 from atlas_migration.routing import PUSH_MINIMUMS, meets_minimum
@@ -87,7 +110,7 @@ HOSTNAME_SCHEMA_TYPES = ("PUBLIC", "PRIVATE_LINK", "VPC_PEERING")
 CUTOVER_MODES = ("manual", "auto")
 ON_FAILURE_MODES = ("keep_migration", "abandon")
 TERMINAL_STATUSES = ("COMPLETE", "FAILED", "EXPIRED")
-# Per-run Airflow Variables (``approval_key`` layout): the migration record, and an operator's abandon decision.
+# Per-run Airflow Variables (``run_variable_key`` layout): the migration record, and an operator's abandon decision.
 RECORD_PREFIX = "atlas_migration_live_push"
 ABANDON_PREFIX = "atlas_migration_abandon"
 ABANDON = "abandon"
@@ -178,7 +201,7 @@ def live_push_params() -> dict[str, Any]:
             type="integer", minimum=10, maximum=int(7 * _DAY)),
         "api_outage_tolerance_seconds": param(
             int(DEFAULT_TOLERANCE_SECONDS), "API outage tolerance (s)",
-            "While the run watches the migration (wait_for_sync, the approval wait, cutover, wait_for_completion), "
+            "While the run watches the migration (wait_for_sync, cutover_evidence, cutover, wait_for_completion), "
             "Atlas API failures that can pass (unreachable, timeouts, 5xx, 429) are retried with backoff for this "
             "long, each retry logged; 401/403/404 are not retried. Past it the task fails, but the migration keeps "
             "running in Atlas: clear the task to resume watching it.", type="integer", minimum=0,
@@ -412,15 +435,6 @@ def preflight_problems(profile: SourceProfile, destination_cluster: Mapping[str,
 # ---------------------------------------------------------------- pure decisions: cutover
 
 
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes = rest // 60
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {seconds % 60:02d} s" if minutes else f"{seconds} s"
-
-
 def _utc(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
 
@@ -506,6 +520,85 @@ def cutover_decision(migration: Mapping[str, Any], params: LivePushParams, now: 
     how = "approved by an operator" if params.cutover == "manual" else "cutover=auto"
     return CutoverDecision("cutover", f"ready for cutover with lag {lag} s "
                                       f"(<= {params.max_cutover_lag_seconds:g} s), {how}", warnings)
+
+
+# Least time the cutover needs between an approval and the end of the window: the fence, the quiet period, the
+# lag draining and Atlas starting the cutover. An approval later than the window minus this is too late to act on.
+MIN_APPROVAL_MARGIN_SECONDS = 3600.0
+
+
+def approval_margin_seconds(p: LivePushParams) -> float:
+    """Safety margin before the window's end (pure): at least an hour, more when the run's own cutover limits
+    (``cutover_timeout_seconds`` + ``quiet_period_seconds``) need more."""
+    return max(MIN_APPROVAL_MARGIN_SECONDS, p.cutover_timeout_seconds + p.quiet_period_seconds)
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def cutover_approval_request(migration: Mapping[str, Any], p: LivePushParams, now: float, *,
+                             ready_since: float | None, write_block: bool) -> ApprovalRequest:
+    """The approval request of a manual cutover (pure): the evidence as it stands at ``now`` in a Markdown body,
+    and a response timeout bounded by ``approval_timeout_seconds`` and the cutover window left minus
+    ``approval_margin_seconds``.
+
+    Raises ``LiveMigrationFailed`` for a FAILED or EXPIRED migration (nothing left to approve) and
+    ``TooLateToAsk`` when the window leaves less than a minute after the margin. A migration whose cutover is
+    already under way or COMPLETE needs no approval (``required`` False, with the reason)."""
+    mid = migration.get("_id") or "?"
+    if p.cutover == "auto":
+        return ApprovalRequest(required=False, what="cutover",
+                               reason="cutover=auto: the run cuts over without an approval once the source is quiet")
+    decision = cutover_decision(migration, p, now, approved=True, ready_since=ready_since)
+    if decision.action == "fail":
+        raise LiveMigrationFailed(f"not asking for approval: {decision.reason}")
+    if decision.action == "done":
+        return ApprovalRequest(required=False, what="cutover", reason=decision.reason)
+    if migration.get("readyForCutover") and ready_since is None:
+        ready_since = now
+    window = cutover_window(ready_since, now)
+    deadlines = []
+    if window.remaining_seconds is not None:
+        deadlines.append(Deadline(f"the {CUTOVER_WINDOW_SECONDS / 3600:.0f}-hour cutover window",
+                                  window.remaining_seconds, approval_margin_seconds(p)))
+    timeout = bounded_response_timeout(p.approval_timeout_seconds, deadlines)
+    if timeout.too_late:
+        raise TooLateToAsk(f"too late to ask for approval of the cutover of live migration {mid}: "
+                           f"{timeout.explanation}. Cut over from the Atlas UI (Live Migration) right away, or let the "
+                           "migration expire and start a new one")
+    lag = migration.get("lagTimeSeconds")
+    evidence = {
+        "migration_id": mid, "status": migration.get("status"), "ready_for_cutover": bool(migration.get("readyForCutover")),
+        "lag_seconds": lag, "max_cutover_lag_seconds": p.max_cutover_lag_seconds,
+        "ready_since": _utc(ready_since) if ready_since is not None else None,
+        "ready_for_seconds": None if ready_since is None else round(now - ready_since),
+        "window_remaining_seconds": None if window.remaining_seconds is None else round(window.remaining_seconds),
+        "source_writes_blocked": write_block, "if_approved": decision.reason, "warnings": list(decision.warnings),
+        "observed_at": _utc(now),
+    }
+    ready_text = ("not yet" if ready_since is None else
+                  f"{_utc(ready_since)} ({format_duration(now - ready_since)} ago)")
+    lag_text = ("not reported" if lag is None else f"{lag} s") + f" (the cutover needs at most {p.max_cutover_lag_seconds:g} s)"
+    writes = ("BLOCKED by the run at cutover (setUserWriteBlockMode on the source)" if write_block else
+              "NOT blocked by the run: approving states that application writes to the source have stopped")
+    rows = [("Migration status", describe(dict(migration))), ("Lag", lag_text),
+            ("Ready for cutover since", ready_text), ("Cutover window", window.note),
+            ("Source writes at cutover", writes), ("If approved now", decision.reason)]
+    body = [f"### Cutover of Atlas live migration `{mid}`",
+            f"Source deployment `{p.source_cluster_name}` (Cloud Manager project `{p.source_project_id}`) into Atlas "
+            f"cluster `{p.target_cluster_name}`. Evidence read from Atlas at {_utc(now)}.",
+            "", "| | |", "|---|---|", *[f"| {name} | {_md_cell(value)} |" for name, value in rows], ""]
+    if decision.warnings:
+        body += ["**Warnings**", *[f"- {w}" for w in decision.warnings], ""]
+    request = ApprovalRequest(required=True, what="cutover", subject=f"Approve the cutover of live migration {mid} "
+                              f"into '{p.target_cluster_name}'", timeout_seconds=timeout.seconds,
+                              timeout_explanation=timeout.explanation, asked_at=now, evidence=evidence)
+    body += [timeout_line(request), "",
+             "Approve: the run fences the source, waits for the lag to drain and asks Atlas to cut over; it re-reads "
+             "the migration first and refuses a FAILED or EXPIRED one. Reject: the run fails here and the migration "
+             "keeps syncing until its window ends (clean-up keeps the link unless on_failure=abandon)."]
+    return replace(request, body="\n".join(body))
 
 
 # ---------------------------------------------------------------- pure decisions: the run's migration record
@@ -642,13 +735,13 @@ class RunRecord:
 def run_record(context: Mapping[str, Any]) -> RunRecord:
     from airflow.sdk import Variable
 
-    key = approval_key(context["dag"].dag_id, context["run_id"], prefix=RECORD_PREFIX)
+    key = run_variable_key(context["dag"].dag_id, context["run_id"], prefix=RECORD_PREFIX)
     return RunRecord(key, lambda k: Variable.get(k, default=None),
                      lambda k, v: Variable.set(k, v, description="live_push: this run's Atlas live migration"))
 
 
 def abandon_key(context: Mapping[str, Any]) -> str:
-    return approval_key(context["dag"].dag_id, context["run_id"], prefix=ABANDON_PREFIX)
+    return run_variable_key(context["dag"].dag_id, context["run_id"], prefix=ABANDON_PREFIX)
 
 
 def _outage_policy(p: LivePushParams) -> OutagePolicy:
@@ -942,22 +1035,23 @@ def _pull(context: Mapping[str, Any], task_id: str) -> Any:
     return context["ti"].xcom_pull(task_ids=f"{GROUP_ID}.{task_id}", default=None)
 
 
-def check_while_awaiting_approval(context: Mapping[str, Any]) -> None:
-    """Every approval poke: the migration is still alive; warn as the cutover window runs down."""
-    p = LivePushParams.parse(context["params"])
-    started, synced = _pull(context, "start_migration"), _pull(context, "wait_for_sync") or {}
+def request_cutover_approval(params: Mapping[str, Any], checked: Mapping[str, Any], started: Mapping[str, Any],
+                             synced: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``cutover_evidence``: read the migration (through an outage) and build the approval request
+    (``cutover_approval_request``); ``cutover=auto`` needs none and reads nothing."""
+    p = LivePushParams.parse(params)
+    if p.cutover == "auto":
+        return cutover_approval_request({}, p, time.time(), ready_since=None, write_block=False).to_dict()
     atlas, _ = _hooks(p)
     try:
         migration = read_migration(atlas, started, p)
     finally:
         atlas.close()
-    decision = cutover_decision(migration, p, time.time(), approved=False, ready_since=synced.get("ready_since"))
-    if decision.action == "fail":
-        raise LiveMigrationFailed(decision.reason)
-    for warning in decision.warnings:
+    request = cutover_approval_request(migration, p, time.time(), ready_since=(synced or {}).get("ready_since"),
+                                       write_block=bool(checked.get("write_block")))
+    for warning in request.evidence.get("warnings", []):
         log.warning("%s", warning)
-    log.info("live migration %s: %s; %s", started["migration_id"], describe(migration),
-             cutover_window(synced.get("ready_since"), time.time()).note)
+    return request.to_dict()
 
 
 def push_write_block_decision(p: LivePushParams) -> tuple[bool, str]:
@@ -1107,14 +1201,6 @@ def poke_interval() -> float:
     return max(1.0, value)
 
 
-def _approval_needed(params: Mapping[str, Any]) -> bool:
-    return params.get("cutover", "manual") != "auto"
-
-
-def _approval_limit(params: Mapping[str, Any]) -> float:
-    return LivePushParams.parse(params).approval_timeout_seconds
-
-
 @task_group(group_id=GROUP_ID)
 def live_push_group(profile) -> None:
     """Atlas live migration, push: Cloud Manager pushes the source into Atlas (module docstring). Returns
@@ -1157,6 +1243,10 @@ def live_push_group(profile) -> None:
         waited = waited_seconds(get_current_context())
         return answer(poke_cutover(params, checked, started, synced, approval, waited))
 
+    @task
+    def cutover_evidence(checked: dict, started: dict, synced: dict, params=None) -> dict:
+        return request_cutover_approval(params, checked, started, synced)
+
     @teardown(on_failure_fail_dagrun=True)
     def cleanup(params=None) -> dict:
         from airflow.sdk import Variable
@@ -1178,11 +1268,9 @@ def live_push_group(profile) -> None:
         max_lag_seconds="{{ params.max_cutover_lag_seconds }}", poll_interval="{{ params.poll_interval_seconds }}",
         timeout_seconds="{{ params.sync_timeout_seconds }}",
         outage_tolerance_seconds="{{ params.api_outage_tolerance_seconds }}")
-    approve = approval_sensor(task_id="approve_cutover", what="cutover", poke_interval=interval, timeout=long_wait,
-                              required_if=_approval_needed, timeout_from_params=_approval_limit,
-                              while_waiting=check_while_awaiting_approval)()
-    synced >> approve
-    requested = cutover(checked, started, synced.output, approve)
+    request = cutover_evidence(checked, started, synced.output)
+    approve = RunApprovalOperator(task_id="approve_cutover", request=request, what="cutover")
+    requested = cutover(checked, started, synced.output, approve.output)
     completed = WaitForLiveMigrationOperator(
         task_id="wait_for_completion", wait_for="complete", atlas_conn_id="{{ params.atlas_conn_id }}",
         group_id=started["group_id"], migration_id=started["migration_id"],

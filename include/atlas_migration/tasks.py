@@ -447,6 +447,10 @@ CUTOVER_TASKS = {
     "aws_replica_set": ("aws_replica_set.pull.cutover", "aws_replica_set.pull.mongosync_check_fence"),
     "live_push": ("live_push.cutover",),
 }
+# Where each live strategy's human-in-the-loop approval leaves its record (who approved, when) in XCom.
+APPROVAL_TASKS = {
+    "live_push": ("live_push.approve_cutover",),
+}
 
 
 def fence_notes(result: dict[str, Any] | None) -> list[str]:

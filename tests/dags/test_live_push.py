@@ -18,12 +18,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import pytest
 import requests
 
-from atlas_migration.approval import approval_key
 from devtools.airflow_env import REPO, AirflowHome, conn_env_name, mongo_connection_json
+from devtools.airflow_services import AirflowServices
 from devtools.sample_data import seed_sample_dataset
 from tests.helpers import assert_namespaces_identical, user_namespaces, write_blocking_source
 
@@ -197,56 +198,119 @@ def test_auto_routes_to_push_defers_and_migrates_everything(airflow_home, stand_
     assert_no_secrets(airflow_home, run.output, [ATLAS_PRIVATE, CM_PRIVATE, *tokens])
 
 
-def watch_and_approve(home: AirflowHome, stand_in: StandIn, seen: dict, answer: str = "approved") -> None:
-    """While the run waits for approval: note whether a cutover was requested already, then approve (or
-    set another ``answer``, such as ``rejected``)."""
+@pytest.fixture(scope="module")
+def hitl_api(airflow_home) -> Iterator[AirflowServices]:
+    """An api-server alone on the module's Airflow home: ``airflow dags test`` parks the approval in
+    ``awaiting_input`` and waits until an answer recorded through this API (same metadata DB) resumes it."""
+    services = AirflowServices(airflow_home, api_only=True)
+    try:
+        services.start()
+        yield services
+    finally:
+        survivors = services.stop()
+    assert not survivors, f"processes outlived AirflowServices.stop(): {survivors}"
+
+
+APPROVE_TASK = "live_push.approve_cutover"
+OLD_APPROVAL_PREFIX = "atlas_migration_cutover"  # the Variable that approved a cutover before HITL
+
+
+def running_task_state(home: AirflowHome, task_id: str) -> tuple[str, str | None] | None:
+    """(run id, state) of ``task_id`` in the module's running run, or None (the home is shared by the module's
+    tests: only the running run counts)."""
+    try:
+        with sqlite3.connect(home.path / "airflow.db", timeout=5) as db:
+            row = db.execute("SELECT dr.run_id, ti.state FROM dag_run dr LEFT JOIN task_instance ti "
+                             "ON dr.dag_id = ti.dag_id AND dr.run_id = ti.run_id AND ti.task_id = ? "
+                             "WHERE dr.dag_id = ? AND dr.state = 'running'", (task_id, DAG_ID)).fetchone()
+    except sqlite3.OperationalError:
+        return None  # the database is busy or not created yet
+    return (row[0], row[1]) if row else None
+
+
+def hitl_url(api: AirflowServices, run_id: str) -> str:
+    return (f"{api.base_url}/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
+            f"{APPROVE_TASK}/-1/hitlDetails")
+
+
+def answer_when_asked(home: AirflowHome, api: AirflowServices, stand_in: StandIn, seen: dict, *,
+                      answer: str = "Approve", before_answer=None) -> None:
+    """Run beside ``dags test``: preset the old approval Variable as soon as the run exists (it must change
+    nothing), wait until the approval task is in ``awaiting_input`` and stays there, read its HITL detail,
+    then answer through the REST API as the api-server's user."""
     deadline = time.monotonic() + 240
+    preset = False
     while time.monotonic() < deadline:
         time.sleep(1)
-        try:
-            with sqlite3.connect(home.path / "airflow.db", timeout=5) as db:
-                # The home is shared by the module's tests: only this (running) run's task counts.
-                row = db.execute("SELECT ti.run_id, ti.state FROM task_instance ti JOIN dag_run dr "
-                                 "ON dr.dag_id = ti.dag_id AND dr.run_id = ti.run_id "
-                                 "WHERE ti.dag_id = ? AND ti.task_id = ? AND dr.state = 'running'",
-                                 (DAG_ID, "live_push.approve_cutover")).fetchone()
-        except sqlite3.OperationalError:
-            continue  # the database is busy or not created yet
-        if row and row[1] == "up_for_reschedule":
-            seen["cutover_calls_before_approval"] = stand_in.calls("PUT", "/cutover")
-            seen["migration_before_approval"] = next(iter(stand_in.get("state")["migrations"].values()), None)
-            key = approval_key(DAG_ID, row[0])
-            result = home.airflow("variables", "set", key, answer)
-            seen["key"], seen["set"] = key, result.returncode
-            return
+        found = running_task_state(home, APPROVE_TASK)
+        if not found:
+            continue
+        run_id, state = found
+        if not preset:
+            key = f"{OLD_APPROVAL_PREFIX}__{DAG_ID}__{run_id}"
+            seen["old_variable_set"] = home.airflow("variables", "set", key, "approved").returncode
+            preset = True
+        if state != "awaiting_input":
+            continue
+        time.sleep(4)  # with the old Variable set all along: still waiting
+        seen["state_before_answer"] = running_task_state(home, APPROVE_TASK)
+        seen["cutover_calls_before_approval"] = stand_in.calls("PUT", "/cutover")
+        with api.session() as session:
+            detail = session.get(hitl_url(api, run_id), timeout=30)
+            seen["detail"] = detail.json() if detail.status_code == 200 else detail.text
+            if before_answer:
+                before_answer()
+            response = session.patch(hitl_url(api, run_id), json={"chosen_options": [answer]}, timeout=30)
+            seen["patch"] = (response.status_code, response.json())
+        return
 
 
-def test_manual_cutover_waits_for_the_approval_variable(airflow_home, stand_in_factory, source, fenced_source_uri, target):
-    """cutover=manual: the run waits (reschedule sensor) until the run's Variable says 'approved'; Atlas's
-    first cutover answer is a refusal (400 not ready), which the run treats as 'wait', not as a failure."""
+def test_manual_cutover_waits_for_an_approval_in_required_actions(airflow_home, hitl_api, stand_in_factory, source,
+                                                                  fenced_source_uri, target):
+    """cutover=manual: approve_cutover parks in awaiting_input (a preset Variable of the old approval changes
+    nothing) with the evidence in its body; an answer through the HITL REST API resumes it; the report names
+    the approver. Atlas's first cutover answer is a refusal (400 not ready): 'wait', not a failure."""
     with source.client() as src:
         src.shop.orders.insert_many([{"_id": i, "v": i * 2} for i in range(300)])
     stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
     stand_in.fault(status=400, count=1, method="PUT", path_regex="/cutover$",
                    error_code="LIVE_MIGRATION_NOT_READY_FOR_CUTOVER", detail="Not ready for cutover.")
     seen: dict = {}
-    approver = threading.Thread(target=watch_and_approve, args=(airflow_home, stand_in, seen), daemon=True)
+    approver = threading.Thread(target=answer_when_asked, args=(airflow_home, hitl_api, stand_in, seen), daemon=True)
     approver.start()
 
     run = airflow_home.dags_test(DAG_ID, conf(cutover="manual"), env=env_for(stand_in, fenced_source_uri, target.uri))
     approver.join(timeout=30)
 
     assert run.succeeded, failure_text(run)
-    assert seen.get("set") == 0, seen
+    assert seen.get("old_variable_set") == 0, seen
+    assert seen["state_before_answer"][1] == "awaiting_input", seen
     assert seen["cutover_calls_before_approval"] == [], "cut over before the operator approved"
-    assert "waiting for an operator to approve the cutover" in run.output
-    assert f"airflow variables set '{seen['key']}' approved" in run.output
-    assert f"the cutover was approved (Variable '{seen['key']}')" in run.output
+    assert "Waiting for Human-in-the-loop input for tasks: ['live_push.approve_cutover']" in run.output
+    detail = seen["detail"]
+    assert detail["subject"].startswith("Approve the cutover of live migration ") and detail["options"] == [
+        "Approve", "Reject"], detail
+    for shown in ("| Migration status | status WORKING, readyForCutover true, lag ", "| Lag | ",
+                  "| Ready for cutover since | ", "| Cutover window | cutover window: 119 h ",
+                  "| Source writes at cutover | BLOCKED by the run", "**Times out:** after 2 min 00 s",
+                  "bounded by the approval timeout (approval_timeout_seconds = 120 s)"):
+        assert shown in detail["body"], detail["body"]
+    status, answered = seen["patch"]
+    assert status == 200 and answered["responded_by"]["name"] == "admin", seen["patch"]
+    assert "the cutover was approved by admin (user id admin) at " in run.output
     assert "Atlas refused the cutover" in run.output
     assert stand_in.calls("PUT", "/cutover") == [400, 202]
     stand_in.assert_cleaned_up()
     with target.client() as dst:
         assert dst.shop.orders.count_documents({}) == 300
+    reports = sorted((airflow_home.path / "migration-work" / DAG_ID).glob("*/report/validation.json"),
+                     key=lambda path: path.stat().st_mtime)
+    notes = json.loads(reports[-1].read_text())["notes"]
+    assert any(note.startswith("The cutover was approved by admin at ") for note in notes), notes
+    tokens = [t["token"] for t in stand_in.get("state")["link_tokens"]]
+    for secret in (ATLAS_PRIVATE, CM_PRIVATE, *tokens):
+        assert secret not in json.dumps(detail), "secret leaked into the approval's HITL detail"
+    assert_no_secrets(airflow_home, run.output, [ATLAS_PRIVATE, CM_PRIVATE, *tokens])
 
 
 @pytest.mark.parametrize("changes, expected", [
@@ -270,17 +334,32 @@ def test_failures_end_the_run_and_clean_up(airflow_home, stand_in_factory, sourc
         assert user_namespaces(dst) == []
 
 
-def test_expired_window_ends_a_run_waiting_for_approval(airflow_home, stand_in_factory, source, fenced_source_uri, target):
+def test_an_approval_after_the_window_ran_out_is_refused_by_the_cutover(airflow_home, hitl_api, stand_in_factory,
+                                                                         source, fenced_source_uri, target):
+    """The window runs out while the approval waits (the stand-in's clock jumps past the 120 hours): nothing
+    watches a parked task, so the cutover re-reads the migration after the approval and refuses it, naming
+    EXPIRED; no cutover is requested and the clean-up runs. (The response timeout that would have failed the
+    wait before the window's end is enforced by the scheduler's awaiting_input sweep, which ``dags test``
+    lacks: its bound is unit-tested, tests/test_live_push.py and tests/test_approval.py.)"""
     with source.client() as src:
         src.shop.orders.insert_one({"_id": 1})
-    # A 100-second window at 20x: the migration expires about 5 s after it is ready; nobody approves.
-    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source), cutover_window_seconds=100))
+    stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
+    seen: dict = {}
+
+    def window_runs_out() -> None:
+        requests.post(f"{stand_in.url}/__test__/clock", json={"advance_seconds": 121 * 3600}, timeout=5)
+
+    approver = threading.Thread(target=answer_when_asked, args=(airflow_home, hitl_api, stand_in, seen),
+                                kwargs={"before_answer": window_runs_out}, daemon=True)
+    approver.start()
 
     run = airflow_home.dags_test(DAG_ID, conf(cutover="manual"), env=env_for(stand_in, fenced_source_uri, target.uri))
+    approver.join(timeout=30)
 
     assert run.state == "failed", failure_text(run)
+    assert seen["patch"][0] == 200, seen
+    assert "the cutover was approved by admin" in run.output
     assert "EXPIRED: the 120-hour cutover window passed without a cutover" in run.output
-    assert "waiting for an operator to approve the cutover" in run.output
     stand_in.assert_cleaned_up()
     assert stand_in.calls("PUT", "/cutover") == []
 
@@ -368,8 +447,8 @@ def test_a_30_second_api_outage_during_wait_for_sync_does_not_end_the_migration(
 
 
 @pytest.mark.parametrize("on_failure", ["keep_migration"])  # "abandon" works too; tests/test_live_push.py has it
-def test_an_upstream_failure_keeps_the_running_migration_unless_abandoned(airflow_home, stand_in_factory, source, fenced_source_uri,
-                                                                          target, on_failure):
+def test_an_upstream_failure_keeps_the_running_migration_unless_abandoned(airflow_home, hitl_api, stand_in_factory, source,
+                                                                          fenced_source_uri, target, on_failure):
     """The operator rejects the cutover (a task of the run fails) while the migration is WORKING: the
     teardown keeps the link and says how to go on (and does not fail itself); with on_failure=abandon it
     removes the link and the link-tokens (measured passing as a DAG run too; the cheaper
@@ -378,8 +457,8 @@ def test_an_upstream_failure_keeps_the_running_migration_unless_abandoned(airflo
         src.shop.orders.insert_one({"_id": 1})
     stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
     seen: dict = {}
-    rejecter = threading.Thread(target=watch_and_approve, args=(airflow_home, stand_in, seen, "rejected"),
-                                daemon=True)
+    rejecter = threading.Thread(target=answer_when_asked, args=(airflow_home, hitl_api, stand_in, seen),
+                                kwargs={"answer": "Reject"}, daemon=True)
     rejecter.start()
 
     run = airflow_home.dags_test(DAG_ID, conf(cutover="manual", on_failure=on_failure),
@@ -387,7 +466,7 @@ def test_an_upstream_failure_keeps_the_running_migration_unless_abandoned(airflo
     rejecter.join(timeout=30)
 
     assert run.state == "failed", failure_text(run)
-    assert "the cutover was rejected by an operator" in run.output
+    assert "the cutover was REJECTED by admin at " in run.output
     state = stand_in.get("state")
     (migration,) = state["migrations"].values()
     assert migration["cutover_at"] is None and stand_in.calls("PUT", "/cutover") == []

@@ -519,9 +519,9 @@ def balancer_marker(dag_id: str, run_id: str) -> RunMarker:
     (it finds it off, and would otherwise take it for "already off" and never restart it)."""
     from airflow.sdk import Variable
 
-    from atlas_migration.approval import approval_key
+    from atlas_migration.approval import run_variable_key
 
-    key = approval_key(dag_id, run_id, prefix=BALANCER_PREFIX)
+    key = run_variable_key(dag_id, run_id, prefix=BALANCER_PREFIX)
     return RunMarker(key, lambda: Variable.get(key, default=None),
                      lambda value: Variable.set(key, value, description="live_pull: this run stopped the source's "
                                                                         "balancer; restart_balancer restarts it"),

@@ -23,8 +23,10 @@ def test_compose_notes_say_which_path_preflight_chose_and_why():
     ti = RecordingTI({"compose.preflight": {"path": "restore", "reasons": ["no oplog access", "FALLBACK: dump"]}})
     assert strategy_notes({"strategy": "compose"}, ti) == [
         "Compose path: restore", "no oplog access", "FALLBACK: dump"]
-    # The pull path's cutover tasks are read too (they left no fence here: a restore has none).
-    assert ti.pulled == ["compose.preflight", "compose.pull.cutover", "compose.pull.mongosync_check_fence"]
+    # The pull path's approval and cutover tasks are read too (nothing there: a restore has neither).
+    assert ti.pulled == ["compose.preflight", "compose.pull.await_cutover_approval",
+                         "compose.pull.await_mongosync_approval", "compose.pull.cutover",
+                         "compose.pull.mongosync_check_fence"]
 
 
 def test_a_live_cutover_fence_is_reported_and_a_dump_strategy_reads_nothing():

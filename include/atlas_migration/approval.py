@@ -26,9 +26,9 @@ cutover window left, the oplog headroom), each minus its safety margin (``bounde
 unanswered approval fails clearly while there is still time to act. Whatever the approval said, the step it
 approves re-checks the state before acting: the evidence in the body is what was true when it was asked.
 
-The live pull's approvals (``await_cutover_approval``, ``await_mongosync_approval``) have not moved yet: they
-still use the Variable-based reschedule sensor at the end of this module (``approval_sensor``), which goes
-with them.
+Every cutover approval uses it: the live push's ``approve_cutover`` and the live pull's
+``await_cutover_approval`` (native engine) and ``await_mongosync_approval`` (mongosync), each fed by an evidence
+task before it.
 
 Also here: ``run_variable_key`` (the per-run Variable layout other modules keep their run records under) and
 ``waited_seconds`` (how long a reschedule-mode sensor has been waiting).
@@ -276,56 +276,3 @@ class RunApprovalOperator(ApprovalOperator):
         log.info("the %s was approved by %s (user id %s) at %s", request.what, record["approved_by"],
                  record["approved_by_id"], record["responded_at"])
         return record
-
-
-# ---------------------------------------------------------------- legacy: the Variable-based sensor
-# Still used by the live pull's approvals until they move to RunApprovalOperator; removed with them.
-
-VARIABLE_PREFIX = "atlas_migration_cutover"
-APPROVED = "approved"
-REJECTED = "rejected"
-
-
-def approval_key(dag_id: str, run_id: str, *, prefix: str = VARIABLE_PREFIX) -> str:
-    return run_variable_key(dag_id, run_id, prefix=prefix)
-
-
-def _read_variable_approval(key: str) -> str:
-    from airflow.sdk import Variable
-
-    value = Variable.get(key, default=None)
-    normalised = str(value or "").strip().lower()
-    return normalised if normalised in (APPROVED, REJECTED) else "pending"
-
-
-def approval_sensor(*, task_id: str, what: str = "cutover", prefix: str = VARIABLE_PREFIX,
-                    poke_interval: float = 60.0, timeout: float = 7 * 24 * 3600.0, required_if=None,
-                    timeout_from_params=None, while_waiting=None):
-    from airflow.sdk import PokeReturnValue, get_current_context, task
-    from airflow.sdk.exceptions import AirflowSensorTimeout
-
-    @task.sensor(task_id=task_id, mode="reschedule", poke_interval=poke_interval, timeout=timeout)
-    def await_approval() -> PokeReturnValue:
-        context = get_current_context()
-        params = context["params"]
-        key = approval_key(context["dag"].dag_id, context["run_id"], prefix=prefix)
-        if required_if is not None and not required_if(params):
-            log.info("no approval needed for the %s in this run", what)
-            return PokeReturnValue(is_done=True, xcom_value={"required": False, "approved": True, "key": key})
-        if while_waiting is not None:
-            while_waiting(context)
-        status = _read_variable_approval(key)
-        if status == REJECTED:
-            raise ApprovalRejected(f"the {what} was rejected by an operator (Variable '{key}'); the run stops here")
-        if status == APPROVED:
-            log.info("the %s was approved (Variable '%s')", what, key)
-            return PokeReturnValue(is_done=True, xcom_value={"required": True, "approved": True, "key": key})
-        waited = waited_seconds(context)
-        limit = timeout_from_params(params) if timeout_from_params else None
-        if limit is not None and waited > limit:
-            raise AirflowSensorTimeout(f"no approval of the {what} within {limit:,.0f} s (Variable '{key}')")
-        log.info("waiting for an operator to approve the %s (%.0f s so far)\n    to approve the %s: airflow "
-                 "variables set '%s' %s", what, waited, what, key, APPROVED)
-        return PokeReturnValue(is_done=False)
-
-    return await_approval

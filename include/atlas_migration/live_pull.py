@@ -6,14 +6,18 @@ with one of two engines (``pull_engine``):
 
       start (resume point recorded BEFORE the copy) -> copy (mapped: one task per _id partition,
       checkpointed; batches of partitions beyond Airflow's max_map_length) -> finish_copy, with verify
-      (mapped like copy) beside catch_up (until lag < max_cutover_lag_seconds) -> await_cutover_approval
-      (manual only; keeps catching up while it waits) -> cutover (fence, drain to it, late-write grace,
-      rechecks) -> validate
+      (mapped like copy) beside catch_up (until lag < max_cutover_lag_seconds) -> cutover_evidence ->
+      await_cutover_approval (manual only: Airflow's human-in-the-loop approval, evidence in its body) ->
+      cutover (catch up again, fence, drain to it, late-write grace, rechecks) -> validate
 
 - ``mongosync``: a standalone mongosync (``mongosync_conn_id``) driven through its REST API:
 
-      mongosync_start -> wait_can_commit (deferrable) -> await approval (manual only) -> mongosync_commit
-      -> wait_committed (deferrable) -> mongosync_check_fence -> validate
+      mongosync_start -> wait_can_commit (deferrable) -> mongosync_commit_evidence -> await_mongosync_approval
+      (manual only) -> mongosync_commit -> wait_committed (deferrable) -> mongosync_check_fence -> validate
+
+  A manual approval parks in ``awaiting_input`` (no slot, no code running): the native engine therefore
+  catches up again at the start of ``cutover``, writes still flowing, before it places the fence, so a long
+  wait lengthens that catch-up and not the downtime; mongosync keeps syncing by itself meanwhile.
 
   ``source_write_block`` and the mongosync release (declared in the connection's extras, or inferred from
   ``/progress``) decide whether mongosync blocks source writes at ``/commit`` (``enableUserWriteBlocking``
@@ -44,6 +48,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
@@ -52,7 +57,12 @@ from typing import Any
 
 from airflow.sdk import task, task_group
 
-from atlas_migration.approval import approval_sensor
+from atlas_migration.approval import (
+    ApprovalRequest,
+    RunApprovalOperator,
+    bounded_response_timeout,
+    timeout_line,
+)
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.fence import WRITE_BLOCK_MODES
 from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
@@ -110,10 +120,9 @@ def live_pull_params() -> dict[str, Any]:
         "cutover": Param("auto", type="string", enum=["auto", "manual"], title="Cutover", section="Cutover",
                          description="'auto': once the lag is under max_cutover_lag_seconds, block user writes on the "
                                      "source (needs source write blocking) and cut over at that fence. 'manual': wait "
-                                     "for the operator's approval (live push: the run's Required Actions, a human-in-the-loop "
-                                     "approval; live pull: the Airflow Variable "
-                                     "atlas_migration_cutover__<dag_id>__<run_id> = approved), which also states that "
-                                     "application writes have stopped when writes are not blocked."),
+                                     "for an operator's approval in the run's Required Actions (a human-in-the-loop "
+                                     "approval, with the evidence in its body; also through the REST API), which also "
+                                     "states that application writes have stopped when writes are not blocked."),
         "source_write_block": Param("auto", type="string", enum=list(WRITE_BLOCK_MODES), section="Cutover",
                                     title="Block writes on the source at cutover",
                                     description="'auto': block user writes with setUserWriteBlockMode (MongoDB 6.0+, "
@@ -420,12 +429,144 @@ def catch_up(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullS
     return result.to_dict()
 
 
-def keep_caught_up(context: Mapping[str, Any], sources: PullSources = DEFAULT_SOURCES) -> None:
-    """While a manual cutover waits for approval, keep applying events so the lag (and the oplog risk) stays low."""
-    with _Session(context["params"], context["dag"].dag_id, context["run_id"], sources, "stream") as sync:
-        result = sync.catch_up(max_seconds=max(1.0, poke_interval() / 2))
-    log.info("while waiting: %s events applied, lag %s s", f"{result.events_applied:,}",
-             "?" if result.lag_seconds is None else f"{result.lag_seconds:.1f}")
+# ---------------------------------------------------------------- manual cutover: what the approver sees
+
+NATIVE_APPROVAL = "live-pull cutover"
+MONGOSYNC_APPROVAL = "mongosync commit"
+
+
+def _approval_markdown(title: str, rows: list[tuple[str, str]], request_timeout: ApprovalRequest,
+                       after: str) -> str:
+    table = ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+    return "\n".join([title, "", *table, "", f"**If approved:** {after}", "", timeout_line(request_timeout)])
+
+
+def _timeout_for(params: Mapping[str, Any]):
+    limit = _approval_limit(params)
+    return bounded_response_timeout(limit if limit is not None else 120 * 3600)
+
+
+def native_cutover_request(params: Mapping[str, Any], facts: Mapping[str, Any], now: float) -> ApprovalRequest:
+    """The approval request of the native engine's manual cutover (pure): ``facts`` as read by
+    ``native_cutover_evidence`` (lag, oplog span, verifier progress, rechecks, how writes are fenced).
+
+    Nothing runs while the approval waits (a parked task holds no slot and runs no code), so the cutover that
+    follows an approval first catches up again (writes still flowing) and only then places the fence: a long
+    wait makes the catch-up longer, not the downtime. The oplog span is shown, not used as a deadline: on a
+    young oplog it is the age of its first entry, far below its capacity."""
+    lp = LivePullParams.parse(params)
+    if lp.cutover != "manual":
+        return ApprovalRequest(required=False, what=NATIVE_APPROVAL,
+                               reason="cutover=auto: the run cuts over at a write-blocking fence once caught up")
+    timeout = _timeout_for(params)
+    lag = facts.get("lag_seconds")
+    verifier = facts.get("verifier") or {}
+    parts = verifier.get("partitions") or {}
+    mismatches = verifier.get("mismatches") or {}
+    window = facts.get("oplog_window_hours")
+    evidence = {
+        "lag_seconds": lag, "pending_oplog_entries": facts.get("pending_estimate"),
+        "max_cutover_lag_seconds": lp.max_cutover_lag_seconds, "oplog_window_hours": window,
+        "verifier_partitions_compared": parts.get("compared"), "verifier_partitions_total": parts.get("total"),
+        "verifier_open_mismatches": mismatches.get("open"), "rechecks_pending": facts.get("rechecks_pending"),
+        "source_writes_blocked": bool(facts.get("block")), "write_fence": facts.get("block_reason"),
+        "observed_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
+    }
+    request = ApprovalRequest(required=True, what=NATIVE_APPROVAL, subject="Approve the live-pull cutover",
+                              timeout_seconds=timeout.seconds, timeout_explanation=timeout.explanation, asked_at=now,
+                              evidence=evidence)
+    fence = ("user writes are BLOCKED on the source (setUserWriteBlockMode), the change stream is drained to that "
+             "fence and watched for late writes" if facts.get("block") else
+             "your approval is the statement that application writes have STOPPED: the fence is placed at the "
+             "source's last write, and any write after it fails the cutover (nothing is lost; stop the writers and "
+             "clear the cutover task)")
+    rows = [
+        ("Lag", "unknown" if lag is None else f"{lag:.0f} s (cutover threshold {lp.max_cutover_lag_seconds} s)"),
+        ("Oplog entries not yet applied", str(facts.get("pending_estimate", "unknown"))),
+        ("Oplog span now", "unknown" if window is None else
+         f"{window:.2f} h (catch-up after approval must start within it: older history is lost)"),
+        ("Verifier", f"{parts.get('compared', '?')} of {parts.get('total', '?')} partitions compared, "
+                     f"{mismatches.get('open', '?')} open mismatch(es) (rechecked until cutover; open ones fail it)"),
+        ("Rechecks queued", str(facts.get("rechecks_pending", "?"))),
+        ("Source writes at cutover", facts.get("block_reason") or "?"),
+        ("Read at", evidence["observed_at"]),
+    ]
+    body = _approval_markdown("Evidence for the live-pull cutover (native engine):", rows, request,
+                              f"the run catches up again until the lag is under {lp.max_cutover_lag_seconds} s, "
+                              f"then {fence}; then the verifier's last rechecks, then validation.")
+    return ApprovalRequest(**{**request.to_dict(), "body": body})
+
+
+def native_cutover_evidence(params: Mapping[str, Any], dag_id: str, run_id: str,
+                            sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
+    """``cutover_evidence``: read what the approver should see and build the request (no write anywhere)."""
+    lp = LivePullParams.parse(params)
+    if lp.cutover != "manual":
+        return native_cutover_request(params, {}, time.time()).to_dict()
+    block, why = write_block_decision(params, sources)
+    with _Session(params, dag_id, run_id, sources, "stream") as sync:
+        lag = sync.lag()
+        facts = {"lag_seconds": lag.lag_seconds, "pending_estimate": lag.pending_estimate,
+                 "oplog_window_hours": sync.oplog_window_hours(), "rechecks_pending": sync.pending_rechecks(),
+                 "verifier": _verifier_for(sync).summary(), "block": block, "block_reason": why}
+    request = native_cutover_request(params, facts, time.time())
+    log.info("approval request for the live-pull cutover built; %s", timeout_line(request).replace("**", ""))
+    return request.to_dict()
+
+
+def mongosync_commit_request(params: Mapping[str, Any], progress: Mapping[str, Any], source_blocked: bool,
+                             now: float) -> ApprovalRequest:
+    """The approval request of mongosync's manual commit (pure): mongosync's ``/progress`` as it stands.
+
+    mongosync keeps syncing by itself while the approval waits, and ``mongosync_commit`` checks canCommit and the
+    lag again before ``/commit``."""
+    lp = LivePullParams.parse(params)
+    if lp.cutover != "manual":
+        return ApprovalRequest(required=False, what=MONGOSYNC_APPROVAL,
+                               reason="cutover=auto: the run commits once mongosync can commit")
+    timeout = _timeout_for(params)
+    verification = progress.get("verification") or {}
+    evidence = {
+        "state": progress.get("state"), "can_commit": progress.get("canCommit"),
+        "lag_seconds": progress.get("lagTimeSeconds"), "max_cutover_lag_seconds": lp.max_cutover_lag_seconds,
+        "verification_source_phase": (verification.get("source") or {}).get("phase"),
+        "verification_destination_phase": (verification.get("destination") or {}).get("phase"),
+        "source_writes_blocked": source_blocked,
+        "observed_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
+    }
+    request = ApprovalRequest(required=True, what=MONGOSYNC_APPROVAL, subject="Approve the mongosync commit",
+                              timeout_seconds=timeout.seconds, timeout_explanation=timeout.explanation, asked_at=now,
+                              evidence=evidence)
+    fence = ("mongosync blocks writes on the source at commit (enableUserWriteBlocking)" if source_blocked else
+             "your approval is the statement that application writes have STOPPED: the run places a fence, watches "
+             f"the source for {lp.quiet_period_seconds} s and sends /commit only if no write came; a write after "
+             "the fence fails the run")
+    rows = [
+        ("mongosync", f"state {evidence['state']}, canCommit {str(evidence['can_commit']).lower()}"),
+        ("Lag", f"{evidence['lag_seconds']} s (commit threshold {lp.max_cutover_lag_seconds} s)"),
+        ("Embedded verifier", f"source {evidence['verification_source_phase'] or 'n/a'}, destination "
+                              f"{evidence['verification_destination_phase'] or 'n/a'}"),
+        ("Source writes at commit", "BLOCKED by mongosync" if source_blocked else "not blocked"),
+        ("Read at", evidence["observed_at"]),
+    ]
+    body = _approval_markdown("Evidence for the mongosync commit:", rows, request,
+                              f"{fence}; then the run waits for COMMITTED and checks again that no write reached the "
+                              "source after the fence.")
+    return ApprovalRequest(**{**request.to_dict(), "body": body})
+
+
+def mongosync_commit_evidence(params: Mapping[str, Any], started: Mapping[str, Any]) -> dict[str, Any]:
+    """``mongosync_commit_evidence``: read ``/progress`` and build the request (no write anywhere)."""
+    from atlas_migration.mongosync import MongosyncHook
+
+    lp = LivePullParams.parse(params)
+    if lp.cutover != "manual":
+        return mongosync_commit_request(params, {}, False, time.time()).to_dict()
+    source_blocked = bool(((started or {}).get("mongosync") or {}).get("write_blocking", {}).get("source_blocked"))
+    progress = MongosyncHook(lp.mongosync_conn_id).progress()
+    request = mongosync_commit_request(params, progress.raw, source_blocked, time.time())
+    log.info("approval request for the mongosync commit built; %s", timeout_line(request).replace("**", ""))
+    return request.to_dict()
 
 
 def cutover(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSources = DEFAULT_SOURCES) -> dict[str, Any]:
@@ -440,6 +581,16 @@ def cutover(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSo
     with closing(writes_to.connect()) as writes_client, _Session(params, dag_id, run_id, sources, "stream") as sync:
         fence = sync.stored_fence()
         if fence is None or fence.late_writes or (block and not fence.blocked):
+            # Catch up again before the fence, writes still flowing: after a manual approval the run may have
+            # waited for hours, and draining that backlog behind blocked writes would be downtime.
+            caught = sync.catch_up(until_lag_below=lp.max_cutover_lag_seconds, max_seconds=lp.catch_up_timeout_seconds)
+            log.info("cutover: caught up before the fence (%s events applied, lag %s s)",
+                     f"{caught.events_applied:,}", "?" if caught.lag_seconds is None else f"{caught.lag_seconds:.1f}")
+            if caught.stopped_because == "max_seconds" and (caught.lag_seconds or 0) > lp.max_cutover_lag_seconds:
+                raise MigrationError(
+                    f"cutover: the target did not catch up within {lp.catch_up_timeout_seconds} s (lag "
+                    f"{caught.lag_seconds} s > {lp.max_cutover_lag_seconds} s); no fence was placed and writes are "
+                    "not blocked. Retry this task, or raise catch_up_timeout_seconds.")
             # A fence after late writes is stale: the operator stopped the writers and cleared this task.
             fence = take_fence(sync.source, block=block, block_client=writes_client)
         else:
@@ -693,10 +844,6 @@ def mongosync_check_fence(params: Mapping[str, Any], dag_id: str, run_id: str) -
 # ---------------------------------------------------------------- the task group
 
 
-def _manual(params: Mapping[str, Any]) -> bool:
-    return params.get("cutover") == "manual"
-
-
 def _approval_limit(params: Mapping[str, Any]) -> float | None:
     value = params.get("approval_timeout_seconds")
     return float(value) if isinstance(value, int | float) else None
@@ -758,13 +905,14 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES, *, manage_ba
     def check_mongosync_fence(params=None, dag=None, run_id=None) -> dict:
         return mongosync_check_fence(params, dag.dag_id, run_id)
 
-    await_native = approval_sensor(task_id="await_cutover_approval", what="live-pull cutover",
-                                   poke_interval=poke_interval(), required_if=_manual,
-                                   timeout_from_params=_approval_limit,
-                                   while_waiting=partial(keep_caught_up, sources=sources))
-    await_mongosync = approval_sensor(task_id="await_mongosync_approval", what="mongosync commit",
-                                      poke_interval=poke_interval(), required_if=_manual,
-                                      timeout_from_params=_approval_limit)
+    @task(task_id="cutover_evidence", retries=2)
+    def native_evidence(params=None, dag=None, run_id=None) -> dict:
+        return native_cutover_evidence(params, dag.dag_id, run_id, sources)
+
+    @task(task_id="mongosync_commit_evidence", retries=2)
+    def mongosync_evidence(started: dict, params=None) -> dict:
+        return mongosync_commit_evidence(params, started)
+
     wait_can_commit = MongosyncWaitOperator(
         task_id="wait_can_commit", mongosync_conn_id="{{ params.mongosync_conn_id }}", until="can_commit",
         max_lag_seconds="{{ params.max_cutover_lag_seconds }}", poll_interval=poke_interval())
@@ -779,11 +927,19 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES, *, manage_ba
     # The verifier compares every copied partition while catch-up runs; cutover waits for both.
     verified = verify.expand(partitions=partitions)
     finished >> verified
-    approved = finished >> catch_up_to_lag() >> await_native()
+    native_request = native_evidence()
+    finished >> catch_up_to_lag() >> native_request
+    # Human-in-the-loop (cutover=manual): parks in awaiting_input until answered in Required Actions or the
+    # REST API; with cutover=auto the request says so and it succeeds at once.
+    approved = RunApprovalOperator(task_id="await_cutover_approval", request=native_request, what=NATIVE_APPROVAL)
     native_done = cutover_native()
     [approved, verified] >> native_done
     started = start_mongosync(profile)
-    started >> wait_can_commit >> await_mongosync() >> commit_mongosync(started) >> wait_committed
+    mongosync_request = mongosync_evidence(started)
+    await_mongosync = RunApprovalOperator(task_id="await_mongosync_approval", request=mongosync_request,
+                                          what=MONGOSYNC_APPROVAL)
+    started >> wait_can_commit >> mongosync_request
+    await_mongosync >> commit_mongosync(started) >> wait_committed
     mongosync_done = check_mongosync_fence()
     wait_committed >> mongosync_done
     branch = choose_pull_engine()

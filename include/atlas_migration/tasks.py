@@ -449,6 +449,9 @@ CUTOVER_TASKS = {
 }
 # Where each live strategy's human-in-the-loop approval leaves its record (who approved, when) in XCom.
 APPROVAL_TASKS = {
+    "live_pull": ("live_pull.await_cutover_approval", "live_pull.await_mongosync_approval"),
+    "compose": ("compose.pull.await_cutover_approval", "compose.pull.await_mongosync_approval"),
+    "aws_replica_set": ("aws_replica_set.pull.await_cutover_approval", "aws_replica_set.pull.await_mongosync_approval"),
     "live_push": ("live_push.approve_cutover",),
 }
 

@@ -16,6 +16,7 @@ import requests
 
 from devtools.airflow_env import REPO, conn_env_name
 from devtools.mongo_servers import free_port
+from tests.dags.hitl import answer, hitl_api, preset_old_variable, running_task_state, wait_for_input  # noqa: F401
 from tests.dags.test_mongo_to_atlas import airflow_home, conns, failure_text, reports_of  # noqa: F401 - shared fixture
 from tests.helpers import assert_namespaces_identical, user_namespaces, write_blocking_source
 
@@ -122,46 +123,55 @@ def test_native_pull_with_write_blocking_keeps_every_acknowledged_write(airflow_
         assert_namespaces_identical(src, dst, namespaces)
 
 
-def test_manual_cutover_waits_for_the_operator(airflow_home, source, target):  # noqa: F811
+NATIVE_APPROVAL_TASK = "live_pull.await_cutover_approval"
+MONGOSYNC_APPROVAL_TASK = "live_pull.await_mongosync_approval"
+
+
+def start_run(home, conf: dict, env: dict) -> tuple[threading.Thread, dict]:
+    """``airflow dags test`` in a thread (it blocks while the approval waits); its result lands in the dict."""
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(run=home.dags_test(DAG_ID, conf, env=env)), daemon=True)
+    runner.start()
+    return runner, outcome
+
+
+def test_manual_cutover_waits_for_the_operator(airflow_home, hitl_api, source, target):  # noqa: F811
+    """cutover=manual: await_cutover_approval parks in awaiting_input with the evidence in its body (a preset
+    Variable of the old approval changes nothing); the operator stops the writers and approves through the
+    REST API; the cutover catches up again, fences, and the report names the approver."""
     with source.client() as src:
         seed(src)
     writer = Writer(source.uri)
     writer.start()
     env = {**conns(source.uri, target.uri), **FAST_POKES}
     conf = {"strategy": "live_pull", "pull_engine": "native", "cutover": "manual", "quiet_period_seconds": 2,
-            "source_write_block": "off"}
-    outcome: dict = {}
-
-    def run_dag() -> None:
-        outcome["run"] = airflow_home.dags_test(DAG_ID, conf, env=env)
-
-    runner = threading.Thread(target=run_dag)
-    runner.start()
-    # Wait until the copy is over and the run is catching up, then stop writes and approve the cutover.
-    with target.client() as dst:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            doc = dst["__atlas_migration"].live_sync.find_one({"kind": "sync", "copy_finished": True})
-            if doc:
-                break
-            time.sleep(1)
-        assert doc, "the live pull never finished its initial copy"
-        run_id = doc["sync_id"].split("/", 1)[1]
-    time.sleep(6)  # a few pokes while nobody has approved yet
+            "source_write_block": "off", "approval_timeout_seconds": 3600}
+    runner, outcome = start_run(airflow_home, conf, env)
+    run_id = wait_for_input(airflow_home, NATIVE_APPROVAL_TASK, alive=runner.is_alive)
+    assert run_id, failure_text(outcome.get("run"))
+    assert preset_old_variable(airflow_home, run_id) == 0
+    time.sleep(4)  # writes keep coming, the old Variable says "approved": still waiting
+    assert running_task_state(airflow_home, NATIVE_APPROVAL_TASK) == (run_id, "awaiting_input")
     writer.stop()
-    key = f"atlas_migration_cutover__{DAG_ID}__{run_id}"
-    approved = airflow_home.airflow("variables", "set", key, "approved", env=env)
-    assert approved.returncode == 0, approved.stderr
+    status, answered, detail = answer(hitl_api, run_id, NATIVE_APPROVAL_TASK)
     runner.join(timeout=600)
     run = outcome["run"]
     assert run.succeeded, failure_text(run)
-    assert "waiting for an operator to approve the live-pull cutover" in run.output
-    assert "was approved" in run.output
+    assert status == 200 and answered["responded_by"]["name"] == "admin", (status, answered)
+    assert detail["subject"] == "Approve the live-pull cutover" and detail["options"] == ["Approve", "Reject"], detail
+    for shown in ("| Lag | ", "| Verifier | ", "| Oplog span now | ", "| Source writes at cutover | ",
+                  "your approval is the statement that application writes have STOPPED",
+                  "**Times out:** after 1 h 00 min"):
+        assert shown in detail["body"], detail["body"]
+    assert f"Waiting for Human-in-the-loop input for tasks: ['{NATIVE_APPROVAL_TASK}']" in run.output
+    assert "cutover: caught up before the fence" in run.output
+    notes = reports_of(airflow_home, run.output)["notes"]
+    assert any(n.startswith("The live-pull cutover was approved by admin") for n in notes), notes
     with source.client() as src, target.client() as dst:
         assert_namespaces_identical(src, dst, user_namespaces(src))
 
 
-def test_writes_after_the_operators_statement_fail_the_cutover(airflow_home, source, target):  # noqa: F811
+def test_writes_after_the_operators_statement_fail_the_cutover(airflow_home, hitl_api, source, target):  # noqa: F811
     with source.client() as src:
         seed(src)
     writer = Writer(source.uri, pause=0.05)
@@ -169,21 +179,12 @@ def test_writes_after_the_operators_statement_fail_the_cutover(airflow_home, sou
     env = {**conns(source.uri, target.uri), **FAST_POKES}
     conf = {"strategy": "live_pull", "pull_engine": "native", "cutover": "manual", "quiet_period_seconds": 2,
             "source_write_block": "off", "partition_docs": 1_000}
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(run=airflow_home.dags_test(DAG_ID, conf, env=env)))
-    runner.start()
-    with target.client() as dst:
-        deadline = time.monotonic() + 300
-        doc = None
-        while time.monotonic() < deadline and not doc:
-            doc = dst["__atlas_migration"].live_sync.find_one({"kind": "sync", "copy_finished": True})
-            time.sleep(1)
-        assert doc, "the live pull never finished its initial copy"
-        run_id = doc["sync_id"].split("/", 1)[1]
-    # The operator states that writes stopped, but the application keeps writing.
-    approved = airflow_home.airflow("variables", "set", f"atlas_migration_cutover__{DAG_ID}__{run_id}", "approved",
-                                    env=env)
-    assert approved.returncode == 0, approved.stderr
+    runner, outcome = start_run(airflow_home, conf, env)
+    run_id = wait_for_input(airflow_home, NATIVE_APPROVAL_TASK, alive=runner.is_alive)
+    assert run_id, failure_text(outcome.get("run"))
+    # The operator states that writes stopped (approves), but the application keeps writing.
+    status, _, _ = answer(hitl_api, run_id, NATIVE_APPROVAL_TASK)
+    assert status == 200
     runner.join(timeout=600)
     counts = writer.stop()
     run = outcome["run"]
@@ -215,36 +216,25 @@ def mongosync_env(source, target, port: int) -> dict[str, str]:
                                                          "port": port, "schema": "http"})}
 
 
-def run_mongosync_dag_with_approval(airflow_home, port: int, env: dict[str, str], writer: Writer, *,  # noqa: F811
+def run_mongosync_dag_with_approval(airflow_home, api, env: dict[str, str], writer: Writer, *,  # noqa: F811
                                     stop_writer_first: bool):
     """Run the DAG (mongosync engine, manual cutover, no source write blocking: SecantusDB cannot block);
-    once mongosync can commit, stop the writer (or not) and give the operator's approval."""
+    once it asks for the commit's approval (mongosync can commit), stop the writer (or not) and approve
+    through the REST API. Returns the run and the approval task's HITL detail."""
     conf = {"strategy": "live_pull", "pull_engine": "mongosync", "cutover": "manual", "source_write_block": "off",
             "max_cutover_lag_seconds": 5, "quiet_period_seconds": 3, "approval_timeout_seconds": 240}
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(run=airflow_home.dags_test(DAG_ID, conf, env=env)),
-                              daemon=True)
-    runner.start()
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and runner.is_alive():
-        progress = requests.get(f"http://127.0.0.1:{port}/api/v1/progress", timeout=5).json().get("progress") or {}
-        if progress.get("canCommit"):
-            break
-        time.sleep(1)
-    assert runner.is_alive(), failure_text(outcome.get("run"))
-    runs = airflow_home.airflow("dags", "list-runs", DAG_ID, "-o", "json", env=env)
-    listing = next(line for line in reversed(runs.stdout.splitlines()) if line.startswith("["))  # after log lines
-    run_id = next(r["run_id"] for r in json.loads(listing) if r["state"] == "running")
+    runner, outcome = start_run(airflow_home, conf, env)
+    run_id = wait_for_input(airflow_home, MONGOSYNC_APPROVAL_TASK, alive=runner.is_alive)
+    assert run_id, failure_text(outcome.get("run"))
     if stop_writer_first:
         writer.stop()
-    approved = airflow_home.airflow("variables", "set", f"atlas_migration_cutover__{DAG_ID}__{run_id}", "approved",
-                                    env=env)
-    assert approved.returncode == 0, approved.stderr
+    status, _, detail = answer(api, run_id, MONGOSYNC_APPROVAL_TASK)
+    assert status == 200
     runner.join(timeout=600)
-    return outcome["run"]
+    return outcome["run"], detail
 
 
-def test_mongosync_engine_through_the_dag(airflow_home, source, target, mongosync_api):  # noqa: F811
+def test_mongosync_engine_through_the_dag(airflow_home, hitl_api, source, target, mongosync_api):  # noqa: F811
     """Without source write blocking the commit waits for the operator; the writer stops before the approval,
     so the fence sees no late write, /commit is sent, and after COMMITTED the source equals the target."""
     with source.client() as src:
@@ -252,17 +242,17 @@ def test_mongosync_engine_through_the_dag(airflow_home, source, target, mongosyn
     writer = Writer(source.uri)
     writer.start()
     env = mongosync_env(source, target, mongosync_api)
-    run = run_mongosync_dag_with_approval(airflow_home, mongosync_api, env, writer, stop_writer_first=True)
+    run, detail = run_mongosync_dag_with_approval(airflow_home, hitl_api, env, writer, stop_writer_first=True)
     writer.stop()
     assert run.succeeded, failure_text(run)
-    assert "waiting for an operator to approve the mongosync commit" in run.output
+    assert detail["subject"] == "Approve the mongosync commit" and "canCommit true" in detail["body"], detail
     assert "placing the fence and watching the source" in run.output
     assert "after COMMITTED: no application write reached the source after the fence" in run.output
     with source.client() as src, target.client() as dst:
         assert_namespaces_identical(src, dst, user_namespaces(src))
 
 
-def test_mongosync_commit_refused_while_the_writer_keeps_writing(airflow_home, source, target,  # noqa: F811
+def test_mongosync_commit_refused_while_the_writer_keeps_writing(airflow_home, hitl_api, source, target,  # noqa: F811
                                                                  mongosync_api):
     """The operator approves, but the application still writes: the fence sees late writes, /commit is not
     sent (mongosync keeps syncing, nothing is lost), and the run fails with the count and namespace."""
@@ -272,7 +262,7 @@ def test_mongosync_commit_refused_while_the_writer_keeps_writing(airflow_home, s
     writer.start()
     env = mongosync_env(source, target, mongosync_api)
     try:
-        run = run_mongosync_dag_with_approval(airflow_home, mongosync_api, env, writer, stop_writer_first=False)
+        run, _ = run_mongosync_dag_with_approval(airflow_home, hitl_api, env, writer, stop_writer_first=False)
     finally:
         writer.stop()
     assert not run.succeeded and run.state == "failed", failure_text(run)

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import quote
 
 import pytest
 import requests
@@ -26,6 +25,7 @@ import requests
 from devtools.airflow_env import REPO, AirflowHome, conn_env_name, mongo_connection_json
 from devtools.airflow_services import AirflowServices
 from devtools.sample_data import seed_sample_dataset
+from tests.dags.hitl import hitl_api, hitl_url, preset_old_variable, running_task_state  # noqa: F401 - fixture
 from tests.helpers import assert_namespaces_identical, user_namespaces, write_blocking_source
 
 pytestmark = pytest.mark.integration
@@ -198,39 +198,7 @@ def test_auto_routes_to_push_defers_and_migrates_everything(airflow_home, stand_
     assert_no_secrets(airflow_home, run.output, [ATLAS_PRIVATE, CM_PRIVATE, *tokens])
 
 
-@pytest.fixture(scope="module")
-def hitl_api(airflow_home) -> Iterator[AirflowServices]:
-    """An api-server alone on the module's Airflow home: ``airflow dags test`` parks the approval in
-    ``awaiting_input`` and waits until an answer recorded through this API (same metadata DB) resumes it."""
-    services = AirflowServices(airflow_home, api_only=True)
-    try:
-        services.start()
-        yield services
-    finally:
-        survivors = services.stop()
-    assert not survivors, f"processes outlived AirflowServices.stop(): {survivors}"
-
-
 APPROVE_TASK = "live_push.approve_cutover"
-OLD_APPROVAL_PREFIX = "atlas_migration_cutover"  # the Variable that approved a cutover before HITL
-
-
-def running_task_state(home: AirflowHome, task_id: str) -> tuple[str, str | None] | None:
-    """(run id, state) of ``task_id`` in the module's running run, or None (the home is shared by the module's
-    tests: only the running run counts)."""
-    try:
-        with sqlite3.connect(home.path / "airflow.db", timeout=5) as db:
-            row = db.execute("SELECT dr.run_id, ti.state FROM dag_run dr LEFT JOIN task_instance ti "
-                             "ON dr.dag_id = ti.dag_id AND dr.run_id = ti.run_id AND ti.task_id = ? "
-                             "WHERE dr.dag_id = ? AND dr.state = 'running'", (task_id, DAG_ID)).fetchone()
-    except sqlite3.OperationalError:
-        return None  # the database is busy or not created yet
-    return (row[0], row[1]) if row else None
-
-
-def hitl_url(api: AirflowServices, run_id: str) -> str:
-    return (f"{api.base_url}/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
-            f"{APPROVE_TASK}/-1/hitlDetails")
 
 
 def answer_when_asked(home: AirflowHome, api: AirflowServices, stand_in: StandIn, seen: dict, *,
@@ -247,8 +215,7 @@ def answer_when_asked(home: AirflowHome, api: AirflowServices, stand_in: StandIn
             continue
         run_id, state = found
         if not preset:
-            key = f"{OLD_APPROVAL_PREFIX}__{DAG_ID}__{run_id}"
-            seen["old_variable_set"] = home.airflow("variables", "set", key, "approved").returncode
+            seen["old_variable_set"] = preset_old_variable(home, run_id)
             preset = True
         if state != "awaiting_input":
             continue
@@ -256,16 +223,16 @@ def answer_when_asked(home: AirflowHome, api: AirflowServices, stand_in: StandIn
         seen["state_before_answer"] = running_task_state(home, APPROVE_TASK)
         seen["cutover_calls_before_approval"] = stand_in.calls("PUT", "/cutover")
         with api.session() as session:
-            detail = session.get(hitl_url(api, run_id), timeout=30)
+            detail = session.get(hitl_url(api, run_id, APPROVE_TASK), timeout=30)
             seen["detail"] = detail.json() if detail.status_code == 200 else detail.text
             if before_answer:
                 before_answer()
-            response = session.patch(hitl_url(api, run_id), json={"chosen_options": [answer]}, timeout=30)
+            response = session.patch(hitl_url(api, run_id, APPROVE_TASK), json={"chosen_options": [answer]}, timeout=30)
             seen["patch"] = (response.status_code, response.json())
         return
 
 
-def test_manual_cutover_waits_for_an_approval_in_required_actions(airflow_home, hitl_api, stand_in_factory, source,
+def test_manual_cutover_waits_for_an_approval_in_required_actions(airflow_home, hitl_api, stand_in_factory, source,  # noqa: F811
                                                                   fenced_source_uri, target):
     """cutover=manual: approve_cutover parks in awaiting_input (a preset Variable of the old approval changes
     nothing) with the evidence in its body; an answer through the HITL REST API resumes it; the report names
@@ -334,7 +301,7 @@ def test_failures_end_the_run_and_clean_up(airflow_home, stand_in_factory, sourc
         assert user_namespaces(dst) == []
 
 
-def test_an_approval_after_the_window_ran_out_is_refused_by_the_cutover(airflow_home, hitl_api, stand_in_factory,
+def test_an_approval_after_the_window_ran_out_is_refused_by_the_cutover(airflow_home, hitl_api, stand_in_factory,  # noqa: F811
                                                                          source, fenced_source_uri, target):
     """The window runs out while the approval waits (the stand-in's clock jumps past the 120 hours): nothing
     watches a parked task, so the cutover re-reads the migration after the approval and refuses it, naming
@@ -447,7 +414,7 @@ def test_a_30_second_api_outage_during_wait_for_sync_does_not_end_the_migration(
 
 
 @pytest.mark.parametrize("on_failure", ["keep_migration"])  # "abandon" works too; tests/test_live_push.py has it
-def test_an_upstream_failure_keeps_the_running_migration_unless_abandoned(airflow_home, hitl_api, stand_in_factory, source,
+def test_an_upstream_failure_keeps_the_running_migration_unless_abandoned(airflow_home, hitl_api, stand_in_factory, source,  # noqa: F811
                                                                           fenced_source_uri, target, on_failure):
     """The operator rejects the cutover (a task of the run fails) while the migration is WORKING: the
     teardown keeps the link and says how to go on (and does not fail itself); with on_failure=abandon it

@@ -113,13 +113,15 @@ def migrations_page(request: Request, user: GetUserDep, session: SessionDep) -> 
         .order_by(DagRun.run_after.desc()).limit(RECENT_RUNS)
     ).all()
     run_ids = [r.run_id for r in runs]
-    values: dict[tuple[str, str], Any] = {}
-    for run_id, task_id, _, _, value in _xcoms(session, MIGRATION_DAG_ID, run_ids, [REPORT_XCOM[0], DECISION_XCOM[0]],
-                                               [REPORT_XCOM[1], DECISION_XCOM[1]]):
-        values[(run_id, task_id)] = value
+    # Keyed by task AND key: the validate task's small return value sits beside its report.
+    values: dict[tuple[str, str, str], Any] = {}
+    for run_id, task_id, _, key, value in _xcoms(session, MIGRATION_DAG_ID, run_ids,
+                                                 [REPORT_XCOM[0], DECISION_XCOM[0]], [REPORT_XCOM[1], DECISION_XCOM[1]]):
+        values[(run_id, task_id, key)] = value
     summaries = [report_view.summarise_run(
         {"run_id": r.run_id, "state": r.state, "start_date": r.start_date, "end_date": r.end_date},
-        values.get((r.run_id, REPORT_XCOM[0])), values.get((r.run_id, DECISION_XCOM[0]))) for r in runs]
+        values.get((r.run_id, *REPORT_XCOM)) or values.get((r.run_id, REPORT_XCOM[0], "return_value")),
+        values.get((r.run_id, *DECISION_XCOM))) for r in runs]
     trend: list[dict[str, Any]] = []
     trend_note = None
     # The trend belongs to another DAG: shown only to users who may read that DAG's runs too.

@@ -222,6 +222,10 @@ def test_migrations_page_lists_runs_and_draws_the_rehearsal_trend() -> None:
     throughput_chart = html.split("<svg")[1]
     assert throughput_chart.count("<circle") == 2 and "<polyline" not in throughput_chart
     assert "500 docs/s" in throughput_chart
+    # A run from before the report was published has only the validate task's return value.
+    older = summarise_run({"run_id": "manual__0", "state": "success"}, {"verdict": "PASS", "namespaces": 7,
+                                                                          "files": {"json": "/w/validation.json"}}, None)
+    assert (older.verdict, older.namespaces, older.documents, older.seconds) == ("PASS", 7, None, None)
     empty = build_migrations_page("mongo_to_atlas", [], [])
     assert "no rehearsal has been recorded yet" in render_migrations_page(empty)
 

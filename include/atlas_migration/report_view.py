@@ -355,11 +355,14 @@ def summarise_run(run: Mapping[str, Any], report: Mapping[str, Any] | None,
     """One row of the migrations page from a DAG run (``run_id``, ``state``, ``start_date``, ``end_date``)."""
     report, decision = report or {}, decision or {}
     totals = report.get("totals") or {}
+    rows = report.get("namespaces")
+    # A report lists its namespaces; the validate task's return value (an older run's only record) counts them.
+    counted = len(rows) if isinstance(rows, list) else rows if isinstance(rows, int) else None
     return RunSummary(
         run_id=str(run["run_id"]), state=str(run.get("state") or "-"), started=_as_datetime(run.get("start_date")),
         finished=_as_datetime(run.get("end_date")), verdict=report.get("verdict"),
         strategy=decision.get("strategy") or report.get("strategy"),
-        namespaces=totals.get("namespaces", len(report["namespaces"]) if report.get("namespaces") else None),
+        namespaces=totals.get("namespaces", counted),
         documents=totals.get("target_documents"),
     )
 

@@ -130,6 +130,8 @@ def test_run_page_shows_verdict_decision_counts_digests_and_mismatching_ids() ->
          "end_date": T0 + dt.timedelta(seconds=9)},
         {"task_id": "mongorestore.copy.restore", "state": "success", "start_date": T0 + dt.timedelta(seconds=9),
          "end_date": T0 + dt.timedelta(seconds=15)},
+        {"task_id": "live_pull.copy", "state": "skipped", "start_date": T0 + dt.timedelta(seconds=4),
+         "end_date": T0 + dt.timedelta(seconds=5)},
         {"task_id": "validate", "state": "failed", "start_date": T0 + dt.timedelta(seconds=16),
          "end_date": T0 + dt.timedelta(seconds=20)},
     ]

@@ -317,7 +317,8 @@ def build_run_page(*, dag_id: str, run_id: str, run_state: str, report: Mapping[
         warnings=[str(w) for w in decision.get("warnings") or []], mode=report.get("mode"),
         validated_at=report.get("finished_at"), validation_seconds=report.get("seconds"), totals=totals,
         namespaces=namespaces, notes=[str(n) for n in report.get("notes") or []],
-        phases=phase_times(task_instances), throughput=throughput(restored),
+        # Groups of strategies the branch did not take are all skipped: they did nothing worth a row.
+        phases=[p for p in phase_times(task_instances) if p.state != "skipped"], throughput=throughput(restored),
         lag_seconds=float(lag) if isinstance(lag, int | float) else None, missing_reason=missing,
         bounds=dict(report.get("xcom_bounds") or {}),
     )

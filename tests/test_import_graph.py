@@ -26,7 +26,7 @@ INCLUDE = Path(__file__).resolve().parent.parent / "include"
 
 # The pure core: decisions and data the strategies are built on.
 CORE = frozenset(f"{PACKAGE}.{name}" for name in (
-    "profile", "routing", "planning", "namespaces", "params", "validation", "errors", "redaction",
+    "profile", "routing", "planning", "namespaces", "params", "validation", "errors", "redaction", "report_view",
 ))
 # What the core must never import: hooks (Mongo, Atlas Admin API), triggers, the strategy / task-group
 # modules, the task bodies and the flow (with the trigger form above the strategies), and every engine.

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from typing import IO, Any
@@ -582,7 +583,10 @@ def check_namespaces(results: list[dict[str, Any]], counts: dict[str, int], dige
     return checks
 
 
-def validate(params: dict[str, Any], results: list[dict[str, Any]], report_dir) -> dict[str, Any]:
+def validate(params: dict[str, Any], results: list[dict[str, Any]], report_dir,
+             publish: Callable[[dict[str, Any], str], None] | None = None) -> dict[str, Any]:
+    """Check every imported namespace; write validation.json/.md under ``report_dir``; hand the report to
+    ``publish`` (the task's XCom, for the report pages) before failing on any problem."""
     import json
     from pathlib import Path
 
@@ -630,6 +634,8 @@ def validate(params: dict[str, Any], results: list[dict[str, Any]], report_dir) 
             lines.append(f"- ... and {not_listed} more not listed")
     (out / "validation.md").write_text("\n".join(lines) + "\n")
     log.info("File import validation (%s)\n%s", out / "validation.md", "\n".join(lines))
+    if publish is not None:
+        publish(report, str(out / "validation.json"))
     if failed:
         raise ValidationFailed("file import validation failed: " + "; ".join(
             f"{c.namespace}: {' / '.join(c.problems or [])}" for c in failed))

@@ -493,8 +493,21 @@ def file_import_results(ti) -> list[dict[str, Any]]:
     return flatten_batches(ti.xcom_pull(task_ids="file_import.import_file_range", default=None))
 
 
+def publish_report(ti, report: dict[str, Any], full_report: str | None = None) -> None:
+    """Push the report (bounded: ``report_view.bound_report``) as an XCom of the run, so the api-server's
+    report pages read it from the metadata DB: the files are on this worker's disk. Pushed before the task
+    fails on a FAIL verdict, because a failed validation is the report people most need to read."""
+    if ti is None:
+        return
+    from atlas_migration.report_view import REPORT_XCOM_KEY, bound_report
+
+    ti.xcom_push(key=REPORT_XCOM_KEY, value=bound_report(report, full_report=full_report))
+
+
 def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dict[str, Any],
              paths: RunPaths, notes: list[str] | None = None, notes_source=None) -> dict[str, Any]:
+    """Validate the migrated namespaces; write the report files and publish the report as an XCom
+    (``publish_report``; ``notes_source`` is the task instance, which also reads the strategy's results)."""
     from atlas_migration import validation
 
     if decision.get("dry_run"):
@@ -505,7 +518,8 @@ def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dic
     if decision.get("strategy") == "file_import":
         from atlas_migration import file_import
 
-        return file_import.validate(params, file_import_results(notes_source), paths.report_dir)
+        return file_import.validate(params, file_import_results(notes_source), paths.report_dir,
+                                    publish=lambda data, path: publish_report(notes_source, data, path))
     plan = build_copy_plan(SourceProfile.from_dict(profile_data), p.namespaces, p.target_db_prefix)
     target = endpoint_from_connection(p.target_conn_id, "target")
     namespaces = [(i.db, i.collection) for i in plan.all_items]
@@ -548,6 +562,7 @@ def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dic
         files.update({f"s3_{kind}": uri for kind, uri in zip(relative, uris, strict=True)})
     _log_block("Validation summary", validation.render_summary(report).splitlines())
     log.info("Validation report (%s)\n%s", files.get("markdown") or files, validation.render_markdown(report))
+    publish_report(notes_source, report.to_dict(), files.get("s3_json") or files.get("json"))
     validation.raise_if_failed(report)
     return {"verdict": report.verdict, "files": files, "namespaces": len(namespaces)}
 

@@ -36,6 +36,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,6 +394,20 @@ class AirflowServices:
                 rss, pss = rss + r, pss + p
             usage[name] = {"processes": len(pids), "rss_mib": rss // 1024, "pss_mib": pss // 1024}
         return usage
+
+
+@contextmanager
+def api_server_only(home: AirflowHome) -> Iterator[AirflowServices]:
+    """An api-server alone on ``home`` (its metadata DB shared with ``airflow dags test`` runs there), stopped
+    on exit; raises if any of its processes outlived the stop."""
+    services = AirflowServices(home, api_only=True)
+    try:
+        services.start()
+        yield services
+    finally:
+        survivors = services.stop()
+    if survivors:
+        raise RuntimeError(f"processes outlived AirflowServices.stop(): {survivors}")
 
 
 def main(argv: list[str] | None = None) -> int:

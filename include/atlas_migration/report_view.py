@@ -155,6 +155,13 @@ class NamespaceRow:
         return self.status == "match"
 
 
+def elapsed_seconds(started: dt.datetime | None, finished: dt.datetime | None) -> float | None:
+    """Wall time between two instants, or None when either is unknown (never negative)."""
+    if started is None or finished is None:
+        return None
+    return max(0.0, (finished - started).total_seconds())
+
+
 @dataclass(frozen=True)
 class Phase:
     """A top-level task or task group of the run, with its wall time."""
@@ -167,9 +174,7 @@ class Phase:
 
     @property
     def seconds(self) -> float | None:
-        if self.started is None or self.finished is None:
-            return None
-        return max(0.0, (self.finished - self.started).total_seconds())
+        return elapsed_seconds(self.started, self.finished)
 
 
 @dataclass(frozen=True)
@@ -337,9 +342,7 @@ class RunSummary:
 
     @property
     def seconds(self) -> float | None:
-        if self.started is None or self.finished is None:
-            return None
-        return max(0.0, (self.finished - self.started).total_seconds())
+        return elapsed_seconds(self.started, self.finished)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import requests
 from atlas_migration import __version__
 from atlas_migration.connection_forms import EXTRA_FIELDS, FIELD_BEHAVIOURS, HOOK_CLASSES, HOOK_NAMES
 from devtools.airflow_env import AirflowHome
-from devtools.airflow_services import AirflowServices
+from devtools.airflow_services import AirflowServices, api_server_only
 from tests.helpers import PROVIDER_DISTRIBUTION, require_provider_distribution
 
 pytestmark = pytest.mark.integration
@@ -29,13 +29,8 @@ STANDARD_FIELDS = {"schema": "url_schema", "host": "host", "port": "port", "logi
 @pytest.fixture(scope="module")
 def api(tmp_path_factory) -> Iterator[AirflowServices]:
     require_provider_distribution()
-    services = AirflowServices(AirflowHome(tmp_path_factory.mktemp("airflow-provider-home")), api_only=True)
-    try:
-        services.start()  # stops what it started if it fails
+    with api_server_only(AirflowHome(tmp_path_factory.mktemp("airflow-provider-home"))) as services:
         yield services
-    finally:
-        survivors = services.stop()
-    assert not survivors, f"processes outlived AirflowServices.stop(): {survivors}"
 
 
 def test_hook_meta_serves_the_three_connection_forms(api: AirflowServices) -> None:

@@ -35,7 +35,7 @@ import requests
 
 from atlas_migration.report_view import URL_PREFIX
 from devtools.airflow_env import AirflowHome, conn_env_name, mongo_connection_json
-from devtools.airflow_services import AirflowServices
+from devtools.airflow_services import AirflowServices, api_server_only
 from devtools.mongo_servers import start_server
 
 pytestmark = pytest.mark.integration
@@ -81,13 +81,8 @@ def migrated(tmp_path_factory, standalone_server, secured_target) -> Iterator[tu
 @pytest.fixture(scope="module")
 def api(migrated) -> Iterator[AirflowServices]:
     home, _ = migrated
-    services = AirflowServices(home, api_only=True)
-    try:
-        services.start()
+    with api_server_only(home) as services:
         yield services
-    finally:
-        survivors = services.stop()
-    assert not survivors, f"processes outlived AirflowServices.stop(): {survivors}"
 
 
 def _token(api: AirflowServices) -> str:

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pytest
 
 from devtools.airflow_env import AirflowHome
-from devtools.airflow_services import AirflowServices
+from devtools.airflow_services import AirflowServices, api_server_only
 
 DAG_ID = "mongo_to_atlas"
 # The Variable that approved a cutover before approvals moved to HITL: setting it must change nothing.
@@ -25,13 +25,8 @@ OLD_APPROVAL_PREFIX = "atlas_migration_cutover"
 @pytest.fixture(scope="module")
 def hitl_api(airflow_home) -> Iterator[AirflowServices]:
     """An api-server alone on the module's Airflow home (same metadata DB as its ``dags test`` runs)."""
-    services = AirflowServices(airflow_home, api_only=True)
-    try:
-        services.start()
+    with api_server_only(airflow_home) as services:
         yield services
-    finally:
-        survivors = services.stop()
-    assert not survivors, f"processes outlived AirflowServices.stop(): {survivors}"
 
 
 def running_task_state(home: AirflowHome, task_id: str, dag_id: str = DAG_ID) -> tuple[str, str | None] | None:

@@ -417,16 +417,22 @@ def catch_up(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullS
     """Apply change events until the target is within ``max_cutover_lag_seconds`` of the source."""
     lp = LivePullParams.parse(params)
     with _Session(params, dag_id, run_id, sources, "stream") as sync:
-        result = sync.catch_up(until_lag_below=lp.max_cutover_lag_seconds, max_seconds=lp.catch_up_timeout_seconds)
-    log.info("catch-up: %s events applied, lag %s s (%s)", f"{result.events_applied:,}",
+        result = _catch_up_under_threshold(sync, lp, "catch-up", "Retry this task to keep catching up from its "
+                                           "checkpoint, or raise catch_up_timeout_seconds.")
+    return result.to_dict()
+
+
+def _catch_up_under_threshold(sync, lp: LivePullParams, label: str, if_not: str):
+    """Apply change events until the lag is under ``max_cutover_lag_seconds``; ``MigrationError`` (ending with
+    ``if_not``) when ``catch_up_timeout_seconds`` ran out first."""
+    result = sync.catch_up(until_lag_below=lp.max_cutover_lag_seconds, max_seconds=lp.catch_up_timeout_seconds)
+    log.info("%s: %s events applied, lag %s s (%s)", label, f"{result.events_applied:,}",
              "?" if result.lag_seconds is None else f"{result.lag_seconds:.1f}", result.stopped_because)
     if result.stopped_because == "max_seconds" and (result.lag_seconds or 0) > lp.max_cutover_lag_seconds:
         raise MigrationError(
             f"the target did not catch up within {lp.catch_up_timeout_seconds} s (lag {result.lag_seconds} s > "
-            f"{lp.max_cutover_lag_seconds} s): the source writes faster than the target applies. Retry this task to "
-            "keep catching up from its checkpoint, or raise catch_up_timeout_seconds."
-        )
-    return result.to_dict()
+            f"{lp.max_cutover_lag_seconds} s): the source writes faster than the target applies. {if_not}")
+    return result
 
 
 # ---------------------------------------------------------------- manual cutover: what the approver sees
@@ -562,7 +568,7 @@ def mongosync_commit_evidence(params: Mapping[str, Any], started: Mapping[str, A
     lp = LivePullParams.parse(params)
     if lp.cutover != "manual":
         return mongosync_commit_request(params, {}, False, time.time()).to_dict()
-    source_blocked = bool(((started or {}).get("mongosync") or {}).get("write_blocking", {}).get("source_blocked"))
+    source_blocked = _mongosync_blocks_source(started)
     progress = MongosyncHook(lp.mongosync_conn_id).progress()
     request = mongosync_commit_request(params, progress.raw, source_blocked, time.time())
     log.info("approval request for the mongosync commit built; %s", timeout_line(request).replace("**", ""))
@@ -583,14 +589,9 @@ def cutover(params: Mapping[str, Any], dag_id: str, run_id: str, sources: PullSo
         if fence is None or fence.late_writes or (block and not fence.blocked):
             # Catch up again before the fence, writes still flowing: after a manual approval the run may have
             # waited for hours, and draining that backlog behind blocked writes would be downtime.
-            caught = sync.catch_up(until_lag_below=lp.max_cutover_lag_seconds, max_seconds=lp.catch_up_timeout_seconds)
-            log.info("cutover: caught up before the fence (%s events applied, lag %s s)",
-                     f"{caught.events_applied:,}", "?" if caught.lag_seconds is None else f"{caught.lag_seconds:.1f}")
-            if caught.stopped_because == "max_seconds" and (caught.lag_seconds or 0) > lp.max_cutover_lag_seconds:
-                raise MigrationError(
-                    f"cutover: the target did not catch up within {lp.catch_up_timeout_seconds} s (lag "
-                    f"{caught.lag_seconds} s > {lp.max_cutover_lag_seconds} s); no fence was placed and writes are "
-                    "not blocked. Retry this task, or raise catch_up_timeout_seconds.")
+            _catch_up_under_threshold(sync, lp, "cutover: caught up before the fence",
+                                      "No fence was placed and writes are not blocked: retry this task, or raise "
+                                      "catch_up_timeout_seconds.")
             # A fence after late writes is stale: the operator stopped the writers and cleared this task.
             fence = take_fence(sync.source, block=block, block_client=writes_client)
         else:
@@ -637,8 +638,6 @@ def _balancer_command(client, command: str, endpoint: MongoEndpoint) -> dict[str
 def wait_balancer_settled(client, endpoint: MongoEndpoint, timeout: float = BALANCER_SETTLE_SECONDS,
                           poll: float = 2.0) -> dict[str, Any]:
     """Poll ``balancerStatus`` until no balancing round is under way; raises ``MigrationError`` at ``timeout``."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         status = _balancer_command(client, "balancerStatus", endpoint)
@@ -789,6 +788,11 @@ def mongosync_start(params: Mapping[str, Any], profile_data: dict[str, Any]) -> 
     return {**hook.progress().summary(), "mongosync": decision.to_dict()}
 
 
+def _mongosync_blocks_source(started: Mapping[str, Any] | None) -> bool:
+    """Whether mongosync blocks source writes at ``/commit``, as ``mongosync_start`` recorded it."""
+    return bool(((started or {}).get("mongosync") or {}).get("write_blocking", {}).get("source_blocked"))
+
+
 def mongosync_commit(params: Mapping[str, Any], started: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
     """``/commit`` behind the cutover fence (``mongosync.commit_with_fence``). XCom: ``committed``, ``reason``,
     ``fence`` (op time, blocked or not, late writes) and ``source_write_blocked``."""
@@ -802,7 +806,7 @@ def mongosync_commit(params: Mapping[str, Any], started: Mapping[str, Any], dag_
 
     p = MigrationParams.parse(params)
     lp = LivePullParams.parse(params)
-    source_blocked = bool(((started or {}).get("mongosync") or {}).get("write_blocking", {}).get("source_blocked"))
+    source_blocked = _mongosync_blocks_source(started)
     hook = MongosyncHook(lp.mongosync_conn_id)
     key = _fence_key(dag_id, run_id)
     with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as source, \

@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -266,24 +265,28 @@ def _existing_namespaces(client, items: list[NamespaceItem]) -> set[str]:
 
 
 def dump_namespaces(params: dict[str, Any], items: list[dict[str, Any]], paths: RunPaths) -> list[dict[str, Any]]:
-    """Dump a batch of collections (one mapped task instance) over ONE source connection: against a remote
-    deployment, a TLS handshake and SCRAM authentication per collection cost more than dumping a small
-    collection, and a batch holds up to thousands of them."""
+    """Dump a batch of collections (one mapped task instance). The params, the source connection, the staging
+    bucket and ONE source client serve the whole batch: against a remote deployment, a TLS handshake and SCRAM
+    authentication per collection cost more than dumping a small collection, and a batch holds up to
+    thousands of them."""
     p = MigrationParams.parse(params)
-    if p.source_dump_uri or not any(item["engine"] != "mongodump" for item in items):
-        return [dump_namespace(params, item, paths) for item in items]
-    source = endpoint_from_connection(p.source_conn_id, "source")
-    with closing(source.connect()) as client:
-        return [dump_namespace(params, item, paths, client=client) for item in items]
-
-
-def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths, *,
-                   client: Any = None) -> dict[str, Any]:
-    """Dump one collection; ``client`` is an open source client to reuse (the batch's), or None to connect."""
-    p = MigrationParams.parse(params)
+    stager = _stager(p, paths)
     if p.source_dump_uri:
-        return _stage_source_dump(p, item, paths)
+        return [_stage_source_dump(p, item, paths, stager) for item in items]
     source = endpoint_from_connection(p.source_conn_id, "source")
+    # mongodump connects by itself: a client only when the native engine dumps something.
+    native_items = any(item["engine"] != "mongodump" for item in items)
+    with closing(source.connect()) if native_items else nullcontext() as client:
+        return [_dump_one(p, source, client, stager, item, paths) for item in items]
+
+
+def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
+    """Dump one collection (a batch of one)."""
+    return dump_namespaces(params, [item], paths)[0]
+
+
+def _dump_one(p: MigrationParams, source: MongoEndpoint, client: Any, stager: Any, item: dict[str, Any],
+              paths: RunPaths) -> dict[str, Any]:
     started = time.monotonic()
     if item["engine"] == "mongodump":
         _dump_with_tools(source, item, paths)
@@ -292,20 +295,17 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
         from atlas_migration.engines import native
 
         progress = Progress(f"dump {item['db']}.{item['collection']}", item.get("documents"), log)
-        with _borrowed(client) if client is not None else closing(source.connect()) as client:
-            # The inventory's average size sizes the cursor batches (no extra query per collection).
-            average = item["size_bytes"] // item["documents"] if item.get("documents") and item.get("size_bytes") else None
-            dumped = native.dump_collection(client, item["db"], item["collection"], paths.dump_dir,
-                                            batch_size=p.batch_size, gzip=item.get("gzip", True),
-                                            average_document_bytes=average,
-                                            progress=progress).to_dict()
+        # The inventory's average size sizes the cursor batches (no extra query per collection).
+        average = item["size_bytes"] // item["documents"] if item.get("documents") and item.get("size_bytes") else None
+        dumped = native.dump_collection(client, item["db"], item["collection"], paths.dump_dir,
+                                        batch_size=p.batch_size, gzip=item.get("gzip", True),
+                                        average_document_bytes=average, progress=progress).to_dict()
         result = {"documents": dumped["documents"], "bytes": dumped["bytes"]}
     from atlas_migration.engines.dump_layout import dumped_files
 
     # Found by the names the writer gave them (mongodump escapes collection names), prelude included.
     files = dumped_files(paths.dump_dir, item["db"], item["collection"])
     seconds = time.monotonic() - started
-    stager = _stager(p, paths)
     staged = stager.upload(paths.root, [f"{paths.dump_dir.name}/{f}" for f in files]) if stager else []
     docs = result["documents"]
     log.info("dumped %s: %s documents, %s bytes in %.1fs%s", f"{item['db']}.{item['collection']}",
@@ -315,18 +315,11 @@ def dump_namespace(params: dict[str, Any], item: dict[str, Any], paths: RunPaths
             "dump_started": round(time.time() - seconds, 3), "dump_finished": round(time.time(), 3)}
 
 
-@contextmanager
-def _borrowed(client: Any) -> Iterator[Any]:
-    """A client owned by the caller, used in a ``with`` block without closing it."""
-    yield client
-
-
-def _stage_source_dump(p: MigrationParams, item: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
+def _stage_source_dump(p: MigrationParams, item: dict[str, Any], paths: RunPaths, stager: Any) -> dict[str, Any]:
     """The dump task of a run from a user's dump: make the namespace's files readable by the restore."""
     from atlas_migration import source_dump
 
     started = time.monotonic()
-    stager = _stager(p, paths)
     root, files = _dump_reader(p, paths).stage_collection(item["db"], item["collection"], paths.dump_dir,
                                                           copy=stager is not None)
     result = source_dump.result_summary(item, root)
@@ -350,48 +343,50 @@ def _dump_with_tools(source: MongoEndpoint, item: dict[str, Any], paths: RunPath
 
 
 def restore_namespaces(params: dict[str, Any], dumped: list[dict[str, Any]], paths: RunPaths) -> list[dict[str, Any]]:
-    """Restore a batch of dumped collections over ONE target connection (see ``dump_namespaces``)."""
+    """Restore a batch of dumped collections: the params, the target connection, the staging bucket and ONE
+    target client serve the whole batch (see ``dump_namespaces``)."""
     if not dumped:
         return []
     p = MigrationParams.parse(params)
     target = endpoint_from_connection(p.target_conn_id, "target")
-    with closing(target.connect()) as client:
-        return [restore_namespace(params, one, paths, client=client) for one in dumped]
-
-
-def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: RunPaths, *,
-                      client: Any = None) -> dict[str, Any]:
-    """Restore one dumped collection; ``client`` is an open target client to reuse, or None to connect."""
-    p = MigrationParams.parse(params)
-    target = endpoint_from_connection(p.target_conn_id, "target")
     stager = _stager(p, paths)
+    with closing(target.connect()) as client:
+        return [_restore_one(p, target, client, stager, one, paths) for one in dumped]
+
+
+def restore_namespace(params: dict[str, Any], dumped: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
+    """Restore one dumped collection (a batch of one)."""
+    return restore_namespaces(params, [dumped], paths)[0]
+
+
+def _restore_one(p: MigrationParams, target: MongoEndpoint, client: Any, stager: Any, dumped: dict[str, Any],
+                 paths: RunPaths) -> dict[str, Any]:
     if stager:
         stager.download(paths.root, [f"{paths.dump_dir.name}/{f}" for f in dumped["files"]])
     target_db = dumped.get("target_db") or dumped["db"]
     started = time.monotonic()
-    with _borrowed(client) if client is not None else closing(target.connect()) as client:
-        if not dumped["replace"]:
-            # A pre-existing collection that was empty at preflight: anything in it now is ours from an
-            # earlier attempt of this task, so empty it (keeping its options and indexes) before refilling.
-            client[target_db][dumped["collection"]].delete_many({})
-        if dumped["engine"] == "mongodump":
-            from atlas_migration.engines import mongotools
+    if not dumped["replace"]:
+        # A pre-existing collection that was empty at preflight: anything in it now is ours from an
+        # earlier attempt of this task, so empty it (keeping its options and indexes) before refilling.
+        client[target_db][dumped["collection"]].delete_many({})
+    if dumped["engine"] == "mongodump":
+        from atlas_migration.engines import mongotools
 
-            with mongotools.tool_config_file(target.tool_uri()) as config:
-                argv = mongotools.mongorestore_argv(
-                    config, paths.dump_dir, [f"{dumped['db']}.{dumped['collection']}"], drop=dumped["replace"],
-                    workers=p.restore_workers, target_db=dumped.get("target_db") or None,
-                    gzip=dumped.get("gzip", True))
-                mongotools.run_tool(argv, secrets=target.secrets, log=log)
-            result = {"documents": client[target_db][dumped["collection"]].estimated_document_count()}
-        else:
-            from atlas_migration.engines import native
+        with mongotools.tool_config_file(target.tool_uri()) as config:
+            argv = mongotools.mongorestore_argv(
+                config, paths.dump_dir, [f"{dumped['db']}.{dumped['collection']}"], drop=dumped["replace"],
+                workers=p.restore_workers, target_db=dumped.get("target_db") or None,
+                gzip=dumped.get("gzip", True))
+            mongotools.run_tool(argv, secrets=target.secrets, log=log)
+        result = {"documents": client[target_db][dumped["collection"]].estimated_document_count()}
+    else:
+        from atlas_migration.engines import native
 
-            progress = Progress(f"restore {dumped['db']}.{dumped['collection']}", dumped.get("documents"), log)
-            result = native.restore_collection(
-                client, Path(dumped.get("dump_root") or paths.dump_dir), dumped["db"], dumped["collection"], target_db=dumped.get("target_db") or None,
-                drop=dumped["replace"], insert_batch_docs=p.batch_size, workers=p.restore_workers, progress=progress,
-            ).to_dict()
+        progress = Progress(f"restore {dumped['db']}.{dumped['collection']}", dumped.get("documents"), log)
+        result = native.restore_collection(
+            client, Path(dumped.get("dump_root") or paths.dump_dir), dumped["db"], dumped["collection"], target_db=dumped.get("target_db") or None,
+            drop=dumped["replace"], insert_batch_docs=p.batch_size, workers=p.restore_workers, progress=progress,
+        ).to_dict()
     seconds = time.monotonic() - started
     docs = result.get("documents") or 0
     indexes = result.get("indexes_created")

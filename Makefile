@@ -1,6 +1,8 @@
 # Two entry points do all the set-up on a fresh machine: `make demo` and `make test`.
 PY := .venv/bin/python
 ARGS ?=
+# make test spreads test files over this many pytest-xdist workers (each starts its own servers); 0: one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint bench env clean
 
@@ -14,7 +16,7 @@ demo: .venv/.installed
 	$(PY) -m devtools.demo $(ARGS)
 
 test: .venv/.installed
-	$(PY) -m pytest --durations=60 $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=60 $(ARGS)
 
 lint: .venv/.installed
 	.venv/bin/ruff check .

@@ -725,7 +725,7 @@ def mongoimport_files(meter: Meter, *, target_uri: str, files: Sequence[tuple[st
     """mongoimport of each (path, format, collection), insert mode, one section each; the count comes from the
     target (mongoimport's summary line is not parsed)."""
     from atlas_migration.engines import file_import as engine
-    from atlas_migration.file_import import mongoimport_argv
+    from atlas_migration.strategies.file_import import mongoimport_argv
 
     with mongotools.tool_config_file(target_uri) as config, _client(target_uri) as client:
         for path, fmt, coll in files:

@@ -51,6 +51,17 @@ def _external(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # `make test` runs the suite on pytest-xdist workers, each starting its own local servers. Genuine servers
+    # given through the environment are shared by every worker, and each worker drops their databases
+    # around its tests: refuse that combination instead of letting the workers wipe each other's data.
+    workers = getattr(config.option, "numprocesses", None)
+    external = [n for n in ("MIGRATION_TEST_SOURCE_URI", "MIGRATION_TEST_TARGET_URI") if _external(n)]
+    if workers and external and not os.environ.get("PYTEST_XDIST_WORKER"):
+        raise pytest.UsageError(f"the servers named by {' and '.join(external)} would be shared by every test "
+                                "worker: run the suite in one process (make test TEST_WORKERS=0, or pytest -n 0)")
+
+
 @pytest.fixture(scope="session")
 def server_workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("servers")

@@ -15,8 +15,8 @@ from atlas_migration.api_outage import (
     is_transient,
     next_step,
 )
-from atlas_migration.atlas_api import AtlasApiError
 from atlas_migration.errors import ConfigurationError
+from atlas_migration.hooks.atlas import AtlasApiError
 
 POLICY = OutagePolicy(tolerance_seconds=900, first_delay=2, max_delay=60)
 

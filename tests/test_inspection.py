@@ -194,7 +194,7 @@ def mongos_source(source):
 
 def shard_connect_via(endpoint_uri: str):
     """What the DAG's inspect task passes: the source connection pointed at one shard, short timeout."""
-    from atlas_migration.hooks import MongoEndpoint
+    from atlas_migration.hooks.mongo import MongoEndpoint
 
     source = MongoEndpoint(conn_id="mongo_source", role="source", uri=endpoint_uri, client_options={},
                            hosts=["mongos"], secrets=[])
@@ -268,7 +268,7 @@ def test_a_retried_stop_balancer_still_owns_the_restart(source, mongos_source, m
     A balancer that was off before the run stays off."""
     import pymongo
 
-    from atlas_migration.live_pull import RunMarker, restart_balancer, stop_balancer
+    from atlas_migration.strategies.live_pull import RunMarker, restart_balancer, stop_balancer
     from devtools.airflow_env import conn_env_name, mongo_connection_json
 
     monkeypatch.setenv(conn_env_name("mongo_source"), mongo_connection_json(f"mongodb://{mongos_source.host}/"))
@@ -279,7 +279,7 @@ def test_a_retried_stop_balancer_still_owns_the_restart(source, mongos_source, m
     class Killed(Exception):
         """The worker dies right after balancerStop."""
 
-    import atlas_migration.live_pull as live_pull
+    import atlas_migration.strategies.live_pull as live_pull
 
     real_command = live_pull._balancer_command
     with pymongo.MongoClient(f"mongodb://{mongos_source.host}/", serverSelectionTimeoutMS=10_000) as client:

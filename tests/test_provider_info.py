@@ -25,9 +25,9 @@ import pytest
 from airflow.triggers.base import BaseTrigger
 
 from atlas_migration import __version__
-from atlas_migration.atlas_api import AtlasAdminHook, CloudManagerHook
 from atlas_migration.connection_forms import EXTRA_FIELDS, FIELD_BEHAVIOURS, form_widgets, read_extra
-from atlas_migration.mongosync import MongosyncHook
+from atlas_migration.hooks.atlas import AtlasAdminHook, CloudManagerHook
+from atlas_migration.hooks.mongosync import MongosyncHook
 from atlas_migration.provider_info import PACKAGE_NAME, get_provider_info
 from tests.helpers import PROVIDER_ENTRY_POINT, require_provider_distribution
 
@@ -81,7 +81,7 @@ def test_named_hooks_and_triggers_exist_and_agree_with_the_provider_info() -> No
     integrations = {entry["integration-name"] for entry in info["integrations"]}
     assert {e["integration-name"] for e in info["hooks"] + info["triggers"]} <= integrations
     trigger_modules = [m for entry in info["triggers"] for m in entry["python-modules"]]
-    assert sorted(trigger_modules) == ["atlas_migration.triggers", "atlas_migration.triggers_mongosync"]
+    assert sorted(trigger_modules) == ["atlas_migration.triggers.live_migration", "atlas_migration.triggers.mongosync"]
     for name in trigger_modules:
         module = importlib.import_module(name)
         defined = [obj for obj in vars(module).values() if inspect.isclass(obj) and issubclass(obj, BaseTrigger)
@@ -182,7 +182,7 @@ def test_hook_form_methods_build_the_declared_fields(monkeypatch) -> None:
 def test_hook_form_methods_import_nothing_at_module_import() -> None:
     # Provider discovery imports provider_info in every component, and DAG files import the hook modules:
     # neither may pull in the Flask UI stack.
-    probe = ("import sys, atlas_migration.provider_info, atlas_migration.atlas_api, atlas_migration.mongosync; "
+    probe = ("import sys, atlas_migration.provider_info, atlas_migration.hooks.atlas, atlas_migration.hooks.mongosync; "
              "print(sorted(m for m in ('wtforms', 'flask_appbuilder', 'flask_babel') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                          env=_env_with_repo_on_path(), check=True).stdout
@@ -241,4 +241,4 @@ def test_providers_manager_discovers_the_three_connection_types(tmp_path) -> Non
         assert {f["package"] for f in seen["fields"].values()} == {PACKAGE_NAME}
         assert seen["behaviour"]["hidden_fields"] == FIELD_BEHAVIOURS[conn_type]["hidden_fields"]
         assert seen["behaviour"]["relabeling"] == FIELD_BEHAVIOURS[conn_type]["relabeling"]
-    assert found["triggers"] == ["atlas_migration.triggers", "atlas_migration.triggers_mongosync"]
+    assert found["triggers"] == ["atlas_migration.triggers.live_migration", "atlas_migration.triggers.mongosync"]

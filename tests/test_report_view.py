@@ -102,7 +102,7 @@ def test_a_tight_budget_leaves_out_matching_namespaces_before_mismatching_ones()
 
 
 def test_rejected_rows_are_counted_not_listed_when_the_report_is_too_large() -> None:
-    from atlas_migration.file_import import check_namespaces
+    from atlas_migration.strategies.file_import import check_namespaces
 
     checks = check_namespaces([{"namespace": "imp.rows", "mode": "upsert", "rows": 5000, "rejected": 3000,
                                 "documents": 2000, "matched": 2000}], {"imp.rows": 2000}, {})

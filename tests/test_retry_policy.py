@@ -8,7 +8,6 @@ import pytest
 import structlog
 from airflow.sdk import RetryAction
 
-from atlas_migration.atlas_api import AtlasApiError
 from atlas_migration.engines.live import HistoryLost
 from atlas_migration.errors import (
     ConfigurationError,
@@ -18,6 +17,7 @@ from atlas_migration.errors import (
     TargetNotEmpty,
     ValidationFailed,
 )
+from atlas_migration.hooks.atlas import AtlasApiError
 from atlas_migration.retry_policy import CERTAIN_FAILURES
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from atlas_migration.hooks import MongoEndpoint
+from atlas_migration.hooks.mongo import MongoEndpoint
 from atlas_migration.profile import (
     ShardOplog,
     SourceProfile,
@@ -104,7 +104,7 @@ def test_an_srv_source_gives_plain_shard_addresses_with_tls_on():
 
 def test_stop_balancer_param():
     from atlas_migration.errors import ConfigurationError
-    from atlas_migration.live_pull import LivePullParams, live_pull_params
+    from atlas_migration.strategies.live_pull import LivePullParams, live_pull_params
 
     param = live_pull_params()["stop_balancer"]
     assert param.value is True and param.schema["type"] == "boolean"
@@ -117,7 +117,7 @@ def test_stop_balancer_param():
 def test_the_balancer_is_stopped_before_either_engine_and_restarted_by_a_teardown():
     from airflow.sdk import DAG
 
-    from atlas_migration.live_pull import live_pull_group
+    from atlas_migration.strategies.live_pull import live_pull_group
 
     with DAG("balancer_wiring", schedule=None) as dag:
         live_pull_group({})

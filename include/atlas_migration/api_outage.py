@@ -42,7 +42,7 @@ class WatchInterrupted(MigrationError, AirflowFailException):
 
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth waiting out: unreachable service (``status`` None), 5xx, 429."""
-    from atlas_migration.atlas_api import AtlasApiError
+    from atlas_migration.hooks.atlas import AtlasApiError
 
     if not isinstance(exc, AtlasApiError):
         return False  # a ConfigurationError, a bug: retrying changes nothing

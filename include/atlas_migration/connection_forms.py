@@ -30,9 +30,9 @@ MONGOSYNC_CONN_TYPE = "mongosync"
 
 # Hook class paths as the provider info names them (the hooks' modules are imported only when used).
 HOOK_CLASSES: dict[str, str] = {
-    ATLAS_CONN_TYPE: "atlas_migration.atlas_api.AtlasAdminHook",
-    CLOUD_MANAGER_CONN_TYPE: "atlas_migration.atlas_api.CloudManagerHook",
-    MONGOSYNC_CONN_TYPE: "atlas_migration.mongosync.MongosyncHook",
+    ATLAS_CONN_TYPE: "atlas_migration.hooks.atlas.AtlasAdminHook",
+    CLOUD_MANAGER_CONN_TYPE: "atlas_migration.hooks.atlas.CloudManagerHook",
+    MONGOSYNC_CONN_TYPE: "atlas_migration.hooks.mongosync.MongosyncHook",
 }
 HOOK_NAMES: dict[str, str] = {
     ATLAS_CONN_TYPE: "MongoDB Atlas Administration API",
@@ -42,7 +42,7 @@ HOOK_NAMES: dict[str, str] = {
 
 DEFAULT_CLOUD_BASE_URL = "https://cloud.mongodb.com"
 MONGOSYNC_DEFAULT_PORT = 27182
-# mongosync's --enableUserWriteBlocking values (1.20+ startup configuration); mongosync.py checks them too.
+# mongosync's --enableUserWriteBlocking values (1.20+ startup configuration); the mongosync hook checks them too.
 WRITE_BLOCKING_VALUES = ("sourceAndDestination", "destinationOnly", "none")
 
 

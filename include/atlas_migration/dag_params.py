@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from atlas_migration.aws_replica_set import aws_params
-from atlas_migration.compose import compose_params
-from atlas_migration.file_import import file_import_params
-from atlas_migration.live_pull import live_pull_params
-from atlas_migration.live_push import live_push_params
-from atlas_migration.params import DEFAULT_REHEARSAL_PREFIX, REHEARSAL_PREFIX_PATTERN, STRATEGY_CHOICES
+from atlas_migration.params import (
+    DEFAULT_REHEARSAL_PREFIX,
+    MAX_PARALLEL_COPIES,
+    REHEARSAL_PREFIX_PATTERN,
+    STRATEGY_CHOICES,
+)
 from atlas_migration.routing import AUTO
+from atlas_migration.strategies.aws_replica_set import aws_params
+from atlas_migration.strategies.compose import compose_params
+from atlas_migration.strategies.file_import import file_import_params
+from atlas_migration.strategies.live_pull import live_pull_params
+from atlas_migration.strategies.live_push import live_push_params
 
 # Every Param names the JSON Schema draft its schema is written in. Airflow validates each Param with
 # ``jsonschema.validate`` whenever it serializes a task (every task carries all the DAG's params), and that
@@ -105,6 +110,13 @@ def _dag_params() -> dict[str, Any]:
             batch_size=Param(1000, type="integer", minimum=10, maximum=100_000, title="Documents per batch",
                              description="Documents per read and insert batch; batches are also bounded in bytes, "
                                          "so memory stays bounded whatever the document size."),
+            max_parallel_copies=Param(0, type="integer", minimum=0, maximum=MAX_PARALLEL_COPIES,
+                                      title="Parallel copy tasks",
+                                      description="At most this many copy tasks of this run at once (dumps, "
+                                                  "restores, live-pull partitions, file ranges): each works "
+                                                  "through its share in turn, so a fleet of workers cannot "
+                                                  "overload a production source. 0: no bound of its own "
+                                                  "(Airflow's parallelism, pools and max_map_length apply)."),
             work_dir=Param("", type="string", title="Work directory",
                            description="Where dumps and reports go (shared by workers unless S3 staging is used). "
                                        "Empty: $MIGRATION_WORK_DIR or $AIRFLOW_HOME/atlas_migration."),

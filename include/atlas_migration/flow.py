@@ -15,12 +15,12 @@ from airflow.sdk import TriggerRule, get_current_context, setup, task, teardown
 
 from atlas_migration import tasks as steps
 from atlas_migration.approval import approval_notes
-from atlas_migration.aws_replica_set import aws_replica_set_group
-from atlas_migration.compose import compose_group, report_notes
-from atlas_migration.dump_restore import mongorestore_group
-from atlas_migration.file_import import file_import_group
-from atlas_migration.live_pull import live_pull_group
-from atlas_migration.live_push import live_push_group
+from atlas_migration.strategies.aws_replica_set import aws_replica_set_group
+from atlas_migration.strategies.compose import compose_group, report_notes
+from atlas_migration.strategies.file_import import file_import_group
+from atlas_migration.strategies.live_pull import live_pull_group
+from atlas_migration.strategies.live_push import live_push_group
+from atlas_migration.strategies.mongorestore import mongorestore_group
 
 # Strategies with a task group in the flow; routing to any other fails with a clear error.
 AVAILABLE_STRATEGIES = frozenset({"mongorestore", "live_pull", "live_push", "compose", "aws_replica_set",
@@ -35,7 +35,7 @@ def strategy_notes(decision: dict, ti) -> list[str]:
     """Lines the strategy's group left for the report (read from its XCom).
 
     Here, above the strategy modules, rather than in ``tasks``: the Compose group's tasks are built on
-    ``tasks`` (through ``dump_restore``), so ``tasks`` importing ``compose`` for its notes made a circle."""
+    ``tasks`` (through ``strategies.mongorestore``), so ``tasks`` importing ``compose`` for its notes made a circle."""
     notes: list[str] = []
     strategy = decision.get("strategy")
     if strategy == "compose":

@@ -26,14 +26,31 @@ def max_map_length() -> int:
     return conf.getint("core", "max_map_length", fallback=DEFAULT_MAX_MAP_LENGTH)
 
 
-def batches_for_mapping(items: Sequence[T], what: str) -> list[list[T]]:
-    """``items`` as at most ``max_map_length`` batches; says so in the log when a batch holds more than one."""
+def batches_for_mapping(items: Sequence[T], what: str, max_parallel: int = 0) -> list[list[T]]:
+    """``items`` as at most ``max_map_length`` batches, and at most ``max_parallel`` when that is set (the run's
+    ``max_parallel_copies``; 0: no bound of its own); says so in the log when a batch holds more than one.
+
+    Fewer mapped task instances is how a run bounds its load on the source whatever the fleet of workers:
+    a task instance works through its batch one item at a time, so no more than ``max_parallel`` copies
+    read at once. (``max_active_tis_per_dagrun`` and pools are fixed when the DAG is parsed; this is a
+    per-run choice.)
+    """
     limit = max_map_length()
-    batches = map_batches(items, limit)
-    if len(items) > limit:
-        log.info("%d %s exceed Airflow's max_map_length (%d): %d mapped task instances of %d-%d %s each",
-                 len(items), what, limit, len(batches), min(map(len, batches)), max(map(len, batches)), what)
+    bound = min(limit, max_parallel) if max_parallel > 0 else limit
+    batches = map_batches(items, bound)
+    if len(items) > bound:
+        why = (f"max_parallel_copies={max_parallel}" if bound < limit
+               else f"Airflow's max_map_length ({limit})")
+        log.info("%d %s exceed %s: %d mapped task instances of %d-%d %s each",
+                 len(items), what, why, len(batches), min(map(len, batches)), max(map(len, batches)), what)
     return batches
+
+
+def max_parallel_copies(params: dict) -> int:
+    """The run's ``max_parallel_copies`` param, checked (0 when absent: no bound)."""
+    from atlas_migration.params import MigrationParams
+
+    return MigrationParams.parse(params).max_parallel_copies
 
 
 def flatten_batches(pulled: object) -> list:

@@ -318,7 +318,7 @@ def ensure_container(atlas, region: str, atlas_cidr: str, report: StepReport) ->
 def ensure_peer(atlas, store: PeeringStateStore, key: str, placement: Placement, container: dict[str, Any],
                 report: StepReport) -> dict[str, Any]:
     """The Atlas peering request to the VPC: the one recorded under ``key`` while it is alive, else a new one."""
-    from atlas_migration.atlas_api import AtlasApiError
+    from atlas_migration.hooks.atlas import AtlasApiError
 
     state = store.load(key) or {}
     if state.get("peer_id"):
@@ -488,7 +488,7 @@ def teardown(ec2, atlas, store: PeeringStateStore | None, key: str | None,
     """
     from botocore.exceptions import ClientError
 
-    from atlas_migration.atlas_api import AtlasApiError
+    from atlas_migration.hooks.atlas import AtlasApiError
 
     removed: list[str] = []
     kinds = {c.kind for c in changes}
@@ -533,7 +533,7 @@ def teardown(ec2, atlas, store: PeeringStateStore | None, key: str | None,
 
 
 def _wait_peer_gone(atlas, peer_id: str, wait_seconds: float, sleep: Callable[[float], None]) -> None:
-    from atlas_migration.atlas_api import AtlasApiError
+    from atlas_migration.hooks.atlas import AtlasApiError
 
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:

@@ -22,6 +22,7 @@ STRATEGY_CHOICES = [AUTO, *(s.value for s in Strategy)]
 DEFAULT_REHEARSAL_PREFIX = "rehearsal__"
 # Short enough that <prefix><db> stays within MongoDB's 64-byte database-name limit for usual names.
 REHEARSAL_PREFIX_PATTERN = r"^[A-Za-z0-9_-]{3,24}$"
+MAX_PARALLEL_COPIES = 1024  # Airflow's default max_map_length: a larger bound could never be reached
 
 
 # What ``source_dump_uri`` names (``source_dump.DumpReader`` tells a local folder from an archive file).
@@ -75,6 +76,8 @@ class MigrationParams:
     rehearsal: bool = False
     # A dump to restore instead of a source server (see source_dump); empty: the source connection.
     source_dump_uri: str = ""
+    # At most this many copy task instances per mapped copy step (mapping.batches_for_mapping); 0: no bound.
+    max_parallel_copies: int = 0
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> MigrationParams:
@@ -151,4 +154,5 @@ class MigrationParams:
             target_db_prefix=prefix,
             rehearsal=rehearsal,
             source_dump_uri=source_dump_uri,
+            max_parallel_copies=integer("max_parallel_copies", 0, 0, MAX_PARALLEL_COPIES),
         )

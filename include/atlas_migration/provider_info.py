@@ -48,15 +48,15 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [
             # AtlasAdminHook and CloudManagerHook share one module.
-            {"integration-name": ATLAS_INTEGRATION, "python-modules": ["atlas_migration.atlas_api"]},
-            {"integration-name": CLOUD_MANAGER_INTEGRATION, "python-modules": ["atlas_migration.atlas_api"]},
-            {"integration-name": MONGOSYNC_INTEGRATION, "python-modules": ["atlas_migration.mongosync"]},
+            {"integration-name": ATLAS_INTEGRATION, "python-modules": ["atlas_migration.hooks.atlas"]},
+            {"integration-name": CLOUD_MANAGER_INTEGRATION, "python-modules": ["atlas_migration.hooks.atlas"]},
+            {"integration-name": MONGOSYNC_INTEGRATION, "python-modules": ["atlas_migration.hooks.mongosync"]},
         ],
         "triggers": [
             # LiveMigrationTrigger polls an Atlas live migration (push).
-            {"integration-name": ATLAS_INTEGRATION, "python-modules": ["atlas_migration.triggers"]},
+            {"integration-name": ATLAS_INTEGRATION, "python-modules": ["atlas_migration.triggers.live_migration"]},
             # MongosyncProgressTrigger polls mongosync's /progress.
-            {"integration-name": MONGOSYNC_INTEGRATION, "python-modules": ["atlas_migration.triggers_mongosync"]},
+            {"integration-name": MONGOSYNC_INTEGRATION, "python-modules": ["atlas_migration.triggers.mongosync"]},
         ],
         "connection-types": provider_connection_types(),
     }

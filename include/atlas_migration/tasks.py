@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from atlas_migration.errors import ConfigurationError, MigrationError
-from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
+from atlas_migration.hooks.mongo import MongoEndpoint, endpoint_from_connection
 from atlas_migration.inspection import DeploymentHints, inspect_source
 from atlas_migration.params import MigrationParams
 from atlas_migration.planning import (
@@ -96,10 +96,10 @@ def inspect(params: dict[str, Any], paths: RunPaths | None = None) -> dict[str, 
         profile = source_dump.inventory(_dump_reader(p, paths))
         _log_block("Source profile (from the dump)", profile.summary_lines())
         return {**profile.to_dict(), "target": _inspect_target(params, p)}
-    from atlas_migration.file_import import files_requested
+    from atlas_migration.strategies.file_import import files_requested
 
     if files_requested(params):
-        from atlas_migration.file_import import inspect_files
+        from atlas_migration.strategies.file_import import inspect_files
 
         return {**inspect_files(params), "target": _inspect_target(params, p)}
     source = endpoint_from_connection(p.source_conn_id, "source")
@@ -153,7 +153,7 @@ def _atlas_cluster(params: dict[str, Any]) -> tuple[dict[str, Any] | None, str |
         BaseHook.get_connection(conn_id)
     except Exception:  # AirflowNotFoundException: no Atlas connection configured, the tier may be declared
         return None, f"Atlas connection '{conn_id}' is not defined"
-    from atlas_migration.atlas_api import AtlasAdminHook
+    from atlas_migration.hooks.atlas import AtlasAdminHook
 
     try:
         project = str(params.get("target_project_id") or "").strip() or None
@@ -511,7 +511,7 @@ def validate(params: dict[str, Any], profile_data: dict[str, Any], decision: dic
         raise AirflowSkipException("dry run: nothing was migrated, nothing to validate")
     p = MigrationParams.parse(params)
     if decision.get("strategy") == "file_import":
-        from atlas_migration import file_import
+        from atlas_migration.strategies import file_import
 
         return file_import.validate(params, file_import_results(notes_source), paths.report_dir,
                                     publish=lambda data, path: publish_report(notes_source, data, path))

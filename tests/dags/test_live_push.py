@@ -307,7 +307,7 @@ def test_an_approval_after_the_window_ran_out_is_refused_by_the_cutover(airflow_
     watches a parked task, so the cutover re-reads the migration after the approval and refuses it, naming
     EXPIRED; no cutover is requested and the clean-up runs. (The response timeout that would have failed the
     wait before the window's end is enforced by the scheduler's awaiting_input sweep, which ``dags test``
-    lacks: its bound is unit-tested, tests/test_live_push.py and tests/test_approval.py.)"""
+    lacks: its bound is unit-tested, tests/strategies/test_live_push.py and tests/test_approval.py.)"""
     with source.client() as src:
         src.shop.orders.insert_one({"_id": 1})
     stand_in = stand_in_factory(scenario(source.uri, target.uri, source_version(source)))
@@ -413,7 +413,7 @@ def test_a_30_second_api_outage_during_wait_for_sync_does_not_end_the_migration(
         assert dst.shop.orders.count_documents({}) == 200
 
 
-@pytest.mark.parametrize("on_failure", ["keep_migration"])  # "abandon" works too; tests/test_live_push.py has it
+@pytest.mark.parametrize("on_failure", ["keep_migration"])  # "abandon" works too; tests/strategies/test_live_push.py has it
 def test_an_upstream_failure_keeps_the_running_migration_unless_abandoned(airflow_home, hitl_api, stand_in_factory, source,  # noqa: F811
                                                                           fenced_source_uri, target, on_failure):
     """The operator rejects the cutover (a task of the run fails) while the migration is WORKING: the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -51,10 +52,13 @@ def failure_text(run) -> str:
 def test_auto_routes_standalone_to_mongorestore_and_copies_everything(airflow_home, standalone, target):
     with standalone.client() as src:
         seed_sample_dataset(src, scale=0.1)
-    run = airflow_home.dags_test(DAG_ID, {"strategy": "auto", "validation_mode": "full"},
+    # max_parallel_copies=3: the collections are dealt to three dump -> restore task instances.
+    run = airflow_home.dags_test(DAG_ID, {"strategy": "auto", "validation_mode": "full", "max_parallel_copies": 3},
                                  env=conns(standalone.uri, target.uri))
     assert run.succeeded, failure_text(run)
     assert "strategy: mongorestore (chosen automatically; rule 'no_oplog')" in run.output
+    assert re.search(r"\d+ collections exceed max_parallel_copies=3: 3 mapped task instances", run.output)
+    assert len(set(re.findall(r"task_id=mongorestore\.copy\.dump map_index=(\d+)", run.output))) == 3
     with standalone.client() as src, target.client() as dst:
         namespaces = user_namespaces(src)
         assert len(namespaces) == 10 and user_namespaces(dst) == namespaces

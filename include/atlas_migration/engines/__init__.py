@@ -1,4 +1,10 @@
-"""Dump/restore engines: move collections through a mongodump-layout directory.
+"""Engines: what moves the data, called by the strategies' tasks.
+
+Live sync: ``live`` (the native engine: initial copy, change-stream catch-up, verifier) and ``mongosync``
+(the pull's decisions around mongosync's REST calls: start, commit behind the fence). Files:
+``file_import`` (JSON / CSV / TSV parsing and loading).
+
+Dump/restore, through a mongodump-layout directory:
 
 - ``dump_layout``: the on-disk layout mongodump writes (``<root>/<db>/<coll>.bson[.gz]`` and
   ``<coll>.metadata.json[.gz]``), read and written with plain file I/O.

@@ -65,11 +65,11 @@ from atlas_migration.approval import (
 )
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.fence import WRITE_BLOCK_MODES
-from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
+from atlas_migration.hooks.mongo import MongoEndpoint, endpoint_from_connection
 from atlas_migration.params import MigrationParams
 from atlas_migration.planning import build_copy_plan, find_occupied_targets, refuse_occupied_targets
 from atlas_migration.profile import SourceProfile
-from atlas_migration.triggers_mongosync import MongosyncWaitOperator
+from atlas_migration.triggers.mongosync import MongosyncWaitOperator
 
 log = logging.getLogger("atlas_migration")
 
@@ -563,7 +563,7 @@ def mongosync_commit_request(params: Mapping[str, Any], progress: Mapping[str, A
 
 def mongosync_commit_evidence(params: Mapping[str, Any], started: Mapping[str, Any]) -> dict[str, Any]:
     """``mongosync_commit_evidence``: read ``/progress`` and build the request (no write anywhere)."""
-    from atlas_migration.mongosync import MongosyncHook
+    from atlas_migration.hooks.mongosync import MongosyncHook
 
     lp = LivePullParams.parse(params)
     if lp.cutover != "manual":
@@ -755,7 +755,8 @@ def mongosync_start(params: Mapping[str, Any], profile_data: dict[str, Any]) -> 
 
     Returns the progress summary plus ``mongosync`` (release and write-blocking plan) for the commit task.
     """
-    from atlas_migration.mongosync import MongosyncHook, decide_start, namespace_filters
+    from atlas_migration.engines.mongosync import decide_start, namespace_filters
+    from atlas_migration.hooks.mongosync import MongosyncHook
 
     p = MigrationParams.parse(params)
     lp = LivePullParams.parse(params)
@@ -794,15 +795,15 @@ def _mongosync_blocks_source(started: Mapping[str, Any] | None) -> bool:
 
 
 def mongosync_commit(params: Mapping[str, Any], started: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
-    """``/commit`` behind the cutover fence (``mongosync.commit_with_fence``). XCom: ``committed``, ``reason``,
+    """``/commit`` behind the cutover fence (``engines.mongosync.commit_with_fence``). XCom: ``committed``, ``reason``,
     ``fence`` (op time, blocked or not, late writes) and ``source_write_blocked``."""
-    from atlas_migration.mongosync import (
-        MongosyncHook,
+    from atlas_migration.engines.mongosync import (
         commit_with_fence,
         late_write_selector,
         load_fence,
         save_fence,
     )
+    from atlas_migration.hooks.mongosync import MongosyncHook
 
     p = MigrationParams.parse(params)
     lp = LivePullParams.parse(params)
@@ -831,7 +832,7 @@ def mongosync_commit(params: Mapping[str, Any], started: Mapping[str, Any], dag_
 def mongosync_check_fence(params: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
     """After COMMITTED: no write reached the source after the fence (else fail with count and namespaces).
     XCom: ``fence`` (with ``late_writes``) and ``late_writes_after_commit``."""
-    from atlas_migration.mongosync import check_after_commit, late_write_selector, load_fence
+    from atlas_migration.engines.mongosync import check_after_commit, late_write_selector, load_fence
 
     p = MigrationParams.parse(params)
     with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as source, \
@@ -872,9 +873,10 @@ def add_pull_tasks(profile, sources: PullSources = DEFAULT_SOURCES, *, manage_ba
 
     @task(task_id="start")
     def start_sync(profile: dict, params=None, dag=None, run_id=None) -> list[list[dict]]:
-        from atlas_migration.mapping import batches_for_mapping
+        from atlas_migration.mapping import batches_for_mapping, max_parallel_copies
 
-        return batches_for_mapping(start(params, profile, dag.dag_id, run_id, sources), "partitions")
+        return batches_for_mapping(start(params, profile, dag.dag_id, run_id, sources), "partitions",
+                                   max_parallel_copies(params))
 
     # A retried batch resumes each of its partitions from its checkpoint (copy) or its last compared _id.
     @task(retries=3)

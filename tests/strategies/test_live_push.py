@@ -15,16 +15,17 @@ from dataclasses import replace
 
 import pytest
 
-from atlas_migration import live_push
 from atlas_migration.approval import TooLateToAsk
-from atlas_migration.atlas_api import (
+from atlas_migration.hooks.atlas import (
     ApiConnectionConfig,
     AtlasAdminHook,
     LiveMigrationDestination,
     LiveMigrationRequest,
     LiveMigrationSource,
 )
-from atlas_migration.live_push import (
+from atlas_migration.profile import SourceProfile
+from atlas_migration.strategies import live_push
+from atlas_migration.strategies.live_push import (
     CUTOVER_WINDOW_SECONDS,
     SHARED_CUTOVER_PARAMS,
     LivePushParams,
@@ -34,8 +35,7 @@ from atlas_migration.live_push import (
     preflight_problems,
     visibility_problems,
 )
-from atlas_migration.profile import SourceProfile
-from atlas_migration.triggers import (
+from atlas_migration.triggers.live_migration import (
     TRIGGER_CLASSPATH,
     LiveMigrationFailed,
     LiveMigrationTrigger,
@@ -71,8 +71,8 @@ def test_params_have_the_documented_defaults_titles_and_section():
 def test_cutover_params_are_the_shared_sections_and_atlas_params_match_the_aws_path():
     """One DAG, one params namespace: the push reads the live strategies' "Cutover" section instead of
     defining a second ``cutover`` param, and its Atlas params are the AWS path's, value for value."""
-    from atlas_migration.aws_replica_set import aws_params
-    from atlas_migration.live_pull import live_pull_params
+    from atlas_migration.strategies.aws_replica_set import aws_params
+    from atlas_migration.strategies.live_pull import live_pull_params
 
     mine, pull, aws = live_push_params(), live_pull_params(), aws_params()
     assert not set(mine) & set(SHARED_CUTOVER_PARAMS)
@@ -279,7 +279,7 @@ def test_trigger_serializes_to_its_classpath_and_round_trips_without_secrets():
                                    migration_id="65aa00000000000000000001", wait_for="ready", max_lag_seconds=10,
                                    poll_interval=5, deadline=NOW, ready_since=None)
     classpath, kwargs = trigger.serialize()
-    assert classpath == TRIGGER_CLASSPATH == "atlas_migration.triggers.LiveMigrationTrigger"
+    assert classpath == TRIGGER_CLASSPATH == "atlas_migration.triggers.live_migration.LiveMigrationTrigger"
     assert set(kwargs) == {"atlas_conn_id", "group_id", "migration_id", "wait_for", "max_lag_seconds",
                            "poll_interval", "deadline", "ready_since", "outage_tolerance"}
     json.dumps(kwargs)  # plain JSON: nothing but ids and numbers
@@ -403,7 +403,7 @@ def test_operator_fails_without_retries_on_a_failed_event(server):
 
 
 def test_poke_cutover_fences_the_source_then_cuts_over(server, monkeypatch):
-    from atlas_migration import live_push
+    from atlas_migration.strategies import live_push
 
     migration_id = create_migration(server)
     params = {"atlas_conn_id": "atlas_api", "target_cluster_name": "Cluster0", "cutover": "auto",
@@ -716,7 +716,7 @@ def test_start_migration_reconnects_instead_of_starting_a_second_one(server):
 
 
 def test_start_migration_after_an_uncertain_post_refuses_to_post_again(server, monkeypatch):
-    from atlas_migration.atlas_api import RetryPolicy
+    from atlas_migration.hooks.atlas import RetryPolicy
 
     monkeypatch.setattr(RetryPolicy, "backoff", lambda self, attempt: 0.0)  # the hook's retries, without the waits
     lp, variables = live_push, DictVariables()
@@ -743,7 +743,7 @@ def created_posts(server: AtlasApiServer) -> list[int]:
 
 
 def link(server: AtlasApiServer) -> None:
-    from atlas_migration.atlas_api import CloudManagerHook
+    from atlas_migration.hooks.atlas import CloudManagerHook
 
     atlas, cloud_manager = AtlasAdminHook("atlas_api"), CloudManagerHook("cloud_manager_api")
     try:
@@ -785,7 +785,7 @@ def test_cleanup_keeps_the_link_of_a_running_migration_unless_abandoned(server, 
 
 def test_poke_cutover_reads_through_an_outage_and_stops_past_the_tolerance(server, monkeypatch):
     from atlas_migration.api_outage import WatchInterrupted
-    from atlas_migration.atlas_api import RetryPolicy
+    from atlas_migration.hooks.atlas import RetryPolicy
 
     monkeypatch.setattr(RetryPolicy, "backoff", lambda self, attempt: 0.0)  # the hook's own retries: instant
     fence = {"op_time": [100, 1], "blocked": True, "how": "write_block", "taken_at": "t", "late_writes": {}}

@@ -392,7 +392,7 @@ class _MongoCloudApiHook(BaseHook):
             if "NotFound" in type(exc).__name__:
                 raise ConfigurationError(
                     f"Airflow connection '{self.conn_id}' is not defined: create it with connection type "
-                    f"'{self.conn_type}' (see atlas_migration.atlas_api for an AIRFLOW_CONN_ example)"
+                    f"'{self.conn_type}' (see atlas_migration.hooks.atlas for an AIRFLOW_CONN_ example)"
                 ) from None
             raise ConfigurationError(f"Airflow connection '{self.conn_id}' is unusable: "
                                      f"{type(exc).__name__}") from None

@@ -26,20 +26,20 @@ import httpx
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from atlas_migration.engines.mongosync import commit_decision
 from atlas_migration.errors import ConfigurationError, MigrationError
-from atlas_migration.mongosync import (
+from atlas_migration.hooks.mongosync import (
     COMMITTED,
     COMMITTING,
     IDLE,
     MongosyncError,
     MongosyncHook,
     MongosyncProgress,
-    commit_decision,
     normalize_base_url,
 )
 from atlas_migration.redaction import redact
 
-CLASSPATH = "atlas_migration.triggers_mongosync.MongosyncProgressTrigger"
+CLASSPATH = "atlas_migration.triggers.mongosync.MongosyncProgressTrigger"
 UNTIL_CAN_COMMIT = "can_commit"
 UNTIL_COMMITTED = "committed"
 CONDITIONS = (UNTIL_CAN_COMMIT, UNTIL_COMMITTED)

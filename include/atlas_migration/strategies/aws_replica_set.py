@@ -31,9 +31,9 @@ from typing import Any
 from airflow.sdk import TriggerRule, task, task_group
 
 from atlas_migration.errors import ConfigurationError
-from atlas_migration.hooks import endpoint_from_connection
-from atlas_migration.live_pull import add_pull_tasks, poke_interval
+from atlas_migration.hooks.mongo import endpoint_from_connection
 from atlas_migration.params import MigrationParams
+from atlas_migration.strategies.live_pull import add_pull_tasks, poke_interval
 
 log = logging.getLogger("atlas_migration")
 
@@ -224,7 +224,7 @@ def _ec2(aws_conn_id: str):
 
 
 def _atlas(ap: AwsParams):
-    from atlas_migration.atlas_api import AtlasAdminHook
+    from atlas_migration.hooks.atlas import AtlasAdminHook
     from atlas_migration.network import AtlasProject
 
     return AtlasProject(AtlasAdminHook(ap.atlas_conn_id), ap.project_id or None)

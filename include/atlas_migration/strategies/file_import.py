@@ -415,7 +415,7 @@ def _engine(p: FileImportParams) -> str:
 def plan(params: dict[str, Any], profile: dict[str, Any]) -> list[dict[str, Any]]:
     """Refuse occupied targets (insert mode) before writing; cut each file into byte ranges (work items)."""
     from atlas_migration.engines import file_import as engine
-    from atlas_migration.hooks import endpoint_from_connection
+    from atlas_migration.hooks.mongo import endpoint_from_connection
     from atlas_migration.params import MigrationParams
 
     mp = MigrationParams.parse(params)
@@ -460,7 +460,7 @@ def plan(params: dict[str, Any], profile: dict[str, Any]) -> list[dict[str, Any]
 def import_range(params: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     """Import one byte range (native) or one file (mongoimport) into its namespace."""
     from atlas_migration.engines import file_import as engine
-    from atlas_migration.hooks import endpoint_from_connection
+    from atlas_migration.hooks.mongo import endpoint_from_connection
     from atlas_migration.params import MigrationParams
 
     mp = MigrationParams.parse(params)
@@ -590,7 +590,7 @@ def validate(params: dict[str, Any], results: list[dict[str, Any]], report_dir,
     import json
     from pathlib import Path
 
-    from atlas_migration.hooks import endpoint_from_connection
+    from atlas_migration.hooks.mongo import endpoint_from_connection
     from atlas_migration.params import MigrationParams
 
     mp = MigrationParams.parse(params)
@@ -652,9 +652,9 @@ def file_import_group(profile) -> None:
 
     @task
     def plan_import(profile: dict, params=None) -> list[list[dict]]:
-        from atlas_migration.mapping import batches_for_mapping
+        from atlas_migration.mapping import batches_for_mapping, max_parallel_copies
 
-        return batches_for_mapping(plan(params, profile), "byte ranges")
+        return batches_for_mapping(plan(params, profile), "byte ranges", max_parallel_copies(params))
 
     @task(retries=2)
     def import_file_range(items: list[dict], params=None) -> list[dict]:

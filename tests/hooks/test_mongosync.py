@@ -27,19 +27,9 @@ from airflow.sdk.exceptions import TaskDeferred
 from pymongo.uri_parser import parse_uri
 
 from atlas_migration.engines.live import LiveSync
-from atlas_migration.errors import ConfigurationError, MigrationError
-from atlas_migration.fence import LateWrites
-from atlas_migration.mongosync import (
-    COMMITTED,
-    DEFAULT_BASE_URL,
-    PAUSED,
-    RUNNING,
+from atlas_migration.engines.mongosync import (
     CutoverRefused,
-    MongosyncError,
-    MongosyncHook,
-    MongosyncProgress,
     MongosyncVersion,
-    RetryPolicy,
     check_after_commit,
     commit_decision,
     commit_with_fence,
@@ -50,8 +40,20 @@ from atlas_migration.mongosync import (
     plan_write_blocking,
     resolve_version,
 )
+from atlas_migration.errors import ConfigurationError, MigrationError
+from atlas_migration.fence import LateWrites
+from atlas_migration.hooks.mongosync import (
+    COMMITTED,
+    DEFAULT_BASE_URL,
+    PAUSED,
+    RUNNING,
+    MongosyncError,
+    MongosyncHook,
+    MongosyncProgress,
+    RetryPolicy,
+)
 from atlas_migration.namespaces import NamespaceFilter
-from atlas_migration.triggers_mongosync import (
+from atlas_migration.triggers.mongosync import (
     CLASSPATH,
     FAIL,
     MET,
@@ -76,7 +78,7 @@ from devtools.mongosync_server import (
 )
 from tests.helpers import assert_namespaces_identical
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST_RETRY = RetryPolicy(max_retries=3, backoff_base=0.01, backoff_max=0.02)
 # Small partitions and short rounds: several partitions per collection (pause/resume lands between
 # them) and a change-stream round short enough that pause and commit take effect at once.

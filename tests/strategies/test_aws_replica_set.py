@@ -10,9 +10,8 @@ import time
 import boto3
 import pytest
 
-from atlas_migration.atlas_api import AtlasAdminHook, RetryPolicy
-from atlas_migration.aws_replica_set import AwsParams
 from atlas_migration.errors import ConfigurationError
+from atlas_migration.hooks.atlas import AtlasAdminHook, RetryPolicy
 from atlas_migration.network import (
     AtlasProject,
     MemoryStateStore,
@@ -33,6 +32,7 @@ from atlas_migration.network import (
     state_key,
     teardown,
 )
+from atlas_migration.strategies.aws_replica_set import AwsParams
 from devtools.atlas_api_server import AtlasApiServer, ClusterSpec, Scenario
 
 REGION = "eu-west-1"
@@ -160,7 +160,7 @@ def test_prepare_is_idempotent_and_teardown_removes_only_its_own(ec2, source_vpc
 
 def assert_as_before(ec2, project: AtlasProject, source_vpc: dict) -> None:
     """The VPC and the Atlas project as they were before the run (apart from the test's own port-22 rule)."""
-    from atlas_migration.atlas_api import AtlasApiError
+    from atlas_migration.hooks.atlas import AtlasApiError
 
     group = ec2.describe_security_groups(GroupIds=[source_vpc["group"]])["SecurityGroups"][0]
     assert [p["FromPort"] for p in group["IpPermissions"]] == [22]
@@ -225,7 +225,7 @@ def test_a_rehearsal_never_prepares_the_network() -> None:
 
 
 def test_network_dry_run_reads_and_changes_nothing(ec2, source_vpc, atlas) -> None:
-    from atlas_migration.aws_replica_set import network_dry_run
+    from atlas_migration.strategies.aws_replica_set import network_dry_run
 
     server, project = atlas
     placement = discover_placement(ec2, ["127.0.0.1:27017"], REGION)

@@ -13,7 +13,8 @@ import stat
 
 import pytest
 
-from atlas_migration.compose import (
+from atlas_migration.hooks.mongo import endpoint_from_connection
+from atlas_migration.strategies.compose import (
     OplogCheck,
     allow_list_reminder,
     check_oplog,
@@ -22,7 +23,6 @@ from atlas_migration.compose import (
     read_topology,
     topology_from,
 )
-from atlas_migration.hooks import endpoint_from_connection
 
 # ---------------------------------------------------------------- pure
 

@@ -33,7 +33,7 @@ def test_a_batch_dumps_and_restores_over_one_connection_each_side(source, target
     """A mapped instance holds a batch of collections: one source and one target connection serve the whole
     batch (a TLS handshake and authentication per collection would dominate against a remote Atlas)."""
     from atlas_migration import tasks
-    from atlas_migration.hooks import MongoEndpoint
+    from atlas_migration.hooks.mongo import MongoEndpoint
     from devtools.airflow_env import conn_env_name, mongo_connection_json
 
     monkeypatch.setenv(conn_env_name("mongo_source"), mongo_connection_json(source.uri))

@@ -91,7 +91,7 @@ from atlas_migration.approval import (
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.profile import SourceProfile, parse_version
 from atlas_migration.routing import PUSH_MINIMUMS, meets_minimum
-from atlas_migration.triggers import (
+from atlas_migration.triggers.live_migration import (
     LiveMigrationFailed,
     WaitForLiveMigrationOperator,
     describe,
@@ -756,7 +756,7 @@ def read_migration(atlas, started: Mapping[str, Any], p: LivePushParams) -> dict
 
 
 def _hooks(p: LivePushParams):
-    from atlas_migration.atlas_api import AtlasAdminHook, CloudManagerHook
+    from atlas_migration.hooks.atlas import AtlasAdminHook, CloudManagerHook
 
     return AtlasAdminHook(p.atlas_conn_id), CloudManagerHook(p.cloud_manager_conn_id)
 
@@ -767,7 +767,7 @@ def _log_block(title: str, lines: list[str]) -> None:
 
 def run_preflight(params: Mapping[str, Any], profile_data: dict[str, Any]) -> dict[str, Any]:
     """Step 1: read-only checks; raise ``PreflightFailed`` listing every problem before anything changes."""
-    from atlas_migration.atlas_api import AtlasApiError
+    from atlas_migration.hooks.atlas import AtlasApiError
 
     p = LivePushParams.parse(params)
     profile = SourceProfile.from_dict(profile_data)
@@ -907,7 +907,11 @@ def poke_link(params: Mapping[str, Any], linked: dict[str, Any]) -> Poke:
 def build_request(p: LivePushParams, facts: Mapping[str, Any], group_id: str):
     """The create/validate body. An automation-managed source uses Cloud Manager's credentials; a monitored-only
     one needs a user: the login of the source connection (its password goes to Atlas, never to a log)."""
-    from atlas_migration.atlas_api import LiveMigrationDestination, LiveMigrationRequest, LiveMigrationSource
+    from atlas_migration.hooks.atlas import (
+        LiveMigrationDestination,
+        LiveMigrationRequest,
+        LiveMigrationSource,
+    )
 
     username = password = None
     if not facts.get("managed"):
@@ -972,7 +976,7 @@ def start_migration(params: Mapping[str, Any], checked: dict[str, Any], facts: d
 
     The run's record (``RunRecord``) says ``creating`` before the POST and holds the id after it, so a
     retried or cleared task never starts a second migration (``start_decision``)."""
-    from atlas_migration.atlas_api import AtlasApiError
+    from atlas_migration.hooks.atlas import AtlasApiError
 
     p = LivePushParams.parse(params)
     earlier = record.read()
@@ -1017,7 +1021,7 @@ def start_migration(params: Mapping[str, Any], checked: dict[str, Any], facts: d
 
 def _recorded_status(atlas, record: Mapping[str, Any], p: LivePushParams) -> str:
     """The recorded migration's status now (``MISSING`` on a 404), through a transient outage."""
-    from atlas_migration.atlas_api import AtlasApiError
+    from atlas_migration.hooks.atlas import AtlasApiError
 
     def read() -> str:
         try:
@@ -1061,7 +1065,7 @@ def push_write_block_decision(p: LivePushParams) -> tuple[bool, str]:
     from contextlib import closing
 
     from atlas_migration.fence import cutover_problems, decide_write_block, read_write_block_support
-    from atlas_migration.hooks import endpoint_from_connection
+    from atlas_migration.hooks.mongo import endpoint_from_connection
 
     with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as client:
         support = read_write_block_support(client)
@@ -1085,7 +1089,7 @@ def fence_source_writes(p: LivePushParams, checked: Mapping[str, Any]) -> dict[s
         take_fence,
         wait_majority_committed,
     )
-    from atlas_migration.hooks import endpoint_from_connection
+    from atlas_migration.hooks.mongo import endpoint_from_connection
     from atlas_migration.namespaces import is_never_migrated
 
     with closing(endpoint_from_connection(p.source_conn_id, "source").connect()) as client:
@@ -1107,7 +1111,7 @@ def poke_cutover(params: Mapping[str, Any], checked: dict[str, Any], started: di
     """Step 5: cut over when ``cutover_decision`` says so and the source has been quiet for the quiet period;
     a refusal by Atlas (400/409: not ready after all) waits for the next poke. ``waited``: seconds since this
     sensor's first poke (application writes must stop within ``cutover_timeout_seconds``)."""
-    from atlas_migration.atlas_api import AtlasApiError
+    from atlas_migration.hooks.atlas import AtlasApiError
 
     p = LivePushParams.parse(params)
     atlas, _ = _hooks(p)
@@ -1146,7 +1150,7 @@ def cleanup_link(params: Mapping[str, Any], record: RunRecord | None, started: d
     """Teardown: remove the Cloud Manager migration link and the Atlas link-tokens when ``cleanup_decision``
     allows it (no migration, a finished one, or an operator's abandon). Otherwise keep them, say why and how
     to go on, and succeed: keeping a running migration alive is not a failure of the clean-up."""
-    from atlas_migration.atlas_api import AtlasApiError
+    from atlas_migration.hooks.atlas import AtlasApiError
 
     p = LivePushParams.parse(params)
     known = record.read() if record is not None else None

@@ -41,7 +41,7 @@ from atlas_migration.api_outage import (
 )
 from atlas_migration.errors import MigrationError
 
-TRIGGER_CLASSPATH = "atlas_migration.triggers.LiveMigrationTrigger"
+TRIGGER_CLASSPATH = "atlas_migration.triggers.live_migration.LiveMigrationTrigger"
 WAIT_FOR = ("ready", "complete")
 OUTCOMES = ("ready", "complete", "failed", "expired", "timeout", "error")
 # A progress line at most this often while polling (every poll would flood the triggerer's log).
@@ -138,7 +138,7 @@ class LiveMigrationTrigger(BaseTrigger):
         }
 
     def _hook(self):
-        from atlas_migration.atlas_api import AtlasAdminHook, RetryPolicy
+        from atlas_migration.hooks.atlas import AtlasAdminHook, RetryPolicy
 
         # One quick retry in the hook (a blip); the outage layer in ``run`` does the long waiting and logs it.
         return AtlasAdminHook(self.atlas_conn_id, retry=RetryPolicy(max_retries=1))
@@ -154,7 +154,7 @@ class LiveMigrationTrigger(BaseTrigger):
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from atlas_migration.atlas_api import AtlasApiError
+        from atlas_migration.hooks.atlas import AtlasApiError
 
         hook = await asyncio.to_thread(self._hook)
         last_log = 0.0
@@ -271,7 +271,7 @@ class WaitForLiveMigrationOperator(BaseOperator):
         return WatchSettings.parse(lag, self.poll_interval, self.timeout_seconds, self.outage_tolerance_seconds)
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from atlas_migration.atlas_api import AtlasAdminHook, RetryPolicy
+        from atlas_migration.hooks.atlas import AtlasAdminHook, RetryPolicy
 
         settings = self._settings()
         hook = AtlasAdminHook(self.atlas_conn_id, retry=RetryPolicy(max_retries=1))  # the trigger waits longer

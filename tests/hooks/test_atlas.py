@@ -20,7 +20,8 @@ import pytest
 import requests
 from requests.auth import HTTPDigestAuth
 
-from atlas_migration.atlas_api import (
+from atlas_migration.errors import ConfigurationError, MigrationError
+from atlas_migration.hooks.atlas import (
     API_VERSIONS,
     AtlasAdminHook,
     AtlasApiError,
@@ -30,7 +31,6 @@ from atlas_migration.atlas_api import (
     LiveMigrationSource,
     RetryPolicy,
 )
-from atlas_migration.errors import ConfigurationError, MigrationError
 from devtools.atlas_api_server import CUTOVER_WINDOW_SECONDS, AtlasApiServer, DeploymentSpec, Scenario
 
 PUBLIC_KEY = "pubkey-q7Hc2"
@@ -562,7 +562,7 @@ def test_subprocess_server_persists_state(tmp_path: Path, monkeypatch):
     state_file = tmp_path / "atlas-state.json"
     argv = [sys.executable, "-m", "devtools.atlas_api_server", "--port", "0", "--state-file", str(state_file),
             "--api-key", f"{PUBLIC_KEY}:{PRIVATE_KEY}"]
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
 
     def start() -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

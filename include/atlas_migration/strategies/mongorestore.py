@@ -32,9 +32,10 @@ def add_restore_tasks(profile) -> None:
 
     @task
     def prepare(profile: dict, params=None, dag=None, run_id=None) -> list[list[dict]]:
-        from atlas_migration.mapping import batches_for_mapping
+        from atlas_migration.mapping import batches_for_mapping, max_parallel_copies
 
-        return batches_for_mapping(steps.prepare_restore(params, profile, _paths(params, dag, run_id)), "collections")
+        return batches_for_mapping(steps.prepare_restore(params, profile, _paths(params, dag, run_id)), "collections",
+                                   max_parallel_copies(params))
 
     @task(retries=2)
     def dump(items: list[dict], params=None, dag=None, run_id=None) -> list[dict]:

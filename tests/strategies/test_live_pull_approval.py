@@ -3,7 +3,7 @@ all with ``cutover=auto``."""
 
 from __future__ import annotations
 
-from atlas_migration.live_pull import (
+from atlas_migration.strategies.live_pull import (
     MONGOSYNC_APPROVAL,
     NATIVE_APPROVAL,
     mongosync_commit_request,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from atlas_migration.errors import ConfigurationError, SourceUnreachable, TargetUnreachable
-from atlas_migration.hooks import endpoint_from_connection
+from atlas_migration.hooks.mongo import endpoint_from_connection
 from atlas_migration.redaction import redact
 from devtools.airflow_env import mongo_connection_json
 from devtools.mongo_servers import free_port

@@ -34,11 +34,11 @@ from typing import Any
 
 from airflow.sdk import TriggerRule, task, task_group
 
-from atlas_migration.dump_restore import add_restore_tasks
 from atlas_migration.errors import ImpossibleStrategy
-from atlas_migration.hooks import MongoEndpoint, endpoint_from_connection
-from atlas_migration.live_pull import PullSources, add_pull_tasks
+from atlas_migration.hooks.mongo import MongoEndpoint, endpoint_from_connection
 from atlas_migration.params import MigrationParams
+from atlas_migration.strategies.live_pull import PullSources, add_pull_tasks
+from atlas_migration.strategies.mongorestore import add_restore_tasks
 
 log = logging.getLogger("atlas_migration")
 

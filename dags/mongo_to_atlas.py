@@ -19,6 +19,7 @@ from __future__ import annotations
 from airflow.sdk import dag
 
 from atlas_migration.dag_params import dag_params
+from atlas_migration.deadlines import migration_deadlines
 from atlas_migration.flow import migration_flow
 from atlas_migration.retry_policy import default_args
 
@@ -34,6 +35,8 @@ from atlas_migration.retry_policy import default_args
     # Certain failures (bad configuration, refused credentials, lost oplog history, a failed validation)
     # fail at once; transient ones keep each task's retries.
     default_args=default_args(),
+    # max_run_hours and the live push's cutover window (atlas_migration.deadlines).
+    deadline=migration_deadlines(),
 )
 def mongo_to_atlas():
     migration_flow()

@@ -20,6 +20,7 @@ import os
 from airflow.sdk import dag
 
 from atlas_migration.dag_params import rehearsal_params
+from atlas_migration.deadlines import migration_deadlines
 from atlas_migration.flow import migration_flow
 from atlas_migration.retry_policy import default_args
 
@@ -37,6 +38,8 @@ _schedule = os.environ.get("MIGRATION_REHEARSAL_SCHEDULE", "@weekly").strip()
     # Certain failures (bad configuration, refused credentials, lost oplog history, a failed validation)
     # fail at once; transient ones keep each task's retries.
     default_args=default_args(),
+    # max_run_hours and the live push's cutover window (atlas_migration.deadlines).
+    deadline=migration_deadlines(),
 )
 def mongo_to_atlas_rehearsal():
     migration_flow(rehearsal=True)

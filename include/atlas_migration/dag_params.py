@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from atlas_migration.deadlines import MAX_RUN_HOURS_LIMIT
 from atlas_migration.params import (
     DEFAULT_REHEARSAL_PREFIX,
     MAX_PARALLEL_COPIES,
@@ -87,6 +88,11 @@ def _dag_params() -> dict[str, Any]:
                                        "clearly if it cannot work for this source."),
             dry_run=Param(False, type="boolean", title="Dry run",
                           description="Inspect and route only: print the plan, write nothing."),
+            max_run_hours=Param(0, type="number", minimum=0, maximum=MAX_RUN_HOURS_LIMIT, title="Deadline alert (hours)",
+                                description="Airflow raises a deadline alert (a warning from the triggerer, or your "
+                                            "notifier) when the run is still going this many hours after it was "
+                                            "queued. 0: none. Live pushes are also warned 24 hours before Atlas's "
+                                            "120-hour cutover window can end."),
         ),
         **section(
             "Namespaces",

@@ -15,6 +15,7 @@ from airflow.sdk import TriggerRule, get_current_context, setup, task, teardown
 
 from atlas_migration import tasks as steps
 from atlas_migration.approval import approval_notes
+from atlas_migration.report_link import MigrationReportLink
 from atlas_migration.strategies.aws_replica_set import aws_replica_set_group
 from atlas_migration.strategies.compose import compose_group, report_notes
 from atlas_migration.strategies.file_import import file_import_group
@@ -83,6 +84,8 @@ def migration_flow(*, rehearsal: bool = False) -> None:
               compose_group(profile), aws_replica_set_group(profile), file_import_group(profile)]
     choose_strategy(decision) >> groups
     result = validate(profile, decision)
+    # A "Migration report" button on validate (TaskFlow tasks share one class: set on this task only).
+    result.operator.operator_extra_links = [MigrationReportLink()]
     groups >> result
     final = report(profile, decision, result)
 

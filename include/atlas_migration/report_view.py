@@ -35,8 +35,15 @@ REPORT_XCOM_KEY = "validation_report"
 XCOM_REPORT_MAX_BYTES = 256 * 1024
 # Rejected rows (file import) listed in the XCom copy; the rest are counted in ``rejections_not_listed``.
 XCOM_MAX_REJECTIONS = 100
-# Where the plugin serves its pages; the external views and the tests use the same prefix.
+# Where the plugin serves its pages; the external views, the extra link and the tests use the same prefix.
 URL_PREFIX = "/migration-report"
+
+
+def run_page_path(dag_id: str, run_id: str) -> str:
+    """The path of one run's report page (run ids hold ``:`` and ``+``: quoted)."""
+    from urllib.parse import quote
+
+    return f"{URL_PREFIX}/runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -101,6 +101,15 @@ def test_report_pages_come_from_the_metadata_db_behind_airflow_auth(api: Airflow
     (run,) = runs.json()["dag_runs"]
     run_url = f"{api.base_url}{URL_PREFIX}/runs/{DAG_ID}/{quote(run['dag_run_id'], safe='')}"
 
+    # The "Migration report" extra link of validate, computed by the worker when the task ended, opens it.
+    links = requests.get(f"{api.base_url}/api/v2/dags/{DAG_ID}/dagRuns/{quote(run['dag_run_id'], safe='')}"
+                         "/taskInstances/validate/links", headers=headers, timeout=60)
+    links.raise_for_status()
+    assert links.json()["extra_links"] == {"Migration report": run_url.removeprefix(api.base_url)}, links.json()
+    report_links = requests.get(f"{api.base_url}/api/v2/dags/{DAG_ID}/dagRuns/{quote(run['dag_run_id'], safe='')}"
+                                "/taskInstances/report/links", headers=headers, timeout=60)
+    assert not report_links.json()["extra_links"], report_links.json()  # only validate carries it
+
     page = requests.get(run_url, headers=headers, timeout=60)
     assert page.status_code == 200, page.text[:2000]
     html = page.text

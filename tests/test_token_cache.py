@@ -11,7 +11,7 @@ import sys
 from atlas_migration.hooks.atlas import AtlasAdminHook
 from atlas_migration.token_cache import SharedTokenCache, cache_dir
 from devtools.airflow_env import REPO
-from tests.test_atlas_api import CLIENT_ID, CLIENT_SECRET, FAST_RETRY, oauth_atlas, server  # noqa: F401
+from tests.hooks.test_atlas import CLIENT_ID, CLIENT_SECRET, FAST_RETRY, oauth_atlas, server  # noqa: F401
 
 TASK = ("from atlas_migration.hooks.atlas import AtlasAdminHook; "
         "print(AtlasAdminHook('atlas_sa').get_cluster('Cluster0')['name'])")

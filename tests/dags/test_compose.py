@@ -40,7 +40,7 @@ from devtools.mongos_proxy import MongosProxy
 from tests.dags.test_live_pull import FAST_POKES, Writer, seed
 from tests.dags.test_mongo_to_atlas import airflow_home, conns, failure_text, reports_of  # noqa: F401 - fixture
 from tests.helpers import assert_namespaces_identical, user_namespaces
-from tests.test_compose import _certificates, _wait_tls
+from tests.strategies.test_compose import _certificates, _wait_tls
 
 pytestmark = pytest.mark.integration
 DAG_ID = "mongo_to_atlas"

@@ -40,7 +40,7 @@ log = logging.getLogger("atlas_migration.deadlines")
 
 MAX_RUN_HOURS_PARAM = "max_run_hours"
 MAX_RUN_HOURS_LIMIT = 24 * 365
-PUSH_WINDOW_HOURS = 120  # Atlas live migration: the cutover must happen within 120 hours of the sync
+PUSH_WINDOW_HOURS = 120  # Atlas live migration: the cutover must happen within 120 hours (strategies.live_push)
 PUSH_WINDOW_WARNING_HOURS = 24
 PUSH_STRATEGIES = ("live_push", "auto")
 CALLBACK = "atlas_migration.deadlines.alert_deadline_missed"

@@ -88,6 +88,7 @@ from atlas_migration.approval import (
     timeout_line,
     waited_seconds,
 )
+from atlas_migration.deadlines import PUSH_WINDOW_HOURS, PUSH_WINDOW_WARNING_HOURS
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.profile import SourceProfile, parse_version
 from atlas_migration.routing import PUSH_MINIMUMS, meets_minimum
@@ -103,9 +104,10 @@ log = logging.getLogger("atlas_migration")
 
 GROUP_ID = "live_push"
 SECTION = "Live push"
-CUTOVER_WINDOW_SECONDS = 120 * 3600
+CUTOVER_WINDOW_SECONDS = PUSH_WINDOW_HOURS * 3600
 # Warn (on every poke) once less than this is left of the cutover window; the wording sharpens below 6 h and 1 h.
-WINDOW_WARNING_SECONDS = (24 * 3600, 6 * 3600, 3600)
+# The first step is the run's deadline alert too (deadlines.migration_deadlines).
+WINDOW_WARNING_SECONDS = (PUSH_WINDOW_WARNING_HOURS * 3600, 6 * 3600, 3600)
 HOSTNAME_SCHEMA_TYPES = ("PUBLIC", "PRIVATE_LINK", "VPC_PEERING")
 CUTOVER_MODES = ("manual", "auto")
 ON_FAILURE_MODES = ("keep_migration", "abandon")

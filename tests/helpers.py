@@ -82,3 +82,13 @@ def require_provider_distribution() -> None:
     points = [ep.value for ep in dist.entry_points if ep.group == "apache_airflow_provider"]
     assert points == [PROVIDER_ENTRY_POINT], (
         f"{PROVIDER_DISTRIBUTION} is installed without its apache_airflow_provider entry point ({points}): {how}")
+
+
+def peerings_into(ec2, vpc_id: str) -> list[dict]:
+    """Every VPC peering connection whose accepter is ``vpc_id``.
+
+    Filtered here, not with ``Filters=``: moto (3.x-5.x) ignores the filters of
+    DescribeVpcPeeringConnections and returns every connection of the region, so a filtered call would see
+    the connections other tests left in the session's moto server."""
+    reply = ec2.describe_vpc_peering_connections()["VpcPeeringConnections"]
+    return [p for p in reply if p["AccepterVpcInfo"]["VpcId"] == vpc_id]

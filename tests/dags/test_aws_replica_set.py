@@ -16,7 +16,7 @@ import pytest
 
 from devtools.airflow_env import REPO, conn_env_name
 from tests.dags.test_mongo_to_atlas import airflow_home, conns, failure_text  # noqa: F401 - shared fixture
-from tests.helpers import assert_namespaces_identical, user_namespaces, write_blocking_source
+from tests.helpers import assert_namespaces_identical, peerings_into, user_namespaces, write_blocking_source
 
 pytestmark = pytest.mark.integration
 DAG_ID = "mongo_to_atlas"
@@ -120,8 +120,7 @@ def test_aws_group_prepares_the_network_and_pulls(airflow_home, source, target, 
     # The teardown left the VPC and the Atlas project as they were before the run.
     assert "network teardown: removed access_list cidr=127.0.0.1/32" in run.output
     assert atlas_after == {"containers": [], "peers": [], "accessList": []}, atlas_after
-    peering = ec2.describe_vpc_peering_connections(Filters=[
-        {"Name": "accepter-vpc-info.vpc-id", "Values": [source_on_ec2["vpc"]]}])["VpcPeeringConnections"]
+    peering = peerings_into(ec2, source_on_ec2["vpc"])
     assert [p["Status"]["Code"] for p in peering] == ["deleted"]
     group = ec2.describe_security_groups(GroupIds=[source_on_ec2["group"]])["SecurityGroups"][0]
     assert group["IpPermissions"] == []
@@ -140,9 +139,7 @@ def test_wrong_region_fails_before_any_network_change(airflow_home, source, targ
         src.shop.orders.insert_one({"_id": 1})
     def peerings() -> set[str]:
         # moto keeps state for the whole session: compare with what existed before this run.
-        reply = ec2.describe_vpc_peering_connections(Filters=[
-            {"Name": "accepter-vpc-info.vpc-id", "Values": [source_on_ec2["vpc"]]}])
-        return {p["VpcPeeringConnectionId"] for p in reply["VpcPeeringConnections"]}
+        return {p["VpcPeeringConnectionId"] for p in peerings_into(ec2, source_on_ec2["vpc"])}
 
     before = peerings()
     process, url = _stand_in(tmp_path, moto_endpoint, "US_EAST_1")

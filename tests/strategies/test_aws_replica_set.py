@@ -34,6 +34,7 @@ from atlas_migration.network import (
 )
 from atlas_migration.strategies.aws_replica_set import AwsParams
 from devtools.atlas_api_server import AtlasApiServer, ClusterSpec, Scenario
+from tests.helpers import peerings_into
 
 REGION = "eu-west-1"
 ATLAS_CIDR = "192.168.248.0/21"
@@ -166,8 +167,7 @@ def assert_as_before(ec2, project: AtlasProject, source_vpc: dict) -> None:
     assert [p["FromPort"] for p in group["IpPermissions"]] == [22]
     tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [source_vpc["vpc"]]}])["RouteTables"]
     assert not any(r.get("DestinationCidrBlock") == ATLAS_CIDR for t in tables for r in t["Routes"])
-    pcxs = ec2.describe_vpc_peering_connections(Filters=[{"Name": "accepter-vpc-info.vpc-id",
-                                                           "Values": [source_vpc["vpc"]]}])["VpcPeeringConnections"]
+    pcxs = peerings_into(ec2, source_vpc["vpc"])
     assert all(p["Status"]["Code"] in ("deleted", "rejected") for p in pcxs), pcxs
     assert project.list_peering_connections() == []
     assert project.list_containers() == [] and project.list_access_list() == []

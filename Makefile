@@ -16,7 +16,7 @@ demo: .venv/.installed
 	$(PY) -m devtools.demo $(ARGS)
 
 test: .venv/.installed
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=60 $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=60 $(ARGS)
 
 lint: .venv/.installed
 	.venv/bin/ruff check .

@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,13 @@ def conn_env_name(conn_id: str) -> str:
 
 @dataclass
 class AirflowHome:
-    """An isolated AIRFLOW_HOME whose DAG folder is this repository's ``dags/``."""
+    """An isolated AIRFLOW_HOME whose DAG folder is this repository's ``dags/``.
+
+    ``settings``: Airflow configuration every command of this home gets (``AIRFLOW__SECTION__KEY``), e.g. a
+    PostgreSQL metadata database; ``airflow db migrate`` included."""
 
     path: Path
+    settings: dict[str, str] = field(default_factory=dict)
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
@@ -90,6 +94,7 @@ class AirflowHome:
                 "MIGRATION_WORK_DIR": str(self.path / "migration-work"),
             }
         )
+        env.update(self.settings)
         env.update(extra or {})
         return env
 

@@ -238,6 +238,34 @@ class AirflowServices:
         self.ready_after = time.monotonic() - self.started_at
         return self
 
+    def start_celery_worker(self, name: str, queues: list[str], env: dict[str, str] | None = None, *,
+                            concurrency: int = 1, wait: bool = True) -> Component:
+        """``airflow celery worker`` consuming ``queues``, with the services' environment plus ``env`` (its own
+        work folder, for one), stopped with the other components. ``wait``: return once Celery reports it
+        ready (``wait_for_worker``); start several with ``wait=False`` first to let them boot side by side.
+
+        Needs the CeleryExecutor and a broker in the settings. ``--skip-serve-logs``: the workers share this
+        home's log folder with the api-server, which reads the task logs from there."""
+        airflow = str(Path(sys.executable).parent / "airflow")
+        argv = [airflow, "celery", "worker", "--queues", ",".join(queues), "--concurrency", str(concurrency),
+                "--celery-hostname", f"{name}@%h", "--skip-serve-logs"]
+        self._spawn(name, argv, {**self.environment(), **(env or {})})
+        if wait:
+            self.wait_for_worker(name)
+        return self.components[-1]
+
+    def wait_for_worker(self, name: str, timeout: float = 120.0) -> None:
+        """Wait until the Celery worker ``name`` logs that it is ready to take tasks."""
+        component = next(c for c in self.components if c.name == name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_running()
+            if f"{name}@" in (tail := component.log_tail(20000)) and " ready." in tail:
+                component.record()
+                return
+            time.sleep(0.5)
+        raise ServicesError(f"celery worker {name} not ready after {timeout:.0f}s\n" + self.logs_tail())
+
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         component = Component(name, argv, self.log_dir / f"{name}.log")
         log = open(component.log_path, "ab")  # noqa: SIM115 - handed to the child process

@@ -62,6 +62,36 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "worker: run the suite in one process (make test TEST_WORKERS=0, or pytest -n 0)")
 
 
+# The modules that take longest (several minutes each, measured in CI), heaviest first. With `make test`
+# (pytest-xdist, one file per worker at a time, handed out in collection order) they start first and the
+# short modules fill the gaps at the end, instead of one long module starting last and running alone.
+HEAVIEST_FIRST = (
+    "tests/dags/test_live_pull.py",
+    "tests/dags/test_inventory_limits.py",
+    "tests/dags/test_live_push.py",
+    "tests/dags/test_mongo_to_atlas.py",
+    "tests/dags/test_file_import.py",
+    "tests/dags/test_rehearsal.py",
+    "tests/api/test_clear_and_retry.py",
+    "tests/api/test_celery_workers.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order only: the heaviest modules first (see HEAVIEST_FIRST), every other test in collection order."""
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    root = Path(str(config.rootpath))
+
+    def key(item: pytest.Item) -> int:
+        try:
+            relative = Path(str(item.path)).relative_to(root).as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(relative, len(rank))
+
+    items.sort(key=key)  # stable: the order inside a module and among the rest is unchanged
+
+
 @pytest.fixture(scope="session")
 def server_workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("servers")

@@ -363,6 +363,17 @@ def _restore_one(p: MigrationParams, target: MongoEndpoint, client: Any, stager:
                  paths: RunPaths) -> dict[str, Any]:
     if stager:
         stager.download(paths.root, [f"{paths.dump_dir.name}/{f}" for f in dumped["files"]])
+    else:
+        dump_root = Path(dumped.get("dump_root") or paths.dump_dir)
+        missing = [f for f in dumped["files"] if not (dump_root / f).is_file()]
+        if missing:
+            # Checked before the target is touched: on a distributed executor the dump may have run on
+            # another worker, whose folder this one cannot see.
+            raise MigrationError(
+                f"the dump of {dumped['db']}.{dumped['collection']} is not in this worker's folder "
+                f"({dump_root}; missing: {', '.join(missing[:3])}). Dump and restore ran on different "
+                "workers without a shared folder: set staging_s3_uri (and aws_conn_id) so dumps pass through "
+                "S3, or give every worker the same MIGRATION_WORK_DIR volume")
     target_db = dumped.get("target_db") or dumped["db"]
     started = time.monotonic()
     if not dumped["replace"]:

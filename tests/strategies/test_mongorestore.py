@@ -59,3 +59,29 @@ def test_a_batch_dumps_and_restores_over_one_connection_each_side(source, target
     assert [r["documents"] for r in restored] == [3 + i for i in range(6)]
     with target.client() as dst:
         assert {n: dst.batch[n].count_documents({}) for n in names} == {n: 3 + i for i, n in enumerate(names)}
+
+
+@pytest.mark.integration
+def test_a_restore_on_a_worker_without_the_dump_fails_before_touching_the_target(source, target, tmp_path,
+                                                                                 monkeypatch):
+    """Dump and restore on two workers without staging_s3_uri or a shared folder: the restore names the
+    missing files and the way out, and the target's collection (which a replace would drop) is untouched."""
+    from atlas_migration import tasks
+    from atlas_migration.errors import MigrationError
+    from devtools.airflow_env import conn_env_name, mongo_connection_json
+
+    monkeypatch.setenv(conn_env_name("mongo_source"), mongo_connection_json(source.uri))
+    monkeypatch.setenv(conn_env_name("atlas_target"), mongo_connection_json(target.uri))
+    with source.client() as src, target.client() as dst:
+        src.shop.orders.insert_many([{"_id": i} for i in range(5)])
+        dst.shop.orders.insert_one({"_id": "kept"})
+    item = {"db": "shop", "collection": "orders", "type": "collection", "documents": 5, "size_bytes": 0,
+            "target_db": "", "engine": "native", "gzip": True, "replace": True}
+    dumped = tasks.dump_namespaces({}, [item], tasks.RunPaths(tmp_path / "worker-a", "mongo_to_atlas", "run_1"))
+    with pytest.raises(MigrationError) as refused:
+        tasks.restore_namespaces({}, dumped, tasks.RunPaths(tmp_path / "worker-b", "mongo_to_atlas", "run_1"))
+    message = str(refused.value)
+    assert "the dump of shop.orders is not in this worker's folder" in message
+    assert "orders.bson.gz" in message and "staging_s3_uri" in message
+    with target.client() as dst:
+        assert list(dst.shop.orders.find()) == [{"_id": "kept"}]

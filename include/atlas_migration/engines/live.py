@@ -12,7 +12,8 @@ The order of operations is what makes the result exact:
    after the start point, so replaying every event since then converges each document to the source's
    state: every event is applied idempotently keyed by ``_id`` (insert and replace become an upserting
    replace, update applies the ``updateLookup`` document as an upserting replace or is skipped when the
-   document is gone because its delete event follows, delete deletes by ``_id``).
+   document is gone because its delete event follows, delete deletes by ``_id``). A batch is applied in
+   parallel lanes, every change of one document in the same lane and in stream order (``apply_lane``).
 5. ``cutover`` (writes stopped by the operator) drains the stream until it is quiet, brings indexes and
    views in line with the source and marks the sync complete.
 
@@ -35,11 +36,14 @@ import math
 import re
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import TYPE_CHECKING, Any
 
+import bson
 from bson import SON, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp, json_util
 from bson.binary import Binary, UuidRepresentation
 from bson.code import Code
@@ -120,6 +124,8 @@ _ID_JSON_OPTIONS = RELAXED_JSON_OPTIONS.with_options(
 )
 
 DEFAULT_MAX_AWAIT_MS = 1_000
+# Concurrent ordered bulk writes catch-up applies a batch's DML in (``LiveSync(apply_lanes=...)``, ``apply_lane``).
+DEFAULT_APPLY_LANES = 4
 # Collections whose secondary indexes build at once after the copy: mongod's maxNumActiveUserIndexBuilds default.
 DEFAULT_INDEX_BUILD_WORKERS = 3
 # Server codes meaning the stream cannot continue from the saved point: ChangeStreamHistoryLost (286),
@@ -578,6 +584,65 @@ def _insert_tolerating_duplicates(collection: Collection, batch: list[RawBSONDoc
     return inserted
 
 
+# ------------------------------------------------------------------------------------------ apply lanes
+# MongoDB holds numbers of different BSON types equal when their exact values are equal (int, long, double
+# and Decimal128 alike; mongod's compareDecimalToDouble only answers 0 for an exact conversion). Every exact
+# value rounded to 34 digits (a Decimal128's precision) gives equal numbers one spelling; numbers merged by
+# the rounding merely share a lane.
+_NUMBER_CONTEXT = Context(prec=34, rounding=ROUND_HALF_EVEN, Emin=-999_999, Emax=999_999)
+_LANE_CODEC: CodecOptions = CodecOptions(uuid_representation=UuidRepresentation.UNSPECIFIED,
+                                         unicode_decode_error_handler="surrogateescape")
+
+
+def _canonical_number(value: int | float | Int64 | Decimal128) -> str:
+    """One spelling for every number MongoDB holds equal as an ``_id``: ``1``, ``1.0``, ``Int64(1)`` and
+    ``Decimal128("1.00")`` give "1"; ``-0.0`` and ``0`` give "0"; every NaN gives "NaN"."""
+    number = value.to_decimal() if isinstance(value, Decimal128) else Decimal(value)
+    if number.is_nan():
+        return "NaN"  # an _id index holds one NaN: all NaNs (double or decimal, any payload) are equal
+    if number.is_infinite():
+        return "Infinity" if number > 0 else "-Infinity"
+    if number.is_zero():
+        return "0"
+    return str(_NUMBER_CONTEXT.plus(number).normalize(_NUMBER_CONTEXT))
+
+
+def _canonical_id(value: Any) -> Any:
+    """``value`` with every number in it (also inside embedded documents and arrays, which MongoDB compares
+    element by element) replaced by a tagged canonical string. Two values MongoDB holds equal map to the same
+    result; the reverse need not hold (a string that happens to spell the tag shares a lane, which is harmless)."""
+    if isinstance(value, bool):  # a bool is an int to Python, but its own BSON type to MongoDB
+        return value
+    if isinstance(value, (int, float, Decimal128)):  # Int64 is an int
+        return "\x00number:" + _canonical_number(value)
+    if isinstance(value, DBRef):
+        value = value.as_doc()  # compared as the document {$ref, $id[, $db]}
+    if isinstance(value, Mapping):
+        return SON((key, _canonical_id(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return [_canonical_id(item) for item in value]
+    return value
+
+
+def apply_lane(doc_id: Any, lanes: int) -> int:
+    """The lane (``0 .. lanes-1``) that applies every change of the document with this ``_id``.
+
+    Stable across calls, processes and machines: a CRC-32 of the BSON encoding of ``{"_id": <canonical>}``,
+    never Python's ``hash()`` (salted per process, and ``hash(1) == hash(1.0)`` only by accident of Python).
+    Values MongoDB's ``_id`` index holds equal land in one lane even when their BSON types differ, because a
+    delete of ``_id: 1`` followed by an insert of ``_id: 1.0`` is one key on the target: the two writes must
+    stay in order. Strings compare byte-wise here, which is the simple collation; a namespace with another
+    default collation is applied in one lane (``_EventApplier``).
+    """
+    if lanes <= 1:
+        return 0
+    try:
+        encoded = bson.encode({"_id": _canonical_id(doc_id)}, codec_options=_LANE_CODEC)
+    except Exception:  # a value that cannot be encoded back cannot be written either: any fixed lane will do
+        return 0
+    return zlib.crc32(encoded) % lanes
+
+
 def _merge_fragments(fragments: list[RawBSONDocument]) -> RawBSONDocument:
     """One event from the fragments ``$changeStreamSplitLargeEvent`` made of it: the top-level fields of
     every fragment in order, and the LAST fragment's resume token as ``_id`` (resuming after it resumes
@@ -631,12 +696,15 @@ class LiveSync:
         state_db: str = "__atlas_migration",
         batch_size: int = 1000,
         partition_docs: int = 50_000,
+        apply_lanes: int = DEFAULT_APPLY_LANES,
         log: logging.Logger | None = None,
     ) -> None:
         if not sync_id or not isinstance(sync_id, str):
             raise ConfigurationError("sync_id must be a non-empty string naming this live pull")
         if batch_size < 1 or partition_docs < 1:
             raise ConfigurationError("batch_size and partition_docs must be positive")
+        if isinstance(apply_lanes, bool) or not isinstance(apply_lanes, int) or apply_lanes < 1:
+            raise ConfigurationError(f"apply_lanes must be a whole number of at least 1, not {apply_lanes!r}")
         if state_db in SYSTEM_DATABASES:
             raise ConfigurationError(f"state_db '{state_db}' is a system database: choose another name")
         self.source = source_client
@@ -647,6 +715,9 @@ class LiveSync:
         self.state_db = state_db
         self.batch_size = batch_size
         self.partition_docs = partition_docs
+        # Catch-up applies each flush's DML in this many concurrent ordered bulk writes, a document's
+        # changes always in the same one (apply_lane); 1: one bulk write per namespace after another.
+        self.apply_lanes = apply_lanes
         self.log = log or logging.getLogger(__name__)
         self.max_await_ms = DEFAULT_MAX_AWAIT_MS
         self.log_interval = DEFAULT_INTERVAL_SECONDS
@@ -776,7 +847,7 @@ class LiveSync:
             "updateLookup",
             resume_after,
             self.max_await_ms,
-            self.batch_size,
+            self.batch_size,  # events per getMore: one batch fills one flush, which the lanes share
             None,
             None,
             session,
@@ -1164,6 +1235,15 @@ class LiveSync:
         selected namespace for ``quiet_seconds`` ("quiet"); every event up to ``until_cluster_time`` is
         applied ("until"); ``max_seconds`` elapsed ("max_seconds"). With no condition it stops once the
         stream is drained ("lag_ok"). The resume token is saved after every applied batch.
+
+        A batch's DML is applied in ``apply_lanes`` concurrent ordered bulk writes per namespace, each
+        document's changes in one lane (``apply_lane`` of its ``_id``), so every document goes through its
+        changes in stream order; changes of different documents may land in any order within the batch.
+        Transactions: the events of one multi-document transaction (same ``lsid`` and ``txnNumber``) are
+        applied as independent writes, as they were before lanes (per namespace, not atomically): a reader of
+        the target during catch-up may see part of a transaction, and a batch boundary or a failed lane may
+        split one. Each document still goes through its committed versions in commit order, and once the
+        stream is drained (as at cutover) every transaction is wholly there.
         """
         until = _ts_from(until_cluster_time)
         drain_only = max_seconds is None and until_lag_below is None and quiet_seconds is None and until is None
@@ -1294,6 +1374,10 @@ class LiveSync:
                         progress.add(1, len(change.raw))
                     # Batch DML writes, but checkpoint a DDL event at once: replaying a rename after later
                     # events would be wrong. At least once a second, so stop conditions are checked.
+                    # A flush takes at most one getMore's worth (the stream reads batch_size events per
+                    # batch) and splits it over the lanes; flushing batch_size * apply_lanes instead was
+                    # measured no faster (the target's upserts bound it) and would hold the checkpoint
+                    # back and keep apply_lanes times the events in memory.
                     if not is_ddl and applier.pending < self.batch_size and time.monotonic() - last_flush < 1.0:
                         continue
                 else:
@@ -1628,12 +1712,23 @@ class LiveSync:
 
 # ------------------------------------------------------------------------------------- event application
 class _EventApplier:
-    """Turns change events into target writes: DML batched per namespace (ordered), DDL applied at once."""
+    """Turns change events into target writes: DML batched per namespace and lane (ordered), DDL applied at once.
+
+    Each namespace's queued DML is split into ``sync.apply_lanes`` lanes by ``apply_lane(_id)``; ``flush``
+    applies every (namespace, lane) as one ordered bulk write, at most ``apply_lanes`` at once. All writes of
+    one document are in one lane, in stream order, so the document ends in the source's state; writes of
+    different documents are independent (each is keyed by its own ``_id``), so their relative order does not
+    matter. A namespace whose collection has a default collation is kept in one lane: ``_id`` strings equal
+    under the collation are one document there, and ``apply_lane`` compares strings byte-wise.
+    """
 
     def __init__(self, sync: LiveSync, state: Mapping[str, Any]) -> None:
         self.sync = sync
         self.copy_finished_at: Timestamp | None = state.get("copy_finished_cluster_time")
-        self._ops: dict[tuple[str, str], list[Any]] = {}
+        # (target db, collection) -> lane -> ops in stream order
+        self._ops: dict[tuple[str, str], dict[int, list[Any]]] = {}
+        # (target db, collection) -> lanes it is split into (1: collated); forgotten after each DDL event
+        self._lanes: dict[tuple[str, str], int] = {}
         self._rechecks: list[Any] = []
         self._changed: list[tuple[str, str, Any]] = []
         self.pending = 0
@@ -1656,7 +1751,7 @@ class _EventApplier:
             doc_id = event["documentKey"]["_id"]
             key = (self.sync._target_db(db), coll)
             if op == "delete":
-                self._queue(key, DeleteOne({"_id": doc_id}))
+                self._queue(key, doc_id, DeleteOne({"_id": doc_id}))
             else:
                 document = event.get("fullDocument")
                 if document is None:
@@ -1668,12 +1763,13 @@ class _EventApplier:
                     self._changed.append((db, coll, doc_id))
                     self._applied += 1
                     return True, False
-                self._queue(key, ReplaceOne({"_id": doc_id}, document, upsert=True))
+                self._queue(key, doc_id, ReplaceOne({"_id": doc_id}, document, upsert=True))
             self._changed.append((db, coll, doc_id))
             self._applied += 1
             return True, False
         if op in _DDL_EVENTS:
             self.flush()
+            self._lanes.clear()  # a drop, create or rename may change a namespace's collation
             applied = self._apply_ddl(op, event, db, coll)
             if applied:
                 self._applied += 1
@@ -1698,27 +1794,63 @@ class _EventApplier:
                                         {"$set": {"reason": "null_lookup", "at": _utc_now()}}, upsert=True))
         self.pending += 1
 
-    def _queue(self, key: tuple[str, str], op: Any) -> None:
-        self._ops.setdefault(key, []).append(op)
+    def _lanes_of(self, key: tuple[str, str]) -> int:
+        lanes = self._lanes.get(key)
+        if lanes is None:
+            lanes = self.sync.apply_lanes
+            if lanes > 1:
+                info = _collection_info(self.sync.target[key[0]], key[1])
+                if info is not None and (info.get("options") or {}).get("collation"):
+                    lanes = 1
+            self._lanes[key] = lanes
+        return lanes
+
+    def _queue(self, key: tuple[str, str], doc_id: Any, op: Any) -> None:
+        lane = apply_lane(doc_id, self._lanes_of(key))
+        self._ops.setdefault(key, {}).setdefault(lane, []).append(op)
         self.pending += 1
 
-    def flush(self) -> None:
+    def _write_lane(self, key: tuple[str, str], ops: list[Any]) -> None:
         from pymongo.errors import BulkWriteError
 
-        for (target_db, coll), ops in self._ops.items():
-            collection = self.sync._target_collection(target_db, coll)
-            try:
-                collection.bulk_write(ops, ordered=True, bypass_document_validation=True)
-            except BulkWriteError as exc:
-                first = (exc.details.get("writeErrors") or [{}])[0]
-                hint = (" A unique index on the target rejected a replayed write: unique indexes are only "
-                        "built at cutover, so writes have continued after it; stop them and retry."
-                        if first.get("code") == _DUPLICATE_KEY else "")
-                raise MigrationError(
-                    f"applying change events to {collection.full_name} failed (code {first.get('code')}): "
-                    f"{str(first.get('errmsg'))[:300]}.{hint} The resume token was not advanced"
-                ) from None
+        collection = self.sync._target_collection(*key)
+        try:
+            collection.bulk_write(ops, ordered=True, bypass_document_validation=True)
+        except BulkWriteError as exc:
+            first = (exc.details.get("writeErrors") or [{}])[0]
+            hint = (" A unique index on the target rejected a replayed write: unique indexes are only "
+                    "built at cutover, so writes have continued after it; stop them and retry."
+                    if first.get("code") == _DUPLICATE_KEY else "")
+            raise MigrationError(
+                f"applying change events to {collection.full_name} failed (code {first.get('code')}): "
+                f"{str(first.get('errmsg'))[:300]}.{hint} The resume token was not advanced"
+            ) from None
+
+    def flush(self) -> None:
+        """Apply every queued write; returns once all of them are on the target (or raises).
+
+        Lanes run concurrently (pymongo's MongoClient is thread-safe). When one fails, the others still run
+        to their end before the first failure in (namespace, lane) order is raised: nothing is left in
+        flight behind a failed flush. The caller saves the resume token only after ``flush`` returns, so a
+        failed flush is replayed from the previous token in full, including the lanes that succeeded. That is
+        safe because every write is idempotent by ``_id`` (an upserting replace of the looked-up document, a
+        delete): writing a lane's changes again leaves its documents as the replay's last change says.
+        """
+        jobs = [(key, ops) for key, lanes in self._ops.items() for _, ops in sorted(lanes.items())]
+        if len(jobs) == 1 or self.sync.apply_lanes == 1:
+            for key, ops in jobs:  # in the caller's thread, one namespace after another (apply_lanes=1)
+                self._write_lane(key, ops)
+        elif jobs:
+            with ThreadPoolExecutor(max_workers=min(self.sync.apply_lanes, len(jobs)),
+                                    thread_name_prefix=f"live-apply-{self.sync.sync_id}") as pool:
+                futures = [pool.submit(self._write_lane, key, ops) for key, ops in jobs]
+                wait(futures)  # every lane finished, failed or not, before anything is raised
+            for future in futures:
+                error = future.exception()
+                if error is not None:
+                    raise error
         self._ops.clear()
+        # Rechecks and the listener follow the DML of the whole flush, as they did before lanes.
         if self._rechecks:
             # Written before the resume token moves past these events (the caller saves it after flush).
             self.sync._recheck.bulk_write(self._rechecks, ordered=False)

@@ -643,6 +643,19 @@ def apply_lane(doc_id: Any, lanes: int) -> int:
     return zlib.crc32(encoded) % lanes
 
 
+def _id_key(value: Any) -> bytes:
+    """A dictionary key equal for every ``_id`` value MongoDB holds equal (``7``, ``7.0``, ``Int64(7)``,
+    ``Decimal128("7.0")``), distinct otherwise (strings compare byte-wise, the simple collation)."""
+    return bson.encode({"_id": _canonical_id(value)}, codec_options=_LANE_CODEC)
+
+
+def _same_id(found: Any, expected: Any) -> bool:
+    """Whether an ``updateLookup`` document's ``_id`` is the event's ``documentKey._id`` itself: the same
+    value of the same type (Python's ``==`` holds ``7 == 7.0``; MongoDB holds them equal too, but they
+    are two different ``_id`` values to write)."""
+    return type(found) is type(expected) and found == expected
+
+
 def _merge_fragments(fragments: list[RawBSONDocument]) -> RawBSONDocument:
     """One event from the fragments ``$changeStreamSplitLargeEvent`` made of it: the top-level fields of
     every fragment in order, and the LAST fragment's resume token as ``_id`` (resuming after it resumes
@@ -1656,11 +1669,12 @@ class LiveSync:
             for entry in entries:
                 by_ns.setdefault((entry["_id"]["db"], entry["_id"]["coll"]), []).append(entry["_id"]["id"])
             for (db, coll), ids in by_ns.items():
-                found = {json.dumps(id_to_json(doc["_id"])): doc
-                         for doc in self._copy_source(db, coll).find({"_id": {"$in": ids}})}
+                # Keyed by the canonical _id: $in matches 7.0 for 7 (numbers of any type with equal values
+                # are one _id), and the document found must be written, not taken for gone.
+                found = {_id_key(doc["_id"]): doc for doc in self._copy_source(db, coll).find({"_id": {"$in": ids}})}
                 ops = []
                 for doc_id in ids:
-                    doc = found.get(json.dumps(id_to_json(doc_id)))
+                    doc = found.get(_id_key(doc_id))
                     ops.append(ReplaceOne({"_id": doc_id}, doc, upsert=True) if doc is not None
                                else DeleteOne({"_id": doc_id}))
                 target = self._target_collection(self._target_db(db), coll)
@@ -1754,6 +1768,13 @@ class _EventApplier:
                 self._queue(key, doc_id, DeleteOne({"_id": doc_id}))
             else:
                 document = event.get("fullDocument")
+                if document is not None and not _same_id(document.get("_id"), doc_id):
+                    # The lookup found a document whose _id is equal but not identical: deleted and
+                    # re-inserted as another number type (7 -> 7.0) or, in a collated collection, in another
+                    # case. Replaying it as a replace of this _id would alter the target's _id (mongod
+                    # refuses that for a collation variant, the test server for a number type): the later
+                    # delete and insert events carry the change; the recheck set re-reads it at cutover.
+                    document = None
                 if document is None:
                     # updateLookup found nothing. Usually a later delete follows, but a rename, a document
                     # moved to another shard, or a lookup racing a later write can cause it too: the update

@@ -64,7 +64,7 @@ class BenchConfig:
     insert_batch_sizes: tuple[int, ...] = (250, 1_000, 4_000)
     insert_threads: tuple[int, ...] = (1, 2, 4)
     read_batch_sizes: tuple[int, ...] = (0, 1_000)  # 0: the server's default batching
-    live_write_rate: float = 200.0  # ops/s of the live phase's steady-state writer (half inserts, half updates)
+    live_write_rate: float = 200.0  # ops/s of the live phase's steady-state writer (inserts, updates, deletes)
     live_seconds: float | None = None  # steady-state duration; None: see live_duration
     live_backlog_ops: int | None = None  # ops written while catch-up is stopped; None: see live_backlog
     import_mb: float = 8.0  # size of each generated import file (one CSV, one JSON Lines)
@@ -576,7 +576,8 @@ def _live_figures(ctx: BenchContext, common: dict[str, Any], writer: dict[str, A
         details={key: lag[key] for key in ("lag_median_s", "lag_p95_s", "lag_max_s", "lag_samples", "rounds",
                                            "lag_samples_saved", "lag_samples_catch_up", "lag_after_drain")}
         | {"writer_ops": written.documents, "writer_ops_per_s": round(written.documents / written.seconds, 1),
-           "writer_peak_rss_mb": round(wrote.peak_rss_mb, 1)},
+           "writer_peak_rss_mb": round(wrote.peak_rss_mb, 1),
+           "writer_mix": {kind: written.extra.get(kind, 0) for kind in ("inserts", "updates", "deletes")}},
     ))
 
     rechecked = verifying.sections[0]

@@ -67,6 +67,7 @@ class Target:
     label: str
     threshold: float
     higher_is_better: bool
+    unit: str = "ratio"  # how the value prints: "ratio", "MB" or "s"
     value: float | None = None
     source: str = ""  # which figure(s) the value comes from
     status: str = "n/a"  # PASS, MISS, or n/a when its figures were not measured
@@ -123,6 +124,22 @@ def _largest_copy_task_rss(figures: list[Figure]) -> tuple[float | None, str]:
     return largest.peak_rss_mb, f"{largest.key} (largest of {len(tasks)} copy-task figures)"
 
 
+STEADY_TARGET_RATE = 1_000.0  # ops/s: the writer rate the steady-state lag target is set at
+
+
+def _steady_lag_p95(figures: list[Figure]) -> tuple[float | None, str]:
+    """The steady state's p95 lag, when its writer achieved the target's rate (``--live-write-rate 1000``);
+    at a lower rate the target is not measured (n/a) and the source says at what rate the row ran."""
+    steady = next((f for f in figures if f.key == "live.steady" and f.status == "ok"), None)
+    if steady is None:
+        return None, "live.steady"
+    achieved = float(steady.details.get("writer_ops_per_s") or 0.0)
+    if achieved < STEADY_TARGET_RATE * 0.95:  # a paced writer falls a little short of its schedule
+        return None, (f"live.steady: writer at {achieved:.0f} ops/s, the target is set at "
+                      f"{STEADY_TARGET_RATE:,.0f} (--live-write-rate {STEADY_TARGET_RATE:.0f})")
+    return float(steady.details["lag_p95_s"]), f"live.steady (writer at {achieved:.0f} ops/s)"
+
+
 # The issue's targets: (target, how its value is found). A new phase adds its own here.
 TARGETS: list[tuple[Target, Callable[[list[Figure]], tuple[float | None, str]]]] = [
     (Target("target.copy", "end-to-end copy >= 0.85 x insert ceiling", 0.85, True), _ratio_of("copy.native")),
@@ -130,15 +147,21 @@ TARGETS: list[tuple[Target, Callable[[list[Figure]], tuple[float | None, str]]]]
     (Target("target.validation", "full validation >= 0.8 x raw read ceiling", 0.8, True), _worst_full_validation),
     (Target("target.verify", "verifier compare >= 0.5 x source read ceiling", 0.5, True),
      _ratio_of("live.verify_compare")),
-    (Target("target.memory", f"peak RSS of any copy task < {MEMORY_LIMIT_MB:.0f} MB", MEMORY_LIMIT_MB, False),
-     _largest_copy_task_rss),
+    (Target("target.memory", f"peak RSS of any copy task < {MEMORY_LIMIT_MB:.0f} MB", MEMORY_LIMIT_MB, False,
+            "MB"), _largest_copy_task_rss),
+    (Target("target.live_copy", "live initial copy >= 0.7 x insert ceiling", 0.7, True),
+     _ratio_of("live.initial_copy")),
+    (Target("target.catch_up", "live catch-up of a backlog >= 0.5 x insert ceiling", 0.5, True),
+     _ratio_of("live.catch_up")),
+    (Target("target.steady_lag", "live steady-state lag p95 < 5 s, mixed writer at 1,000 ops/s", 5.0, False, "s"),
+     _steady_lag_p95),
 ]
 
 
 def evaluate_targets(figures: list[Figure]) -> list[Target]:
     targets = []
     for template, pick in TARGETS:
-        target = Target(template.key, template.label, template.threshold, template.higher_is_better)
+        target = Target(template.key, template.label, template.threshold, template.higher_is_better, template.unit)
         target.evaluate(*pick(figures))
         targets.append(target)
     return targets
@@ -192,9 +215,8 @@ def render_table(figures: list[Figure], targets: list[Target], header: list[str]
         lines.append(_row(_figure_cells(figure)))
     lines.append("")
     for target in targets:
-        value = "—" if target.value is None else (
-            f"{target.value:.2f}" if target.higher_is_better else f"{target.value:.0f} MB"
-        )
+        value = "—" if target.value is None else {"MB": f"{target.value:.0f} MB", "s": f"{target.value:.1f} s"}.get(
+            target.unit, f"{target.value:.2f}")
         lines.append(f"{'target: ' + target.label:<56} {value:>9}  {target.status:<4}  from {target.source}")
     return "\n".join(lines)
 

@@ -350,37 +350,47 @@ def live_initial_copy(
     return {"partitions": len(partitions)}
 
 
-def _write_ops(collection: Any, raws: Iterator[bytes], ops: int, rate: float | None, seed: int) -> tuple[int, int, int]:
-    """``ops`` writes (inserts of ``raws``, and ``$inc`` updates of documents already inserted, half each).
+def _write_ops(collection: Any, raws: Iterator[bytes], ops: int, rate: float | None,
+               seed: int) -> tuple[int, int, int, int]:
+    """``ops`` writes, in a repeating mix: insert, ``$inc`` update, insert, delete (half inserts, a quarter
+    updates and a quarter deletes of documents this writer inserted; an update or delete with nothing to
+    touch inserts instead).
 
     Paced to ``rate`` ops/s on a fixed schedule (a late op is not made up by a burst), or as fast as the
-    server takes them without a rate. Returns (ops, inserts, bytes of the documents as the stream carries
-    them: the inserted document, or the looked-up updated one).
+    server takes them without a rate. Returns (ops, inserts, deletes, bytes of the documents as the stream
+    carries them: the inserted document, or the looked-up updated one; a delete carries none).
     """
     rng = random.Random(seed)
     inserted: list[tuple[Any, int]] = []  # (_id, size)
-    done = inserts = nbytes = 0
+    done = inserts = deletes = nbytes = 0
     started = time.perf_counter()
     for op in range(ops):
         if rate:
             delay = started + op / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        if not inserted or op % 2 == 0:
+        kind = ("insert", "update", "insert", "delete")[op % 4]
+        if kind == "delete" and len(inserted) > 1:
+            _id, _ = inserted.pop(rng.randrange(len(inserted)))
+            result = collection.delete_one({"_id": _id})
+            if result.deleted_count != 1:
+                raise RuntimeError(f"live writer: delete of {_id} deleted {result.deleted_count} documents")
+            deletes += 1
+        elif kind == "update" and inserted:
+            _id, size = rng.choice(inserted)
+            result = collection.update_one({"_id": _id}, {"$inc": {"items": 1}})
+            if result.modified_count != 1:
+                raise RuntimeError(f"live writer: update of {_id} modified {result.modified_count} documents")
+            nbytes += size
+        else:
             raw = next(raws)
             document = RawBSONDocument(raw)
             collection.insert_one(document)
             inserted.append((document["_id"], len(raw)))
             inserts += 1
             nbytes += len(raw)
-        else:
-            _id, size = rng.choice(inserted)
-            result = collection.update_one({"_id": _id}, {"$inc": {"items": 1}})
-            if result.modified_count != 1:
-                raise RuntimeError(f"live writer: update of {_id} modified {result.modified_count} documents")
-            nbytes += size
         done += 1
-    return done, inserts, nbytes
+    return done, inserts, deletes, nbytes
 
 
 def live_writer(
@@ -401,10 +411,11 @@ def live_writer(
     with _client(source_uri) as client:
         coll = client[db][collection]
         with meter.section(f"write {ops} ops" + (f" at {rate:g}/s" if rate else "")) as section:
-            done, inserts, nbytes = _write_ops(coll, raws, ops, rate, seed + stream)
+            done, inserts, deletes, nbytes = _write_ops(coll, raws, ops, rate, seed + stream)
         section.documents, section.bytes = done, nbytes
-        section.extra = {"inserts": inserts, "updates": done - inserts, "rate_target": rate}
-    return {"ops": done, "inserts": inserts, "bytes": nbytes}
+        section.extra = {"inserts": inserts, "updates": done - inserts - deletes, "deletes": deletes,
+                         "rate_target": rate}
+    return {"ops": done, "inserts": inserts, "deletes": deletes, "bytes": nbytes}
 
 
 def _percentile(values: Sequence[float], share: float) -> float:

@@ -40,6 +40,17 @@ def test_replica_set_source(source):
     assert SourceProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
 
 
+def test_a_window_of_seconds_is_not_taken_for_an_empty_oplog(source, monkeypatch):
+    """A server started a moment ago has an oplog spanning a second or two: the window is that, not 0.0
+    (rounding it to 0.001 h once made a live pull refuse a fresh source as 'unknown or empty')."""
+    from atlas_migration import inspection
+
+    monkeypatch.setattr(inspection, "read_oplog_window_hours", lambda client: 1.0 / 3600)
+    with source.client() as client:
+        profile = inspect_source(client, conn_id="mongo_source", hosts=["127.0.0.1:1"])
+    assert profile.oplog_window_hours == pytest.approx(1.0 / 3600, rel=0.01)
+
+
 def test_standalone_source_has_no_oplog(standalone):
     with standalone.client() as client:
         client.shop.orders.insert_one({"_id": 1})

@@ -192,7 +192,9 @@ def _read_oplog(client, profile: SourceProfile, probe) -> None:
         if hours is None:
             profile.unknown["oplog_window_hours"] = "local.oplog.rs is empty"
             return None
-        return round(hours, 3)
+        # To the second (6 decimals of an hour are 3.6 ms): rounding to 0.001 h turned a window of a second
+        # or two, as a freshly started server has, into 0.0, which the live pull takes for "empty".
+        return round(hours, 6)
 
     profile.oplog_window_hours = probe("oplog_window_hours", window)
 
@@ -231,7 +233,7 @@ def shard_oplog(entry: dict, shard_connect: ShardConnect | None) -> ShardOplog:
     if hours is None:
         shard.reason = f"local.oplog.rs on {set_name} is empty"
     else:
-        shard.window_hours = round(hours, 3)
+        shard.window_hours = round(hours, 6)
     return shard
 
 

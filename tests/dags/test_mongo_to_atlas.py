@@ -46,7 +46,11 @@ def failure_text(run) -> str:
     dump = os.environ.get("MIGRATION_TEST_RUN_OUTPUT")  # a file to keep the whole output of a failed run in
     if dump and run is not None:
         Path(dump).write_text(run.output)
-    return f"state={run.state}\n{run.output[-6000:]}"
+    # The tail alone often shows only the skips that follow a failure: put the error lines first.
+    errors = [line[:600] for line in run.output.splitlines()
+              if re.search(r"\[error|ERROR|Traceback|Error: |Exception: |Task failed", line)]
+    return (f"state={run.state}\nerror lines ({len(errors)}, first 40):\n" + "\n".join(errors[:40])
+            + f"\n--- last 4000 characters ---\n{run.output[-4000:]}")
 
 
 def test_auto_routes_standalone_to_mongorestore_and_copies_everything(airflow_home, standalone, target):

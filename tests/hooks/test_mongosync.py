@@ -732,7 +732,11 @@ def test_commit_stops_at_the_commit_point(server, source, target) -> None:
     hook.start(verification_enabled=False)
     assert wait_event(server, "can_commit", max_lag_seconds=5)["status"] == "success"
     with TimedWriter(source) as writer:
-        time.sleep(0.5)
+        # Writes acknowledged before /commit are before the commit point: wait for a few of them rather than
+        # for a fixed time, which a loaded machine may spend on two writes (CI saw 2).
+        deadline = time.monotonic() + 30
+        while len(writer.acked) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
         hook.commit()
         time.sleep(1.0)  # the application has not stopped: these writes come after the commit point
         assert wait_event(server, "committed")["status"] == "success"

@@ -45,10 +45,34 @@ def test_a_window_of_seconds_is_not_taken_for_an_empty_oplog(source, monkeypatch
     (rounding it to 0.001 h once made a live pull refuse a fresh source as 'unknown or empty')."""
     from atlas_migration import inspection
 
-    monkeypatch.setattr(inspection, "read_oplog_window_hours", lambda client: 1.0 / 3600)
+    monkeypatch.setattr(inspection, "read_oplog_span", lambda client: inspection.OplogSpan(1.0 / 3600, True))
     with source.client() as client:
         profile = inspect_source(client, conn_id="mongo_source", hosts=["127.0.0.1:1"])
     assert profile.oplog_window_hours == pytest.approx(1.0 / 3600, rel=0.01)
+    assert profile.oplog_since_initiation is True
+    assert "its age: nothing dropped since the replica set was initiated" in "\n".join(profile.summary_lines())
+
+
+def test_an_oplog_that_still_holds_its_initiation_entry_is_told_from_one_that_dropped_entries(tmp_path):
+    """A fresh replica set's oplog starts with the no-op rs.initiate wrote: its span is its age, however
+    short. Once the oplog has dropped entries (here past a 20-entry cap; the test server trims it every
+    1,000 writes) the span is its window."""
+    import pymongo
+
+    from atlas_migration.inspection import read_oplog_span
+
+    server = start_server(tmp_path / "small-oplog", oplog_max_entries=20)
+    try:
+        with pymongo.MongoClient(server.uri) as client:
+            young = inspect_source(client, conn_id="mongo_source", hosts=["127.0.0.1:1"])
+            client.shop.orders.insert_many([{"_id": i} for i in range(1_200)])
+            full = read_oplog_span(client)
+            profile = inspect_source(client, conn_id="mongo_source", hosts=["127.0.0.1:1"])
+    finally:
+        server.destroy()
+    assert young.oplog_since_initiation is True and young.oplog_window_hours is not None
+    assert full is not None and full.since_initiation is False
+    assert profile.oplog_since_initiation is False and profile.oplog_window_hours == round(full.hours, 6)
 
 
 def test_standalone_source_has_no_oplog(standalone):

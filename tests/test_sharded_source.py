@@ -47,6 +47,23 @@ def test_the_smallest_window_decides_and_names_its_shard():
     assert smallest_shard_window(shards[:1]) == (80.0, "the oplog window of the only shard, s0")
 
 
+def test_a_shard_whose_oplog_dropped_nothing_decides_only_when_every_shard_is_so():
+    """A shard whose oldest oplog entry is its set's initiation has a span that is its age: the smallest
+    span among the shards that have dropped entries is the cluster's window."""
+    young = ShardOplog("s0", ["a:1"], "s0", 0.01, since_initiation=True)
+    shards = [young, ShardOplog("s1", ["b:1"], "s1", 26.5), ShardOplog("s2", ["c:1"], "s2", 48.0)]
+    assert smallest_shard_window(shards) == (
+        26.5, "the smallest of 3 shard oplog windows, shard s1 (not counting s0, whose oplog has dropped "
+              "nothing since its set was initiated)")
+    profile = SourceProfile("mongo_source", ["mongos:1"], topology="sharded")
+    apply_shard_windows(profile, shards)
+    assert profile.oplog_window_hours == 26.5 and profile.oplog_since_initiation is False
+    both = [young, ShardOplog("s1", ["b:1"], "s1", 0.02, since_initiation=True)]
+    assert smallest_shard_window(both) == (0.01, "the smallest of 2 shard oplog windows, shard s0")
+    apply_shard_windows(profile, both)
+    assert profile.oplog_since_initiation is True
+
+
 def test_one_unreadable_shard_leaves_the_window_unknown_naming_it():
     shards = [ShardOplog("s0", ["a:1"], "s0", 80.0),
               ShardOplog("s1", ["b:1"], "s1", reason="cannot connect to replica set s1 (b:1): timed out")]

@@ -68,15 +68,38 @@ class DeploymentHints:
         )
 
 
-def read_oplog_window_hours(client) -> float | None:
-    """Hours between the oldest and newest entries of the deployment's ``local.oplog.rs``; None when it is
-    empty or missing. Lets ``PyMongoError`` through: each caller says in its own terms why it was unreadable."""
+# The no-op ``rs.initiate`` writes as the replica set's first oplog entry. While it is still the oldest entry,
+# the oplog has dropped nothing: its span is its age, and its window is still growing toward its capacity.
+INITIATION_MESSAGE = "initiating set"
+
+
+@dataclass(frozen=True)
+class OplogSpan:
+    """What the oldest and newest entries of a ``local.oplog.rs`` say: the hours between them, and whether
+    the oldest is the replica set's initiation entry (nothing truncated yet, so the span is not a window)."""
+
+    hours: float
+    since_initiation: bool
+
+
+def read_oplog_span(client) -> OplogSpan | None:
+    """The deployment's oplog span; None when ``local.oplog.rs`` is empty or missing. Lets ``PyMongoError``
+    through: each caller says in its own terms why it was unreadable."""
     oplog = client.local["oplog.rs"]
-    first = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", 1)])
+    first = oplog.find_one({}, projection={"ts": 1, "op": 1, "o.msg": 1}, sort=[("$natural", 1)])
     last = oplog.find_one({}, projection={"ts": 1}, sort=[("$natural", -1)])
     if not first or not last:
         return None
-    return max(0.0, (last["ts"].time - first["ts"].time) / 3600)
+    body = first.get("o")
+    initiation = first.get("op") == "n" and isinstance(body, dict) and body.get("msg") == INITIATION_MESSAGE
+    return OplogSpan(max(0.0, (last["ts"].time - first["ts"].time) / 3600), initiation)
+
+
+def read_oplog_window_hours(client) -> float | None:
+    """Hours between the oldest and newest entries of the deployment's ``local.oplog.rs`` (see
+    ``read_oplog_span``); None when it is empty or missing."""
+    span = read_oplog_span(client)
+    return None if span is None else span.hours
 
 
 def _jsonable(value: Any) -> Any:
@@ -188,20 +211,21 @@ def _read_oplog(client, profile: SourceProfile, probe) -> None:
         return  # each shard has its own oplog: _read_shard_oplogs measures them on the shards
 
     def window() -> float | None:
-        hours = read_oplog_window_hours(client)
-        if hours is None:
+        span = read_oplog_span(client)
+        if span is None:
             profile.unknown["oplog_window_hours"] = "local.oplog.rs is empty"
             return None
+        profile.oplog_since_initiation = span.since_initiation
         # To the second (6 decimals of an hour are 3.6 ms): rounding to 0.001 h turned a window of a second
-        # or two, as a freshly started server has, into 0.0, which the live pull takes for "empty".
-        return round(hours, 6)
+        # or two, as a freshly started server has, into 0.0.
+        return round(span.hours, 6)
 
     profile.oplog_window_hours = probe("oplog_window_hours", window)
 
 
 def shard_oplog(entry: dict, shard_connect: ShardConnect | None) -> ShardOplog:
     """One ``listShards`` entry -> its oplog window, measured on the shard's replica set with the same code
-    as a replica-set source (``read_oplog_window_hours``); the reason instead when it cannot be."""
+    as a replica-set source (``read_oplog_span``); the reason instead when it cannot be."""
     from pymongo.errors import PyMongoError
 
     from atlas_migration.errors import MigrationError
@@ -224,16 +248,17 @@ def shard_oplog(entry: dict, shard_connect: ShardConnect | None) -> ShardOplog:
         shard.reason = f"cannot connect to replica set {set_name} ({','.join(hosts)}): {exc}"
         return shard
     try:
-        hours = read_oplog_window_hours(client)
+        span = read_oplog_span(client)
     except PyMongoError as exc:
         shard.reason = f"cannot read local.oplog.rs on {set_name}: {_reason(exc)}"
         return shard
     finally:
         client.close()
-    if hours is None:
+    if span is None:
         shard.reason = f"local.oplog.rs on {set_name} is empty"
     else:
-        shard.window_hours = round(hours, 6)
+        shard.window_hours = round(span.hours, 6)
+        shard.since_initiation = span.since_initiation
     return shard
 
 

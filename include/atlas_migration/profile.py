@@ -48,10 +48,13 @@ class ShardOplog:
     replica_set: str | None = None  # None: listShards gave no "<set>/" prefix (not a replica set)
     window_hours: float | None = None
     reason: str = ""
+    since_initiation: bool = False  # the oldest entry is the set's initiation: the span is an age, not a window
 
     def describe(self) -> str:
         where = f"{self.replica_set}/{','.join(self.hosts)}" if self.replica_set else ",".join(self.hosts)
         window = f"{self.window_hours:.1f} h" if self.window_hours is not None else f"unknown ({self.reason})"
+        if self.since_initiation:
+            window += " (nothing dropped since the replica set was initiated)"
         return f"{self.name} [{where}]: {window}"
 
 
@@ -73,6 +76,9 @@ class SourceProfile:
     shard_keys: list[dict[str, Any]] = field(default_factory=list)
     oplog_readable: bool | None = None
     oplog_window_hours: float | None = None
+    # True when the oplog still holds the replica set's initiation entry (for a sharded source: every shard's
+    # does): nothing was ever dropped, so ``oplog_window_hours`` is the oplog's age, not yet its window.
+    oplog_since_initiation: bool | None = None
     managed_by: str | None = None  # cloud_manager | ops_manager | None (not managed)
     hosting: str | None = None  # atlas_shared_tier | compose | aws | other | None (unknown)
     hosting_evidence: str = ""
@@ -120,6 +126,8 @@ class SourceProfile:
             return "n/a" if value is None else str(value)
 
         window = None if self.oplog_window_hours is None else f"{self.oplog_window_hours:.1f} h"
+        if window and self.oplog_since_initiation:
+            window += " (its age: nothing dropped since the replica set was initiated)"
         lines = [
             f"source connection : {self.conn_id} ({', '.join(self.hosts)})",
             f"version / FCV     : {show('version', self.version)} / {show('fcv', self.fcv)}",
@@ -197,16 +205,23 @@ def parse_shard_host(host: str) -> tuple[str | None, list[str]]:
 def smallest_shard_window(shards: list[ShardOplog]) -> tuple[float | None, str]:
     """The sharded source's oplog window and why: (the smallest shard window, "decided by shard X") or
     (None, the reason naming every shard whose window is unknown). One unknown shard leaves the whole window
-    unknown: guessing from the others could let that shard's oplog roll over during the copy."""
+    unknown: guessing from the others could let that shard's oplog roll over during the copy. A shard whose
+    oplog has dropped nothing since its set was initiated decides only when every shard's has: its span is
+    its age, and another shard's full oplog is the real bound."""
     if not shards:
         return None, "listShards returned no shards"
     unknown = [s for s in shards if s.window_hours is None]
     if unknown:
         return None, "; ".join(f"shard {s.name}: {s.reason or 'window not measured'}" for s in unknown)
-    smallest = min(shards, key=lambda s: (s.window_hours, s.name))
+    bounded = [s for s in shards if not s.since_initiation]
+    smallest = min(bounded or shards, key=lambda s: (s.window_hours, s.name))
     others = len(shards) - 1
-    return smallest.window_hours, (f"the smallest of {len(shards)} shard oplog windows, shard {smallest.name}"
-                                   if others else f"the oplog window of the only shard, {smallest.name}")
+    why = (f"the smallest of {len(shards)} shard oplog windows, shard {smallest.name}"
+           if others else f"the oplog window of the only shard, {smallest.name}")
+    if bounded and len(bounded) < len(shards):
+        young = ", ".join(s.name for s in shards if s.since_initiation)
+        why += f" (not counting {young}, whose oplog has dropped nothing since its set was initiated)"
+    return smallest.window_hours, why
 
 
 def apply_shard_windows(profile: SourceProfile, shards: list[ShardOplog]) -> None:
@@ -216,6 +231,7 @@ def apply_shard_windows(profile: SourceProfile, shards: list[ShardOplog]) -> Non
     profile.shards = [s.name for s in shards]
     window, why = smallest_shard_window(shards)
     profile.oplog_window_hours = window
+    profile.oplog_since_initiation = bool(shards) and all(s.since_initiation for s in shards)
     if window is None:
         profile.unknown["oplog_window_hours"] = f"not every shard's oplog window could be read: {why}"
     else:

@@ -142,6 +142,13 @@ def test_oplog_window_check():
     ok, message = check_oplog_window(None, 60)
     assert not ok and "unknown" in message
     assert not check_oplog_window(0.0, 60)[0]
+    # A span of seconds on an oplog that has dropped nothing since its set was initiated is its age, not its
+    # window: it passes with a warning that names what then bounds it. The same span on an oplog that has
+    # dropped entries is a window of seconds, and is refused.
+    ok, message = check_oplog_window(0.0, 60, since_initiation=True)
+    assert ok and message.startswith("warning") and "dropped nothing" in message and "history lost" in message
+    assert not check_oplog_window(2 / 3600, 2 * 3600)[0]
+    assert check_oplog_window(24.0, 2 * 3600, since_initiation=True) == check_oplog_window(24.0, 2 * 3600)
 
 
 # ------------------------------------------------------------------------------------------- planning

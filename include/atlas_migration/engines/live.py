@@ -485,19 +485,31 @@ def partitions_from_boundaries(
 
 
 # ------------------------------------------------------------------------------------------- oplog window
-def check_oplog_window(window_hours: float | None, estimated_copy_seconds: float) -> tuple[bool, str]:
+def check_oplog_window(window_hours: float | None, estimated_copy_seconds: float, *,
+                       since_initiation: bool = False) -> tuple[bool, str]:
     """Whether the source's oplog window leaves room for the initial copy: ``(ok, message)``.
 
     Refuses (False) when the window is unknown or shorter than the copy: the start point would leave the
     oplog before catch_up reads it. Warns (True, message says so) below ``OPLOG_WINDOW_SAFETY_FACTOR``.
+    ``since_initiation``: the oplog's oldest entry is its replica set's initiation, so it has dropped nothing
+    and its span is its age (a set started minutes ago has a span of minutes and a window of its whole
+    capacity). Such a short span passes with a warning: what it will keep depends on its size and the write
+    rate, and a start point that leaves it fails catch-up loudly (history lost), never silently.
     """
     copy_hours = max(0.0, estimated_copy_seconds) / 3600
     wanted = copy_hours * OPLOG_WINDOW_SAFETY_FACTOR
-    if window_hours is None or window_hours <= 0:
+    if window_hours is None:
         return False, (
             "the source's oplog window is unknown or empty: a live pull needs an oplog that keeps every write "
             f"made during the initial copy (estimated {copy_hours:.1f}h). Check the source is a replica set "
             "and its oplog is readable"
+        )
+    if since_initiation and window_hours < wanted:
+        return True, (
+            f"warning: the source's oplog has dropped nothing since its replica set was initiated "
+            f"{window_hours * 3600:,.0f} s ago, so that age is not its window; the window it keeps once full "
+            f"depends on its size and the write rate during the copy (estimated {copy_hours:.1f}h). If the "
+            "start point leaves it, catch-up fails with history lost and nothing is cut over"
         )
     if window_hours <= copy_hours:
         return False, (

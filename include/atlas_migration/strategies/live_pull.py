@@ -53,7 +53,7 @@ from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import task, task_group
 
@@ -70,6 +70,9 @@ from atlas_migration.params import MigrationParams
 from atlas_migration.planning import build_copy_plan, find_occupied_targets, refuse_occupied_targets
 from atlas_migration.profile import SourceProfile
 from atlas_migration.triggers.mongosync import MongosyncWaitOperator
+
+if TYPE_CHECKING:
+    from atlas_migration.inspection import OplogSpan
 
 log = logging.getLogger("atlas_migration")
 
@@ -305,15 +308,16 @@ class _Session:
         self._target.close()
 
 
-def _oplog_window_hours(endpoint: MongoEndpoint) -> float | None:
-    """Hours between the oldest and newest entry of the endpoint's ``local.oplog.rs``; None when unreadable."""
+def _oplog_span(endpoint: MongoEndpoint) -> OplogSpan | None:
+    """The endpoint's ``local.oplog.rs`` span (hours, and whether it still holds its set's initiation entry);
+    None when unreadable."""
     from pymongo.errors import PyMongoError
 
-    from atlas_migration.inspection import read_oplog_window_hours
+    from atlas_migration.inspection import read_oplog_span
 
     with closing(endpoint.connect()) as client:
         try:
-            return read_oplog_window_hours(client)
+            return read_oplog_span(client)
         except PyMongoError as exc:
             log.warning("cannot read the oplog of '%s': %s", endpoint.conn_id, endpoint.redact(exc))
             return None
@@ -348,14 +352,16 @@ def start(params: Mapping[str, Any], profile_data: dict[str, Any], dag_id: str, 
     profile = SourceProfile.from_dict(profile_data)
     plan = build_copy_plan(profile, p.namespaces, p.target_db_prefix)
     estimated = profile.total_documents / lp.expected_copy_docs_per_second
-    window, whose = profile.oplog_window_hours, "the source"
+    window, young, whose = profile.oplog_window_hours, bool(profile.oplog_since_initiation), "the source"
     if sources.stream_conn_param != sources.copy_conn_param:
         # The change stream reads another deployment's oplog (Compose's Oplog Access endpoint behind a
         # mongos): that oplog must keep the copy's writes. The profiled source has no window of its own
         # (a mongos reports none), so measure the stream source's.
         stream_conn = sources.conn_id(params, "stream")
-        window, whose = _oplog_window_hours(endpoint_from_connection(stream_conn, "source")), f"'{stream_conn}'"
-    ok, message = check_oplog_window(window, estimated)
+        span = _oplog_span(endpoint_from_connection(stream_conn, "source"))
+        window, young = (None, False) if span is None else (span.hours, span.since_initiation)
+        whose = f"'{stream_conn}'"
+    ok, message = check_oplog_window(window, estimated, since_initiation=young)
     if window is None and whose == "the source" and profile.unknown.get("oplog_window_hours"):
         message += f" (inspection: {profile.unknown['oplog_window_hours']})"
     log.info("oplog window check (oplog of %s): %s", whose, message)

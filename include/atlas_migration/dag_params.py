@@ -112,7 +112,8 @@ def _dag_params() -> dict[str, Any]:
                                         "disk, at about twice the disk space and S3 traffic."),
             restore_workers=Param(4, type="integer", minimum=1, maximum=32, title="Insertion workers per collection",
                                   description="Parallel insert threads per collection (mongorestore "
-                                              "--numInsertionWorkersPerCollection). Capped collections use one."),
+                                              "--numInsertionWorkersPerCollection), and per partition in the live "
+                                              "pull's initial copy. Capped collections use one."),
             batch_size=Param(1000, type="integer", minimum=10, maximum=100_000, title="Documents per batch",
                              description="Documents per read and insert batch; batches are also bounded in bytes, "
                                          "so memory stays bounded whatever the document size."),

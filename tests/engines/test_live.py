@@ -389,8 +389,9 @@ def test_killed_copy_resumes_from_its_checkpoint_without_duplicates(source, targ
         sync.fault_hook = crash
         with pytest.raises(RuntimeError, match="killed"):
             sync.copy_partition(partition)
-        # Batch 4 reached the target, its checkpoint did not: the next attempt re-reads it.
-        assert dst.big.items.count_documents({}) == 400
+        # Batch 4 reached the target, its checkpoint did not: the next attempt re-reads it. Batches inserted
+        # concurrently behind it (insert_workers) may be there too, never checkpointed.
+        assert 400 <= dst.big.items.count_documents({}) <= 400 + 100 * (sync.insert_workers - 1)
         saved = dst[STATE_DB][STATE_COLLECTION].find_one({"kind": "partition"})
         assert json.loads(saved["last_id"]) == 299 and saved["documents"] == 300 and not saved["done"]
 
@@ -401,6 +402,69 @@ def test_killed_copy_resumes_from_its_checkpoint_without_duplicates(source, targ
         assert again.already_done and again.documents == 1000
         fresh.finish_initial_copy()
         assert_namespaces_identical(src, dst, [("big", "items")])
+
+
+def test_concurrent_inserts_checkpoint_in_read_order_and_a_failed_batch_holds_the_checkpoint(source, target):
+    """Batch 3 of 10 fails (a unique index on the target refuses it) while later batches insert concurrently:
+    the checkpoint stays at batch 2's last _id, whatever finished after it, and the retry completes exactly."""
+    with source.client() as src, target.client() as dst:
+        src.conc.items.insert_many([{"_id": i, "u": 250 if i == 251 else i} for i in range(1000)])
+        sync = make_sync(src, dst, ["conc.*"], batch_size=100, partition_docs=10_000, insert_workers=4)
+        sync.start()
+        (partition,) = sync.plan_partitions()
+        sync.prepare_targets()
+        dst.conc.items.create_index("u", unique=True)  # refuses _id 251 (u 250, like _id 250)
+        with pytest.raises(MigrationError, match="unique index"):
+            sync.copy_partition(partition)
+        saved = dst[STATE_DB][STATE_COLLECTION].find_one({"kind": "partition"})
+        assert json.loads(saved["last_id"]) == 199 and saved["documents"] == 200 and not saved["done"]
+        assert dst.conc.items.count_documents({"_id": {"$lt": 200}}) == 200
+
+        dst.conc.items.drop_index("u_1")
+        result = make_sync(src, dst, ["conc.*"], batch_size=100, partition_docs=10_000).copy_partition(partition)
+        assert result.resumed_from == 199 and result.documents == 1000
+        assert raw_documents(src, "conc", "items") == raw_documents(dst, "conc", "items")
+
+
+@pytest.mark.parametrize(("capped", "expected"), [(False, 4), (True, 1)])
+def test_a_partition_inserts_up_to_insert_workers_batches_at_once_and_a_capped_one_in_order(
+        source, target, monkeypatch, capped, expected):
+    from atlas_migration.engines import live
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real_insert = live._insert_tolerating_duplicates
+
+    def slow_insert(collection, batch, *, ordered):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.05)
+            return real_insert(collection, batch, ordered=ordered)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(live, "_insert_tolerating_duplicates", slow_insert)
+    with source.client() as src, target.client() as dst:
+        if capped:
+            src.workers.create_collection("items", capped=True, size=1 << 20)
+        src.workers.items.insert_many([{"_id": i, "n": i} for i in range(600)])
+        sync = make_sync(src, dst, ["workers.*"], batch_size=50, partition_docs=10_000, insert_workers=4)
+        initial_copy(sync)
+        assert most[0] == expected
+        assert raw_documents(src, "workers", "items") == raw_documents(dst, "workers", "items")
+        if capped:  # natural (insertion) order kept on the target
+            order = [d["_id"] for d in dst.workers.items.find({}, sort=[("$natural", 1)])]
+            assert order == list(range(600))
+
+
+def test_insert_workers_must_be_a_positive_whole_number(source, target):
+    with source.client() as src, target.client() as dst:
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(ConfigurationError, match="insert_workers"):
+                make_sync(src, dst, ["x.*"], insert_workers=bad)
 
 
 COPY_IN_CHILD = """

@@ -5,8 +5,9 @@ The order of operations is what makes the result exact:
 1. ``start`` opens a change stream on the whole source deployment and stores its resume point in the
    state collection *before* anything is copied. Every write after that point is in the stream.
 2. ``plan_partitions`` splits every selected collection into ``_id`` ranges; ``prepare_targets`` creates
-   the target collections with their options; ``copy_partition`` copies one range as raw BSON batches,
-   checkpointing the last copied ``_id`` after every batch so a killed task resumes where it stopped.
+   the target collections with their options; ``copy_partition`` copies one range as raw BSON batches
+   (read ahead, ``insert_workers`` inserts at once), checkpointing the last copied ``_id`` in read order,
+   once that batch and every earlier one are in, so a killed task resumes where it stopped.
 3. ``finish_initial_copy`` builds the secondary indexes and creates the views.
 4. ``catch_up`` replays the stream from the start point. The copy read each document at some moment
    after the start point, so replaying every event since then converges each document to the source's
@@ -37,8 +38,9 @@ import re
 import time
 import uuid
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import TYPE_CHECKING, Any
@@ -62,6 +64,7 @@ from atlas_migration.engines.native import (
     _create_indexes,
     index_specs_for_restore,
 )
+from atlas_migration.engines.read_ahead import ReadAhead
 from atlas_migration.errors import (
     ConfigurationError,
     ImpossibleStrategy,
@@ -126,6 +129,11 @@ _ID_JSON_OPTIONS = RELAXED_JSON_OPTIONS.with_options(
 DEFAULT_MAX_AWAIT_MS = 1_000
 # Concurrent ordered bulk writes catch-up applies a batch's DML in (``LiveSync(apply_lanes=...)``, ``apply_lane``).
 DEFAULT_APPLY_LANES = 4
+# Batches of the initial copy read ahead of the one being inserted (each at most batch_size documents and
+# DEFAULT_INSERT_BATCH_BYTES): enough to keep the target busy, bounded so a slow target holds little memory.
+COPY_READ_AHEAD_BATCHES = 2
+# Concurrent inserts of one partition's copy (``LiveSync(insert_workers=...)``), as the restore's 4 threads.
+DEFAULT_COPY_INSERT_WORKERS = 4
 # Collections whose secondary indexes build at once after the copy: mongod's maxNumActiveUserIndexBuilds default.
 DEFAULT_INDEX_BUILD_WORKERS = 3
 # Server codes meaning the stream cannot continue from the saved point: ChangeStreamHistoryLost (286),
@@ -722,14 +730,16 @@ class LiveSync:
         batch_size: int = 1000,
         partition_docs: int = 50_000,
         apply_lanes: int = DEFAULT_APPLY_LANES,
+        insert_workers: int = DEFAULT_COPY_INSERT_WORKERS,
         log: logging.Logger | None = None,
     ) -> None:
         if not sync_id or not isinstance(sync_id, str):
             raise ConfigurationError("sync_id must be a non-empty string naming this live pull")
         if batch_size < 1 or partition_docs < 1:
             raise ConfigurationError("batch_size and partition_docs must be positive")
-        if isinstance(apply_lanes, bool) or not isinstance(apply_lanes, int) or apply_lanes < 1:
-            raise ConfigurationError(f"apply_lanes must be a whole number of at least 1, not {apply_lanes!r}")
+        for name, value in (("apply_lanes", apply_lanes), ("insert_workers", insert_workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be a whole number of at least 1, not {value!r}")
         if state_db in SYSTEM_DATABASES:
             raise ConfigurationError(f"state_db '{state_db}' is a system database: choose another name")
         self.source = source_client
@@ -743,6 +753,8 @@ class LiveSync:
         # Catch-up applies each flush's DML in this many concurrent ordered bulk writes, a document's
         # changes always in the same one (apply_lane); 1: one bulk write per namespace after another.
         self.apply_lanes = apply_lanes
+        # Concurrent inserts of one partition's initial copy (1 for a capped collection).
+        self.insert_workers = insert_workers
         self.log = log or logging.getLogger(__name__)
         self.max_await_ms = DEFAULT_MAX_AWAIT_MS
         self.log_interval = DEFAULT_INTERVAL_SECONDS
@@ -1116,20 +1128,42 @@ class LiveSync:
         progress = Progress(f"live copy {partition.id}", stored.documents_estimate, self.log,
                             interval=self.log_interval)
         batches = 0
-        with source.find(query, sort=sort, batch_size=self.batch_size) as cursor:
-            for batch, nbytes in self._raw_batches(cursor):
-                inserted = _insert_tolerating_duplicates(target, batch, ordered=stored.capped)
-                batches += 1
-                if self.fault_hook is not None:
-                    self.fault_hook("copy", batches)
-                last_id = None if stored.capped else json.dumps(id_to_json(batch[-1]["_id"]))
-                # Counted as copied, not as newly inserted: a batch re-read after a crash counts once,
-                # since the crashed attempt never recorded it.
-                self._state.update_one({"_id": key}, {
-                    "$set": {"last_id": last_id, "updated_at": _utc_now()},
-                    "$inc": {"documents": len(batch), "bytes": nbytes, "inserted": inserted},
-                })
-                progress.add(len(batch), nbytes)
+        # The next batches are read while earlier ones are inserted, and up to insert_workers inserts run at
+        # once (one for a capped collection, whose order is its meaning): the source and the target work at
+        # the same time instead of taking turns. Batches are recorded strictly in the order they were read,
+        # each once its insert and every earlier one have finished, so the checkpoint ("everything up to
+        # last_id is on the target") never runs ahead of the data. Inserts that finished past a failure are
+        # on the target without a checkpoint: the retry re-reads them and skips them as duplicates.
+        workers = 1 if stored.capped else self.insert_workers
+        in_flight: deque[tuple[Future[int], list[RawBSONDocument], int]] = deque()
+
+        def record_oldest() -> None:
+            nonlocal batches
+            future, batch, nbytes = in_flight.popleft()
+            inserted = future.result()
+            batches += 1
+            if self.fault_hook is not None:
+                self.fault_hook("copy", batches)
+            last_id = None if stored.capped else json.dumps(id_to_json(batch[-1]["_id"]))
+            # Counted as copied, not as newly inserted: a batch re-read after a crash counts once,
+            # since the crashed attempt never recorded it.
+            self._state.update_one({"_id": key}, {
+                "$set": {"last_id": last_id, "updated_at": _utc_now()},
+                "$inc": {"documents": len(batch), "bytes": nbytes, "inserted": inserted},
+            })
+            progress.add(len(batch), nbytes)
+
+        with source.find(query, sort=sort, batch_size=self.batch_size) as cursor, \
+                ReadAhead(self._raw_batches(cursor), depth=COPY_READ_AHEAD_BATCHES,
+                          name=f"live-copy-{partition.id}") as read_ahead, \
+                ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"live-insert-{partition.id}") as pool:
+            for batch, nbytes in read_ahead:
+                in_flight.append((pool.submit(_insert_tolerating_duplicates, target, batch, ordered=stored.capped),
+                                  batch, nbytes))
+                if len(in_flight) >= workers:
+                    record_oldest()
+            while in_flight:
+                record_oldest()
         done = self._state.find_one_and_update(
             {"_id": key}, {"$set": {"done": True, "updated_at": _utc_now()}}, return_document=True)
         progress.finish()

@@ -276,7 +276,7 @@ def _open_sync(params: Mapping[str, Any], dag_id: str, run_id: str, sources: Pul
         raise
     sync = LiveSync(source, target, sync_id=_sync_id(dag_id, run_id), namespaces=p.namespaces,
                     target_db_prefix=p.target_db_prefix, batch_size=p.batch_size, partition_docs=lp.partition_docs,
-                    log=log)
+                    insert_workers=p.restore_workers, log=log)
     return sync, source, target
 
 

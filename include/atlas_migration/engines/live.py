@@ -644,29 +644,30 @@ def _canonical_id(value: Any) -> Any:
     return value
 
 
-def apply_lane(doc_id: Any, lanes: int) -> int:
-    """The lane (``0 .. lanes-1``) that applies every change of the document with this ``_id``.
-
-    Stable across calls, processes and machines: a CRC-32 of the BSON encoding of ``{"_id": <canonical>}``,
-    never Python's ``hash()`` (salted per process, and ``hash(1) == hash(1.0)`` only by accident of Python).
-    Values MongoDB's ``_id`` index holds equal land in one lane even when their BSON types differ, because a
-    delete of ``_id: 1`` followed by an insert of ``_id: 1.0`` is one key on the target: the two writes must
-    stay in order. Strings compare byte-wise here, which is the simple collation; a namespace with another
-    default collation is applied in one lane (``_EventApplier``).
-    """
-    if lanes <= 1:
-        return 0
-    try:
-        encoded = bson.encode({"_id": _canonical_id(doc_id)}, codec_options=_LANE_CODEC)
-    except Exception:  # a value that cannot be encoded back cannot be written either: any fixed lane will do
-        return 0
-    return zlib.crc32(encoded) % lanes
-
-
 def _id_key(value: Any) -> bytes:
     """A dictionary key equal for every ``_id`` value MongoDB holds equal (``7``, ``7.0``, ``Int64(7)``,
     ``Decimal128("7.0")``), distinct otherwise (strings compare byte-wise, the simple collation)."""
     return bson.encode({"_id": _canonical_id(value)}, codec_options=_LANE_CODEC)
+
+
+def apply_lane(doc_id: Any, lanes: int) -> int:
+    """The lane (``0 .. lanes-1``) that applies every change of the document with this ``_id``.
+
+    Stable across calls, processes and machines: a CRC-32 of ``_id_key`` (the BSON encoding of
+    ``{"_id": <canonical>}``), never Python's ``hash()`` (salted per process, and ``hash(1) == hash(1.0)``
+    only by accident of Python). Values MongoDB's ``_id`` index holds equal land in one lane even when their
+    BSON types differ, because a delete of ``_id: 1`` followed by an insert of ``_id: 1.0`` is one key on the
+    target: the two writes must stay in order. Hashing the same key the recheck set matches documents by
+    keeps the two notions of "one ``_id``" from drifting apart. Strings compare byte-wise here, which is the
+    simple collation; a namespace with another default collation is applied in one lane (``_EventApplier``).
+    """
+    if lanes <= 1:
+        return 0
+    try:
+        key = _id_key(doc_id)
+    except Exception:  # a value that cannot be encoded back cannot be written either: any fixed lane will do
+        return 0
+    return zlib.crc32(key) % lanes
 
 
 def _same_id(found: Any, expected: Any) -> bool:
@@ -1360,7 +1361,12 @@ class LiveSync:
 
         With a ``fence``: every event after it on a selected namespace is counted in ``late`` (by
         namespace); ``apply_after_fence=False`` stops at the first event after the fence without applying
-        it (the saved resume token stays before it)."""
+        it (the saved resume token stays before it).
+
+        Each batch is written in the background while the next one is read (``_FlushPipeline``); batches are
+        written one after another in stream order, and a position is saved only after its batch is written.
+        Stop conditions are evaluated with nothing in flight, on the applied state, and once one says stop,
+        everything already read is applied before returning."""
         from pymongo.errors import OperationFailure
 
         sync = self._require_sync("copy_finished")
@@ -1374,7 +1380,6 @@ class LiveSync:
         started = last_flush = last_lag_log = time.monotonic()
         progress = Progress(f"live catch-up {self.sync_id} (events)", None, self.log, interval=self.log_interval)
         lag: float | None = None
-        flushes = 0
         observed_majority: Timestamp | None = None
         next_probe = 0.0
         reason: str | None = None
@@ -1390,77 +1395,95 @@ class LiveSync:
             raise MigrationError(
                 f"cannot resume the source's change stream (code {exc.code}): {_server_message(exc)}") from None
         with stream:
-            saved_token = token_before = stream.resume_token
-            while reason is None:
-                if time.monotonic() >= next_probe:
-                    # Observed BEFORE the next getMore: an empty batch afterwards proves that every majority-
-                    # committed write up to this time has been delivered.
-                    latest, observed_majority = self._source_times()
-                    next_probe = time.monotonic() + 1.0
-                    if latest is not None and follow.last_cluster_time is not None:
-                        lag = max(0.0, float(latest.time - follow.last_cluster_time.time))
-                if not fragments:  # the token before a whole event, not before its last fragment
-                    token_before = stream.resume_token
-                try:
-                    change = self._next_event(stream, fragments)
-                except OperationFailure as exc:
-                    if exc.code in HISTORY_LOST_CODES:
-                        raise self._history_lost(exc, _ts_list(follow.last_cluster_time)) from None
-                    if exc.code == _BSON_OBJECT_TOO_LARGE:
-                        raise self._event_too_large(exc, follow.last_cluster_time) from None
-                    raise MigrationError(
-                        f"the source's change stream failed (code {exc.code}): {_server_message(exc)}. The saved "
-                        "resume token is unchanged: run catch_up again once the cause is fixed"
-                    ) from None
-                if change is None and fragments:
-                    continue  # part of a split event: never checkpoint in the middle of one
-                if change is not None:
-                    if fence is not None and change["clusterTime"] > fence:
-                        if not apply_after_fence:
-                            applier.flush()
-                            self._save_position(token_before, follow.last_cluster_time, applier.take_count())
-                            saved_token = token_before
-                            reason = "fence"
-                            break
-                        namespace = self._late_namespace(change)
-                        if namespace is not None:
-                            follow.late[namespace] = follow.late.get(namespace, 0) + 1
-                    applied, is_ddl = applier.add(change)
-                    follow.last_cluster_time = change["clusterTime"]
-                    if applied:
-                        follow.events += 1
-                        follow.last_event_at = time.monotonic()
-                        progress.add(1, len(change.raw))
-                    # Batch DML writes, but checkpoint a DDL event at once: replaying a rename after later
-                    # events would be wrong. At least once a second, so stop conditions are checked.
-                    # A flush takes at most one getMore's worth (the stream reads batch_size events per
-                    # batch) and splits it over the lanes; flushing batch_size * apply_lanes instead was
-                    # measured no faster (the target's upserts bound it) and would hold the checkpoint
-                    # back and keep apply_lanes times the events in memory.
-                    if not is_ddl and applier.pending < self.batch_size and time.monotonic() - last_flush < 1.0:
-                        continue
-                else:
-                    follow.caught_up_once = True
-                    follow.caught_up_to = observed_majority
-                    if observed_majority is not None and (
-                        follow.last_cluster_time is None or observed_majority > follow.last_cluster_time
-                    ):
-                        follow.last_cluster_time = observed_majority
-                    lag = 0.0
-                applier.flush()
-                flushes += 1
-                if self.fault_hook is not None:
-                    self.fault_hook("catch_up", flushes)
-                self._save_position(stream.resume_token, follow.last_cluster_time, applier.take_count())
-                saved_token = stream.resume_token
-                last_flush = time.monotonic()
-                if last_flush - last_lag_log >= self.log_interval:
-                    last_lag_log = last_flush
-                    self.log.info("live catch-up %s: %d events applied, lag %s, last applied cluster time %s",
-                                  self.sync_id, follow.events, "?" if lag is None else f"{lag:.0f}s",
-                                  _ts_list(follow.last_cluster_time))
-                reason = stop_reason(follow, lag, last_flush - started)
-            token = saved_token
+            pipeline = _FlushPipeline(self, applier, follow, stream.resume_token)
+            token_before = stream.resume_token
+            # The cluster time of the last event read. follow.last_cluster_time is that of the last event
+            # applied (it moves with the saved position): batch N+1 is read while batch N is written.
+            read_time = follow.last_cluster_time
+            try:
+                while reason is None:
+                    if time.monotonic() >= next_probe:
+                        # Observed BEFORE the next getMore: an empty batch afterwards proves that every majority-
+                        # committed write up to this time has been delivered.
+                        latest, observed_majority = self._source_times()
+                        next_probe = time.monotonic() + 1.0
+                        if latest is not None and follow.last_cluster_time is not None:
+                            lag = max(0.0, float(latest.time - follow.last_cluster_time.time))
+                    if not fragments:  # the token before a whole event, not before its last fragment
+                        token_before = stream.resume_token
+                    try:
+                        change = self._next_event(stream, fragments)
+                    except OperationFailure as exc:
+                        if exc.code in HISTORY_LOST_CODES:
+                            raise self._history_lost(exc, _ts_list(follow.last_cluster_time)) from None
+                        if exc.code == _BSON_OBJECT_TOO_LARGE:
+                            raise self._event_too_large(exc, follow.last_cluster_time) from None
+                        raise MigrationError(
+                            f"the source's change stream failed (code {exc.code}): {_server_message(exc)}. The "
+                            "saved resume token is unchanged: run catch_up again once the cause is fixed"
+                        ) from None
+                    if change is None and fragments:
+                        continue  # part of a split event: never checkpoint in the middle of one
+                    if change is not None:
+                        if fence is not None and change["clusterTime"] > fence:
+                            if not apply_after_fence:
+                                pipeline.flush(_Position(token_before, read_time, applier.take_count()))
+                                reason = "fence"
+                                break
+                            namespace = self._late_namespace(change)
+                            if namespace is not None:
+                                follow.late[namespace] = follow.late.get(namespace, 0) + 1
+                        if change["operationType"] in _DDL_EVENTS:
+                            # add() applies a DDL event at once, after the DML queued before it: the batch in
+                            # flight must be on the target first.
+                            pipeline.settle()
+                        applied, is_ddl = applier.add(change)
+                        read_time = change["clusterTime"]
+                        if applied:
+                            follow.last_event_at = time.monotonic()
+                            progress.add(1, len(change.raw))
+                        # Batch DML writes, but checkpoint a DDL event at once: replaying a rename after later
+                        # events would be wrong. At least once a second, so stop conditions are checked.
+                        # A flush takes at most one getMore's worth (the stream reads batch_size events per
+                        # batch) and splits it over the lanes; flushing batch_size * apply_lanes instead was
+                        # measured no faster (the target's upserts bound it) and would hold the checkpoint
+                        # back and keep apply_lanes times the events in memory.
+                        if not is_ddl and applier.pending < self.batch_size and time.monotonic() - last_flush < 1.0:
+                            continue
+                    else:
+                        # Drained: every majority-committed write observed before this getMore is read, and is
+                        # applied once the flush below returns.
+                        if observed_majority is not None and (read_time is None or observed_majority > read_time):
+                            read_time = observed_majority
+                    position = _Position(stream.resume_token, read_time, applier.take_count())
+                    if change is not None and not is_ddl:
+                        # A full batch (or a second's worth): stop conditions see the batches applied so far
+                        # (nothing in flight), then this batch is written while the loop reads the next one.
+                        pipeline.settle()
+                        reason = stop_reason(follow, lag, time.monotonic() - started)
+                        if reason is None:
+                            pipeline.start(position)
+                        else:
+                            pipeline.flush(position)  # stopping: everything read is applied and saved
+                    else:
+                        # An empty batch, or a DDL event (just applied with everything before it): what stop
+                        # conditions see must include every event read, so write and save it all now.
+                        pipeline.flush(position)
+                        if change is None:
+                            follow.caught_up_once = True
+                            follow.caught_up_to = observed_majority
+                            lag = 0.0
+                        reason = stop_reason(follow, lag, time.monotonic() - started)
+                    last_flush = time.monotonic()
+                    if last_flush - last_lag_log >= self.log_interval:
+                        last_lag_log = last_flush
+                        self.log.info("live catch-up %s: %d events applied, lag %s, last applied cluster time %s",
+                                      self.sync_id, follow.events, "?" if lag is None else f"{lag:.0f}s",
+                                      _ts_list(follow.last_cluster_time))
+            finally:
+                pipeline.close()
+                applier.close()
+            token = pipeline.saved_token
         progress.finish()
         self.log.info("live catch-up %s: stopped (%s) after %d events, lag %s", self.sync_id, reason,
                       follow.events, "?" if lag is None else f"{lag:.0f}s")
@@ -1771,6 +1794,87 @@ class LiveSync:
 
 
 # ------------------------------------------------------------------------------------- event application
+@dataclass
+class _Batch:
+    """The queued writes of one flush, taken out of ``_EventApplier`` so the next batch can be queued while
+    this one is written."""
+
+    ops: dict[tuple[str, str], dict[int, list[Any]]]
+    rechecks: list[Any]
+    changed: list[tuple[str, str, Any]]
+
+
+@dataclass
+class _Position:
+    """Where the change stream stands after a batch: saved once every event before it is on the target."""
+
+    token: Mapping[str, Any] | None
+    cluster_time: Timestamp | None
+    applied: int  # events of the batch counted in the sync's events_applied
+
+
+class _FlushPipeline:
+    """Writes ``_follow``'s batches to the target one at a time, in stream order, each in a background thread
+    while the loop reads the next batch from the source (reading and writing load different servers).
+
+    Only ever one batch is in flight, so each document's writes still reach the target in stream order. A
+    batch's position (resume token, cluster time, count) is saved by ``settle`` once all of its writes have
+    completed, never earlier: the saved token never covers an event that is not applied. A failed batch
+    raises its first failure from ``settle`` and its position is not saved (the previous one stays).
+    ``follow.events`` and ``follow.last_cluster_time`` move with the saved position, so they describe what
+    is applied, which is what stop conditions and the ``CatchUpResult`` are about.
+    """
+
+    def __init__(self, sync: LiveSync, applier: _EventApplier, follow: _Follow,
+                 token: Mapping[str, Any] | None) -> None:
+        self.sync, self.applier, self.follow = sync, applier, follow
+        self.saved_token = token
+        self.flushes = 0
+        self._inflight: tuple[Future[None], _Position] | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"live-flush-{sync.sync_id}")
+
+    def start(self, position: _Position) -> None:
+        """Start writing everything queued in the background; ``position`` is saved once it is written."""
+        self.settle()  # the previous batch first: flushes never overlap one another
+        self._inflight = (self._thread.submit(self.applier.write, self.applier.take_batch()), position)
+
+    def settle(self) -> None:
+        """Wait for the batch in flight, if any, and save its position (or raise its failure)."""
+        if self._inflight is None:
+            return
+        future, position = self._inflight
+        self._inflight = None
+        future.result()
+        self._saved(position)
+
+    def flush(self, position: _Position) -> None:
+        """Write everything queued, after the batch in flight, in this thread; then save ``position``."""
+        self.settle()
+        self.applier.flush()
+        self._saved(position)
+
+    def _saved(self, position: _Position) -> None:
+        self.flushes += 1
+        if self.sync.fault_hook is not None:
+            self.sync.fault_hook("catch_up", self.flushes)
+        self.sync._save_position(position.token, position.cluster_time, position.applied)
+        if position.token is not None:
+            self.saved_token = position.token
+        self.follow.events += position.applied
+        self.follow.last_cluster_time = position.cluster_time
+
+    def close(self) -> None:
+        """Leave nothing writing behind the caller, also when it leaves by an exception: wait for the batch in
+        flight without saving its position (its events are replayed from the saved token, idempotently)."""
+        if self._inflight is not None:
+            future, _ = self._inflight
+            self._inflight = None
+            if future.exception() is not None:  # waits; the exception already on its way out is the one raised
+                self.sync.log.warning("live catch-up %s: a batch in flight failed too: %s", self.sync.sync_id,
+                                      future.exception())
+        self._thread.shutdown(wait=True)
+
+
 class _EventApplier:
     """Turns change events into target writes: DML batched per namespace and lane (ordered), DDL applied at once.
 
@@ -1793,6 +1897,15 @@ class _EventApplier:
         self._changed: list[tuple[str, str, Any]] = []
         self.pending = 0
         self._applied = 0
+        # One pool for the lanes of every flush of this catch-up (created on first use, ended by close()):
+        # starting threads per flush cost a little on every batch.
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """End the lanes' threads (waits for none: every flush waits for its own lanes)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def take_count(self) -> int:
         count, self._applied = self._applied, 0
@@ -1894,38 +2007,48 @@ class _EventApplier:
             ) from None
 
     def flush(self) -> None:
-        """Apply every queued write; returns once all of them are on the target (or raises).
+        """Apply every queued write; returns once all of them are on the target (or raises)."""
+        self.write(self.take_batch())
+
+    def take_batch(self) -> _Batch:
+        """Take every queued write out of the applier, which starts an empty queue (for the next batch, read
+        while this one is written). The count of applied events stays (``take_count``): the caller takes it
+        with the resume token that covers them."""
+        batch = _Batch(self._ops, self._rechecks, self._changed)
+        self._ops, self._rechecks, self._changed = {}, [], []
+        self.pending = 0
+        return batch
+
+    def write(self, batch: _Batch) -> None:
+        """Apply one batch taken by ``take_batch``; returns once all of it is on the target (or raises).
 
         Lanes run concurrently (pymongo's MongoClient is thread-safe). When one fails, the others still run
         to their end before the first failure in (namespace, lane) order is raised: nothing is left in
-        flight behind a failed flush. The caller saves the resume token only after ``flush`` returns, so a
+        flight behind a failed flush. The caller saves the resume token only after ``write`` returns, so a
         failed flush is replayed from the previous token in full, including the lanes that succeeded. That is
         safe because every write is idempotent by ``_id`` (an upserting replace of the looked-up document, a
         delete): writing a lane's changes again leaves its documents as the replay's last change says.
         """
-        jobs = [(key, ops) for key, lanes in self._ops.items() for _, ops in sorted(lanes.items())]
+        jobs = [(key, ops) for key, lanes in batch.ops.items() for _, ops in sorted(lanes.items())]
         if len(jobs) == 1 or self.sync.apply_lanes == 1:
             for key, ops in jobs:  # in the caller's thread, one namespace after another (apply_lanes=1)
                 self._write_lane(key, ops)
         elif jobs:
-            with ThreadPoolExecutor(max_workers=min(self.sync.apply_lanes, len(jobs)),
-                                    thread_name_prefix=f"live-apply-{self.sync.sync_id}") as pool:
-                futures = [pool.submit(self._write_lane, key, ops) for key, ops in jobs]
-                wait(futures)  # every lane finished, failed or not, before anything is raised
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.sync.apply_lanes,
+                                                thread_name_prefix=f"live-apply-{self.sync.sync_id}")
+            futures = [self._pool.submit(self._write_lane, key, ops) for key, ops in jobs]
+            wait(futures)  # every lane finished, failed or not, before anything is raised
             for future in futures:
                 error = future.exception()
                 if error is not None:
                     raise error
-        self._ops.clear()
         # Rechecks and the listener follow the DML of the whole flush, as they did before lanes.
-        if self._rechecks:
-            # Written before the resume token moves past these events (the caller saves it after flush).
-            self.sync._recheck.bulk_write(self._rechecks, ordered=False)
-            self._rechecks.clear()
-        if self._changed and self.sync.changed_listener is not None:
-            self.sync.changed_listener(self._changed)
-        self._changed = []
-        self.pending = 0
+        if batch.rechecks:
+            # Written before the resume token moves past these events (the caller saves it after write).
+            self.sync._recheck.bulk_write(batch.rechecks, ordered=False)
+        if batch.changed and self.sync.changed_listener is not None:
+            self.sync.changed_listener(batch.changed)
 
     # -------------------------------------------------------------------------------------------- DDL
     def _during_copy(self, event: RawBSONDocument) -> bool:

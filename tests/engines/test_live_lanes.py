@@ -238,19 +238,23 @@ def test_a_collated_namespace_is_applied_in_one_lane(source, target):
 
 
 
+@pytest.mark.parametrize("update_apply", ["lookup", "delta"])
 @pytest.mark.parametrize("retyped", [7.0, Int64(7), Decimal128("7.0")], ids=["double", "long", "decimal"])
-def test_an_update_whose_lookup_finds_the_id_retyped_is_rechecked_not_replayed(source, target, retyped):
+def test_an_update_whose_lookup_finds_the_id_retyped_is_rechecked_not_replayed(source, target, retyped,
+                                                                                update_apply):
     """``_id: 7`` updated, then deleted and inserted again as another number type. MongoDB holds the two
     equal, so the update's ``updateLookup`` returns the new document; replaying it as a replace of ``_id: 7``
     would alter the target's ``_id`` (refused by the test server for a decimal, by mongod for a collation
     variant). The update goes to the recheck set instead; the delete and insert that follow, and the
-    recheck, leave the target as the source."""
+    recheck, leave the target as the source. In "delta" mode the updates set ``m.1`` in a document (a
+    numeric field name, listed in ``disambiguatedPaths``), so they are looked up too: by the lane, from the
+    source, with the same check of the ``_id`` found."""
     with source.client() as src, target.client() as dst:
-        src.lanes.r.insert_many([{"_id": 7, "v": 0}, {"_id": 8, "v": 0}])
-        sync = make_sync(src, dst, ["lanes.*"], batch_size=50, apply_lanes=4)
+        src.lanes.r.insert_many([{"_id": 7, "v": 0, "m": {"1": 0}}, {"_id": 8, "v": 0, "m": {"1": 0}}])
+        sync = make_sync(src, dst, ["lanes.*"], batch_size=50, apply_lanes=4, update_apply=update_apply)
         initial_copy(sync)
-        src.lanes.r.update_one({"_id": 7}, {"$set": {"v": 1}})
-        src.lanes.r.update_one({"_id": 8}, {"$set": {"v": 1}})
+        src.lanes.r.update_one({"_id": 7}, {"$set": {"v": 1, "m.1": 1}})
+        src.lanes.r.update_one({"_id": 8}, {"$set": {"v": 1, "m.1": 1}})
         src.lanes.r.delete_one({"_id": 7})
         src.lanes.r.insert_one({"_id": retyped, "v": "retyped"})
         assert sync.catch_up().stopped_because == "lag_ok"

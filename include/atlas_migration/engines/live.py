@@ -11,16 +11,22 @@ The order of operations is what makes the result exact:
 3. ``finish_initial_copy`` builds the secondary indexes and creates the views.
 4. ``catch_up`` replays the stream from the start point. The copy read each document at some moment
    after the start point, so replaying every event since then converges each document to the source's
-   state: every event is applied idempotently keyed by ``_id`` (insert and replace become an upserting
-   replace, update applies the ``updateLookup`` document as an upserting replace or is skipped when the
-   document is gone because its delete event follows, delete deletes by ``_id``). A batch is applied in
-   parallel lanes, every change of one document in the same lane and in stream order (``apply_lane``).
+   state: every event is applied keyed by ``_id`` (insert and replace become an upserting replace, delete
+   deletes by ``_id``, and an update is replayed from its ``updateDescription`` as ``$set``/``$unset``
+   where every path in it is exact, ``engines/update_description``; otherwise, or where the target refuses
+   it, the document is read from the source and written as an upserting replace). Replaying a change on a
+   document the copy read after it converges too: every later change of that document is replayed after
+   it, and a change that reshaped a field (a type change, an array rewritten) writes that whole field
+   again. An update of a document the target does not hold, or whose source document is gone, goes to
+   the recheck set (below). ``update_apply="lookup"`` applies the stream's ``updateLookup`` document
+   instead. A batch is applied in parallel lanes, every change of one document in the same lane and in
+   stream order (``apply_lane``).
 5. ``cutover`` (writes stopped by the operator) drains the stream until it is quiet, brings indexes and
    views in line with the source and marks the sync complete.
 
 Unique secondary indexes are built at cutover, not with the others: while events replay, the target
-briefly holds document versions from different moments (the copy reads documents at different times and
-``updateLookup`` returns the *current* document), so two documents can transiently share a unique key.
+briefly holds document versions from different moments (the copy reads documents at different times, and
+a lookup returns the *current* document), so two documents can transiently share a unique key.
 Once writes stop and the stream is drained the target equals the source, and the build cannot fail.
 
 The state lives on the target in ``<state_db>.live_sync`` (majority writes), one document per sync and
@@ -65,6 +71,7 @@ from atlas_migration.engines.native import (
     index_specs_for_restore,
 )
 from atlas_migration.engines.read_ahead import ReadAhead
+from atlas_migration.engines.update_description import update_from_description
 from atlas_migration.errors import (
     ConfigurationError,
     ImpossibleStrategy,
@@ -92,6 +99,7 @@ sync document, ``_id: <sync_id>``::
     config: {include, exclude, target_db_prefix},      # a later run with other settings is refused
     expanded_events: bool,                             # showExpandedEvents (6.0+): DDL in the stream
     split_events: bool,                                # $changeStreamSplitLargeEvent (6.0.9+/7.0+) in the pipeline
+    update_apply: "delta" | "lookup" (absent: lookup), # how update events are replayed (LiveSync(update_apply))
     fence: {op_time, blocked, how, taken_at, late_writes} | null,   # the cutover fence (atlas_migration.fence)
     rechecks_applied: int,                             # recheck-set documents re-read from the source at cutover
     start: "<StartPoint JSON>",                         # never changed once written
@@ -102,7 +110,9 @@ sync document, ``_id: <sync_id>``::
 
 recheck documents (``<state_db>.live_recheck``), ``_id: {sync_id, db, coll, id: <the document's _id>}``::
 
-    reason: "null_lookup", at: ISO time      # an update whose updateLookup returned no document
+    reason: "null_lookup" | "unmatched_update" | "verifier_mismatch", at: ISO time
+        # null_lookup: an update whose lookup found no document of that _id on the source;
+        # unmatched_update: an update replayed from its description matched no document on the target
 
 partition document, ``_id: {sync_id, partition: "<db>.<coll>#<index>"}``::
 
@@ -134,6 +144,13 @@ DEFAULT_APPLY_LANES = 4
 COPY_READ_AHEAD_BATCHES = 2
 # Concurrent inserts of one partition's copy (``LiveSync(insert_workers=...)``), as the restore's 4 threads.
 DEFAULT_COPY_INSERT_WORKERS = 4
+# How catch-up replays update events (``LiveSync(update_apply=...)``): "delta" from the event's
+# updateDescription where that is exact (engines/update_description), reading the document from the source
+# only where it is not; "lookup" asks the stream for every updated document (fullDocument: updateLookup).
+UPDATE_APPLY_MODES = ("delta", "lookup")
+DEFAULT_UPDATE_APPLY = "delta"
+# Per-document "the target may be ahead" marks kept by a catch-up before the passed ones are dropped.
+_AHEAD_MARKS_KEPT = 50_000
 # Collections whose secondary indexes build at once after the copy: mongod's maxNumActiveUserIndexBuilds default.
 DEFAULT_INDEX_BUILD_WORKERS = 3
 # Server codes meaning the stream cannot continue from the saved point: ChangeStreamHistoryLost (286),
@@ -732,6 +749,7 @@ class LiveSync:
         partition_docs: int = 50_000,
         apply_lanes: int = DEFAULT_APPLY_LANES,
         insert_workers: int = DEFAULT_COPY_INSERT_WORKERS,
+        update_apply: str = DEFAULT_UPDATE_APPLY,
         log: logging.Logger | None = None,
     ) -> None:
         if not sync_id or not isinstance(sync_id, str):
@@ -743,6 +761,8 @@ class LiveSync:
                 raise ConfigurationError(f"{name} must be a whole number of at least 1, not {value!r}")
         if state_db in SYSTEM_DATABASES:
             raise ConfigurationError(f"state_db '{state_db}' is a system database: choose another name")
+        if update_apply not in UPDATE_APPLY_MODES:
+            raise ConfigurationError(f"update_apply must be one of {', '.join(UPDATE_APPLY_MODES)}, not {update_apply!r}")
         self.source = source_client
         self.target = target_client
         self.sync_id = sync_id
@@ -756,6 +776,10 @@ class LiveSync:
         self.apply_lanes = apply_lanes
         # Concurrent inserts of one partition's initial copy (1 for a capped collection).
         self.insert_workers = insert_workers
+        # How a new sync replays update events ("delta": from their updateDescription where exact, else a
+        # lookup; "lookup": the stream's updateLookup document). Kept in the sync's state at start(): a
+        # sync keeps the mode it started with, as its stream's events carry what that mode needs.
+        self.update_apply = update_apply
         self.log = log or logging.getLogger(__name__)
         self.max_await_ms = DEFAULT_MAX_AWAIT_MS
         self.log_interval = DEFAULT_INTERVAL_SECONDS
@@ -856,23 +880,24 @@ class LiveSync:
         parts = tuple(int(p) for p in re.findall(r"\d+", version)[:3]) + (0, 0, 0)
         return parts[:2] >= (7, 0) or (parts[:2] == (6, 0) and parts[2] >= 9)
 
-    def _pipeline(self, split: bool = False) -> list[dict[str, Any]]:
+    def _pipeline(self, split: bool = False, delta: bool = True) -> list[dict[str, Any]]:
         # Identical for every stream of a sync (resume tokens are only valid for the same pipeline). The
         # $match drops system and bookkeeping databases server-side; the namespace patterns are applied
-        # here. updateDescription is unused (the looked-up document is applied) and can be as large as the
-        # document, so it is dropped to keep events under the 16 MiB limit. An event that is still larger
-        # (a document near 16 MiB plus the event's envelope) is split into fragments by the server where it
-        # can (the stage must come last) and reassembled here.
+        # here. In "lookup" mode updateDescription is unused (the looked-up document is applied) and can be
+        # as large as the document, so it is dropped to keep events under the 16 MiB limit. An event that is
+        # still larger (a document near 16 MiB plus the event's envelope) is split into fragments by the
+        # server where it can (the stage must come last) and reassembled here.
         pipeline: list[dict[str, Any]] = [
             {"$match": {"ns.db": {"$nin": sorted({*SYSTEM_DATABASES, self.state_db})}}},
-            {"$project": {"updateDescription": 0}},
         ]
+        if not delta:
+            pipeline.append({"$project": {"updateDescription": 0}})
         if split:
             pipeline.append({"$changeStreamSplitLargeEvent": {}})
         return pipeline
 
     def _open_stream(self, *, expanded: bool, split: bool = False, resume_after: Mapping[str, Any] | None = None,
-                     session=None):
+                     session=None, delta: bool = True):
         from pymongo.change_stream import ClusterChangeStream
 
         # client.watch() decodes events with the client's document class; events here must stay raw BSON
@@ -881,8 +906,8 @@ class LiveSync:
         # what MongoClient.watch builds, with the codec changed.
         stream = ClusterChangeStream(
             self.source.get_database("admin", codec_options=RAW_CODEC),
-            self._pipeline(split),
-            "updateLookup",
+            self._pipeline(split, delta),
+            None if delta else "updateLookup",  # delta: updates are replayed from updateDescription
             resume_after,
             self.max_await_ms,
             self.batch_size,  # events per getMore: one batch fills one flush, which the lanes share
@@ -941,7 +966,8 @@ class LiveSync:
         split = self._supports_split_events()
         with self.source.start_session() as session:
             try:
-                stream = self._open_stream(expanded=expanded, split=split, session=session)
+                stream = self._open_stream(expanded=expanded, split=split, session=session,
+                                           delta=self.update_apply == "delta")
             except OperationFailure as exc:
                 raise MigrationError(
                     f"cannot open a change stream on the source (code {exc.code}): {_server_message(exc)}") from None
@@ -957,6 +983,7 @@ class LiveSync:
         doc = {
             "_id": self.sync_id, "kind": "sync", "sync_id": self.sync_id, "status": "copying",
             "config": self._config(), "expanded_events": expanded, "split_events": split,
+            "update_apply": self.update_apply,
             "fence": None, "rechecks_applied": 0, "start": json.dumps(point.to_dict()),
             "resume_token": _token_from_json(point.resume_token), "last_applied_cluster_time": cluster_time,
             "events_applied": 0, "planned": False, "targets_prepared": False, "copy_finished": False,
@@ -1376,6 +1403,12 @@ class LiveSync:
                 "database now, and replaying source writes onto it could overwrite newer data"
             )
         applier = _EventApplier(self, sync)
+        if applier.delta:
+            # What an earlier catch-up wrote past its saved position (a failed batch's lanes, lookups) was
+            # written before now: updates up to the latest write are replayed as lookups (_EventApplier).
+            latest, _ = self._source_times()
+            if latest is not None and (applier.lookup_until is None or latest > applier.lookup_until):
+                applier.lookup_until = latest
         follow = _Follow(last_cluster_time=sync.get("last_applied_cluster_time"))
         started = last_flush = last_lag_log = time.monotonic()
         progress = Progress(f"live catch-up {self.sync_id} (events)", None, self.log, interval=self.log_interval)
@@ -1386,7 +1419,7 @@ class LiveSync:
         fragments: list[RawBSONDocument] = []
         try:
             stream = self._open_stream(expanded=bool(sync.get("expanded_events")), split=bool(sync.get("split_events")),
-                                       resume_after=sync["resume_token"])
+                                       resume_after=sync["resume_token"], delta=applier.delta)
         except OperationFailure as exc:
             if exc.code in HISTORY_LOST_CODES:
                 raise self._history_lost(exc, _ts_list(follow.last_cluster_time)) from None
@@ -1804,6 +1837,40 @@ class _Batch:
     changed: list[tuple[str, str, Any]]
 
 
+def _counted(resolved: list[tuple[Any, Any]]) -> int:
+    """How many of these writes report one matched or upserted document each (replaces and updates)."""
+    from pymongo import ReplaceOne, UpdateOne
+
+    return sum(1 for op, _ in resolved if isinstance(op, ReplaceOne | UpdateOne))
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """A queued update of (source db, coll, _id) replayed as the document the source holds when the lane is
+    written (what ``updateLookup`` returns, read in one query per lane): its description is not exact, or the
+    target's version of the document may be later than the one the update was made to."""
+
+    db: str
+    coll: str
+    doc_id: Any
+    cluster_time: Timestamp | None = None
+
+
+@dataclass(frozen=True)
+class _Delta:
+    """A queued update replayed from its ``updateDescription`` (``update``), if the target holds the very
+    version of the document it was made to when the lane is written; otherwise it becomes a ``_Lookup``."""
+
+    db: str
+    coll: str
+    doc_id: Any
+    update: Mapping[str, Any]
+    cluster_time: Timestamp
+
+    def lookup(self) -> _Lookup:
+        return _Lookup(self.db, self.coll, self.doc_id, self.cluster_time)
+
+
 @dataclass
 class _Position:
     """Where the change stream stands after a batch: saved once every event before it is on the target."""
@@ -1889,6 +1956,18 @@ class _EventApplier:
     def __init__(self, sync: LiveSync, state: Mapping[str, Any]) -> None:
         self.sync = sync
         self.copy_finished_at: Timestamp | None = state.get("copy_finished_cluster_time")
+        # A sync started before update_apply existed has updateLookup events: it keeps them.
+        self.delta = state.get("update_apply") == "delta"
+        # Delta mode. Replaying an update's description on a LATER version of its document converges the
+        # values but not always the field order (a field the later version already holds keeps its place
+        # where the source appended it), so a delta is only written to the version it was made to. Every
+        # update up to lookup_until is replayed as a lookup instead: the copy read each document at some
+        # time up to copy_finished_cluster_time, and _follow raises it to the source's latest write when it
+        # starts, which covers what an earlier, interrupted catch-up may have written past its saved
+        # position (lanes of a failed batch, lookups). _ahead_until holds the same bound per document for
+        # the lookups of this catch-up: (namespace, _id key) -> the source's cluster time after the read.
+        self.lookup_until: Timestamp | None = state.get("copy_finished_cluster_time")
+        self._ahead_until: dict[tuple[tuple[str, str], bytes], Timestamp] = {}
         # (target db, collection) -> lane -> ops in stream order
         self._ops: dict[tuple[str, str], dict[int, list[Any]]] = {}
         # (target db, collection) -> lanes it is split into (1: collated); forgotten after each DDL event
@@ -1925,6 +2004,13 @@ class _EventApplier:
             key = (self.sync._target_db(db), coll)
             if op == "delete":
                 self._queue(key, doc_id, DeleteOne({"_id": doc_id}))
+            elif op == "update" and self.delta:
+                update = update_from_description(event.get("updateDescription"))
+                if update is None:  # a path that is not exact: the document is read from the source
+                    self._queue(key, doc_id, _Lookup(db, coll, doc_id, event["clusterTime"]))
+                elif update:
+                    self._queue(key, doc_id, _Delta(db, coll, doc_id, update, event["clusterTime"]))
+                # else: an update that changed nothing (no field in its description) has nothing to replay
             else:
                 document = event.get("fullDocument")
                 if document is not None and not _same_id(document.get("_id"), doc_id):
@@ -1968,10 +2054,7 @@ class _EventApplier:
         )
 
     def _queue_recheck(self, db: str, coll: str, doc_id: Any) -> None:
-        from pymongo import UpdateOne
-
-        self._rechecks.append(UpdateOne({"_id": self.sync.recheck_key(db, coll, doc_id)},
-                                        {"$set": {"reason": "null_lookup", "at": _utc_now()}}, upsert=True))
+        self._rechecks.append(self._recheck_op(db, coll, doc_id, "null_lookup"))
         self.pending += 1
 
     def _lanes_of(self, key: tuple[str, str]) -> int:
@@ -1990,21 +2073,145 @@ class _EventApplier:
         self._ops.setdefault(key, {}).setdefault(lane, []).append(op)
         self.pending += 1
 
-    def _write_lane(self, key: tuple[str, str], ops: list[Any]) -> None:
+    def _write_lane(self, key: tuple[str, str], ops: list[Any]) -> list[Any]:
+        """Write one lane's ops as ordered bulk writes; returns the recheck-set writes the lane calls for.
+
+        In "delta" mode the lane also holds ``_Delta`` and ``_Lookup`` placeholders. A delta whose document may
+        be at a later version on the target (``_exact``) becomes a lookup; lookups are read from the source in
+        one query per namespace (primary, majority, as the copy reads). A delta the target still refuses is
+        replaced the same way, and the lane goes on from there. A delta that matched no document is queued
+        in the recheck set, as an empty lookup is: usually a later delete follows, and the recheck at cutover
+        costs one read when it does not."""
         from pymongo.errors import BulkWriteError
 
         collection = self.sync._target_collection(*key)
-        try:
-            collection.bulk_write(ops, ordered=True, bypass_document_validation=True)
-        except BulkWriteError as exc:
-            first = (exc.details.get("writeErrors") or [{}])[0]
-            hint = (" A unique index on the target rejected a replayed write: unique indexes are only "
-                    "built at cutover, so writes have continued after it; stop them and retry."
-                    if first.get("code") == _DUPLICATE_KEY else "")
-            raise MigrationError(
-                f"applying change events to {collection.full_name} failed (code {first.get('code')}): "
-                f"{str(first.get('errmsg'))[:300]}.{hint} The resume token was not advanced"
-            ) from None
+        rechecks: list[Any] = []
+        pending = self._exact(key, ops) if self.delta else ops
+        expected = matched = 0  # replaces and deltas written, and how many of them matched or upserted
+        deltas_written: list[_Delta] = []
+        while pending:
+            resolved = self._resolved(key, pending, rechecks)  # (pymongo op, what it was queued as)
+            if not resolved:  # only lookups of documents the source no longer has: rechecks
+                break
+            try:
+                result = collection.bulk_write([op for op, _ in resolved], ordered=True,
+                                               bypass_document_validation=True)
+            except BulkWriteError as exc:
+                first = (exc.details.get("writeErrors") or [{}])[0]
+                index = int(first.get("index") or 0)
+                queued = resolved[index][1] if index < len(resolved) else None
+                if (isinstance(queued, _Delta) and first.get("code") != _DUPLICATE_KEY
+                        and not exc.details.get("writeConcernErrors")):
+                    expected += _counted(resolved[:index])
+                    matched += int(exc.details.get("nMatched") or 0) + int(exc.details.get("nUpserted") or 0)
+                    deltas_written += [q for _, q in resolved[:index] if isinstance(q, _Delta)]
+                    self.sync.log.debug("live catch-up %s: %s refused a replayed update of _id %r (code %s): the "
+                                        "document is read from the source", self.sync.sync_id, collection.full_name,
+                                        queued.doc_id, first.get("code"))
+                    refused = _id_key(queued.doc_id)
+                    pending = [q.lookup() if isinstance(q, _Delta) and _id_key(q.doc_id) == refused else q
+                               for _, q in resolved[index:]]
+                    continue
+                hint = (" A unique index on the target rejected a replayed write: unique indexes are only "
+                        "built at cutover, so writes have continued after it; stop them and retry."
+                        if first.get("code") == _DUPLICATE_KEY else "")
+                raise MigrationError(
+                    f"applying change events to {collection.full_name} failed (code {first.get('code')}): "
+                    f"{str(first.get('errmsg'))[:300]}.{hint} The resume token was not advanced"
+                ) from None
+            if result is not None:
+                expected += _counted(resolved)
+                matched += result.matched_count + result.upserted_count
+            deltas_written += [q for _, q in resolved if isinstance(q, _Delta)]
+            break
+        if deltas_written and matched < expected:
+            rechecks.extend(self._unmatched_deltas(collection, deltas_written))
+        return rechecks
+
+    def _exact(self, key: tuple[str, str], ops: list[Any]) -> list[Any]:
+        """``ops`` with every ``_Delta`` whose document may be at a later version on the target turned into a
+        ``_Lookup``: up to ``lookup_until``, up to the cluster time of a lookup of the same document by an
+        earlier batch, and after a lookup of it earlier in this lane. A full document (insert, replace) or a
+        delete leaves the target at that event's exact version, so deltas after it are exact again."""
+        from pymongo import DeleteOne, ReplaceOne
+
+        ahead: set[bytes] = set()
+        out: list[Any] = []
+        for op in ops:
+            if isinstance(op, _Delta):
+                doc_key = _id_key(op.doc_id)
+                until = self._ahead_until.get((key, doc_key))
+                if (doc_key in ahead or (self.lookup_until is not None and op.cluster_time <= self.lookup_until)
+                        or (until is not None and op.cluster_time <= until)):
+                    op = op.lookup()
+            if isinstance(op, _Lookup):
+                ahead.add(_id_key(op.doc_id))
+            elif isinstance(op, ReplaceOne | DeleteOne):
+                ahead.discard(_id_key(op._filter["_id"]))
+            out.append(op)
+        return out
+
+    def _resolved(self, key: tuple[str, str], ops: list[Any], rechecks: list[Any]) -> list[tuple[Any, Any]]:
+        """Each op to write, paired with what it was queued as: a ``_Delta`` becomes its ``UpdateOne``, and a
+        ``_Lookup`` an upserting replace by the document as the source holds it now, or nothing (and a
+        recheck) when the source has no document of that very ``_id``. Records, per document, the source's
+        cluster time after the read: until the stream passes it, the target may hold a later version."""
+        from pymongo import DeleteOne, ReplaceOne, UpdateOne
+
+        wanted: dict[tuple[str, str], list[Any]] = {}
+        for op in ops:
+            if isinstance(op, _Lookup):
+                wanted.setdefault((op.db, op.coll), []).append(op.doc_id)
+        found: dict[tuple[str, str], dict[bytes, RawBSONDocument]] = {}
+        read_until: Timestamp | None = None
+        for (db, coll), ids in wanted.items():
+            with self.sync.source.start_session(causal_consistency=False) as session:
+                cursor = self.sync._copy_source(db, coll).find({"_id": {"$in": ids}}, session=session)
+                found[(db, coll)] = {_id_key(doc["_id"]): doc for doc in cursor}
+                cluster = (session.cluster_time or {}).get("clusterTime")
+            if cluster is None:  # no gossiped cluster time: the latest write, read after the lookup
+                cluster, _ = self.sync._source_times()
+            read_until = cluster if read_until is None or cluster is None else max(read_until, cluster)
+        out: list[tuple[Any, Any]] = []
+        for op in ops:
+            if isinstance(op, _Delta):
+                out.append((UpdateOne({"_id": op.doc_id}, op.update), op))
+                continue
+            if not isinstance(op, _Lookup):
+                if isinstance(op, ReplaceOne | DeleteOne) and self._ahead_until:
+                    self._ahead_until.pop((key, _id_key(op._filter["_id"])), None)
+                out.append((op, op))
+                continue
+            doc_key = _id_key(op.doc_id)
+            if read_until is not None:
+                self._ahead_until[(key, doc_key)] = read_until
+            document = found[(op.db, op.coll)].get(doc_key)
+            if document is None or not _same_id(document.get("_id"), op.doc_id):
+                # Gone (a later delete follows), renamed, or re-inserted as another type: as for an empty
+                # updateLookup, the recheck at cutover re-reads it.
+                rechecks.append(self._recheck_op(op.db, op.coll, op.doc_id, "null_lookup"))
+                continue
+            out.append((ReplaceOne({"_id": op.doc_id}, document, upsert=True), op))
+        if len(self._ahead_until) > _AHEAD_MARKS_KEPT and ops:
+            # Marks older than this batch's events can no longer matter: the stream has passed them.
+            times = [op.cluster_time for op in ops if isinstance(op, _Delta | _Lookup) and op.cluster_time]
+            if times:
+                oldest = min(times)
+                for mark in [m for m, until in self._ahead_until.items() if until < oldest]:
+                    self._ahead_until.pop(mark, None)
+        return out
+
+    def _unmatched_deltas(self, collection: Collection, deltas: list[_Delta]) -> list[Any]:
+        ids = [delta.doc_id for delta in deltas]
+        present = {_id_key(doc["_id"]) for doc in collection.find({"_id": {"$in": ids}}, {"_id": 1})}
+        return [self._recheck_op(delta.db, delta.coll, delta.doc_id, "unmatched_update") for delta in deltas
+                if _id_key(delta.doc_id) not in present]
+
+    def _recheck_op(self, db: str, coll: str, doc_id: Any, reason: str) -> Any:
+        from pymongo import UpdateOne
+
+        return UpdateOne({"_id": self.sync.recheck_key(db, coll, doc_id)},
+                         {"$set": {"reason": reason, "at": _utc_now()}}, upsert=True)
 
     def flush(self) -> None:
         """Apply every queued write; returns once all of them are on the target (or raises)."""
@@ -2030,9 +2237,10 @@ class _EventApplier:
         delete): writing a lane's changes again leaves its documents as the replay's last change says.
         """
         jobs = [(key, ops) for key, lanes in batch.ops.items() for _, ops in sorted(lanes.items())]
+        rechecks = list(batch.rechecks)
         if len(jobs) == 1 or self.sync.apply_lanes == 1:
             for key, ops in jobs:  # in the caller's thread, one namespace after another (apply_lanes=1)
-                self._write_lane(key, ops)
+                rechecks.extend(self._write_lane(key, ops) or [])
         elif jobs:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.sync.apply_lanes,
@@ -2043,10 +2251,12 @@ class _EventApplier:
                 error = future.exception()
                 if error is not None:
                     raise error
+            for future in futures:
+                rechecks.extend(future.result() or [])
         # Rechecks and the listener follow the DML of the whole flush, as they did before lanes.
-        if batch.rechecks:
+        if rechecks:
             # Written before the resume token moves past these events (the caller saves it after write).
-            self.sync._recheck.bulk_write(batch.rechecks, ordered=False)
+            self.sync._recheck.bulk_write(rechecks, ordered=False)
         if batch.changed and self.sync.changed_listener is not None:
             self.sync.changed_listener(batch.changed)
 

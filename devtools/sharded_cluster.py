@@ -112,8 +112,9 @@ What it does NOT imitate:
   ``$changeStreamSplitLargeEvent`` fragments' ordering across shards, resume tokens as real KeyStrings
   (see above), ``showMigrationEvents``;
 - read preferences (every read goes to each shard's primary), write concern beyond passing it on,
-  ``maxTimeMS`` on anything but change-stream ``getMore``s, per-command privilege checks, ``local``
-  (refused: "Can't use 'local' database through mongos", IllegalOperation 20);
+  ``maxTimeMS`` on anything but change-stream ``getMore``s, per-command privilege checks; commands on
+  ``local`` are refused with IllegalOperation (20) (a client reads a shard's oplog on the shard itself;
+  the exact error a real mongos gives there was not checked);
 - mongos's own ``buildInfo``/``getParameter``/``connectionStatus``/``serverStatus``/``hostInfo``/
   ``getCmdLineOpts``: they are the first shard's replies (a mongos answers them itself).
 
@@ -1090,7 +1091,10 @@ class ShardedCluster(WireProxy):
             return self._config_find(body, coll)
         sharded = self.sharded_collection(db, coll)
         if sharded is None:
-            return self._forward_primary(body, db, app)
+            view = self._view_on_sharded(db, coll, app)
+            if view is None:
+                return self._forward_primary(body, db, app)
+            return self._find_on_view(body, db, app, *view)
         if body.get("tailable"):
             raise not_imitated("a tailable cursor on a sharded collection")
         sort = dict(body.get("sort") or {})
@@ -1170,7 +1174,21 @@ class ShardedCluster(WireProxy):
     def cmd_count(self, body, db, app):
         sharded = self.sharded_collection(db, body["count"])
         if sharded is None:
-            return self.run(self.primary(db), db, self._clean(body), app, check=False)
+            view = self._view_on_sharded(db, body["count"], app)
+            if view is None:
+                return self.run(self.primary(db), db, self._clean(body), app, check=False)
+            if body.get("skip") or body.get("limit"):
+                raise not_imitated("count with skip or limit on a view of a sharded collection")
+            sharded, resolved = view
+            pipeline = resolved + ([{"$match": body["query"]}] if body.get("query") else []) + [{"$count": "n"}]
+            total = 0
+            for shard in self._targets(sharded, {}):
+                reply = self.run(shard, db, {"aggregate": sharded.namespace.split(".", 1)[1], "pipeline": pipeline,
+                                             "cursor": {}}, app)
+                stream = ShardStream(self, shard, db, reply, app)
+                while stream.head() is not None:
+                    total += int(stream.buffer.popleft()["n"])
+            return {"n": total, "ok": 1.0}
         if body.get("skip") or body.get("limit"):
             raise not_imitated("count with skip or limit on a sharded collection")
         total = sum(int(self.run(s, db, self._clean(body), app).get("n") or 0)
@@ -1186,8 +1204,56 @@ class ShardedCluster(WireProxy):
         if sharded is None:
             if not isinstance(coll, str):
                 raise not_imitated("a database-level aggregate other than $changeStream")
-            return self._forward_primary(body, db, app)
+            view = self._view_on_sharded(db, coll, app)
+            if view is None:
+                return self._forward_primary(body, db, app)
+            sharded, resolved = view
+            return self._sharded_aggregate(body, db, app, sharded, resolved + pipeline)
         return self._sharded_aggregate(body, db, app, sharded, pipeline)
+
+    def _view_on_sharded(self, db: str, coll: Any, app: str | None) -> tuple[ShardedCollection, list] | None:
+        """(the sharded collection, the resolved view pipeline) when ``db.coll`` is a view over a sharded
+        collection (through other views too), as mongos resolves it; None otherwise."""
+        if not isinstance(coll, str):
+            return None
+        with self._meta_lock:
+            if not any(n.split(".", 1)[0] == db for n in self.sharded):
+                return None
+        pipeline: list[dict[str, Any]] = []
+        name = coll
+        for _ in range(20):  # mongod's view depth limit
+            reply = self.run(self.primary(db), db, {"listCollections": 1, "filter": {"name": name}}, app)
+            batch = _as_dict(reply["cursor"]).get("firstBatch") or []
+            if not batch:
+                return None
+            info = _as_dict(batch[0])
+            if info.get("type") != "view":
+                sharded = self.sharded_collection(db, name)
+                return (sharded, pipeline) if sharded is not None and name != coll else None
+            options = _as_dict(info.get("options"))
+            stages = [bson.decode(stage.raw, DECODE) for stage in options.get("pipeline") or []]
+            pipeline = stages + pipeline
+            name = str(options["viewOn"])
+        return None
+
+    def _find_on_view(self, body, db, app, sharded, resolved):
+        """A find on a view over a sharded collection, run as the aggregate mongos turns it into."""
+        sort = dict(body.get("sort") or {})
+        pipeline = list(resolved)
+        if body.get("filter"):
+            pipeline.append({"$match": body["filter"]})
+        if body.get("projection"):
+            pipeline.append({"$project": body["projection"]})
+        if sort:
+            pipeline.append({"$sort": sort})
+        if body.get("skip"):
+            pipeline.append({"$skip": int(body["skip"])})
+        if body.get("limit"):
+            pipeline.append({"$limit": abs(int(body["limit"]))})
+        aggregate = {"aggregate": body["find"], "pipeline": pipeline, "cursor": {}}
+        if body.get("batchSize") is not None:
+            aggregate["cursor"] = {"batchSize": body["batchSize"]}
+        return self._sharded_aggregate(aggregate, db, app, sharded, pipeline)
 
     def _sharded_aggregate(self, body, db, app, sharded, pipeline):
         coll = body["aggregate"]
@@ -1196,6 +1262,7 @@ class ShardedCluster(WireProxy):
         match = dict(pipeline[0]["$match"]) if stages[:1] == ["$match"] else {}
         targets = self._targets(sharded, match)
         shard_body = {k: v for k, v in self._clean(body).items() if k != "cursor"}
+        shard_body["aggregate"] = sharded.namespace.split(".", 1)[1]
         batch_size = (body.get("cursor") or {}).get("batchSize")
 
         def run_all(shard_pipeline) -> list[ShardStream]:
@@ -1234,9 +1301,11 @@ class ShardedCluster(WireProxy):
                     if "$sort" in stage:
                         chosen.sort(key=lambda d: bson_key(d.get("_id", MinKey())), reverse=stage["$sort"]["_id"] < 0)
                 return self.cursor_reply(ListCursor(ns, chosen), batch_size, None, True)
-        limit = 0
+        limit = skip = 0
         if stages and stages[-1] == "$limit":
             limit, pipeline, stages = int(pipeline[-1]["$limit"]), pipeline[:-1], stages[:-1]
+        if stages and stages[-1] == "$skip":
+            skip, pipeline, stages = int(pipeline[-1]["$skip"]), pipeline[:-1], stages[:-1]
         direction = 0
         if stages and stages[-1] == "$sort":
             sort = dict(pipeline[-1]["$sort"])
@@ -1245,8 +1314,8 @@ class ShardedCluster(WireProxy):
             direction = sort["_id"]
             stages = stages[:-1]
         if set(stages) <= STREAMING_STAGES:
-            shard_pipeline = pipeline + ([{"$limit": limit}] if limit else [])
-            cursor = MergeCursor(ns, run_all(shard_pipeline), direction, 0, limit)
+            shard_pipeline = pipeline + ([{"$limit": limit + skip}] if limit else [])
+            cursor = MergeCursor(ns, run_all(shard_pipeline), direction, skip, limit)
             return self.cursor_reply(cursor, batch_size, None, True)
         raise not_imitated(f"the pipeline {stages} on a sharded collection")
 

@@ -295,3 +295,17 @@ def test_local_and_unknown_commands_are_refused(router) -> None:
     with pytest.raises(OperationFailure) as unknown:
         router.app.command("dbHash")
     assert unknown.value.code == 59
+
+
+def test_a_view_over_a_sharded_collection_reads_every_shard(router) -> None:
+    router.app.orders.insert_many([{"_id": i, "big": i % 2 == 0} for i in range(990, 1_010)])
+    router.app.create_collection("evens", viewOn="orders", pipeline=[{"$match": {"big": True}}])
+    try:
+        expected = [i for i in range(990, 1_010) if i % 2 == 0]
+        assert [d["_id"] for d in router.app.evens.find(sort=[("_id", 1)])] == expected
+        assert [d["_id"] for d in router.app.evens.find({"_id": {"$gt": 1_000}}, sort=[("_id", -1)]).limit(3)] == \
+            [1_008, 1_006, 1_004]
+        assert router.app.evens.count_documents({}) == 10
+        assert router.app.command("count", "evens")["n"] == 10
+    finally:
+        router.app.evens.drop()

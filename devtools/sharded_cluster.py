@@ -58,9 +58,13 @@ Reads
     ``$count`` summed; ``$sample`` (optionally after ``$match``; each shard samples ``size``, the router picks
     ``size`` at random from their union), followed by ``$project``/``$sort`` on ``_id``; and pipelines of
     ``$match``/``$project``/``$addFields``/``$set``/``$unset`` with an optional trailing ``$sort`` on
-    ``_id`` and ``$limit``. Others are refused. ``collStats`` sums ``count``/``size``/``storageSize``/
-    ``totalIndexSize`` with ``sharded: true`` and per-shard ``shards``. ``listDatabases`` merges the shards'
-    lists (``local`` excluded, sizes summed); ``listCollections`` and ``listIndexes`` come from the
+    ``_id``, ``$skip`` and ``$limit``. Others are refused. ``collStats`` sums ``count``/``size``/``storageSize``/
+    ``totalIndexSize`` with ``sharded: true`` and per-shard ``shards``. A view lives on its database's primary
+    shard; reads of a view over a sharded collection (``find``, ``count``, ``aggregate``) are resolved by the
+    router into an aggregate on the sharded collection (the view's pipeline first), as mongos resolves them,
+    within the pipeline shapes above. ``listDatabases`` merges the shards'
+    lists (``local`` excluded, sizes summed; ``admin``/``config`` appear only as the shards have them, where a
+    real mongos lists the config servers' ones); ``listCollections`` and ``listIndexes`` come from the
     database's primary shard; ``create``/``createIndexes``/``dropIndexes``/``collMod``/``drop`` go to
     the primary shard, or to every shard for a sharded collection (reply with ``raw`` per shard).
 
@@ -103,8 +107,7 @@ What it does NOT imitate:
   actually moving anything, jumbo chunks, resharding, ``movePrimary``; config servers as servers
   (the metadata lives in the router's memory; ``config.*`` writes are refused); more than one router;
 - sorts other than on ``_id`` for sharded reads, ``$sortKey`` merging of arbitrary pipelines, ``distinct``,
-  ``mapReduce``, ``$lookup``/``$group``/``$out``/``$merge`` on sharded collections, views over sharded
-  collections (a view is created on the primary shard and reads only its data), ``renameCollection`` of a
+  ``mapReduce``, ``$lookup``/``$group``/``$out``/``$merge`` on sharded collections, ``renameCollection`` of a
   sharded collection, ``dbStats``, ``$collStats``, ``$indexStats``, ``explain``, tailable cursors on
   sharded collections, collation-aware targeting;
 - change-stream details: DDL events (``drop``, ``createIndexes`` ...) of a sharded collection come once per

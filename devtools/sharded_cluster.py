@@ -948,9 +948,15 @@ class ShardedCluster(WireProxy):
     def cmd_enablesharding(self, body, db, app):
         self._admin_only("enableSharding", db)
         name = str(body["enableSharding"])
+        wanted = body.get("primaryShard")
+        index = 0
+        if wanted is not None:
+            found = [s.index for s in self.shards if s.id == str(wanted)]
+            if not found:
+                raise CommandError(70, "ShardNotFound", f"Shard {wanted} not found")
+            index = found[0]
         with self._meta_lock:
-            self.primaries.setdefault(name, int(body.get("primaryShard", 0)) if isinstance(
-                body.get("primaryShard"), int) else 0)
+            self.primaries.setdefault(name, index)
         return {"ok": 1.0}
 
     def cmd_shardcollection(self, body, db, app):

@@ -309,3 +309,21 @@ def test_a_view_over_a_sharded_collection_reads_every_shard(router) -> None:
         assert router.app.command("count", "evens")["n"] == 10
     finally:
         router.app.evens.drop()
+
+
+def test_shard_collection_by_command_routes_new_chunks(router, shards) -> None:
+    router.admin.command("enableSharding", "other", primaryShard="shard1")
+    router.admin.command("shardCollection", "other.items", key={"_id": 1}, splits=["m"])
+    try:
+        router.other.items.insert_many([{"_id": name} for name in ("apple", "kiwi", "melon", "zucchini")])
+        router.other.plain.insert_one({"_id": 1})
+        with shard_client(shards[0]) as s0, shard_client(shards[1]) as s1:
+            assert sorted(d["_id"] for d in s0.other.items.find()) == ["apple", "kiwi"]
+            assert sorted(d["_id"] for d in s1.other.items.find()) == ["melon", "zucchini"]
+            assert s1.other.plain.count_documents({}) == 1 and "plain" not in s0.other.list_collection_names()
+        with pytest.raises(OperationFailure) as refused:
+            router.admin.command("shardCollection", "other.hashed", key={"_id": "hashed"})
+        assert "not imitated" in str(refused.value)
+    finally:
+        router.drop_database("other")
+    assert "other.items" not in [c["_id"] for c in router.config.collections.find()]

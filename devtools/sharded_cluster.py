@@ -38,7 +38,8 @@ Writes
     router finds one matching document (broadcast ``find`` ``limit: 1``) and then updates/deletes that
     document by ``_id`` on its shard (mongos's two-phase write without shard key; here not guarded
     against a concurrent change between the two phases). An upsert needs the shard key in its filter:
-    refused otherwise with ShardKeyNotFound (61), as mongos does. ``findAndModify`` on a sharded
+    refused otherwise with ShardKeyNotFound (61) "Failed to target upsert by query :: could not extract exact
+    shard key", mongos's error (its ``CollectionRoutingInfoTargeter``). ``findAndModify`` on a sharded
     collection: targeted by ``_id`` equality, otherwise the same two-phase path (no ``sort``).
     ``setUserWriteBlockMode`` and ``appendOplogNote`` are run on every shard (the reply carries the latest
     ``operationTime``). Commands on unsharded collections are forwarded whole to the primary shard.
@@ -73,7 +74,8 @@ Change streams (``aggregate`` with ``$changeStream`` on a collection, a database
     merges: events ordered by (clusterTime, shard) and an event is returned only once every other shard's
     stream has passed its clusterTime: each shard's ``postBatchResumeToken`` is its high-water mark. An idle
     shard advances its mark only by its periodic no-op writes (mongod's ``periodicNoopIntervalSecs``, 10 s
-    by default): start shard servers with ``--noop-heartbeat-seconds N`` (SecantusDB's equivalent; checked
+    by default; SERVER-80427: "in the worst case when one of the shards doesn't receive any writes, the
+    latency will be around that"): start shard servers with ``--noop-heartbeat-seconds N`` (SecantusDB's equivalent; checked
     with 0.7.0b3: an idle change stream's ``postBatchResumeToken`` advances with each heartbeat). Without
     heartbeats an idle shard stalls the merged stream, as it would on a cluster without them. A getMore
     waits up to ``maxTimeMS`` (1 s by default) for an event, then answers an empty batch.
@@ -110,14 +112,17 @@ What it does NOT imitate:
   ``mapReduce``, ``$lookup``/``$group``/``$out``/``$merge`` on sharded collections, ``renameCollection`` of a
   sharded collection, ``dbStats``, ``$collStats``, ``$indexStats``, ``explain``, tailable cursors on
   sharded collections, collation-aware targeting;
-- change-stream details: DDL events (``drop``, ``createIndexes`` ...) of a sharded collection come once per
+- change-stream details: the config server's stream that a real mongos also merges (to learn of new
+  shards; its no-op writer runs every second), DDL events (``drop``, ``createIndexes`` ...) of a sharded collection come once per
   shard (mongos deduplicates them and emits one ``invalidate``), ``startAfter`` an invalidate, the
   ``$changeStreamSplitLargeEvent`` fragments' ordering across shards, resume tokens as real KeyStrings
   (see above), ``showMigrationEvents``;
+- cursor timeouts: router cursors live until exhausted or killed (mongos kills idle ones after 10 minutes);
 - read preferences (every read goes to each shard's primary), write concern beyond passing it on,
   ``maxTimeMS`` on anything but change-stream ``getMore``s, per-command privilege checks; commands on
   ``local`` are refused with IllegalOperation (20) (a client reads a shard's oplog on the shard itself;
-  the exact error a real mongos gives there was not checked);
+  the exact error of a current mongos there was not checked; old ones answered code 13644 "can't use local
+  database through mongos");
 - mongos's own ``buildInfo``/``getParameter``/``connectionStatus``/``serverStatus``/``hostInfo``/
   ``getCmdLineOpts``: they are the first shard's replies (a mongos answers them itself).
 
@@ -1437,8 +1442,7 @@ class ShardedCluster(WireProxy):
             return [(self.shards[sharded.owner(value)], query)]
         if upsert:
             raise CommandError(SHARD_KEY_NOT_FOUND, "ShardKeyNotFound",
-                               f"Failed to target upsert by query :: could not extract exact shard key from {kind}"
-                               " query")
+                               "Failed to target upsert by query :: could not extract exact shard key")
         if multi:
             return [(shard, query) for shard in self._targets(sharded, query)]
         found = self._find_one_id(db, coll, sharded, query, collation, app)

@@ -327,3 +327,28 @@ def test_shard_collection_by_command_routes_new_chunks(router, shards) -> None:
     finally:
         router.drop_database("other")
     assert "other.items" not in [c["_id"] for c in router.config.collections.find()]
+
+
+def test_inspection_through_the_router_measures_each_shard_and_the_bounded_window_decides(shards, tmp_path):
+    """What the product reads through the stand-in: listShards names both shards as replica sets, inspection
+    measures each one's oplog, and the shard whose oplog has dropped entries bounds the cluster's window."""
+    from atlas_migration.inspection import inspect_source
+
+    small = start_server(tmp_path / "small", oplog_max_entries=20)
+    proxy = ReplicaSetProxy(small.port).start()
+    try:
+        with pymongo.MongoClient(f"mongodb://{proxy.host}/?directConnection=true") as direct:
+            direct.fill.x.insert_many([{"_id": i} for i in range(1_200)])  # trimmed every 1,000 writes
+        with ShardedCluster([shards[0].host, proxy.host]) as two, \
+                pymongo.MongoClient(f"mongodb://{two.host}/") as client:
+            profile = inspect_source(client, conn_id="src", hosts=[two.host],
+                                     shard_connect=lambda name, hosts: pymongo.MongoClient(hosts, replicaSet=name))
+    finally:
+        proxy.stop()
+        small.destroy()
+    assert profile.topology == "sharded" and profile.shards == ["shard0", "shard1"]
+    windows = {s.name: s for s in profile.shard_oplogs}
+    assert windows["shard0"].since_initiation and not windows["shard1"].since_initiation
+    assert windows["shard0"].window_hours > windows["shard1"].window_hours >= 0  # the older shard spans more
+    assert profile.oplog_window_hours == windows["shard1"].window_hours
+    assert any("the smallest of 2 shard oplog windows, shard shard1 (not counting shard0" in n for n in profile.notes)

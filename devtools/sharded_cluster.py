@@ -97,7 +97,8 @@ Cluster time
 
 What it does NOT imitate:
 - authentication and authorization: it serves unauthenticated clients only (``saslStart``,
-  ``authenticate`` ... are refused); TLS; OP_COMPRESSED (compression is never offered);
+  ``authenticate`` ... are refused); the cluster has no users (``usersInfo`` answers none; ``createUser``
+  and the other user and role commands are refused as unknown); TLS; OP_COMPRESSED (compression is never offered);
 - transactions (``startTransaction`` refused); retryable writes are executed once (``txnNumber`` dropped);
   sessions (``lsid`` is not passed on; cursors are not bound to sessions); causal consistency
   (``afterClusterTime`` is dropped, since the shards' clocks are not gossiped);
@@ -922,6 +923,10 @@ class ShardedCluster(WireProxy):
         return {"ok": 1.0}
 
     cmd_killsessions = cmd_refreshsessions = cmd_endsessions
+
+    def cmd_usersinfo(self, body, db, app):
+        # A cluster's users live on its config servers; this one has none (user management is not imitated).
+        return {"users": [], "ok": 1.0}
 
     def cmd_listshards(self, body, db, app):
         self._admin_only("listShards", db)

@@ -67,6 +67,9 @@ def test_two_shard_source_pulls_live_with_auto_cutover(airflow_home, two_shards,
         src.admin.command("setUserWriteBlockMode", 1, **{"global": False})
     assert run.succeeded, failure_text(run)
     out = run.output
+    print("\n".join(line for line in out.splitlines()  # what inspection decided (pytest -rP shows it)
+                    if re.match(r"\s+(topology          :|shard oplog       :|note              : oplog window)",
+                                line)))
     assert "strategy: live_pull (chosen automatically; rule 'default')" in out
     assert "topology          : sharded (2 shards)" in out
     for i, proxy in enumerate(proxies):

@@ -352,3 +352,10 @@ def test_inspection_through_the_router_measures_each_shard_and_the_bounded_windo
     assert windows["shard0"].window_hours > windows["shard1"].window_hours >= 0  # the older shard spans more
     assert profile.oplog_window_hours == windows["shard1"].window_hours
     assert any("the smallest of 2 shard oplog windows, shard shard1 (not counting shard0" in n for n in profile.notes)
+
+
+def test_the_cluster_has_no_users_and_refuses_user_management(router) -> None:
+    assert router.admin.command("usersInfo", [{"user": "mms-automation", "db": "admin"}])["users"] == []
+    with pytest.raises(OperationFailure) as refused:
+        router.admin.command("createUser", "u", pwd="p", roles=[])
+    assert refused.value.code == 59

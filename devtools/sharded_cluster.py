@@ -704,6 +704,7 @@ class ShardedCluster(WireProxy):
         self.cursors: dict[int, RouterCursor] = {}
         self.balancer_mode, self.balancer_rounds = "full", 0
         self._meta_lock = threading.RLock()
+        self.refusals: list[str] = []  # "command: errmsg" of every request refused as not imitated (tests read it)
 
     # -------------------------------------------------------- lifecycle
 
@@ -844,6 +845,10 @@ class ShardedCluster(WireProxy):
             reply = self.dispatch(name, body, db, info)
         except (CommandError, ShardReplyError) as exc:
             reply = dict(exc.reply)
+            if isinstance(exc, CommandError) and (reply.get("code") == COMMAND_NOT_FOUND
+                                                  or "not imitated" in str(reply.get("errmsg"))):
+                with self._lock:
+                    self.refusals.append(f"{name}: {reply.get('errmsg')}")
         except Exception as exc:  # noqa: BLE001 - the client gets the failure as a command error
             log.exception("router failure on %s", name)
             reply = {"ok": 0.0, "errmsg": f"sharded_cluster stand-in failure: {exc!r}", "code": 1,

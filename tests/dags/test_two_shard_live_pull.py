@@ -75,6 +75,7 @@ def test_two_shard_source_pulls_live_with_auto_cutover(airflow_home, two_shards,
     for i, proxy in enumerate(proxies):
         assert re.search(rf"shard oplog       : shard{i} \[secantus/{re.escape(proxy.host)}\]: \d+\.\d h", out), i
     assert "the smallest of 2 shard oplog windows, shard shard" in out
+    assert router.refusals == []  # the product sent nothing the stand-in does not imitate
     assert blocked == [2, 2]  # the cutover blocked user writes on both shards
     assert all(counts.values()) and writer.refused == 1, (counts, writer.refused)
     applied = [int(n.replace(",", "")) for n in re.findall(r"catch-up: ([\d,]+) events applied", out)]

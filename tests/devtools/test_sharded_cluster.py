@@ -288,13 +288,14 @@ def test_an_idle_shard_does_not_stall_the_merged_stream(router) -> None:
     assert waited < 8, waited  # shard0's periodic no-op (1 s here) advanced its high-water mark
 
 
-def test_local_and_unknown_commands_are_refused(router) -> None:
+def test_local_and_unknown_commands_are_refused(router, cluster) -> None:
     with pytest.raises(OperationFailure) as local:
         router.local["oplog.rs"].find_one()
     assert local.value.code == 20
     with pytest.raises(OperationFailure) as unknown:
         router.app.command("dbHash")
     assert unknown.value.code == 59
+    assert any(r.startswith("dbHash: no such command") for r in cluster.refusals)
 
 
 def test_a_view_over_a_sharded_collection_reads_every_shard(router) -> None:

@@ -14,6 +14,7 @@ from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure, WriteError
+from pymongo.write_concern import WriteConcern
 
 from devtools.mongo_servers import start_server
 from devtools.replica_set_proxy import ReplicaSetProxy
@@ -199,6 +200,16 @@ def test_updates_and_deletes_are_routed_by_id_or_broadcast(router, shards) -> No
         assert s1.app.orders.count_documents({}) == 0
         assert s0.app.orders.count_documents({}) == router.app.orders.count_documents({})
     assert orders.find_one_and_update({"_id": 2}, {"$set": {"f": 1}}, return_document=True)["f"] == 1
+    # Without the shard key: one matching document is found on some shard, then changed there by _id.
+    assert orders.find_one_and_update({"f": 1}, {"$set": {"g": 1}}, return_document=True)["_id"] == 2
+    assert orders.find_one_and_update({"f": 99}, {"$set": {"g": 1}}) is None
+    # An unacknowledged insert (moreToCome: no reply) still lands on its shard.
+    orders.with_options(write_concern=WriteConcern(w=0)).insert_one({"_id": 1_777})
+    deadline = time.monotonic() + 10
+    while orders.find_one({"_id": 1_777}) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with shard_client(shards[1]) as s1:
+        assert s1.app.orders.find_one({"_id": 1_777}) == {"_id": 1_777}
 
 
 def test_write_blocking_blocks_both_shards(router, cluster, shards) -> None:

@@ -71,12 +71,14 @@ Reads
 
 Change streams (``aggregate`` with ``$changeStream`` on a collection, a database or the cluster)
     One stream per shard (every shard, whatever the namespace, as mongos opens them), merged the way mongos
-    merges: events ordered by (clusterTime, shard) and an event is returned only once every other shard's
-    stream has passed its clusterTime: each shard's ``postBatchResumeToken`` is its high-water mark. An idle
+    merges: events ordered by clusterTime (ties between shards by shard order, where mongos compares the
+    rest of the resume token's sort key), and an event is returned only once every other shard's stream
+    has passed its clusterTime: each shard's ``postBatchResumeToken`` is its high-water mark. An idle
     shard advances its mark only by its periodic no-op writes (mongod's ``periodicNoopIntervalSecs``, 10 s
     by default; SERVER-80427: "in the worst case when one of the shards doesn't receive any writes, the
-    latency will be around that"): start shard servers with ``--noop-heartbeat-seconds N`` (SecantusDB's equivalent; checked
-    with 0.7.0b3: an idle change stream's ``postBatchResumeToken`` advances with each heartbeat). Without
+    latency will be around that"): start shard servers with ``--noop-heartbeat-seconds N`` (SecantusDB's
+    equivalent; checked with 0.7.0b3: an idle change stream's ``postBatchResumeToken`` advances with each
+    heartbeat, and without them it stays put). Without
     heartbeats an idle shard stalls the merged stream, as it would on a cluster without them. A getMore
     waits up to ``maxTimeMS`` (1 s by default) for an event, then answers an empty batch.
     ``postBatchResumeToken`` on every batch. ``startAtOperationTime`` is passed to every shard.
@@ -98,7 +100,9 @@ Cluster time
 What it does NOT imitate:
 - authentication and authorization: it serves unauthenticated clients only (``saslStart``,
   ``authenticate`` ... are refused); the cluster has no users (``usersInfo`` answers none; ``createUser``
-  and the other user and role commands are refused as unknown); TLS; OP_COMPRESSED (compression is never offered);
+  and the other user and role commands are refused as unknown); TLS; OP_COMPRESSED (compression is never
+  offered); the streaming ``hello`` protocol (no ``topologyVersion``, so drivers poll); exhaust cursors
+  (``exhaustAllowed`` is ignored: no reply sets ``moreToCome``);
 - transactions (``startTransaction`` refused); retryable writes are executed once (``txnNumber`` dropped);
   sessions (``lsid`` is not passed on; cursors are not bound to sessions); causal consistency
   (``afterClusterTime`` is dropped, since the shards' clocks are not gossiped);
@@ -108,14 +112,15 @@ What it does NOT imitate:
   second on another shard;
 - shard keys other than ``{_id: 1}`` (hashed, compound), zones, chunk migrations, splits and the balancer
   actually moving anything, jumbo chunks, resharding, ``movePrimary``; config servers as servers
-  (the metadata lives in the router's memory; ``config.*`` writes are refused); more than one router;
+  (the metadata lives in the router's memory); more than one router;
 - sorts other than on ``_id`` for sharded reads, ``$sortKey`` merging of arbitrary pipelines, ``distinct``,
   ``mapReduce``, ``$lookup``/``$group``/``$out``/``$merge`` on sharded collections, ``renameCollection`` of a
   sharded collection, ``dbStats``, ``$collStats``, ``$indexStats``, ``explain``, tailable cursors on
   sharded collections, collation-aware targeting;
 - change-stream details: the config server's stream that a real mongos also merges (to learn of new
-  shards; its no-op writer runs every second), DDL events (``drop``, ``createIndexes`` ...) of a sharded collection come once per
-  shard (mongos deduplicates them and emits one ``invalidate``), ``startAfter`` an invalidate, the
+  shards; its no-op writer runs every second); DDL events (``drop``, ``createIndexes`` ...) of a sharded
+  collection come once per shard (mongos deduplicates them and emits one ``invalidate``), and a shard
+  stream closed by an invalidate holds the merged stream back; ``startAfter`` an invalidate, the
   ``$changeStreamSplitLargeEvent`` fragments' ordering across shards, resume tokens as real KeyStrings
   (see above), ``showMigrationEvents``;
 - cursor timeouts: router cursors live until exhausted or killed (mongos kills idle ones after 10 minutes);
@@ -123,9 +128,12 @@ What it does NOT imitate:
   ``maxTimeMS`` on anything but change-stream ``getMore``s, per-command privilege checks; commands on
   ``local`` are refused with IllegalOperation (20) (a client reads a shard's oplog on the shard itself;
   the exact error of a current mongos there was not checked; old ones answered code 13644 "can't use local
-  database through mongos");
+  database through mongos"); commands on ``config`` other than the reads above are refused;
 - mongos's own ``buildInfo``/``getParameter``/``connectionStatus``/``serverStatus``/``hostInfo``/
   ``getCmdLineOpts``: they are the first shard's replies (a mongos answers them itself).
+
+Requests refused as not imitated (code 59 CommandNotFound, or "not imitated" in the message) are recorded
+in ``ShardedCluster.refusals``, so a test can show that the code under test sent none.
 
 Use::
 
@@ -884,6 +892,8 @@ class ShardedCluster(WireProxy):
             raise not_imitated("a multi-document transaction")
         if lower in ("saslstart", "saslcontinue", "authenticate", "logout"):
             raise not_imitated(f"authentication ({name})")
+        if db == "config" and lower not in ("find", "getmore", "killcursors"):
+            raise not_imitated(f"{name} on the config database")
         handler = getattr(self, f"cmd_{lower}", None)
         if handler is not None:
             return handler(body, db, app)

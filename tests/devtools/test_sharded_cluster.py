@@ -279,6 +279,8 @@ def test_a_router_token_resumes_the_merged_stream_exactly(router) -> None:
             rest = _read(again, 12 - cut - 1, timeout=10)
             assert again.try_next() is None  # nothing repeated after the expected tail
         assert [e["documentKey"]["_id"] for e in rest] == keys[cut + 1:]
+    with router.watch(start_after=first[5]["_id"], max_await_time_ms=300) as again:
+        assert [e["documentKey"]["_id"] for e in _read(again, 6, timeout=10)] == keys[6:]
     # A post-batch token also resumes: nothing from before it, everything after it.
     with router.watch(start_at_operation_time=first[0]["clusterTime"], max_await_time_ms=300) as at:
         assert [e["documentKey"]["_id"] for e in _read(at, 12, timeout=10)] == keys

@@ -26,7 +26,7 @@ one-node replica set (SecantusDB) into what a client of such a mongos sees:
 What it does NOT imitate: chunk routing and chunk migrations (there is one shard, so the balancer never
 moves anything and ``inBalancerRound`` is always false), config servers (``config.collections``,
 ``config.shards`` ... are read from the backend, which has no sharding metadata: no collection is sharded),
-more than one shard, ``$readPreference`` routing to secondaries, mongos-only admin commands other than the
+more than one shard (``devtools.sharded_cluster`` routes between several shards instead of relaying), ``$readPreference`` routing to secondaries, mongos-only admin commands other than the
 ones above (``addShard``, ``enableSharding``, ``shardCollection``, ``getShardMap`` ... are forwarded and fail
 as the replica set fails them), ``maxTimeMS`` of the balancer commands, and the privilege checks of the
 commands it answers itself (``listShards`` and the balancer commands answer any client).

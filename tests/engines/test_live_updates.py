@@ -47,12 +47,17 @@ def _copy_after(sync, writes) -> None:
 
 
 def _while_catching_up(sync, writes) -> None:
-    """Run ``writes`` on the source while one catch-up follows the stream, then let that catch-up end."""
-    done, following = threading.Event(), threading.Event()
+    """Run ``writes`` on the source while one catch-up follows the stream, then let that catch-up end once it
+    has applied everything up to the source's last write (not on a lag probed before the writes)."""
+    following = threading.Event()
+    goal: dict = {}
     result: dict = {}
 
+    def reached(f, lag, elapsed):
+        return "done" if "t" in goal and f.last_cluster_time is not None and f.last_cluster_time >= goal["t"] else None
+
     def follow():
-        result["r"] = sync._follow(lambda f, lag, elapsed: "done" if done.is_set() and lag == 0 else None)
+        result["r"] = sync._follow(reached)
 
     sync.fault_hook = lambda stage, n: following.set()  # called after each saved batch: the first is empty
     thread = threading.Thread(target=follow)
@@ -61,7 +66,7 @@ def _while_catching_up(sync, writes) -> None:
         assert following.wait(30)
         writes()
     finally:
-        done.set()
+        goal["t"] = sync._source_times()[0]
         thread.join(timeout=120)
         sync.fault_hook = None
     assert result["r"].stopped_because == "done"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pymongo
+from bson import Timestamp
 from bson.raw_bson import RawBSONDocument
 
 from atlas_migration.engines import mongotools, native
@@ -581,6 +582,7 @@ def live_verify_recheck(
         lags: list[float] = []
         pending_max = rounds = noted = 0
         waiting: dict[Any, float] = {}  # _id -> cluster time (s) of its oldest unverified event
+        newest: Timestamp | None = None  # cluster time of the newest event seen
         with source[db].watch(max_await_time_ms=200) as stream, \
                 meter.section("verify: rechecks during the writer") as section:
             started = last_event = time.perf_counter()
@@ -597,6 +599,7 @@ def live_verify_recheck(
                         continue
                     items.append((event["ns"]["db"], event["ns"]["coll"], event["documentKey"]["_id"]))
                     waiting.setdefault(event["documentKey"]["_id"], float(event["clusterTime"].time))
+                    newest = event["clusterTime"]
                 if items:
                     last_event = time.perf_counter()
                 noted += verifier.note_changed(items)
@@ -608,7 +611,7 @@ def live_verify_recheck(
                 wall = time.time()
                 for key in [k for k in waiting if k not in still]:
                     lags.append(max(0.0, wall - waiting.pop(key)))
-        settled = _settle_after_the_writer(source, target, verifier, sync_id)
+        settled = _settle_after_the_writer(source, target, verifier, sync_id, db, newest)
         final = verifier.summary(limit=5)
     if not lags:
         raise RuntimeError("verifier recheck: no change was rechecked")
@@ -624,25 +627,29 @@ def live_verify_recheck(
 
 
 def _settle_after_the_writer(source: pymongo.MongoClient, target: pymongo.MongoClient, verifier: Any, sync_id: str,
-                             timeout: float = 600.0) -> dict[str, Any]:
-    """Outside the measurement: wait until the writer has stopped (the source's last write unchanged for 3 s)
-    and catch-up has applied everything up to it, then recheck until the verifier is clean (at most 10
-    rounds). A writer faster than the target leaves a backlog that catch-up drains after the section, and
-    rechecks of documents it has not reached yet stay open; after this, an open mismatch is a difference
-    between source and target, not a target still behind."""
+                             db: str, newest: Timestamp | None, timeout: float = 600.0) -> dict[str, Any]:
+    """Outside the measurement: wait until the writer has stopped (no change in ``db`` for 3 s after
+    ``newest``, the last one seen) and catch-up has applied everything up to its last change, then recheck
+    until the verifier is clean (at most 10 rounds). A writer faster than the target leaves a backlog that
+    catch-up drains after the section, and rechecks of documents it has not reached yet stay open; after
+    this, an open mismatch is a difference between source and target, not a target still behind. (Not the
+    source's last write: the server writes to its own databases, which no catch-up replays.)"""
     state = target[LIVE_STATE_DB][STATE_COLLECTION]
-    started = time.monotonic()
-    last, unchanged_since = None, time.monotonic()
-    while time.monotonic() - started < timeout:
-        latest = ((source.admin.command("hello").get("lastWrite") or {}).get("opTime") or {}).get("ts")
-        if latest != last:
-            last, unchanged_since = latest, time.monotonic()
-        applied = (state.find_one({"_id": sync_id}, {"last_applied_cluster_time": 1}) or {}).get(
-            "last_applied_cluster_time")
-        if (time.monotonic() - unchanged_since >= 3.0 and latest is not None and applied is not None
-                and applied >= latest):
-            break
-        time.sleep(0.5)
+    started = last_change = time.monotonic()
+    kwargs = {"start_at_operation_time": newest} if newest is not None else {}
+    with source[db].watch(max_await_time_ms=500, **kwargs) as stream:
+        while time.monotonic() - started < timeout:
+            event = stream.try_next()
+            if event is not None:
+                if newest is None or event["clusterTime"] > newest:
+                    newest = event["clusterTime"]
+                last_change = time.monotonic()
+                continue
+            applied = (state.find_one({"_id": sync_id}, {"last_applied_cluster_time": 1}) or {}).get(
+                "last_applied_cluster_time")
+            if (time.monotonic() - last_change >= 3.0 and applied is not None
+                    and (newest is None or applied >= newest)):
+                break
     caught_up = round(time.monotonic() - started, 1)
     rounds = 0
     while rounds < 10:

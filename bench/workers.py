@@ -461,9 +461,9 @@ def live_steady(
 
     Two kinds of samples: the lag each round's ``catch_up`` saw when it stopped (``CatchUpResult``), and,
     from a thread every ``sample_seconds``, the lag of the saved position as ``lag()`` computes it. Both
-    are whole seconds: cluster times have one-second resolution. Before the section, one catch-up brings the
-    saved position up to date: until then it is the start point, from before the copy, and the first samples
-    measured how long the copy took instead of the steady state's lag (28-51 s, which alone decided the p95).
+    are whole seconds: cluster times have one-second resolution. Sampling starts after the first round: until
+    a catch-up has run, the saved position is the start point, from before the copy, and samples measured how
+    long the copy took instead of the steady state's lag (28-51 s, which alone decided the p95).
     Afterwards, outside the section, the stream is drained until it has been quiet for
     ``drain_quiet_seconds`` (the writer has stopped; up to ``drain_max_seconds``, how long it took is
     reported: a writer faster than the target leaves a backlog), so a backlog measured next starts clean.
@@ -477,19 +477,20 @@ def live_steady(
         stop = threading.Event()
         sampler = threading.Thread(target=_sample_saved_lag, name="lag-sampler", daemon=True,
                                    args=(source_uri, target_uri, sync_id, sample_seconds, stop, saved_lags))
-        warm_up = sync.catch_up(until_lag_below=1.0, max_seconds=60.0)
         with meter.section("live steady-state catch-up") as section:
-            sampler.start()
             started = time.perf_counter()
             while time.perf_counter() - started < seconds:
                 left = seconds - (time.perf_counter() - started)
                 result = sync.catch_up(max_seconds=max(0.1, min(round_seconds, left)))
                 rounds += 1
                 events += result.events_applied
-                if result.lag_seconds is not None:
+                if rounds == 1:
+                    sampler.start()  # the saved position is up to date from here on
+                elif result.lag_seconds is not None:
                     result_lags.append(result.lag_seconds)
             stop.set()
-        sampler.join()
+        if sampler.is_alive():
+            sampler.join()
         drain_started = time.perf_counter()
         drained = sync.catch_up(quiet_seconds=drain_quiet_seconds, max_seconds=drain_max_seconds)
         drain_seconds = time.perf_counter() - drain_started
@@ -502,8 +503,7 @@ def live_steady(
         raise RuntimeError("live steady state: no lag sample")
     section.documents = events
     section.extra = {
-        "rounds": rounds, "events_before_section": warm_up.events_applied,
-        "events_after_section": drained.events_applied, "drain_seconds": round(drain_seconds, 1),
+        "rounds": rounds, "events_after_section": drained.events_applied, "drain_seconds": round(drain_seconds, 1),
         "lag_samples": len(samples), "lag_median_s": statistics.median(samples),
         "lag_p95_s": _percentile(samples, 0.95), "lag_max_s": max(samples),
         "lag_samples_saved": saved_lags, "lag_samples_catch_up": result_lags,

@@ -1699,7 +1699,6 @@ class LiveSync:
     def _verify_at_fence(self, verifier: Any, max_repairs: int = 3) -> int:
         """Recheck until clean; repair what stays unequal from the source (at most ``max_repairs`` rounds).
         Returns the number of documents repaired."""
-        from pymongo import UpdateOne
 
         repaired = 0
         for round_ in range(max_repairs + 1):
@@ -1718,10 +1717,9 @@ class LiveSync:
                                      f"{m['ns']} _id {json.dumps(m['_id'])} field {m['field']}"
                                      for m in verifier.open_mismatches(5)))
                 for start in range(0, len(keys), self.batch_size):
-                    self._recheck.bulk_write([
-                        UpdateOne({"_id": self.recheck_key(db, coll, doc_id)},
-                                  {"$set": {"reason": "verifier_mismatch", "at": _utc_now()}}, upsert=True)
-                        for db, coll, doc_id in keys[start:start + self.batch_size]], ordered=False)
+                    self._recheck.bulk_write([self.recheck_op(db, coll, doc_id, "verifier_mismatch")
+                                              for db, coll, doc_id in keys[start:start + self.batch_size]],
+                                             ordered=False)
                 repaired += self.apply_rechecks()
         first = verifier.open_mismatches(10)
         raise MigrationError(
@@ -1739,6 +1737,13 @@ class LiveSync:
 
     def recheck_key(self, db: str, coll: str, doc_id: Any) -> SON:
         return SON([("sync_id", self.sync_id), ("db", db), ("coll", coll), ("id", doc_id)])
+
+    def recheck_op(self, db: str, coll: str, doc_id: Any, reason: str) -> Any:
+        """The write that queues (db, coll, _id) in the recheck set, with why."""
+        from pymongo import UpdateOne
+
+        return UpdateOne({"_id": self.recheck_key(db, coll, doc_id)},
+                         {"$set": {"reason": reason, "at": _utc_now()}}, upsert=True)
 
     def pending_rechecks(self) -> int:
         return self._recheck.count_documents({"_id.sync_id": self.sync_id})
@@ -2171,7 +2176,8 @@ class _EventApplier:
                 cluster = (session.cluster_time or {}).get("clusterTime")
             if cluster is None:  # no gossiped cluster time: the latest write, read after the lookup
                 cluster, _ = self.sync._source_times()
-            read_until = cluster if read_until is None or cluster is None else max(read_until, cluster)
+            if cluster is not None and (read_until is None or cluster > read_until):
+                read_until = cluster
         out: list[tuple[Any, Any]] = []
         for op in ops:
             if isinstance(op, _Delta):
@@ -2208,10 +2214,7 @@ class _EventApplier:
                 if _id_key(delta.doc_id) not in present]
 
     def _recheck_op(self, db: str, coll: str, doc_id: Any, reason: str) -> Any:
-        from pymongo import UpdateOne
-
-        return UpdateOne({"_id": self.sync.recheck_key(db, coll, doc_id)},
-                         {"$set": {"reason": reason, "at": _utc_now()}}, upsert=True)
+        return self.sync.recheck_op(db, coll, doc_id, reason)
 
     def flush(self) -> None:
         """Apply every queued write; returns once all of them are on the target (or raises)."""

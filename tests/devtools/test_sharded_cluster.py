@@ -3,6 +3,7 @@ of two real SecantusDB replica sets (each behind its own ReplicaSetProxy), check
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from types import SimpleNamespace
@@ -265,8 +266,20 @@ def test_the_merged_change_stream_orders_both_shards_by_cluster_time(router) -> 
     assert all(decode_router_token(e["_id"]) for e in events)
 
 
+def _after_the_current_second() -> None:
+    """Sleep into the next wall-clock second, past the Timestamps of every earlier write on both shards.
+
+    The shards' clocks are not gossiped (see the module docstring): within one second each shard counts its
+    own increments, so an earlier test's write on one shard can carry a later Timestamp than this test's first
+    write on the other. A real mongos would have advanced the second shard's clock past it.
+    """
+    now = time.time()
+    time.sleep(math.floor(now) + 1.05 - now)
+
+
 def test_a_router_token_resumes_the_merged_stream_exactly(router) -> None:
     orders = router.app.orders
+    _after_the_current_second()  # so `start_at_operation_time` below sees only this test's writes
     with router.watch(max_await_time_ms=500) as stream:  # the whole cluster
         for i in range(6):
             orders.insert_one({"_id": 100 + i})

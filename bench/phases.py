@@ -64,6 +64,7 @@ class BenchConfig:
     insert_batch_sizes: tuple[int, ...] = (250, 1_000, 4_000)
     insert_threads: tuple[int, ...] = (1, 2, 4)
     read_batch_sizes: tuple[int, ...] = (0, 1_000)  # 0: the server's default batching
+    live_copy_order: str = "auto"  # LiveSync(copy_order): auto, id_range or natural
     live_write_rate: float = 200.0  # ops/s of the live phase's steady-state writer (inserts, updates, deletes)
     live_seconds: float | None = None  # steady-state duration; None: see live_duration
     live_backlog_ops: int | None = None  # ops written while catch-up is stopped; None: see live_backlog
@@ -523,17 +524,21 @@ def _share(part: float | None, whole: float | None) -> str:
 def _live_figures(ctx: BenchContext, common: dict[str, Any], writer: dict[str, Any],
                   partition_docs: int) -> list[Figure]:
     cfg, spec = ctx.config, ctx.dataset.spec
-    copied = ctx.child("live", workers.live_initial_copy, name="live-copy", **common)
+    copied = ctx.child("live", workers.live_initial_copy, name="live-copy", **common,
+                       copy_order=cfg.live_copy_order)
     section = copied.sections[0]
     _check_documents("the live initial copy", section.documents, spec.documents)
-    partitions = section.extra["partitions"]
+    partitions, natural = section.extra["partitions"], section.extra.get("natural_partitions", 0)
+    reads = (f"{natural} collection(s) read once in natural order, the rest by _id range"
+             if natural else "_id-range reads (a collection scan each on SecantusDB)")
     figures = [figure_from(
         "live.initial_copy", "live", "live: initial copy (start..finish_initial_copy)", [section], [copied],
         ratio_to=INSERT_CEILING,
         note=f"{partitions} partitions of <= {partition_docs:,} docs, 1 process; incl. index builds "
              f"({_share(section.extra.get('index_seconds'), section.seconds)} of the time, collections in "
-             "parallel); _id-range reads (a collection scan each on SecantusDB)",
-        details={"partitions": partitions, "partition_docs": partition_docs,
+             f"parallel); copy_order={cfg.live_copy_order}: {reads}",
+        details={"partitions": partitions, "partition_docs": partition_docs, "natural_partitions": natural,
+                 "copy_order": cfg.live_copy_order,
                  "index_seconds": section.extra.get("index_seconds")},
     )]
 

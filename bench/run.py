@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="insert threads per collection (the DAG's restore_workers)")
     parser.add_argument("--live-write-rate", type=float, default=defaults.live_write_rate,
                         help="live phase: the writer's fixed rate in ops/s during the steady-state lag figure")
+    parser.add_argument("--live-copy-order", choices=["auto", "id_range", "natural"], default=defaults.live_copy_order,
+                        help="live phase: how the initial copy reads a collection of several partitions "
+                             "(the DAG's copy_order)")
     parser.add_argument("--import-mb", type=float, default=defaults.import_mb,
                         help="file_import phase: size in MB of each generated file (one CSV, one JSON Lines)")
     parser.add_argument("--import-ranges", type=int, default=defaults.import_ranges,
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(
         docs=args.docs, doc_bytes=args.doc_bytes, collections=args.collections, seed=args.seed,
         batch_docs=args.batch_size, restore_workers=args.restore_workers, live_write_rate=args.live_write_rate,
+        live_copy_order=args.live_copy_order,
         import_mb=args.import_mb, import_ranges=args.import_ranges, import_formats=args.import_formats,
     )
     spec = DatasetSpec.plan(config.docs, config.doc_bytes, config.collections, config.seed)

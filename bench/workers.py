@@ -308,12 +308,12 @@ LIVE_STATE_DB = "__atlas_migration"  # LiveSync's default state database (on the
 
 
 def _live_sync(source: pymongo.MongoClient, target: pymongo.MongoClient, *, sync_id: str, db: str,
-               target_db_prefix: str, batch_docs: int, partition_docs: int) -> LiveSync:
+               target_db_prefix: str, batch_docs: int, partition_docs: int, copy_order: str = "auto") -> LiveSync:
     # Every child builds the same LiveSync: all progress is in the state collection, as in the DAG's tasks.
     return LiveSync(
         source, target, sync_id=sync_id, namespaces=NamespaceFilter.from_patterns([f"{db}.*"], None),
         target_db_prefix=target_db_prefix, state_db=LIVE_STATE_DB, batch_size=batch_docs,
-        partition_docs=partition_docs, log=log,
+        partition_docs=partition_docs, copy_order=copy_order, log=log,
     )
 
 
@@ -327,6 +327,7 @@ def live_initial_copy(
     target_db_prefix: str,
     batch_docs: int,
     partition_docs: int,
+    copy_order: str = "auto",
 ) -> dict[str, Any]:
     """LiveSync start, plan_partitions, prepare_targets(drop=True), copy_partition of each, finish_initial_copy.
 
@@ -334,7 +335,7 @@ def live_initial_copy(
     """
     with _client(source_uri) as source, _client(target_uri) as target:
         sync = _live_sync(source, target, sync_id=sync_id, db=db, target_db_prefix=target_db_prefix,
-                          batch_docs=batch_docs, partition_docs=partition_docs)
+                          batch_docs=batch_docs, partition_docs=partition_docs, copy_order=copy_order)
         with meter.section("live initial copy") as section:
             sync.start()
             partitions = sync.plan_partitions()
@@ -347,6 +348,7 @@ def live_initial_copy(
         section.documents = sum(r.documents for r in results)
         section.bytes = sum(r.bytes for r in results)
         section.extra = {"partitions": len(partitions), "collections": len({p.namespace for p in partitions}),
+                         "natural_partitions": sum(p.natural for p in partitions),
                          "index_seconds": sync.index_build_seconds() or 0.0}
     return {"partitions": len(partitions)}
 

@@ -979,6 +979,7 @@ class MongosyncCore:
             sync_id=self.sync_id if self.reversals == 0 else f"{self.sync_id}-reverse-{self.reversals}",
             namespaces=MongosyncNamespaceFilter.from_filters(self.options.include, self.options.exclude),
             state_db=STATE_DB, batch_size=self.settings.batch_size, partition_docs=self.settings.partition_docs,
+            copy_order="id_range",  # mongosync's own partitions are _id ranges
             log=log,
         )
         engine.max_await_ms = self.settings.max_await_ms

@@ -115,8 +115,9 @@ What it does NOT imitate:
   (the metadata lives in the router's memory); more than one router;
 - sorts other than on ``_id`` for sharded reads, ``$sortKey`` merging of arbitrary pipelines, ``distinct``,
   ``mapReduce``, ``$lookup``/``$group``/``$out``/``$merge`` on sharded collections, ``renameCollection`` of a
-  sharded collection, ``dbStats``, ``$collStats``, ``$indexStats``, ``explain``, tailable cursors on
-  sharded collections, collation-aware targeting;
+  sharded collection, ``dbStats``, ``$collStats``, ``$indexStats``, ``explain`` of anything but ``find``
+  (a ``find``'s is each targeted shard's plan under ``winningPlan.shards``, as mongos reports it), tailable
+  cursors on sharded collections, collation-aware targeting;
 - change-stream details: the config server's stream that a real mongos also merges (to learn of new
   shards; its no-op writer runs every second); DDL events (``drop``, ``createIndexes`` ...) of a sharded
   collection come once per shard (mongos deduplicates them and emits one ``invalidate``), and a shard
@@ -1118,6 +1119,29 @@ class ShardedCluster(WireProxy):
         else:
             indexes = sharded.shards_for_range(*predicate[1])
         return [self.shards[i] for i in sorted(indexes)]
+
+    def cmd_explain(self, body, db, app):
+        """``explain`` of a ``find``, as mongos answers it: each targeted shard's plan under ``shards``.
+
+        mongos runs the explained command's explain on every shard it would send the command to and reports
+        ``queryPlanner.winningPlan`` as ``{stage: SINGLE_SHARD | SHARD_MERGE | SHARD_MERGE_SORT, shards: [{shardName,
+        connectionString, serverInfo, winningPlan, rejectedPlans, ...}]}``. Only ``find`` is imitated.
+        """
+        explained = _as_dict(body.get("explain"))
+        if not explained or next(iter(explained)) != "find":
+            raise not_imitated(f"explain of {next(iter(explained), None)!r}")
+        coll = explained["find"]
+        sharded = self.sharded_collection(db, coll)
+        shards = [self.primary(db)] if sharded is None else self._targets(sharded, explained.get("filter") or {})
+        shard_body = {"explain": self._clean(explained), "verbosity": body.get("verbosity") or "allPlansExecution"}
+        plans = []
+        for shard in shards:
+            planner = _as_dict(self.run(shard, db, shard_body, app).get("queryPlanner"))
+            plans.append({"shardName": shard.id, "connectionString": shard.host, **planner})
+        stage = "SINGLE_SHARD" if len(shards) == 1 else (
+            "SHARD_MERGE_SORT" if explained.get("sort") else "SHARD_MERGE")
+        return {"queryPlanner": {"mongosPlannerVersion": 1, "winningPlan": {"stage": stage, "shards": plans}},
+                "ok": 1.0}
 
     def cmd_find(self, body, db, app):
         coll = body["find"]

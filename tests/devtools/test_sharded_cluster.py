@@ -314,6 +314,20 @@ def test_an_idle_shard_does_not_stall_the_merged_stream(router) -> None:
     assert waited < 8, waited  # shard0's periodic no-op (1 s here) advanced its high-water mark
 
 
+def test_explain_of_a_find_reports_each_targeted_shards_plan(router, cluster) -> None:
+    from atlas_migration.engines.copy_order import id_range_explain_command, winning_plan_stages
+
+    whole = router.app.command(id_range_explain_command("orders", MinKey(), MaxKey()))
+    plan = whole["queryPlanner"]["winningPlan"]
+    assert plan["stage"] == "SHARD_MERGE_SORT" and [s["shardName"] for s in plan["shards"]] == ["shard0", "shard1"]
+    assert "COLLSCAN" in winning_plan_stages(whole)  # the test server scans for an _id range
+    one = router.app.command(id_range_explain_command("orders", 1, 2))["queryPlanner"]["winningPlan"]
+    assert one["stage"] == "SINGLE_SHARD" and [s["shardName"] for s in one["shards"]] == ["shard0"]
+    with pytest.raises(OperationFailure, match="not imitated"):
+        router.app.command({"explain": {"count": "orders"}})
+    cluster.refusals.clear()
+
+
 def test_local_and_unknown_commands_are_refused(router, cluster) -> None:
     with pytest.raises(OperationFailure) as local:
         router.local["oplog.rs"].find_one()

@@ -157,7 +157,7 @@ def test_partitions_over_mixed_id_types_cover_every_document_once(source, target
     with source.client() as src, target.client() as dst:
         coll = src.mixed.docs
         coll.insert_many([{"_id": value, "n": i} for i, value in enumerate(ids)])
-        sync = make_sync(src, dst, ["mixed.*"], partition_docs=15, batch_size=7)
+        sync = make_sync(src, dst, ["mixed.*"], partition_docs=15, batch_size=7, copy_order="id_range")
         planned = initial_copy(sync)
         assert len(planned) > 5
         raw = src.mixed.get_collection("docs", codec_options=RAW)
@@ -251,19 +251,24 @@ def seed_shop(src) -> None:
     src.shop.log.insert_many([{"_id": i, "line": f"entry {i}"} for i in range(50)])
 
 
-def test_live_pull_under_concurrent_writes_converges_exactly(source, target):
+@pytest.mark.parametrize("copy_order", ["id_range", "natural"])
+def test_live_pull_under_concurrent_writes_converges_exactly(source, target, copy_order):
     with source.client() as src, target.client() as dst:
         seed_shop(src)
         writer = Writer(source.uri, seed=7)
         writer.start()
         try:
             time.sleep(0.2)
-            sync = make_sync(src, dst, ["shop.*"], partition_docs=120, batch_size=40)
+            sync = make_sync(src, dst, ["shop.*"], partition_docs=120, batch_size=40, copy_order=copy_order)
             point = sync.start()
             at_start = writer.ops
             partitions = sync.plan_partitions()
             assert {p.collection for p in partitions} == {"a", "b", "log"}
-            assert len([p for p in partitions if p.collection == "a"]) >= 3
+            of_a = [p for p in partitions if p.collection == "a"]
+            if copy_order == "natural":  # one scan of the whole collection, in record order
+                assert [(p.natural, p.lower, p.upper) for p in of_a] == [(True, None, None)]
+            else:
+                assert len(of_a) >= 3 and not any(p.natural for p in of_a)
             assert [p.capped for p in partitions if p.collection == "log"] == [True]
             sync.prepare_targets()
             for partition in partitions:

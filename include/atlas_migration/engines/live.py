@@ -47,6 +47,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,14 @@ from bson.dbref import DBRef
 from bson.json_util import RELAXED_JSON_OPTIONS
 from bson.raw_bson import RawBSONDocument
 
+from atlas_migration.engines.copy_order import (
+    COPY_ORDERS,
+    DEFAULT_COPY_ORDER,
+    id_range_explain_command,
+    natural_find_command,
+    ranges_scan_the_collection,
+    reusable_position,
+)
 from atlas_migration.engines.dump_layout import CollectionMetadata
 from atlas_migration.engines.native import (
     DEFAULT_INSERT_BATCH_BYTES,
@@ -262,6 +271,9 @@ class Partition:
     upper: Any = None  # None = to the last document (MaxKey)
     documents_estimate: int = 0
     capped: bool = False  # copied whole in natural (insertion) order, never split
+    # Copied whole in natural (record) order: the source answers an _id range with a collection scan, so
+    # one scan replaces N (see engines/copy_order.py). Checkpoints are record positions, not _ids.
+    natural: bool = False
 
     @property
     def id(self) -> str:
@@ -280,6 +292,7 @@ class Partition:
             db=data["db"], collection=data["collection"], target_db=data["target_db"], index=int(data["index"]),
             lower=data.get("lower"), upper=data.get("upper"),
             documents_estimate=int(data.get("documents_estimate") or 0), capped=bool(data.get("capped")),
+            natural=bool(data.get("natural")),
         )
 
 
@@ -585,6 +598,11 @@ def _duplicate_key_message(collection: Collection, error: Mapping[str, Any], bat
             "then run again")
 
 
+# One batch of an initial copy: its documents, their BSON bytes, and the checkpoint fields saved once it is on
+# the target ({"last_id": ...} or {"resume_token": ..., "resume_node": ...}).
+_CopyBatch = tuple[list[RawBSONDocument], int, dict[str, Any]]
+
+
 def _insert_tolerating_duplicates(collection: Collection, batch: list[RawBSONDocument], *, ordered: bool) -> int:
     """Insert a batch; documents already present (same ``_id``) are skipped. Returns how many were inserted.
 
@@ -750,6 +768,7 @@ class LiveSync:
         apply_lanes: int = DEFAULT_APPLY_LANES,
         insert_workers: int = DEFAULT_COPY_INSERT_WORKERS,
         update_apply: str = DEFAULT_UPDATE_APPLY,
+        copy_order: str = DEFAULT_COPY_ORDER,
         log: logging.Logger | None = None,
     ) -> None:
         if not sync_id or not isinstance(sync_id, str):
@@ -763,6 +782,8 @@ class LiveSync:
             raise ConfigurationError(f"state_db '{state_db}' is a system database: choose another name")
         if update_apply not in UPDATE_APPLY_MODES:
             raise ConfigurationError(f"update_apply must be one of {', '.join(UPDATE_APPLY_MODES)}, not {update_apply!r}")
+        if copy_order not in COPY_ORDERS:
+            raise ConfigurationError(f"copy_order must be one of {', '.join(COPY_ORDERS)}, not {copy_order!r}")
         self.source = source_client
         self.target = target_client
         self.sync_id = sync_id
@@ -780,6 +801,10 @@ class LiveSync:
         # lookup; "lookup": the stream's updateLookup document). Kept in the sync's state at start(): a
         # sync keeps the mode it started with, as its stream's events carry what that mode needs.
         self.update_apply = update_apply
+        # How a collection of more than one partition is planned: "id_range" (split into _id ranges),
+        # "natural" (one natural-order partition) or "auto" (natural where the source answers an _id range
+        # with a collection scan; see engines/copy_order.py). Only planning reads it: the plan is stored.
+        self.copy_order = copy_order
         self.log = log or logging.getLogger(__name__)
         self.max_await_ms = DEFAULT_MAX_AWAIT_MS
         self.log_interval = DEFAULT_INTERVAL_SECONDS
@@ -1055,6 +1080,9 @@ class LiveSync:
         parts = math.ceil(documents / self.partition_docs) if documents else 1
         if capped or parts <= 1:
             return partitions_from_boundaries(db, coll, target_db, [], documents, capped=capped)
+        if self._copies_in_natural_order(collection, parts):
+            return [Partition(db=db, collection=coll, target_db=target_db, index=0, documents_estimate=documents,
+                              natural=True)]
         # A random sample of _id values, sorted by the server (BSON order, the collection's collation):
         # about ten per partition is enough for even ranges, and on mongod a small $sample is a random
         # cursor rather than a scan.
@@ -1064,6 +1092,26 @@ class LiveSync:
             allowDiskUse=True,
         )]
         return partitions_from_boundaries(db, coll, target_db, choose_boundaries(sampled, parts), documents)
+
+    def _copies_in_natural_order(self, collection: Collection, parts: int) -> bool:
+        """Whether a collection of ``parts`` (> 1) ranges is copied whole in natural order instead, and why."""
+        if self.copy_order != "auto":
+            return self.copy_order == "natural"
+        from pymongo.errors import OperationFailure
+
+        try:
+            explain = collection.database.command(
+                id_range_explain_command(collection.name, MinKey(), MaxKey()))
+        except OperationFailure as exc:
+            self.log.warning("live pull %s: %s: the source did not explain an _id range query (code %s): copying in "
+                             "%d _id ranges", self.sync_id, collection.full_name, exc.code, parts)
+            return False
+        if ranges_scan_the_collection(explain):
+            self.log.info("live pull %s: %s: the source answers an _id range with a collection scan (COLLSCAN in "
+                          "its plan), so %d ranges would read the collection %d times: copying it once, in natural "
+                          "order, as one partition", self.sync_id, collection.full_name, parts, parts)
+            return True
+        return False
 
     def _stored_partitions(self) -> list[Partition]:
         docs = self._state.find({"sync_id": self.sync_id, "kind": "partition"})
@@ -1116,7 +1164,11 @@ class LiveSync:
 
     # -------------------------------------------------------------------------------------------- copy
     def copy_partition(self, partition: Partition) -> PartitionResult:
-        """Copy one partition as raw BSON batches, checkpointing the last ``_id`` after every batch."""
+        """Copy one partition as raw BSON batches, checkpointing after every batch.
+
+        The checkpoint is the last ``_id`` copied for an ``_id`` range, the record position for a natural-order
+        partition (where the source reports one); a capped collection is copied again from its start.
+        """
         self._require_sync("planned", "targets_prepared")
         key = self._partition_key(partition.id)
         state = self._state.find_one({"_id": key})
@@ -1126,7 +1178,8 @@ class LiveSync:
                 "partitions plan_partitions() returned"
             )
         stored = Partition.from_dict(json.loads(state["partition"]))
-        if (stored.lower, stored.upper, stored.capped) != (partition.lower, partition.upper, partition.capped):
+        if (stored.lower, stored.upper, stored.capped, stored.natural) != (
+                partition.lower, partition.upper, partition.capped, partition.natural):
             raise ConfigurationError(f"partition {partition.id} differs from the stored plan: {stored.to_dict()}")
         started = time.monotonic()
         if state.get("done"):
@@ -1134,24 +1187,11 @@ class LiveSync:
             return PartitionResult(partition.id, state["documents"], state["bytes"], 0.0,
                                    _json_or_none(state.get("last_id")), True)
 
-        checkpoint = None if stored.capped else _json_or_none(state.get("last_id"))
-        source = self._copy_source(stored.db, stored.collection)
-        if stored.capped:
-            # Insertion order is what a capped collection means: copy it whole in natural order. A resumed
-            # copy starts over; documents already there are skipped (ordered, so the order is kept).
-            query, sort = {}, [("$natural", 1)]
-            if state.get("documents"):
-                self.log.info("partition %s (capped): recopying from the start, existing documents skipped",
-                              partition.id)
-                self._state.update_one({"_id": key}, {"$set": {"documents": 0, "bytes": 0}})
+        if stored.natural:
+            batches_read, checkpoint = self._natural_batches(stored, state)
         else:
-            lower = id_from_json(checkpoint) if checkpoint is not None else (
-                None if stored.lower is None else id_from_json(stored.lower))
-            upper = None if stored.upper is None else id_from_json(stored.upper)
-            query = id_range_filter(lower, upper, lower_inclusive=checkpoint is None)
-            sort = [("_id", 1)]  # the checkpoint is "everything up to last_id is on the target"
-            if checkpoint is not None:
-                self.log.info("partition %s: resuming after _id %s", partition.id, json.dumps(checkpoint))
+            batches_read, checkpoint = self._ordered_batches(
+                self._copy_source(stored.db, stored.collection), stored, state)
         target = self._target_collection(stored.target_db, stored.collection)
         progress = Progress(f"live copy {partition.id}", stored.documents_estimate, self.log,
                             interval=self.log_interval)
@@ -1160,34 +1200,33 @@ class LiveSync:
         # once (one for a capped collection, whose order is its meaning): the source and the target work at
         # the same time instead of taking turns. Batches are recorded strictly in the order they were read,
         # each once its insert and every earlier one have finished, so the checkpoint ("everything up to
-        # last_id is on the target") never runs ahead of the data. Inserts that finished past a failure are
-        # on the target without a checkpoint: the retry re-reads them and skips them as duplicates.
+        # last_id is on the target", or up to a record position) never runs ahead of the data. Inserts that
+        # finished past a failure are on the target without a checkpoint: the retry re-reads them and skips
+        # them as duplicates.
         workers = 1 if stored.capped else self.insert_workers
-        in_flight: deque[tuple[Future[int], list[RawBSONDocument], int]] = deque()
+        in_flight: deque[tuple[Future[int], list[RawBSONDocument], int, dict[str, Any]]] = deque()
 
         def record_oldest() -> None:
             nonlocal batches
-            future, batch, nbytes = in_flight.popleft()
+            future, batch, nbytes, position = in_flight.popleft()
             inserted = future.result()
             batches += 1
             if self.fault_hook is not None:
                 self.fault_hook("copy", batches)
-            last_id = None if stored.capped else json.dumps(id_to_json(batch[-1]["_id"]))
             # Counted as copied, not as newly inserted: a batch re-read after a crash counts once,
             # since the crashed attempt never recorded it.
             self._state.update_one({"_id": key}, {
-                "$set": {"last_id": last_id, "updated_at": _utc_now()},
+                "$set": {**position, "updated_at": _utc_now()},
                 "$inc": {"documents": len(batch), "bytes": nbytes, "inserted": inserted},
             })
             progress.add(len(batch), nbytes)
 
-        with source.find(query, sort=sort, batch_size=self.batch_size) as cursor, \
-                ReadAhead(self._raw_batches(cursor), depth=COPY_READ_AHEAD_BATCHES,
-                          name=f"live-copy-{partition.id}") as read_ahead, \
+        with batches_read as batch_reader, \
+                ReadAhead(batch_reader, depth=COPY_READ_AHEAD_BATCHES, name=f"live-copy-{partition.id}") as read_ahead, \
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"live-insert-{partition.id}") as pool:
-            for batch, nbytes in read_ahead:
+            for batch, nbytes, position in read_ahead:
                 in_flight.append((pool.submit(_insert_tolerating_duplicates, target, batch, ordered=stored.capped),
-                                  batch, nbytes))
+                                  batch, nbytes, position))
                 if len(in_flight) >= workers:
                     record_oldest()
             while in_flight:
@@ -1208,6 +1247,133 @@ class LiveSync:
 
         return self.source[db].get_collection(coll, codec_options=RAW_CODEC, read_preference=ReadPreference.PRIMARY,
                                               read_concern=ReadConcern("majority"))
+
+    def _ordered_batches(self, source: Collection, stored: Partition, state: Mapping[str, Any]
+                         ) -> tuple[closing[Iterator[_CopyBatch]], Any]:
+        """A range partition read in ``_id`` order after its checkpoint (or a capped one, whole, in natural order).
+
+        Returns the batches (each with the checkpoint to save once it is on the target) and the checkpoint this
+        attempt starts after (None: from the start).
+        """
+        key = self._partition_key(stored.id)
+        checkpoint = None if stored.capped else _json_or_none(state.get("last_id"))
+        if stored.capped:
+            # Insertion order is what a capped collection means: copy it whole in natural order. A resumed
+            # copy starts over; documents already there are skipped (ordered, so the order is kept).
+            query, sort = {}, [("$natural", 1)]
+            if state.get("documents"):
+                self.log.info("partition %s (capped): recopying from the start, existing documents skipped",
+                              stored.id)
+                self._state.update_one({"_id": key}, {"$set": {"documents": 0, "bytes": 0}})
+        else:
+            lower = id_from_json(checkpoint) if checkpoint is not None else (
+                None if stored.lower is None else id_from_json(stored.lower))
+            upper = None if stored.upper is None else id_from_json(stored.upper)
+            query = id_range_filter(lower, upper, lower_inclusive=checkpoint is None)
+            sort = [("_id", 1)]  # the checkpoint is "everything up to last_id is on the target"
+            if checkpoint is not None:
+                self.log.info("partition %s: resuming after _id %s", stored.id, json.dumps(checkpoint))
+
+        def read() -> Iterator[_CopyBatch]:
+            with source.find(query, sort=sort, batch_size=self.batch_size) as cursor:
+                for batch, nbytes in self._raw_batches(cursor):
+                    last_id = None if stored.capped else json.dumps(id_to_json(batch[-1]["_id"]))
+                    yield batch, nbytes, {"last_id": last_id}
+
+        return closing(read()), checkpoint
+
+    def _natural_batches(self, stored: Partition, state: Mapping[str, Any]
+                         ) -> tuple[closing[Iterator[_CopyBatch]], Any]:
+        """A natural-order partition: the whole collection in record order, after its saved record position.
+
+        Each server batch is one copy batch, saved with the ``postBatchResumeToken`` that follows it and the node
+        that reported it. A position is resumed only on that node in that term (record ids are node-local);
+        otherwise, or when the source reports no positions (a mongos, a server without ``$_requestResumeToken``)
+        or refuses the saved one (its record was deleted), the partition is read again from its first record and
+        the documents already on the target are skipped. The change stream replays every change made since the
+        start point, so re-reading is safe; only a resumed position saves the re-reading.
+        """
+        from pymongo import ReadPreference
+        from pymongo.errors import OperationFailure, PyMongoError
+
+        key = self._partition_key(stored.id)
+        node = self._record_node()
+        saved, saved_node = state.get("resume_token"), state.get("resume_node")
+        resume = dict(saved) if reusable_position(saved, saved_node, node) else None
+        database, name = self.source[stored.db], stored.collection
+
+        def start_over(why: str) -> None:
+            self.log.info("partition %s (natural order): copying again from its first record, %s; documents "
+                          "already on the target are skipped", stored.id, why)
+            self._state.update_one({"_id": key}, {"$set": {"documents": 0, "bytes": 0, "resume_token": None,
+                                                            "resume_node": None}})
+
+        if resume is not None:
+            self.log.info("partition %s (natural order): resuming after record position %s on %s", stored.id,
+                          json_util.dumps(resume), node)
+        elif state.get("documents"):
+            start_over("as the source reported no record position for it" if saved is None else
+                       "as its saved record position was reported by another node or election term")
+
+        def command(body: Mapping[str, Any], session: Any) -> Any:
+            return database.command(body, codec_options=RAW_CODEC, read_preference=ReadPreference.PRIMARY,
+                                    session=session)
+
+        def read() -> Iterator[_CopyBatch]:
+            positions, resume_after = node is not None, resume
+            with self.source.start_session(causal_consistency=False) as session:
+                while True:
+                    try:
+                        reply = command(natural_find_command(name, self.batch_size, request_positions=positions,
+                                                             resume_after=resume_after), session)
+                        break
+                    except OperationFailure as exc:
+                        if resume_after is not None:
+                            start_over(f"as the source refused to resume at its saved record position (code {exc.code})")
+                            resume_after = None
+                        elif positions:
+                            self.log.info("partition %s: the source refused to report record positions (code %s): "
+                                          "a retried copy reads it again from its first record", stored.id, exc.code)
+                            positions = False
+                        else:
+                            raise
+                cursor = reply["cursor"]
+                batch, cursor_id = list(cursor["firstBatch"]), int(cursor["id"])
+                if positions and cursor.get("postBatchResumeToken") is None:
+                    self.log.info("partition %s: the source reports no record positions: a retried copy reads it "
+                                  "again from its first record", stored.id)
+                    positions = False
+                try:
+                    while True:
+                        if batch:
+                            token = cursor.get("postBatchResumeToken") if positions else None
+                            yield batch, sum(len(doc.raw) for doc in batch), {
+                                "resume_token": token, "resume_node": None if token is None else node}
+                        if not cursor_id:
+                            return
+                        reply = command({"getMore": Int64(cursor_id), "collection": name,
+                                         "batchSize": self.batch_size}, session)
+                        cursor = reply["cursor"]
+                        batch, cursor_id = list(cursor["nextBatch"]), int(cursor["id"])
+                finally:
+                    if cursor_id:
+                        try:
+                            command({"killCursors": name, "cursors": [Int64(cursor_id)]}, session)
+                        except PyMongoError:
+                            pass  # the server times the cursor out
+
+        return closing(read()), None if resume is None else json.loads(json_util.dumps(resume))
+
+    def _record_node(self) -> str | None:
+        """The node and election term that record positions of this copy belong to; None: do not use them."""
+        hello = self.source.admin.command("hello")
+        if hello.get("msg") == "isdbgrid":
+            return None  # a mongos: record ids are per shard node, and find through mongos reports none
+        me = hello.get("me")
+        address = None if me else self.source.address
+        if address is not None:
+            me = f"{address[0]}:{address[1]}"
+        return f"{me} term {hello.get('electionId')}" if me else None
 
     def _raw_batches(self, cursor: Iterable[RawBSONDocument]) -> Iterator[tuple[list[RawBSONDocument], int]]:
         batch: list[RawBSONDocument] = []

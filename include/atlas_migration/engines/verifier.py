@@ -452,7 +452,8 @@ class LiveVerifier:
             {"_id": key}, {"$setOnInsert": self._new_partition(partition)}, upsert=True,
             return_document=ReturnDocument.AFTER)
         stored = Partition.from_dict(json.loads(state["partition"]))
-        if (stored.lower, stored.upper, stored.capped) != (partition.lower, partition.upper, partition.capped):
+        if (stored.lower, stored.upper, stored.capped, stored.natural) != (
+                partition.lower, partition.upper, partition.capped, partition.natural):
             raise ConfigurationError(
                 f"partition {partition.id} differs from the one this verifier compared before "
                 f"({stored.to_dict()}): pass the partitions of the same live pull plan")

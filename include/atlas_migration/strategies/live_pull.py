@@ -63,6 +63,7 @@ from atlas_migration.approval import (
     bounded_response_timeout,
     timeout_line,
 )
+from atlas_migration.engines.copy_order import COPY_ORDERS, DEFAULT_COPY_ORDER
 from atlas_migration.errors import ConfigurationError, MigrationError
 from atlas_migration.fence import WRITE_BLOCK_MODES
 from atlas_migration.hooks.mongo import MongoEndpoint, endpoint_from_connection
@@ -104,6 +105,13 @@ def live_pull_params() -> dict[str, Any]:
                                 title="Documents per copy partition",
                                 description="Native engine: collections larger than this are split into _id ranges, "
                                             "one mapped task each."),
+        "copy_order": Param(DEFAULT_COPY_ORDER, type="string", enum=list(COPY_ORDERS), section="Live pull",
+                            title="Initial copy order",
+                            description="Native engine, collections of more than one partition: 'id_range' splits "
+                                        "them into _id ranges (one mapped task each, resumed after the last _id); "
+                                        "'natural' copies each whole in natural order (one scan, resumed at a "
+                                        "record position where the source reports one); 'auto': natural where the "
+                                        "source's plan for an _id range is a collection scan, else _id ranges."),
         "expected_copy_docs_per_second": Param(5_000, type="integer", minimum=1, section="Live pull",
                                                title="Expected copy rate (docs/s)",
                                                description="Used to estimate the initial copy time against the source's "
@@ -164,6 +172,7 @@ class LivePullParams:
     cutover_timeout_seconds: int
     source_write_block: str = "auto"
     stop_balancer: bool = True
+    copy_order: str = DEFAULT_COPY_ORDER
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]) -> LivePullParams:
@@ -182,6 +191,9 @@ class LivePullParams:
         write_block = params.get("source_write_block") or "auto"
         if write_block not in WRITE_BLOCK_MODES:
             raise ConfigurationError(f"source_write_block={write_block!r} is not one of {', '.join(WRITE_BLOCK_MODES)}")
+        copy_order = params.get("copy_order") or DEFAULT_COPY_ORDER
+        if copy_order not in COPY_ORDERS:
+            raise ConfigurationError(f"copy_order={copy_order!r} is not one of {', '.join(COPY_ORDERS)}")
         stop_balancer = params.get("stop_balancer", True)
         if not isinstance(stop_balancer, bool):
             raise ConfigurationError(f"parameter stop_balancer must be true or false, got {stop_balancer!r}")
@@ -197,6 +209,7 @@ class LivePullParams:
             cutover_timeout_seconds=integer("cutover_timeout_seconds", 600, 10),
             source_write_block=write_block,
             stop_balancer=stop_balancer,
+            copy_order=copy_order,
         )
 
 
@@ -276,7 +289,7 @@ def _open_sync(params: Mapping[str, Any], dag_id: str, run_id: str, sources: Pul
         raise
     sync = LiveSync(source, target, sync_id=_sync_id(dag_id, run_id), namespaces=p.namespaces,
                     target_db_prefix=p.target_db_prefix, batch_size=p.batch_size, partition_docs=lp.partition_docs,
-                    insert_workers=p.restore_workers, log=log)
+                    insert_workers=p.restore_workers, copy_order=lp.copy_order, log=log)
     return sync, source, target
 
 

@@ -1,8 +1,9 @@
 """A loopback wire proxy in front of a replica set, adding the mongod commands a migration's cutover fence needs.
 
-SecantusDB (the test server) lacks ``setUserWriteBlockMode`` and ``appendOplogNote`` and delivers change
-events that mongod refuses. Clients reach this proxy instead of the server (its address is the replica set's
-only member as far as they can tell) and the proxy adds, as MongoDB documents them:
+SecantusDB (the test server) lacks ``setUserWriteBlockMode`` and ``appendOplogNote``, ignores
+``$_requestResumeToken`` and delivers change events that mongod refuses. Clients reach this proxy instead of
+the server (its address is the replica set's only member as far as they can tell) and the proxy adds, as
+MongoDB documents them:
 
 ``hello`` / ``isMaster`` (legacy OP_QUERY handshake too)
     ``hosts``, ``primary`` and ``me`` name the proxy (``passives``/``arbiters`` dropped), so a driver using
@@ -83,6 +84,52 @@ Large change events (https://www.mongodb.com/docs/manual/reference/operator/aggr
     ``maxWireVersion`` and the FCV of ``getParameter`` are rewritten, and before 6.0.9 (and in 6.1-6.3)
     the split stage does not exist: a pipeline with it fails with 40324 "Unrecognized pipeline stage name".
 
+Record-position resume of natural-order scans (``find`` with ``$_requestResumeToken``, mongod 4.4+)
+    mongod's rules (``query_request_helper.cpp``, ``validateFindCommandRequest``), all code 2 ``BadValue``:
+    ``$_requestResumeToken: true`` needs ``hint: {$natural: 1}`` ("hint must be {$natural:1} if
+    'requestResumeToken' is enabled") and no sort but ``{$natural: 1}`` ("sort must be unset or {$natural:1}
+    if 'requestResumeToken' is enabled"); ``$_resumeAfter`` needs ``$_requestResumeToken: true``
+    ("'requestResumeToken' must be true if 'resumeAfter' is specified") and must be exactly
+    ``{$recordId: <NumberLong, ObjectId or null>}`` ("Malformed resume token: the '_resumeAfter' object must
+    contain exactly one field named '$recordId', of type NumberLong, jstOID or jstNULL."). Each reply, the
+    ``find``'s first batch and every ``getMore`` of its cursor, carries ``cursor.postBatchResumeToken:
+    {$recordId: NumberLong(id of the last record read)}`` (after the batch, as mongod's
+    ``CursorResponseBuilder`` places it). It is ``{$recordId: null}`` before any record was read (a
+    ``batchSize: 0`` first batch) and once the scan has reached the end of the collection: mongod's
+    ``CollectionScan::doWork`` resets its last-seen record at EOF (current source,
+    ``src/mongo/db/exec/classic/collection_scan.cpp``; older releases kept the last record's id there). A
+    batch cut by ``batchSize`` or by the ``limit`` has not seen the end and names its last record.
+    ``$_resumeAfter: {$recordId: X}`` continues with the record after X (the filter applies after it, X
+    itself need not match). If X no longer exists mongod fails with code 211 ``KeyNotFound`` "Executor error
+    during find command :: caused by :: Failed to resume collection scan: the recordId from which we are
+    attempting to resume no longer exists in the collection: RecordId(X)" (for null: "... :: Failed to resume
+    collection scan: cannot resume from null recordId"). ``$_startAt`` (8.1+) is not added.
+    SecantusDB ignores ``$_requestResumeToken`` (no token), and the ``$recordId`` that ``showRecordId`` adds
+    is only the ordinal of the document in that query's results (1, 2, ... counted after ``skip`` and the
+    filter, renumbered when an earlier document is deleted): no identity. Its natural order is insertion
+    order; updates (growing a document, replacing it) keep its place; a document deleted and inserted again
+    goes to the end. So the proxy keeps record ids of its own, per collection: a document (by its ``_id``'s
+    exact bytes) gets one the first time a scan returns it, ascending in natural order, and keeps it in later
+    scans; the documents reach the client as the backend's exact bytes (with ``showRecordId``, the proxy's id
+    replaces SecantusDB's ``$recordId``, still the last field). For ``$_resumeAfter`` the proxy reads through
+    the scan (``_id`` only, on the client's connection and session) counting the documents before X (with a
+    filter: those matching "filter or X"); X not there: mongod's KeyNotFound. It then sends the client's find
+    with that ``skip`` and one more in ``batchSize``/``limit``, checks that X is the first document (a
+    concurrent delete before X moved it: look again, up to 3 times) and drops it, so the client's batches
+    keep their sizes (no ``batchSize``: mongod's 101 for the first batch). Cursors are tracked by id until
+    they end or ``killCursors`` names them, so their ``getMore`` replies get tokens too.
+    IMITATION: mongod seeks to the record id; the proxy reads through the records before it. Record ids are
+    node-local in mongod; here they are the proxy's (in its memory): another proxy, or this one restarted,
+    does not know a token and answers KeyNotFound, as a node that never held the record would. A document
+    deleted and inserted again with the same ``_id`` keeps its old id until a scan returns it out of order
+    (then it gets a new one), so resuming after its old token continues after its new place instead of
+    failing. A document returned without ``_id`` (projection) gets a new id on every scan and cannot be
+    resumed after. Ids given by a filtered scan are replaced when a later scan finds unseen documents before
+    them (resuming after such an old token then fails with KeyNotFound). With a filter the token names the
+    last document returned, where mongod's names the last record examined. mongod seeks lazily, with the
+    first document it fetches, so its KeyNotFound for ``batchSize: 0`` comes with the first ``getMore``;
+    here with the ``find``.
+
 What it does NOT imitate:
 - roles and privileges (application names stand in for them, see above); the write-block mode lives in
   the proxy's memory (mongod persists it, and it survives restarts there) and applies only to clients of
@@ -118,6 +165,7 @@ import argparse
 import datetime
 import logging
 import re
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -142,6 +190,7 @@ from devtools.wire_proxy import (
     WireProxy,
     command_name,
     op_msg_answer,
+    read_message,
     rewrite_reply_documents,
     serve_forever,
 )
@@ -167,6 +216,10 @@ RAW = CodecOptions(document_class=RawBSONDocument)
 COLLECTION_DDL = {"create", "drop", "createIndexes", "dropIndexes", "deleteIndexes", "collMod", "convertToCapped",
                   "emptycapped"}
 CRUD = {"insert": "documents", "update": "updates", "delete": "deletes"}
+BAD_VALUE, KEY_NOT_FOUND = 2, 211
+REQUEST_TOKEN, RESUME_AFTER = "$_requestResumeToken", "$_resumeAfter"
+DEFAULT_FIRST_BATCH = 101  # mongod's first batch when the client gives no batchSize
+RESUME_ATTEMPTS = 3  # a concurrent delete before the resume record moves it: find it again this often
 
 
 # ---------------------------------------------------------------- pure decisions
@@ -392,6 +445,104 @@ def _bson_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+# ---------------------------------------------------------------- natural-order resume tokens
+
+
+def _element_end(raw: bytes, pos: int) -> int:
+    """The end of the BSON element starting (at its type byte) at ``pos``."""
+    kind = raw[pos]
+    value = raw.index(b"\x00", pos + 1) + 1
+    fixed = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16,
+             0x7F: 0, 0xFF: 0}
+    if kind in fixed:
+        return value + fixed[kind]
+    (size,) = struct.unpack_from("<i", raw, value)
+    if kind in (0x02, 0x0D, 0x0E):  # string, JavaScript code, symbol
+        return value + 4 + size
+    if kind in (0x03, 0x04, 0x0F):  # document, array, code with scope (their int32 counts themselves)
+        return value + size
+    if kind == 0x05:  # binary: length, subtype, bytes
+        return value + 5 + size
+    if kind == 0x0B:  # regex: two cstrings
+        return raw.index(b"\x00", raw.index(b"\x00", value) + 1) + 1
+    if kind == 0x0C:  # DBPointer: string, ObjectId
+        return value + 4 + size + 12
+    raise ValueError(f"BSON element type 0x{kind:02x}")
+
+
+def top_level_element(raw: bytes, name: str) -> tuple[int, int] | None:
+    """(start, end) of the top-level element ``name`` in the BSON document ``raw``, or None."""
+    wanted = name.encode()
+    pos, end = 4, len(raw) - 1
+    while pos < end:
+        name_end = raw.index(b"\x00", pos + 1)
+        element_end = _element_end(raw, pos)
+        if raw[pos + 1:name_end] == wanted:
+            return pos, element_end
+        pos = element_end
+    return None
+
+
+def without_element(raw: bytes, name: str) -> bytes:
+    """``raw`` without its top-level element ``name``: every other byte, and so the field order, unchanged."""
+    span = top_level_element(raw, name)
+    if span is None:
+        return raw
+    start, end = span
+    body = raw[4:start] + raw[end:]
+    return struct.pack("<i", len(body) + 4) + body
+
+
+def id_key(raw: bytes) -> bytes | None:
+    """The document ``{_id: <the document's _id>}`` as BSON bytes (the _id's exact bytes), or None without one."""
+    span = top_level_element(raw, "_id")
+    if span is None:
+        return None
+    element = raw[span[0]:span[1]]
+    return struct.pack("<i", len(element) + 5) + element + b"\x00"
+
+
+def natural_hint(value: Any) -> bool:
+    """Whether a hint or sort is ``{$natural: 1}`` (mongod compares the BSON: one field, numerically 1)."""
+    if not isinstance(value, dict) or list(value) != ["$natural"]:
+        return False
+    number = value["$natural"]
+    return not isinstance(number, bool) and isinstance(number, (int, float)) and number == 1
+
+
+def resume_token_error(body: dict[str, Any]) -> dict[str, Any] | None:
+    """mongod's refusal of a find's ``$_requestResumeToken``/``$_resumeAfter`` (query_request_helper.cpp), or None."""
+    resume_after = body.get(RESUME_AFTER)
+    if body.get(REQUEST_TOKEN) is True:
+        if not natural_hint(body.get("hint")):
+            return command_error(BAD_VALUE, "BadValue", "hint must be {$natural:1} if 'requestResumeToken' is enabled")
+        sort = body.get("sort")
+        if sort and not natural_hint(sort):
+            return command_error(BAD_VALUE, "BadValue",
+                                 "sort must be unset or {$natural:1} if 'requestResumeToken' is enabled")
+        if resume_after:
+            record = resume_after.get("$recordId", ...) if isinstance(resume_after, dict) else ...
+            if not isinstance(resume_after, dict) or len(resume_after) != 1 or \
+                    not (record is None or isinstance(record, (bson.int64.Int64, bson.ObjectId))):
+                return command_error(BAD_VALUE, "BadValue",
+                                     "Malformed resume token: the '_resumeAfter' object must contain exactly one "
+                                     "field named '$recordId', of type NumberLong, jstOID or jstNULL.")
+    elif resume_after:
+        return command_error(BAD_VALUE, "BadValue", "'requestResumeToken' must be true if 'resumeAfter' is specified")
+    return None
+
+
+def record_not_found(record: Any) -> dict[str, Any]:
+    """mongod's KeyNotFound when ``$_resumeAfter`` names a record that does not exist (collection_scan.cpp),
+    with the context find adds to an executor error."""
+    if record is None:
+        reason = "Failed to resume collection scan: cannot resume from null recordId"
+    else:
+        reason = ("Failed to resume collection scan: the recordId from which we are attempting to resume no longer "
+                  f"exists in the collection: RecordId({record})")
+    return command_error(KEY_NOT_FOUND, "KeyNotFound", f"Executor error during find command :: caused by :: {reason}")
+
+
 # ---------------------------------------------------------------- the proxy
 
 
@@ -404,6 +555,27 @@ class _ChangeCursor:
     # (None: not known yet, e.g. a stream opened at "now" before its first postBatchResumeToken).
     before: dict[str, Any] | None = None
     skip_until: tuple[str, int] | None = None  # (event token, fragment): drop what a resumed stream re-sends
+
+
+@dataclass
+class _RecordIds:
+    """The proxy's record ids for one collection (SecantusDB's ``$recordId`` only numbers a query's results)."""
+
+    last: int = 0  # the highest id given so far
+    by_key: dict[bytes, int] | None = None  # {_id: ...} BSON -> record id
+    by_id: dict[int, bytes] | None = None  # record id -> {_id: ...} BSON
+
+
+@dataclass
+class _NaturalCursor:
+    """A natural-order find cursor whose replies get ``postBatchResumeToken`` (and lose ``$recordId``)."""
+
+    namespace: str
+    db: str
+    collection: str
+    show_record_id: bool  # the client asked for showRecordId: the proxy's record id replaces the backend's
+    last: int = 0  # the record id of the last document this scan returned
+    left: int | None = None  # documents the client's limit still allows (None: no limit)
 
 
 FRAGMENT_MARK = "2f70726f78792f"  # "/proxy/" in hex: tokens the proxy gives to non-final fragments
@@ -430,6 +602,8 @@ class ReplicaSetProxy(WireProxy):
         self._change_cursors: dict[int, _ChangeCursor] = {}
         self._aborted_txns: set[tuple[bytes, int]] = set()
         self._fragment_tokens: dict[str, tuple[dict[str, Any] | None, str, int]] = {}
+        self._natural_cursors: dict[int, _NaturalCursor] = {}
+        self._record_ids: dict[str, _RecordIds] = {}
         self._state_lock = threading.Lock()
 
     @property
@@ -477,14 +651,29 @@ class ReplicaSetProxy(WireProxy):
                 if answer is not None:
                     return op_msg_answer(request, self, answer)
                 changed = changed or changed_pipeline
+            elif name == "find" and (REQUEST_TOKEN in body or RESUME_AFTER in body):
+                error = resume_token_error(body)
+                if error is not None:
+                    return op_msg_answer(request, self, error)
+                if body.get(RESUME_AFTER):
+                    return op_msg_answer(request, self, self._resume_find(conn, body, db))
+                natural = self._natural_find(body, db)
+                if natural is not None:
+                    rewrite = self._natural_rewriter(natural, body.get("batchSize"), "firstBatch")
+                changed = True
             elif name == "getMore":
                 cursor = self._change_cursors.get(int(body["getMore"]))
                 if cursor is not None:
                     rewrite = self._event_check(conn, cursor, int(body["getMore"]), getmore=True)
+                natural_cursor = self._natural_cursors.get(int(body["getMore"]))
+                if natural_cursor is not None:
+                    rewrite = self._natural_rewriter(natural_cursor, body.get("batchSize"), "nextBatch",
+                                                     int(body["getMore"]))
             elif name == "killCursors":
                 with self._state_lock:
                     for cursor_id in body.get("cursors") or []:
                         self._change_cursors.pop(int(cursor_id), None)
+                        self._natural_cursors.pop(int(cursor_id), None)
             elif name == "serverStatus":
                 rewrite = self._rewriter(self._server_status)
             elif name == "connectionStatus" and body.get("showPrivileges"):
@@ -843,6 +1032,187 @@ class ReplicaSetProxy(WireProxy):
         if last_token is not None:
             out["cursor"]["postBatchResumeToken"] = last_token  # the batch ends inside an event
         return bson.encode(out)
+
+    # -------------------------------------------------------- natural-order resume tokens
+
+    def _natural_find(self, body: dict[str, Any], db: str) -> _NaturalCursor | None:
+        """Take the resume options out of the client's find (SecantusDB ignores them); the cursor state, or None
+        when no token was requested (``$_requestResumeToken: false``)."""
+        requested = body.pop(REQUEST_TOKEN, None) is True
+        body.pop(RESUME_AFTER, None)
+        if not requested:
+            return None
+        collection = str(body["find"])
+        cursor = _NaturalCursor(f"{db}.{collection}", db, collection, show_record_id=bool(body.get("showRecordId")))
+        limit = body.get("limit")
+        if isinstance(limit, int) and limit > 0:
+            cursor.left = int(limit)
+        return cursor
+
+    def _natural_rewriter(self, cursor: _NaturalCursor, batch_size: Any, batch_key: str,
+                          cursor_id: int | None = None) -> Callable[[Message], Message]:
+        def rewrite(reply: Message) -> Message:
+            if reply.op_code != OP_MSG:
+                return reply
+            body = bson.decode(OpMsg.parse(reply.payload).body, RAW)
+            if not body.get("ok") or "cursor" not in body:
+                if cursor_id is not None:
+                    with self._state_lock:
+                        self._natural_cursors.pop(cursor_id, None)
+                return reply
+            out = self._natural_batch(cursor, body, batch_key, batch_size, cursor_id=cursor_id)
+            return Message(reply.request_id, reply.response_to, OP_MSG, OpMsg(0, bson.encode(out), []).encode())
+
+        return rewrite
+
+    def _natural_batch(self, cursor: _NaturalCursor, body: RawBSONDocument, batch_key: str, batch_size: Any,
+                       skip_first: bool = False, cursor_id: int | None = None) -> dict[str, Any]:
+        """The client's reply: the backend's documents (their exact bytes; with ``showRecordId`` the proxy's
+        record id as ``$recordId``), a record id given to each, ``postBatchResumeToken`` after the batch, and
+        the cursor tracked while it lives (its getMores are rewritten too)."""
+        result = body["cursor"]
+        documents = list(result.get(batch_key) or [])
+        if skip_first:
+            documents = documents[1:]
+        returned_id = int(result.get("id") or 0)
+        with self._state_lock:
+            ids = self._record_ids.setdefault(cursor.namespace, _RecordIds(0, {}, {}))
+            assert ids.by_key is not None and ids.by_id is not None
+            batch = []
+            for document in documents:
+                raw = bytes(document.raw)  # a memoryview for some (large) replies
+                key = id_key(raw)
+                record = ids.by_key.get(key) if key is not None else None
+                if record is None or record <= cursor.last:
+                    # Not seen before, or seen before a later document of this scan (deleted and inserted again
+                    # with the same _id: a new record, at the end): a new record id, above every other.
+                    if record is not None:
+                        ids.by_id.pop(record, None)
+                    ids.last += 1
+                    record = ids.last
+                    if key is not None:
+                        ids.by_key[key] = record
+                        ids.by_id[record] = key
+                cursor.last = record
+                if cursor.show_record_id:
+                    # SecantusDB's $recordId only numbers the query's results: the proxy's record id replaces it,
+                    # as the last field (where mongod adds it). Otherwise the document is the backend's bytes.
+                    raw = without_element(raw, "$recordId")
+                    raw = struct.pack("<i", len(raw) + 19) + raw[4:-1] + b"\x12$recordId\x00" + \
+                        struct.pack("<q", record) + b"\x00"
+                batch.append(RawBSONDocument(raw, RAW))
+            if cursor.left is not None:
+                cursor.left -= len(batch)
+            # mongod's CollectionScan: the token names the last record read; at the end of the collection (and
+            # before the first record) it is null. A batch cut by batchSize or the limit has not seen the end.
+            full = isinstance(batch_size, int) and not isinstance(batch_size, bool) and len(documents) >= batch_size
+            limited = cursor.left is not None and cursor.left <= 0
+            ended = returned_id == 0 and not full and not limited
+            token = {"$recordId": None if ended or not documents else bson.Int64(cursor.last)}
+            if returned_id:
+                self._natural_cursors[returned_id] = cursor
+            elif cursor_id:
+                self._natural_cursors.pop(cursor_id, None)
+        out: dict[str, Any] = {}
+        for key, value in body.items():
+            if key != "cursor":
+                out[key] = value
+                continue
+            fields: dict[str, Any] = {}
+            for name, item in result.items():
+                if name == batch_key:
+                    fields[name] = batch
+                    fields["postBatchResumeToken"] = token
+                elif name != "postBatchResumeToken":
+                    fields[name] = item
+            out[key] = fields
+        return out
+
+    def _backend_raw(self, conn: Connection, db: str, body: dict[str, Any]) -> RawBSONDocument:
+        """``Connection.backend_command`` with the reply kept as raw BSON (documents keep their exact bytes)."""
+        assert conn.backend is not None
+        payload = OpMsg(0, bson.encode({**body, "$db": db}), []).encode()
+        conn.backend.sendall(Message(self.next_id(), 0, OP_MSG, payload).encode())
+        reply = read_message(conn.backend)
+        if reply.op_code != OP_MSG:
+            raise ProtocolError(f"backend answered opCode {reply.op_code} to an OP_MSG")
+        return bson.decode(OpMsg.parse(reply.payload).body, RAW)
+
+    def _kill(self, conn: Connection, db: str, collection: str, cursor_id: int) -> None:
+        if cursor_id:
+            try:
+                conn.backend_command(db, {"killCursors": collection, "cursors": [bson.Int64(cursor_id)]})
+            except ProtocolError:
+                pass
+
+    def _records_before(self, conn: Connection, db: str, collection: str, query: dict[str, Any], key: bytes,
+                        session: dict[str, Any]) -> int | None:
+        """How many documents the natural-order scan with ``query`` returns before the one whose ``_id`` is
+        ``key``'s (read through, ``_id`` only), or None when that document is not there."""
+        reply = self._backend_raw(conn, db, {"find": collection, "filter": query, "hint": {"$natural": 1},
+                                             "projection": {"_id": 1}, "batchSize": 10_000, **session})
+        count = 0
+        while True:
+            if not reply.get("ok"):
+                return None
+            result = reply["cursor"]
+            cursor_id = int(result.get("id") or 0)
+            for document in result.get("firstBatch", result.get("nextBatch")) or []:
+                if id_key(bytes(document.raw)) == key:
+                    self._kill(conn, db, collection, cursor_id)
+                    return count
+                count += 1
+            if not cursor_id:
+                return None
+            reply = self._backend_raw(conn, db, {"getMore": bson.Int64(cursor_id), "collection": collection,
+                                                 "batchSize": 10_000, **session})
+
+    def _resume_find(self, conn: Connection, body: dict[str, Any], db: str) -> dict[str, Any]:
+        """find with ``$_resumeAfter``: SecantusDB cannot seek to a record, so the proxy finds where the record
+        is in the scan now (reading through the documents before it), asks the backend to skip to it, checks
+        that the record is the first document returned and drops it: the client's batch starts after it."""
+        record = body[RESUME_AFTER].get("$recordId")
+        cursor = self._natural_find(body, db)
+        assert cursor is not None
+        namespace, collection = cursor.namespace, cursor.collection
+        with self._state_lock:
+            key = (self._record_ids.get(namespace) or _RecordIds()).by_id or {}
+            key_bytes = key.get(int(record)) if isinstance(record, bson.int64.Int64) else None
+        if key_bytes is None:
+            return record_not_found(record)
+        session = {k: body[k] for k in ("lsid", "$clusterTime", "readConcern") if k in body}
+        query = body.get("filter") or {}
+        # With a filter the resume record may not match it: scan "filter or this record" and drop the record.
+        scan_filter = {"$or": [query, RawBSONDocument(key_bytes, RAW)]} if query else {}
+        batch_size = body.get("batchSize")
+        wanted = DEFAULT_FIRST_BATCH if batch_size is None else int(batch_size)
+        skip = int(body.get("skip") or 0)
+        for _ in range(RESUME_ATTEMPTS):
+            before = self._records_before(conn, db, collection, scan_filter, key_bytes, session)
+            if before is None:
+                break
+            find = dict(body)
+            find["filter"] = scan_filter
+            find["skip"] = before + (1 + skip if skip else 0)
+            find["batchSize"] = wanted + (0 if skip else 1)
+            if cursor.left is not None and not skip:
+                find["limit"] = cursor.left + 1
+            reply = self._backend_raw(conn, db, find)
+            if not reply.get("ok") or "cursor" not in reply:
+                return bson.decode(reply.raw)
+            first = (reply["cursor"].get("firstBatch") or [None])[0]
+            if skip or (first is not None and id_key(bytes(first.raw)) == key_bytes):
+                cursor.last = int(record)
+                return self._natural_batch(cursor, reply, "firstBatch", wanted, skip_first=not skip)
+            # The record moved (a document before it was deleted meanwhile) or is gone: look again.
+            self._kill(conn, db, collection, int(reply["cursor"].get("id") or 0))
+        with self._state_lock:
+            ids = self._record_ids.get(namespace)
+            if ids is not None and ids.by_id is not None and ids.by_key is not None:
+                ids.by_id.pop(int(record), None)
+                if ids.by_key.get(key_bytes) == int(record):
+                    del ids.by_key[key_bytes]
+        return record_not_found(record)
 
 
 def main(argv: list[str] | None = None) -> None:

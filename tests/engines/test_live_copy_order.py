@@ -122,6 +122,7 @@ def test_a_killed_natural_copy_resumes_at_its_record_position(positioned, caplog
     assert result.documents == DOCS
     # Only the batch written but not recorded before the kill (and those inserted beside it) was read twice.
     assert _partition_state(dst)["documents"] == DOCS
+    sync.finish_initial_copy()
     sync.catch_up(max_seconds=10, until_lag_below=1)
     assert_namespaces_identical(direct, dst, [("big", "items")])
 
@@ -136,7 +137,7 @@ def test_a_record_position_that_cannot_be_used_reads_the_partition_again(positio
         dst[STATE_DB].live_sync.update_one({"_id": saved["_id"]}, {"$set": {"resume_node": "elsewhere term 1"}})
         expected = "its saved record position was reported by another node or election term"
     else:  # the record the position names is gone: the server refuses to resume there
-        last = direct.big.items.find({}, sort=[("$natural", 1)], skip=399, limit=1)[0]["_id"]
+        last = direct.big.items.find({}, sort=[("$natural", 1)], skip=299, limit=1)[0]["_id"]
         direct.big.items.delete_one({"_id": last})
         expected = "the source refused to resume at its saved record position (code"
     (partition,) = sync.plan_partitions()
@@ -144,5 +145,6 @@ def test_a_record_position_that_cannot_be_used_reads_the_partition_again(positio
         result = _sync(src, dst).copy_partition(partition)
     assert expected in caplog.text
     assert result.resumed_from is None
+    sync.finish_initial_copy()
     sync.catch_up(max_seconds=10, until_lag_below=1)
     assert_namespaces_identical(direct, dst, [("big", "items")])

@@ -1188,9 +1188,9 @@ class LiveSync:
                                    _json_or_none(state.get("last_id")), True)
 
         if stored.natural:
-            batches_read, checkpoint = self._natural_batches(stored, state)
+            batches_read, resumed_from = self._natural_batches(stored, state)
         else:
-            batches_read, checkpoint = self._ordered_batches(
+            batches_read, resumed_from = self._ordered_batches(
                 self._copy_source(stored.db, stored.collection), stored, state)
         target = self._target_collection(stored.target_db, stored.collection)
         progress = Progress(f"live copy {partition.id}", stored.documents_estimate, self.log,
@@ -1235,7 +1235,7 @@ class LiveSync:
             {"_id": key}, {"$set": {"done": True, "updated_at": _utc_now()}}, return_document=True)
         progress.finish()
         return PartitionResult(partition.id, done["documents"], done["bytes"], time.monotonic() - started,
-                               checkpoint)
+                               resumed_from[0])
 
     def _copy_source(self, db: str, coll: str) -> Collection:
         """The source collection as the initial copy must read it, whatever the connection's extras say: from
@@ -1249,11 +1249,11 @@ class LiveSync:
                                               read_concern=ReadConcern("majority"))
 
     def _ordered_batches(self, source: Collection, stored: Partition, state: Mapping[str, Any]
-                         ) -> tuple[closing[Iterator[_CopyBatch]], Any]:
+                         ) -> tuple[closing[Iterator[_CopyBatch]], list[Any]]:
         """A range partition read in ``_id`` order after its checkpoint (or a capped one, whole, in natural order).
 
-        Returns the batches (each with the checkpoint to save once it is on the target) and the checkpoint this
-        attempt starts after (None: from the start).
+        Returns the batches (each with the checkpoint to save once it is on the target) and, in a one-item
+        list, the checkpoint this attempt starts after (None: from the start).
         """
         key = self._partition_key(stored.id)
         checkpoint = None if stored.capped else _json_or_none(state.get("last_id"))
@@ -1280,10 +1280,10 @@ class LiveSync:
                     last_id = None if stored.capped else json.dumps(id_to_json(batch[-1]["_id"]))
                     yield batch, nbytes, {"last_id": last_id}
 
-        return closing(read()), checkpoint
+        return closing(read()), [checkpoint]
 
     def _natural_batches(self, stored: Partition, state: Mapping[str, Any]
-                         ) -> tuple[closing[Iterator[_CopyBatch]], Any]:
+                         ) -> tuple[closing[Iterator[_CopyBatch]], list[Any]]:
         """A natural-order partition: the whole collection in record order, after its saved record position.
 
         Each server batch is one copy batch, saved with the ``postBatchResumeToken`` that follows it and the node
@@ -1301,8 +1301,11 @@ class LiveSync:
         saved, saved_node = state.get("resume_token"), state.get("resume_node")
         resume = dict(saved) if reusable_position(saved, saved_node, node) else None
         database, name = self.source[stored.db], stored.collection
+        # The position this attempt resumes after (relaxed ExtJSON), cleared if the source refuses it.
+        resumed_from = [None if resume is None else json.loads(json_util.dumps(resume))]
 
         def start_over(why: str) -> None:
+            resumed_from[0] = None
             self.log.info("partition %s (natural order): copying again from its first record, %s; documents "
                           "already on the target are skipped", stored.id, why)
             self._state.update_one({"_id": key}, {"$set": {"documents": 0, "bytes": 0, "resume_token": None,
@@ -1362,7 +1365,7 @@ class LiveSync:
                         except PyMongoError:
                             pass  # the server times the cursor out
 
-        return closing(read()), None if resume is None else json.loads(json_util.dumps(resume))
+        return closing(read()), resumed_from
 
     def _record_node(self) -> str | None:
         """The node and election term that record positions of this copy belong to; None: do not use them."""

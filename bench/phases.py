@@ -550,8 +550,8 @@ def _live_figures(ctx: BenchContext, common: dict[str, Any], writer: dict[str, A
         "live.verify_compare", "live", "live: verifier compare of every partition", [verify], [compared],
         ratio_to=READ_CEILING,
         note=f"{verify.extra['partitions']} partitions; source pass (docs + target $in) beside target pass "
-             f"(_ids + source $in); <= {verify.extra['max_documents_held']} docs held; _id-range reads (a "
-             "collection scan each on SecantusDB)",
+             f"(_ids + source $in); <= {verify.extra['max_documents_held']} docs held; each partition read sorted "
+             "by _id (a collection scan and a sort each on SecantusDB)",
         details=verify.extra,
     ))
 

@@ -448,58 +448,29 @@ def _bson_type(value: Any) -> str:
 # ---------------------------------------------------------------- natural-order resume tokens
 
 
-def _element_end(raw: bytes, pos: int) -> int:
-    """The end of the BSON element starting (at its type byte) at ``pos``."""
-    kind = raw[pos]
-    value = raw.index(b"\x00", pos + 1) + 1
-    fixed = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16,
-             0x7F: 0, 0xFF: 0}
-    if kind in fixed:
-        return value + fixed[kind]
-    (size,) = struct.unpack_from("<i", raw, value)
-    if kind in (0x02, 0x0D, 0x0E):  # string, JavaScript code, symbol
-        return value + 4 + size
-    if kind in (0x03, 0x04, 0x0F):  # document, array, code with scope (their int32 counts themselves)
-        return value + size
-    if kind == 0x05:  # binary: length, subtype, bytes
-        return value + 5 + size
-    if kind == 0x0B:  # regex: two cstrings
-        return raw.index(b"\x00", raw.index(b"\x00", value) + 1) + 1
-    if kind == 0x0C:  # DBPointer: string, ObjectId
-        return value + 4 + size + 12
-    raise ValueError(f"BSON element type 0x{kind:02x}")
-
-
-def top_level_element(raw: bytes, name: str) -> tuple[int, int] | None:
-    """(start, end) of the top-level element ``name`` in the BSON document ``raw``, or None."""
-    wanted = name.encode()
-    pos, end = 4, len(raw) - 1
-    while pos < end:
-        name_end = raw.index(b"\x00", pos + 1)
-        element_end = _element_end(raw, pos)
-        if raw[pos + 1:name_end] == wanted:
-            return pos, element_end
-        pos = element_end
-    return None
+def _document(elements: list[bytes]) -> bytes:
+    body = b"".join(elements)
+    return struct.pack("<i", len(body) + 5) + body + b"\x00"
 
 
 def without_element(raw: bytes, name: str) -> bytes:
     """``raw`` without its top-level element ``name``: every other byte, and so the field order, unchanged."""
-    span = top_level_element(raw, name)
-    if span is None:
+    from atlas_migration.engines.timeseries import iter_elements
+
+    elements = list(iter_elements(raw))
+    if all(element.name != name for element in elements):
         return raw
-    start, end = span
-    body = raw[4:start] + raw[end:]
-    return struct.pack("<i", len(body) + 4) + body
+    return _document([element.renamed(element.name) for element in elements if element.name != name])
 
 
 def id_key(raw: bytes) -> bytes | None:
     """The document ``{_id: <the document's _id>}`` as BSON bytes (the _id's exact bytes), or None without one."""
-    span = top_level_element(raw, "_id")
-    if span is None:
-        return None
-    element = raw[span[0]:span[1]]
-    return struct.pack("<i", len(element) + 5) + element + b"\x00"
+    from atlas_migration.engines.timeseries import iter_elements
+
+    for element in iter_elements(raw):
+        if element.name == "_id":
+            return _document([element.renamed("_id")])
+    return None
 
 
 def natural_hint(value: Any) -> bool:

@@ -14,19 +14,15 @@ import pymongo
 import pytest
 from bson import Decimal128
 
-from atlas_migration.engines.live import LiveSync
-from atlas_migration.namespaces import NamespaceFilter
+from atlas_migration.engines.live import STATE_COLLECTION, LiveSync
+from tests.engines.test_live import STATE_DB, make_sync
 from tests.helpers import assert_namespaces_identical
 
-STATE_DB = "__atlas_migration_test"
 DOCS = 1_000
 
 
 def _sync(src, dst, **kwargs) -> LiveSync:
-    sync = LiveSync(src, dst, sync_id="order-sync", namespaces=NamespaceFilter.from_patterns(["big.*"], None),
-                    state_db=STATE_DB, batch_size=100, partition_docs=300, **kwargs)
-    sync.max_await_ms = 200
-    return sync
+    return make_sync(src, dst, ["big.*"], batch_size=100, partition_docs=300, **kwargs)
 
 
 def _seed(src) -> None:
@@ -42,7 +38,7 @@ def _crash_at(batch_number: int):
 
 
 def _partition_state(dst) -> dict:
-    return dst[STATE_DB].live_sync.find_one({"kind": "partition"})
+    return dst[STATE_DB][STATE_COLLECTION].find_one({"kind": "partition"})
 
 
 def _killed_after_four_batches(src, dst) -> LiveSync:
@@ -134,7 +130,7 @@ def test_a_record_position_that_cannot_be_used_reads_the_partition_again(positio
     sync = _killed_after_four_batches(src, dst)
     saved = _partition_state(dst)
     if why == "another_term":
-        dst[STATE_DB].live_sync.update_one({"_id": saved["_id"]}, {"$set": {"resume_node": "elsewhere term 1"}})
+        dst[STATE_DB][STATE_COLLECTION].update_one({"_id": saved["_id"]}, {"$set": {"resume_node": "elsewhere term 1"}})
         expected = "its saved record position was reported by another node or election term"
     else:  # the record the position names is gone: the server refuses to resume there
         last = direct.big.items.find({}, sort=[("$natural", 1)], skip=299, limit=1)[0]["_id"]

@@ -279,6 +279,11 @@ class Partition:
     def id(self) -> str:
         return f"{self.db}.{self.collection}#{self.index}"
 
+    def same_plan(self, other: Partition) -> bool:
+        """Whether ``other`` reads what this partition reads, in the same way (its stored plan's checkpoints apply)."""
+        return (self.lower, self.upper, self.capped, self.natural) == (other.lower, other.upper, other.capped,
+                                                                        other.natural)
+
     @property
     def namespace(self) -> str:
         return f"{self.db}.{self.collection}"
@@ -1178,8 +1183,7 @@ class LiveSync:
                 "partitions plan_partitions() returned"
             )
         stored = Partition.from_dict(json.loads(state["partition"]))
-        if (stored.lower, stored.upper, stored.capped, stored.natural) != (
-                partition.lower, partition.upper, partition.capped, partition.natural):
+        if not stored.same_plan(partition):
             raise ConfigurationError(f"partition {partition.id} differs from the stored plan: {stored.to_dict()}")
         started = time.monotonic()
         if state.get("done"):
@@ -1373,8 +1377,7 @@ class LiveSync:
         if hello.get("msg") == "isdbgrid":
             return None  # a mongos: record ids are per shard node, and find through mongos reports none
         me = hello.get("me")
-        address = None if me else self.source.address
-        if address is not None:
+        if not me and (address := self.source.address) is not None:  # a standalone names no member
             me = f"{address[0]}:{address[1]}"
         return f"{me} term {hello.get('electionId')}" if me else None
 
@@ -1868,7 +1871,6 @@ class LiveSync:
     def _verify_at_fence(self, verifier: Any, max_repairs: int = 3) -> int:
         """Recheck until clean; repair what stays unequal from the source (at most ``max_repairs`` rounds).
         Returns the number of documents repaired."""
-
         repaired = 0
         for round_ in range(max_repairs + 1):
             result = verifier.recheck()
@@ -2228,7 +2230,7 @@ class _EventApplier:
         )
 
     def _queue_recheck(self, db: str, coll: str, doc_id: Any) -> None:
-        self._rechecks.append(self._recheck_op(db, coll, doc_id, "null_lookup"))
+        self._rechecks.append(self.sync.recheck_op(db, coll, doc_id, "null_lookup"))
         self.pending += 1
 
     def _lanes_of(self, key: tuple[str, str]) -> int:
@@ -2364,7 +2366,7 @@ class _EventApplier:
             if document is None or not _same_id(document.get("_id"), op.doc_id):
                 # Gone (a later delete follows), renamed, or re-inserted as another type: as for an empty
                 # updateLookup, the recheck at cutover re-reads it.
-                rechecks.append(self._recheck_op(op.db, op.coll, op.doc_id, "null_lookup"))
+                rechecks.append(self.sync.recheck_op(op.db, op.coll, op.doc_id, "null_lookup"))
                 continue
             out.append((ReplaceOne({"_id": op.doc_id}, document, upsert=True), op))
         if len(self._ahead_until) > _AHEAD_MARKS_KEPT and ops:
@@ -2379,11 +2381,8 @@ class _EventApplier:
     def _unmatched_deltas(self, collection: Collection, deltas: list[_Delta]) -> list[Any]:
         ids = [delta.doc_id for delta in deltas]
         present = {_id_key(doc["_id"]) for doc in collection.find({"_id": {"$in": ids}}, {"_id": 1})}
-        return [self._recheck_op(delta.db, delta.coll, delta.doc_id, "unmatched_update") for delta in deltas
+        return [self.sync.recheck_op(delta.db, delta.coll, delta.doc_id, "unmatched_update") for delta in deltas
                 if _id_key(delta.doc_id) not in present]
-
-    def _recheck_op(self, db: str, coll: str, doc_id: Any, reason: str) -> Any:
-        return self.sync.recheck_op(db, coll, doc_id, reason)
 
     def flush(self) -> None:
         """Apply every queued write; returns once all of them are on the target (or raises)."""

@@ -452,8 +452,7 @@ class LiveVerifier:
             {"_id": key}, {"$setOnInsert": self._new_partition(partition)}, upsert=True,
             return_document=ReturnDocument.AFTER)
         stored = Partition.from_dict(json.loads(state["partition"]))
-        if (stored.lower, stored.upper, stored.capped, stored.natural) != (
-                partition.lower, partition.upper, partition.capped, partition.natural):
+        if not stored.same_plan(partition):
             raise ConfigurationError(
                 f"partition {partition.id} differs from the one this verifier compared before "
                 f"({stored.to_dict()}): pass the partitions of the same live pull plan")
